@@ -1,0 +1,40 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test`.
+# Each creates .venv with the machine's python3 if it is missing and installs
+# the project (editable) with pip; torch/torchvision come from local wheels here.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-unit test-ray venv mlflow-ui bench clean
+
+SHELL  := /bin/bash
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing raymanifold and its dependencies into $(VENV) (pip) ..."
+	@set -o pipefail; $(PY) -m pip install --quiet -e '.[test]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/raymanifold demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not ray" tests
+
+test-ray: $(STAMP)
+	$(PY) -m pytest -q -m ray tests
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf reports checkpoints ray_results mlflow.db mlartifacts

@@ -1,0 +1,1 @@
+"""Metrics, studies and plots shared by the families (plain numpy/torch/matplotlib)."""

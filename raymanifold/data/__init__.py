@@ -1,0 +1,143 @@
+"""Data sets by name.
+
+Bundled sets need no files and nothing is downloaded:
+
+=============  ======================================================  ==========
+name           what                                                     x
+=============  ======================================================  ==========
+swiss_roll     scikit-learn ``make_swiss_roll`` (Fig. 5 training set)   (N, 2)
+circle         outer ring of ``make_circles``                           (N, 2)
+moons          ``make_moons``                                           (N, 2)
+s_curve        ``make_s_curve``                                         (N, 2)
+digits         scikit-learn's real 8x8 handwritten digits (1,797)       (N, 1, 8, 8) in [0, 1]
+=============  ======================================================  ==========
+
+Use :func:`load` (or :func:`load_split` with a :class:`~raymanifold.config.DataConfig`).
+Other modules register more sets with :func:`register`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+
+class DataError(ValueError):
+    """A data set name, root, split or content is invalid."""
+
+
+@dataclass
+class ArrayDataset(Dataset):
+    """An in-memory data set: ``x`` (N, ...) float32, optional labels ``y`` (N, ...).
+
+    ``info`` describes the data: ``kind`` ("points" or "image"), ``shape``
+    (per-example), ``value_range`` (lo, hi), ``levels`` (number of
+    quantisation levels for images, e.g. 17 for digits, 256 for 8-bit) and
+    anything set-specific (class names, factors).
+    """
+
+    x: torch.Tensor
+    y: Optional[torch.Tensor] = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.y is not None and len(self.y) != len(self.x):
+            raise DataError(f"labels: {len(self.y)} labels for {len(self.x)} examples")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return (self.x[i],) if self.y is None else (self.x[i], self.y[i])
+
+    @property
+    def tensors(self) -> tuple:
+        return (self.x,) if self.y is None else (self.x, self.y)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fn: Callable
+    kind: str
+    doc: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+SPLITS = ("train", "test")
+
+
+def register(name: str, kind: str, doc: str = ""):
+    """Decorator: register ``fn(split, n, seed, root, image_size) -> ArrayDataset``."""
+    def deco(fn):
+        _REGISTRY[name] = _Entry(fn, kind, doc or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+    return deco
+
+
+def _ensure_registered():
+    # importing the modules registers their sets
+    from raymanifold.data import toy2d, digits  # noqa: F401
+    for mod in _OPTIONAL_MODULES:
+        try:
+            __import__(mod)
+        except ModuleNotFoundError as exc:  # a family's data module not present
+            if exc.name != mod:
+                raise
+
+
+#: further data modules imported on first use (they call :func:`register`)
+_OPTIONAL_MODULES: list[str] = [
+    "raymanifold.data.two_digit",
+    "raymanifold.data.shapes",
+    "raymanifold.data.images",
+]
+
+
+def available() -> list[str]:
+    _ensure_registered()
+    return sorted(_REGISTRY)
+
+
+def kind_of(name: str) -> str:
+    _ensure_registered()
+    _check_name(name)
+    return _REGISTRY[name].kind
+
+
+def _check_name(name: str):
+    if name not in _REGISTRY:
+        raise DataError(f"data.name: unknown data set {name!r}; known: {sorted(_REGISTRY)}")
+
+
+def check_finite(x: torch.Tensor, what: str = "data"):
+    """Raise :class:`DataError` if ``x`` holds NaN or infinity."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        n = int(bad.reshape(len(x), -1).any(dim=1).sum()) if x.ndim > 0 else 1
+        raise DataError(f"{what}: {n} example(s) contain NaN or infinite values")
+
+
+def load(name: str, split: str = "train", *, n: Optional[int] = None, seed: int = 0,
+         root: Optional[str] = None, image_size: int = 0) -> ArrayDataset:
+    """Load data set ``name`` (see :func:`available`) for ``split`` ("train"/"test").
+
+    ``n`` is the number of points for generated sets (ignored by fixed sets),
+    ``seed`` fixes generation and train/test splits; the test split of a
+    generated set uses an independent stream (seed + 1_000_003).
+    """
+    _ensure_registered()
+    _check_name(name)
+    if split not in SPLITS:
+        raise DataError(f"split: unknown split {split!r}; known: {list(SPLITS)}")
+    ds = _REGISTRY[name].fn(split=split, n=n, seed=seed, root=root, image_size=image_size)
+    check_finite(ds.x, f"data set {name!r} ({split})")
+    return ds
+
+
+def load_split(data_cfg, split: str = "train") -> ArrayDataset:
+    """Load from a :class:`~raymanifold.config.DataConfig`."""
+    n = data_cfg.n_train if split == "train" else data_cfg.n_test
+    return load(data_cfg.name, split, n=n, seed=data_cfg.seed, root=data_cfg.root,
+                image_size=data_cfg.image_size)

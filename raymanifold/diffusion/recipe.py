@@ -1,0 +1,270 @@
+"""The diffusion family's recipe (see :mod:`raymanifold.recipes`).
+
+Data space: points are used as they are; images in [0, 1] are mapped to
+[-1, 1] (``2x - 1``) before the network sees them. Likelihoods are nats per
+example in that model space; for images :func:`log_prob` uses the
+discretised Gaussian decoder by default, so ``-log_prob / (D ln 2)`` is
+bits/dim of the discrete pixel values (see :func:`bits_per_dim`).
+
+Images: the number of grey levels K comes from ``model.levels`` or, when that
+is 0, from the data set (17 for the bundled ``digits``, whose pixels are
+k / 16; 256 for 8-bit sets). The embedded default (jobs/configs/diffusion_digits.yaml)
+is digits padded to 16x16, a compact U-Net and T = 1000.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from raymanifold.config import ConfigError, param
+from raymanifold.diffusion import likelihood, samplers
+from raymanifold.diffusion.nets import EpsMLP
+from raymanifold.diffusion.process import LAST_STEP_VARIANCES, q_sample
+from raymanifold.diffusion.schedules import SCHEDULES, check_plan, make_alpha_bar, step_plan
+from raymanifold.recipes import Recipe
+
+SAMPLERS = samplers.SAMPLERS
+ESTIMATORS = ("eq15", "bound", "mc")
+
+#: grey levels and native (channels, size) of known image sets (others: 256 levels)
+KNOWN_LEVELS = {"digits": 17}
+NATIVE_SHAPE = {"digits": (1, 8), "mnist": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32)}
+
+
+@dataclass(frozen=True)
+class DiffusionModelConfig:
+    T: int = param(100, lo=1, hi=100_000, help="diffusion steps (100 as in Fig. 5; use 1000 for images)")
+    schedule: str = param("cosine", choices=SCHEDULES)
+    net: str = param("mlp", choices=("mlp", "unet"), help="eps-network: 'mlp' for 2-D points, 'unet' for images")
+    hidden: int = param(128, lo=1, help="mlp: hidden width")
+    layers: int = param(3, lo=1, help="mlp: hidden layers")
+    time_dim: int = param(32, lo=2, help="mlp: time embedding size")
+    channels: int = param(16, lo=1, help="unet: base channels")
+    channel_mult: tuple[int, ...] = param((1, 2), help="unet: channel multiplier per resolution level")
+    num_res_blocks: int = param(1, lo=1, help="unet: residual blocks per level")
+    attention: bool = param(True, help="unet: self-attention at the lowest resolution and in the middle")
+    dropout: float = param(0.0, lo=0.0, hi=1.0, help="unet: dropout in residual blocks")
+    image_size: int = param(16, lo=1, help="unet: image height = width the network takes")
+    in_channels: int = param(1, lo=1, help="unet: image channels")
+    levels: int = param(0, lo=0, help="images: grey levels K (0 = from the data set: 17 digits, 256 others)")
+    decoder: str = param("auto", choices=("auto",) + likelihood.DECODERS,
+                         help="last-step likelihood term: 'auto' = discretized for images, gaussian for points")
+    clip_x0: float = param(2.0, lo=0.0, help="clip x0_hat to [-clip_x0, clip_x0] in samplers and likelihood (0 = off)")
+    last_step_var: str = param("forward", choices=LAST_STEP_VARIANCES,
+                               help="variance of the final jump to x_0 (Eq. 20 gives 0)")
+    eval_dt: int = param(10, lo=1, help="step size of the quick likelihood evaluation after training")
+    eval_points: int = param(2000, lo=1)
+
+
+def alpha_bar_of(cfg) -> torch.Tensor:
+    return make_alpha_bar(cfg.model.schedule, cfg.model.T)
+
+
+def is_image(cfg) -> bool:
+    return cfg.model.net == "unet"
+
+
+def levels_of(cfg) -> int:
+    """Grey levels K of the image data (model.levels, else the data set's)."""
+    return cfg.model.levels or KNOWN_LEVELS.get(cfg.data.name, 256)
+
+
+def decoder_of(cfg) -> str:
+    d = cfg.model.decoder
+    return ("discretized" if is_image(cfg) else "gaussian") if d == "auto" else d
+
+
+def validate(cfg):
+    m = cfg.model
+    if m.eval_dt > m.T:
+        raise ConfigError(f"model.eval_dt: {m.eval_dt} exceeds model.T={m.T}")
+    from raymanifold import data as rdata
+
+    kind = rdata.kind_of(cfg.data.name)
+    if kind != "points" and m.net == "mlp":
+        raise ConfigError(f"model.net: 'mlp' needs a 2-D point set, but data.name={cfg.data.name!r} is an image set; "
+                          "use model.net=unet")
+    if kind == "points" and m.net == "unet":
+        raise ConfigError(f"model.net: 'unet' needs an image set, but data.name={cfg.data.name!r} is a 2-D point set")
+    if m.decoder == "discretized" and m.net != "unet":
+        raise ConfigError("model.decoder: 'discretized' applies to images only (model.net=unet)")
+    if m.net == "unet":
+        if not m.channel_mult or any(c < 1 for c in m.channel_mult):
+            raise ConfigError(f"model.channel_mult: need one or more positive integers, got {list(m.channel_mult)}")
+        div = 2 ** (len(m.channel_mult) - 1)
+        if m.image_size % div:
+            raise ConfigError(f"model.image_size: {m.image_size} must be divisible by 2**(levels-1)={div} "
+                              f"for model.channel_mult={list(m.channel_mult)}")
+        native = NATIVE_SHAPE.get(cfg.data.name)
+        size = cfg.data.image_size or (native[1] if native else None)
+        if size is not None and size != m.image_size:
+            raise ConfigError(f"data.image_size: the data are {size}x{size} but model.image_size={m.image_size}; "
+                              f"set data.image_size={m.image_size}")
+        if native and native[0] != m.in_channels:
+            raise ConfigError(f"model.in_channels: {cfg.data.name!r} has {native[0]} channel(s), "
+                              f"got model.in_channels={m.in_channels}")
+        if m.levels == 1:
+            raise ConfigError("model.levels: must be 0 (from the data set) or >= 2")
+
+
+def build(cfg) -> torch.nn.Module:
+    m = cfg.model
+    if m.net == "unet":
+        from raymanifold.diffusion.unet import UNet
+
+        return UNet(in_channels=m.in_channels, image_size=m.image_size, channels=m.channels,
+                    channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
+                    attention=m.attention, dropout=m.dropout)
+    return EpsMLP(dim=2, hidden=m.hidden, layers=m.layers, time_dim=m.time_dim)
+
+
+def data_shape(cfg) -> tuple:
+    m = cfg.model
+    return (m.in_channels, m.image_size, m.image_size) if is_image(cfg) else (2,)
+
+
+def check_input(x: torch.Tensor, cfg):
+    """Shape and range checks before any work: images (B, C, H, W) in [0, 1], points (B, 2) finite."""
+    want = data_shape(cfg)
+    if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
+        raise ValueError(f"x: expected shape (B, {', '.join(map(str, want))}) for this model "
+                         f"(model.net={cfg.model.net}), got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x: contains NaN or infinite values")
+    if is_image(cfg):
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"x: image values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+
+
+def to_model_space(x: torch.Tensor, cfg) -> torch.Tensor:
+    return x if x.ndim == 2 else x * 2 - 1
+
+
+def from_model_space(x: torch.Tensor, cfg) -> torch.Tensor:
+    return x if x.ndim == 2 else ((x + 1) / 2).clamp(0, 1)
+
+
+def loss(model, batch, cfg, generator) -> tuple[torch.Tensor, dict]:
+    """Simplified DDPM objective: E_{t, eps} ||eps - eps_theta(x_t, t)||^2 (Ho et al., Eq. 14)."""
+    x0 = to_model_space(batch[0], cfg)
+    T = cfg.model.T
+    ab = alpha_bar_of(cfg).to(x0.device)
+    t = torch.randint(1, T + 1, (x0.shape[0],), generator=generator, device="cpu").to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=x0.dtype).to(x0.device)
+    x_t = q_sample(x0, t, ab, noise).to(x0.dtype)
+    out = F.mse_loss(model(x_t, t), noise)
+    return out, {"loss": float(out.detach())}
+
+
+def resolve_plan(cfg, dt: int = 1, timesteps: Sequence[int] | None = None) -> list[int]:
+    """The step plan: explicit ``timesteps`` (validated) or the uniform plan of ``dt`` (see step_plan)."""
+    T = cfg.model.T
+    if timesteps is not None:
+        return check_plan(timesteps, T)
+    return step_plan(T, dt)
+
+
+def likelihood_kw(cfg) -> dict:
+    kw = {"clip": cfg.model.clip_x0 or None, "last_step_var": cfg.model.last_step_var, "decoder": decoder_of(cfg)}
+    if is_image(cfg):
+        kw["levels"] = levels_of(cfg)
+    return kw
+
+
+def log_prob(model, x, cfg, *, dt: int = 1, rounds: int = 1, generator=None, estimator: str = "eq15",
+             timesteps: Sequence[int] | None = None, K: int = 10, stratified: bool = True) -> torch.Tensor:
+    """log p(x) per example, nats (float64), averaged over ``rounds`` independent estimates.
+
+    ``estimator``: "eq15" (Eq. 15 trajectory), "bound" (closed-form per-step KLs)
+    on the plan of ``dt`` or explicit ``timesteps``; "mc" (K random steps of the
+    dt = 1 plan, unbiased for the dt = 1 bound, NFE K + 1). Images: ``x`` in
+    [0, 1]; the value is a discrete log-probability with the default
+    discretised decoder.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator: unknown {estimator!r}; choose one of {list(ESTIMATORS)}")
+    if rounds < 1:
+        raise ValueError(f"rounds: must be >= 1, got {rounds}")
+    plan = resolve_plan(cfg, dt, timesteps)
+    check_input(x, cfg)
+    g = generator or torch.Generator().manual_seed(0)
+    ab = alpha_bar_of(cfg)
+    x0 = to_model_space(x, cfg)
+    kw = likelihood_kw(cfg)
+    if estimator == "eq15":
+        nll = likelihood.nll_eq15_rounds(model, x0, ab, plan, rounds, g, **kw)
+    elif estimator == "bound":
+        nll = torch.stack([likelihood.nll_bound(model, x0, ab, plan, g, **kw) for _ in range(rounds)])
+    else:
+        if K < 1 or K > cfg.model.T - 1:
+            raise ValueError(f"K: must satisfy 1 <= K <= T-1={cfg.model.T - 1}, got {K}")
+        nll = torch.stack([likelihood.nll_mc_steps(model, x0, ab, K, g, stratified=stratified, **kw)
+                           for _ in range(rounds)])
+    return -nll.mean(0)
+
+
+def bits_per_dim(model, x, cfg, **opts) -> torch.Tensor:
+    """Bits/dim per image from :func:`log_prob` (K = levels_of(cfg); see likelihood.bits_per_dim)."""
+    if not is_image(cfg):
+        raise ValueError("bits_per_dim: defined for image models only (model.net=unet)")
+    lp = log_prob(model, x, cfg, **opts)
+    return likelihood.bits_per_dim(-lp, x[0].numel(), levels_of(cfg), decoder_of(cfg))
+
+
+def sample(model, n: int, cfg, generator, *, dt: int = 1, sampler: str = "ddpm", eta: float = 0.0,
+           timesteps: Sequence[int] | None = None, x_T: torch.Tensor | None = None):
+    """``n`` samples in data space (images in [0, 1]) and the number of network evaluations.
+
+    ``sampler``: one of :data:`SAMPLERS`; ``eta`` is DDIM's noise scale.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n}")
+    if eta < 0:
+        raise ValueError(f"eta: must be >= 0, got {eta}")
+    plan = resolve_plan(cfg, dt, timesteps)
+    p = next(model.parameters())
+    shape = (n, *data_shape(cfg))
+    if x_T is not None and tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T: expected shape {shape}, got {tuple(x_T.shape)}")
+    common = dict(clip=cfg.model.clip_x0 or None, x_T=x_T, device=p.device, dtype=p.dtype)
+    ab = alpha_bar_of(cfg)
+    if sampler == "ddpm":
+        x, nfe = samplers.sample_ddpm(model, shape, ab, plan, generator, last_step_var=cfg.model.last_step_var,
+                                      **common)
+    elif sampler == "ddim":
+        x, nfe = samplers.sample_ddim(model, shape, ab, plan, generator, eta=eta, **common)
+    else:
+        x, nfe = samplers.sample_rk4(model, shape, ab, plan, generator, inference=sampler.split("_")[1],
+                                     last_step_var=cfg.model.last_step_var, **common)
+    return from_model_space(x, cfg), nfe
+
+
+def evaluate(model, cfg) -> dict:
+    """Quick post-training check on the test split at ``eval_dt`` (closed-form bound, 1 round):
+    mean NLL in nats, plus bits/dim for images."""
+    from raymanifold import data as rdata
+
+    d = cfg.data
+    ds = rdata.load(d.name, "test", n=min(d.n_test, cfg.model.eval_points), seed=d.seed, root=d.root,
+                    image_size=d.image_size)
+    p = next(model.parameters())
+    x = ds.x[: cfg.model.eval_points].to(p.device)
+    est = "bound" if is_image(cfg) else "eq15"
+    lp = log_prob(model, x, cfg, dt=cfg.model.eval_dt, estimator=est,
+                  generator=torch.Generator().manual_seed(cfg.train.seed))
+    out = {f"test_nll_nats_dt{cfg.model.eval_dt}": float(-lp.mean())}
+    if is_image(cfg):
+        bpd = likelihood.bits_per_dim(-lp, x[0].numel(), levels_of(cfg), decoder_of(cfg))
+        out[f"test_bpd_dt{cfg.model.eval_dt}"] = float(bpd.mean())
+    return out
+
+
+RECIPE = Recipe(name="diffusion", model_config=DiffusionModelConfig, build=build, loss=loss,
+                evaluate=evaluate, log_prob=log_prob, sample=sample, validate=validate)

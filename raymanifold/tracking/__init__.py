@@ -1,0 +1,184 @@
+"""MLflow tracking: the only module of raymanifold that imports mlflow.
+
+Tracking URI, in order: the explicit ``uri`` argument (``--tracking-uri``),
+``MLFLOW_TRACKING_URI``, else a local SQLite store ``sqlite:///<cwd>/mlflow.db``
+(MLflow 3 rejects the old ./mlruns file store). Artifacts of the local store
+go to ``<cwd>/mlartifacts``.
+
+Runs started with :func:`start_run` log the resolved config as params and as
+``config.yaml``; an exception inside the ``with`` block marks the run FAILED.
+Workers (Ray Train rank 0) log into an existing run with :func:`log_metrics`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+DEFAULT_DB = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+CHECKPOINT_ARTIFACT = "model/checkpoint.pt"
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def default_uri(workdir=None) -> str:
+    return f"sqlite:///{Path(workdir or os.getcwd()).resolve() / DEFAULT_DB}"
+
+
+def resolve_uri(uri: Optional[str] = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def configure(uri: Optional[str] = None) -> str:
+    """Set and return the tracking URI (idempotent)."""
+    uri = resolve_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        location = (db.parent / ARTIFACT_DIR).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _clean_param(v) -> str:
+    s = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return s[:6000]
+
+
+@contextlib.contextmanager
+def start_run(experiment: str, run_name: str, *, config: Optional[dict] = None, tags: Optional[dict] = None,
+              uri: Optional[str] = None, parent_run_id: Optional[str] = None) -> Iterator["mlflow.ActiveRun"]:
+    """Start an MLflow run; log ``config`` (nested dict) as params + ``config.yaml``.
+
+    The run ends FINISHED, or FAILED if the block raises (the exception propagates).
+    """
+    uri = configure(uri)
+    exp_id = _experiment_id(experiment, uri)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags, nested=parent_run_id is not None
+                           and mlflow.active_run() is not None)
+    try:
+        if config is not None:
+            from raymanifold.config import flatten
+
+            flat = {k: _clean_param(v) for k, v in flatten(config).items()}
+            items = list(flat.items())
+            for i in range(0, len(items), 90):
+                mlflow.log_params(dict(items[i:i + 90]))
+            mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config.yaml")
+        yield run
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def active_run_id() -> Optional[str]:
+    r = mlflow.active_run()
+    return r.info.run_id if r else None
+
+
+def log_metrics(metrics: dict, step: Optional[int] = None, *, run_id: Optional[str] = None,
+                uri: Optional[str] = None):
+    """Log numeric metrics to the active run, or to ``run_id`` from any process."""
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if not clean:
+        return
+    if run_id is None:
+        mlflow.log_metrics(clean, step=step)
+        return
+    from mlflow.entities import Metric
+    import time
+
+    ts = int(time.time() * 1000)
+    client = MlflowClient(resolve_uri(uri))
+    client.log_batch(run_id, metrics=[Metric(k, v, ts, step or 0) for k, v in clean.items()])
+
+
+def set_tags(tags: dict, run_id: Optional[str] = None, uri: Optional[str] = None):
+    if run_id is None:
+        mlflow.set_tags(tags)
+    else:
+        client = MlflowClient(resolve_uri(uri))
+        for k, v in tags.items():
+            client.set_tag(run_id, k, str(v))
+
+
+def log_artifact(path, artifact_path: Optional[str] = None, *, run_id: Optional[str] = None):
+    if run_id is None:
+        mlflow.log_artifact(str(path), artifact_path)
+    else:
+        MlflowClient(resolve_uri()).log_artifact(run_id, str(path), artifact_path)
+
+
+def log_artifacts(folder, artifact_path: Optional[str] = None):
+    mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def log_dict(d: dict, name: str):
+    mlflow.log_dict(d, name)
+
+
+def log_checkpoint(path, *, run_id: Optional[str] = None):
+    """Store a raymanifold checkpoint file as the run's model (``model/checkpoint.pt``)."""
+    log_artifact(path, "model", run_id=run_id)
+
+
+def download_checkpoint(uri: str) -> Path:
+    """Resolve ``runs:/<id>`` (or ``runs:/<id>/path``) to a local checkpoint file."""
+    from raymanifold.checkpoint import CheckpointError, FILENAME
+
+    configure()
+    if uri.startswith("runs:/"):
+        rest = uri[len("runs:/"):].strip("/")
+        run_id, _, sub = rest.partition("/")
+        try:
+            MlflowClient(resolve_uri()).get_run(run_id)
+        except Exception:
+            raise CheckpointError(f"model: MLflow run {run_id!r} not found in {resolve_uri()}") from None
+        uri = f"runs:/{run_id}/{sub or CHECKPOINT_ARTIFACT}"
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="rm-ckpt-")))
+    except Exception as exc:
+        raise CheckpointError(f"model: cannot download {uri!r}: {exc}") from None
+    if local.is_dir():
+        local = local / FILENAME
+    if not local.is_file():
+        raise CheckpointError(f"model: {uri!r} holds no {FILENAME}")
+    return local
+
+
+def search_runs(experiment: str, *, filter_string: str = "", order_by=None, uri: Optional[str] = None,
+                max_results: int = 1000):
+    """Runs of ``experiment`` as a pandas DataFrame (mlflow.search_runs)."""
+    configure(uri)
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string,
+                              order_by=order_by, max_results=max_results)
+
+
+def get_run(run_id: str, uri: Optional[str] = None):
+    return MlflowClient(resolve_uri(uri)).get_run(run_id)

@@ -1,0 +1,160 @@
+"""The training step and loop, free of Ray.
+
+The same :func:`run_steps` drives both the in-process loop (unit tests,
+benchmarks' baseline) and each Ray Train worker (:mod:`raymanifold.distributed.train`);
+only the batch stream, the model wrapper (DDP) and the reporting hook differ.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from raymanifold import checkpoint as ckpt
+from raymanifold import data as rdata
+from raymanifold.recipes import get_recipe
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def batch_stream(dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device="cpu", start_epoch: int = 0) -> Iterator[tuple]:
+    """Endless shuffled batches of this worker's shard.
+
+    The permutation of each epoch is the same on every worker (seeded by
+    ``seed`` and the epoch); worker ``rank`` takes every ``world_size``-th
+    example of it, so shards are disjoint and cover the data. In-memory data
+    sets (:class:`~raymanifold.data.ArrayDataset`) are indexed directly;
+    others go through a DataLoader.
+    """
+    n = len(dataset)
+    if n < world_size:
+        raise rdata.DataError(f"data: {n} examples cannot be sharded over {world_size} workers")
+    epoch = start_epoch
+    tensors = getattr(dataset, "tensors", None)
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=g)[rank::world_size]
+        for i in range(0, len(perm) - batch_size + 1 if len(perm) >= batch_size else 1, batch_size):
+            idx = perm[i:i + batch_size]
+            if tensors is not None:
+                yield tuple(t[idx].to(device, non_blocking=True) for t in tensors)
+            else:
+                items = [dataset[int(j)] for j in idx]
+                yield tuple(torch.stack([it[k] for it in items]).to(device) for k in range(len(items[0])))
+        epoch += 1
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (decay in (0, 1))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(getattr(model, "module", model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module):
+        src = getattr(model, "module", model)
+        for e, p in zip(self.module.parameters(), src.parameters()):
+            e.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+        for e, b in zip(self.module.buffers(), src.buffers()):
+            e.copy_(b)
+
+
+def make_optimizer(model, tcfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
+                             weight_decay=tcfg.weight_decay)
+
+
+def run_steps(recipe, model, optimizer, batches: Iterator, cfg, *, start_step: int, end_step: int,
+              generator: torch.Generator, ema: Optional[EMA] = None,
+              on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Run optimizer steps ``start_step+1 .. end_step``; returns the last step's metrics.
+
+    ``on_step(step, metrics)`` is called after every step (1-based step count)
+    and may checkpoint, log or raise.
+    """
+    model.train()
+    metrics: dict = {}
+    for step in range(start_step + 1, end_step + 1):
+        batch = next(batches)
+        loss, metrics = recipe.loss(model, batch, cfg, generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training diverged: loss is {float(loss)} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        if on_step is not None:
+            on_step(step, metrics)
+    return metrics
+
+
+def latest_checkpoint(folder) -> Optional[Path]:
+    p = Path(folder) / ckpt.FILENAME
+    return p if p.is_file() else None
+
+
+def train_inprocess(cfg, *, checkpoint_dir=None, log: Optional[Callable[[int, dict], None]] = None,
+                    stop_after: Optional[int] = None):
+    """Train ``cfg`` in this process (no Ray); resume from ``checkpoint_dir`` if it holds a checkpoint.
+
+    Checkpoints every ``train.checkpoint_every`` steps to
+    ``checkpoint_dir/checkpoint.pt``. ``stop_after`` interrupts (raises
+    KeyboardInterrupt) after that many steps of this call, to test resumption.
+    Returns ``(model, ema_or_None, info)`` with ``info = {"start_step", "step", "metrics", "steps_per_s"}``.
+    """
+    recipe = get_recipe(cfg.family)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = recipe.build(cfg).to(device)
+    optimizer = make_optimizer(model, cfg.train)
+    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    start = 0
+    if checkpoint_dir is not None and (found := latest_checkpoint(checkpoint_dir)):
+        state = ckpt.load(found)
+        model.load_state_dict(state["model"])
+        if state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema"):
+            ema.module.load_state_dict(state["ema"])
+        start = state["step"]
+    dataset = rdata.load_split(cfg.data, "train")
+    bs = cfg.train.batch_size
+    per_epoch = max(1, len(dataset) // bs)
+    batches = batch_stream(dataset, bs, seed=cfg.train.seed, device=device, start_epoch=start // per_epoch)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + start)
+    t0 = time.perf_counter()
+    done = {"n": 0}
+
+    def on_step(step, metrics):
+        done["n"] += 1
+        if log is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+            log(step, metrics)
+        if checkpoint_dir is not None and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps):
+            ckpt.save(Path(checkpoint_dir) / ckpt.FILENAME, model, cfg, step, optimizer=optimizer, ema=ema.module if ema else None,
+                      metrics=metrics)
+        if stop_after is not None and done["n"] >= stop_after:
+            raise KeyboardInterrupt(f"stopped after step {step}")
+
+    metrics = run_steps(recipe, model, optimizer, batches, cfg, start_step=start, end_step=cfg.train.steps,
+                        generator=gen, ema=ema, on_step=on_step)
+    elapsed = time.perf_counter() - t0
+    n = cfg.train.steps - start
+    return model, ema, {"start_step": start, "step": cfg.train.steps, "metrics": metrics,
+                        "steps_per_s": n / elapsed if elapsed > 0 and n else math.nan}

@@ -1,0 +1,55 @@
+"""The CLI fails fast with one-line errors and exit status 2."""
+import subprocess
+import sys
+
+import pytest
+
+from raymanifold.cli import main
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    (["train", "--config", "jobs/configs/demo_swiss_roll.yaml", "--set", "data.name=nope"], "data.name: unknown data set 'nope'"),
+    (["train", "--config", "jobs/configs/demo_swiss_roll.yaml", "--set", "train.steps=0"], "train.steps: 0 is out of range"),
+    (["likelihood", "--model", "runs:/doesnotexist"], "MLflow run 'doesnotexist' not found"),
+    (["likelihood", "--model", "no/such/checkpoint.pt"], "does not exist"),
+    (["sample", "--model", "no/such/checkpoint.pt"], "does not exist"),
+    (["demo", "--rounds", "0"], "--rounds: must be >= 1"),
+    (["demo", "--dts", "0,2"], "--dt: each step must satisfy 1 <= dt <= T=100"),
+])
+def test_bad_input_one_line_error(argv, fragment, capsys, tracking_uri):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and fragment in err and "\n" not in err
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "raymanifold.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("train", "likelihood", "sample", "demo", "study"):
+        assert cmd in out.stdout
+
+
+def test_likelihood_and_sample_on_a_checkpoint(tmp_path, capsys, tracking_uri):
+    """A tiny trained model through the real commands (in-process training, no Ray)."""
+    import json
+
+    from raymanifold import checkpoint as ckpt
+    from raymanifold.config import config_from_dict
+    from raymanifold.training import train_inprocess
+
+    cfg = config_from_dict({"family": "diffusion", "name": "cli", "data": {"n_train": 2000},
+                            "model": {"hidden": 32}, "train": {"steps": 200, "batch_size": 256, "num_workers": 1}})
+    model, _, _ = train_inprocess(cfg)
+    path = ckpt.save(tmp_path / "checkpoint.pt", model, cfg, 200)
+    assert main(["likelihood", "--model", str(path), "--points", "300", "--rounds", "3", "--dt", "10,100",
+                 "--json", "--out", str(tmp_path / "rep")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["sets"]) == {"swiss_roll", "circle", "moons", "s_curve"}
+    assert out["sets"]["swiss_roll"]["10"]["nfe_per_round"] == 10
+    assert (tmp_path / "rep" / "set_means.png").exists()
+    assert main(["sample", "--model", str(path), "--n", "100", "--dt", "10", "--out", str(tmp_path / "s")]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["nfe"] == 10 and (tmp_path / "s" / "samples.png").exists()
+    assert main(["sample", "--model", str(path), "--sampler", "euler", "--out", str(tmp_path / "s")]) == 2
+    assert "sampler: unknown sampler 'euler'" in capsys.readouterr().err
