@@ -135,12 +135,13 @@ def plot_set_means(res: dict, path) -> None:
         pos = np.arange(len(sets)) + (k - (len(dts) - 1) / 2) * w
         bars = ax.bar(pos, m, w, yerr=e, capsize=3, label=f"dt={dt}")
         for b, v in zip(bars, m):
-            ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, 0), ha="center", va="bottom", fontsize=7)
+            ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), xytext=(0, -10), textcoords="offset points",
+                        ha="center", va="top", fontsize=7, color="white", fontweight="bold")
     ax.set_xticks(np.arange(len(sets)), sets)
     ax.set_ylabel("mean log10 p(x)  (error bar: std over points)")
     ax.axhline(0, color="k", lw=0.5)
     ax.legend()
-    ax.set_title("Fig. 5C: the training shape (swiss_roll) has the highest likelihood")
+    ax.set_title("Fig. 5C: per-set mean log10 p(x); training shape: swiss_roll", pad=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -154,7 +155,7 @@ def plot_samples(samples: dict, path, reference: Optional[np.ndarray] = None) ->
     keys = list(samples)
     fig, axes = plt.subplots(1, len(keys) + (reference is not None), figsize=(3.2 * (len(keys) + 1), 3.4))
     axes = np.atleast_1d(axes)
-    panels = ([("training data", reference)] if reference is not None else []) + [(f"dt={k}", samples[k]) for k in keys]
+    panels = ([("held-out data", reference)] if reference is not None else []) + [(f"dt={k}", samples[k]) for k in keys]
     for ax, (title, pts) in zip(axes, panels):
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
         ax.set_title(title)
