@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-ray venv mlflow-ui bench clean
+.PHONY: demo test test-unit test-ray venv mlflow-ui bench serve bench-serve clean
 
 SHELL  := /bin/bash
 
@@ -35,6 +35,12 @@ mlflow-ui: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
+
+serve: $(STAMP)
+	$(VENV)/bin/raymanifold serve
+
+bench-serve: $(STAMP)
+	$(PY) benchmarks/serve_latency.py
 
 clean:
 	rm -rf reports checkpoints ray_results mlflow.db mlartifacts

@@ -1,0 +1,284 @@
+"""Serve latency and throughput of log-likelihood, batched vs unbatched, and the HTTP overhead.
+
+One run, loopback only, bounded request counts:
+
+    .venv/bin/python benchmarks/serve_latency.py [--model ray_results/demo_swiss_roll/step_00008000]
+                                                 [--requests 160] [--dt 1] [--out reports/serve_latency]
+
+The same checkpoint is served twice in one application: ``batched``
+(``@serve.batch`` pooling on) and ``unbatched`` (pooling off), each one
+replica with 0.5 CPU and one torch thread. Each request scores one 2-D point
+(T/dt steps of the Eq. 15 estimator, no seed, so the batched replica may
+pool it). For 1, 8 and 32 concurrent clients it measures throughput
+(requests/s), p50/p99 latency and the mean number of requests pooled per
+model call, twice: over HTTP (asyncio + httpx, keep-alive; client -> proxy ->
+ingress -> model) and through a DeploymentHandle straight to the model
+deployment (isolates the model replica and its batching from the HTTP front). The baseline is the direct in-process call
+``recipe.log_prob(model, x, cfg, dt=...)`` on one point (one torch thread),
+timed in the same run; the ratios in the table are against it and against
+the unbatched replica. Without ``--model`` (or if the file is missing) a tiny
+model is trained in-process first.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEMO = ROOT / "ray_results" / "demo_swiss_roll" / "step_00008000"
+
+
+def _model_path(arg: str | None) -> str:
+    if arg and Path(arg).exists():
+        return arg
+    if arg is None and (DEMO / "checkpoint.pt").exists():
+        return str(DEMO)
+    from raymanifold import checkpoint as ckpt
+    from raymanifold.config import config_from_dict
+    from raymanifold.training import train_inprocess
+
+    print("no checkpoint given/found: training a small Swiss-roll DDPM in-process (1,000 steps)", flush=True)
+    cfg = config_from_dict({"family": "diffusion", "name": "bench_serve", "data": {"n_train": 4000},
+                            "train": {"steps": 1000, "batch_size": 256, "lr": 2e-3, "checkpoint_every": 1000,
+                                      "log_every": 1000, "num_workers": 1}})
+    model, ema, info = train_inprocess(cfg)
+    return str(ckpt.save(Path(tempfile.mkdtemp(prefix="rm-bench-")) / "checkpoint.pt", model, cfg, info["step"],
+                         ema=ema.module if ema else None))
+
+
+def _pct(xs, q):
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def direct_baseline(uri: str, dt: int, n: int) -> dict:
+    from raymanifold.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    model, cfg, recipe = load_model(uri)
+    x = torch.tensor([[0.5, 0.3]])
+    for _ in range(5):
+        recipe.log_prob(model, x, cfg, dt=dt)
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        recipe.log_prob(model, x, cfg, dt=dt, generator=torch.Generator().manual_seed(i))
+        lat.append(time.perf_counter() - t0)
+    x32 = x.repeat(32, 1)
+    t0 = time.perf_counter()
+    reps = max(3, n // 32)
+    for i in range(reps):
+        recipe.log_prob(model, x32, cfg, dt=dt, generator=torch.Generator().manual_seed(i))
+    per_point_32 = (time.perf_counter() - t0) / (reps * 32)
+    return {"p50_ms": 1e3 * _pct(lat, 50), "p99_ms": 1e3 * _pct(lat, 99), "per_s": 1 / statistics.mean(lat),
+            "batch32_points_per_s": 1 / per_point_32}
+
+
+def _summary(lat, pooled, codes, total, wall) -> dict:
+    return {"requests": total, "errors": sum(c != 200 for c in codes), "req_per_s": total / wall,
+            "p50_ms": 1e3 * _pct(lat, 50), "p99_ms": 1e3 * _pct(lat, 99),
+            "mean_pooled": statistics.mean(pooled) if pooled else 0.0}
+
+
+async def http_load(url: str, concurrency: int, total: int, dt: int) -> dict:
+    """``concurrency`` keep-alive HTTP clients send ``total`` requests between them."""
+    import httpx
+
+    body = {"x": [[0.5, 0.3]], "dt": dt}
+    lat, pooled, codes = [], [], []
+    left = [total]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=300) as client:
+        for _ in range(min(concurrency, 4)):  # warm the connections and the replica
+            await client.post(url, json=body)
+
+        async def worker():
+            while left[0] > 0:
+                left[0] -= 1
+                t0 = time.perf_counter()
+                r = await client.post(url, json=body)
+                lat.append(time.perf_counter() - t0)
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    pooled.append((r.json().get("batch") or {}).get("requests", 1))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return {"lat": lat, "pooled": pooled, "codes": codes, "wall": time.perf_counter() - t0}
+
+
+async def handle_load(handle, concurrency: int, total: int, dt: int) -> dict:
+    """The same load through a DeploymentHandle straight to the model deployment (no HTTP, no ingress)."""
+    x = np.array([[0.5, 0.3]], dtype=np.float32)
+    lat, pooled = [], []
+    left = [total]
+    await handle.run.remote("log-likelihood", x=x, options={"dt": dt})
+
+    async def worker():
+        while left[0] > 0:
+            left[0] -= 1
+            t0 = time.perf_counter()
+            res = await handle.run.remote("log-likelihood", x=x, options={"dt": dt})
+            lat.append(time.perf_counter() - t0)
+            pooled.append((res.get("batch") or {}).get("requests", 1))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"lat": lat, "pooled": pooled, "codes": [200] * len(lat), "wall": time.perf_counter() - t0}
+
+
+def paired_overhead(uri: str, port: int, dt: int, n: int) -> dict:
+    """One client, sequential: a direct in-process call, a handle call and an HTTP call of the same point
+    (unbatched replica), in rotating order, ``n`` times. Medians of each and of the per-round differences,
+    so a change in machine load affects all three alike."""
+    import requests
+    from ray import serve
+
+    from raymanifold.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    model, cfg, recipe = load_model(uri)
+    xt = torch.tensor([[0.5, 0.3]])
+    xn = xt.numpy()
+    handle = serve.get_deployment_handle("model_unbatched", app_name="serve_bench")
+    url = f"http://127.0.0.1:{port}/v1/models/unbatched/log-likelihood"
+    body = {"x": xn.tolist(), "dt": dt, "seed": 0}
+    calls = {"direct": lambda: recipe.log_prob(model, xt, cfg, dt=dt, generator=torch.Generator().manual_seed(0)),
+             "handle": lambda: handle.run.remote("log-likelihood", x=xn, options={"dt": dt}, seed=0).result(),
+             "http": lambda: session.post(url, json=body).raise_for_status()}
+    times = {k: [] for k in calls}
+    with requests.Session() as session:
+        for f in calls.values():
+            f()
+        for i in range(n):
+            order = list(calls)[i % 3:] + list(calls)[:i % 3]
+            for k in order:
+                t0 = time.perf_counter()
+                calls[k]()
+                times[k].append(time.perf_counter() - t0)
+    t = {k: np.asarray(v) * 1e3 for k, v in times.items()}
+    return {"rounds": n, **{f"{k}_p50_ms": float(np.median(v)) for k, v in t.items()},
+            "handle_minus_direct_ms": float(np.median(t["handle"] - t["direct"])),
+            "http_minus_handle_ms": float(np.median(t["http"] - t["handle"])),
+            "http_minus_direct_ms": float(np.median(t["http"] - t["direct"])),
+            "http_over_direct_ratio": float(np.median(t["http"] / t["direct"]))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint (default: the make-demo checkpoint, else train one)")
+    ap.add_argument("--requests", type=int, default=160, help="requests per (path, mode, concurrency) cell")
+    ap.add_argument("--dt", type=int, default=1, help="diffusion step size of each log-likelihood (NFE = T/dt)")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--overhead-rounds", type=int, default=100, help="rounds of the paired direct/handle/HTTP test")
+    ap.add_argument("--out", default=None, help="also write serve_latency.json + .md to this folder")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    uri = _model_path(args.model)
+    base = direct_baseline(uri, args.dt, n=200)
+    print(f"direct in-process call (1 point, dt={args.dt}): p50 {base['p50_ms']:.2f} ms, "
+          f"{base['per_s']:.0f} calls/s; 32 points per call: {base['batch32_points_per_s']:.0f} points/s", flush=True)
+
+    from raymanifold.distributed import runtime, serving
+    from serve.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dep = {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "max_ongoing_requests": 64}
+    models = [{"name": "batched", "uri": uri, "batching": {"enabled": True, "wait_timeout_s": 0.002}, "deployment": dep},
+              {"name": "unbatched", "uri": uri, "batching": {"enabled": False}, "deployment": dep}]
+    t0 = time.perf_counter()
+    serving.start_http(port, num_cpus=2)
+    serving.run(build_app({"models": models}), name="serve_bench")
+    print(f"Serve up in {time.perf_counter() - t0:.1f} s on port {port}", flush=True)
+    from ray import serve
+
+    rows = []
+    load = {"start": os.getloadavg()[0]}
+    try:
+        for c in levels:
+            for path in ("http", "handle"):
+                # interleave the two modes in chunks so a change in machine load hits both alike
+                acc = {m: {"lat": [], "pooled": [], "codes": [], "wall": 0.0} for m in ("unbatched", "batched")}
+                chunks = max(1, min(4, args.requests // max(c, 8)))
+                for k in range(chunks):
+                    n = args.requests // chunks + (k < args.requests % chunks)
+                    for mode in ("unbatched", "batched"):
+                        if path == "http":
+                            url = f"http://127.0.0.1:{port}/v1/models/{mode}/log-likelihood"
+                            part = asyncio.run(http_load(url, c, n, args.dt))
+                        else:
+                            h = serve.get_deployment_handle(f"model_{mode}", app_name="serve_bench")
+                            part = asyncio.run(handle_load(h, c, n, args.dt))
+                        for key in ("lat", "pooled", "codes"):
+                            acc[mode][key] += part[key]
+                        acc[mode]["wall"] += part["wall"]
+                for mode in ("unbatched", "batched"):
+                    a = acc[mode]
+                    r = _summary(a["lat"], a["pooled"], a["codes"], len(a["lat"]), a["wall"])
+                    r.update(mode=mode, concurrency=c, path=path)
+                    rows.append(r)
+                    print(f"  c={c:<3d} {path:<6s} {mode:<9s} {r['req_per_s']:7.1f} req/s  p50 {r['p50_ms']:8.2f} ms  "
+                          f"p99 {r['p99_ms']:8.2f} ms  pooled/call {r['mean_pooled']:.1f}  errors {r['errors']}",
+                          flush=True)
+        pair = paired_overhead(uri, port, args.dt, n=args.overhead_rounds)
+        print(f"  paired, 1 client: direct {pair['direct_p50_ms']:.2f} ms, handle {pair['handle_p50_ms']:.2f} ms, "
+              f"HTTP {pair['http_p50_ms']:.2f} ms (medians)", flush=True)
+        load["end"] = os.getloadavg()[0]
+    finally:
+        serving.shutdown()
+        runtime.shutdown()
+
+    by = {(r["path"], r["mode"], r["concurrency"]): r for r in rows}
+    table = ["| clients | path | unbatched req/s | batched req/s | batched / unbatched | unbatched p50 / p99 ms | "
+             "batched p50 / p99 ms | requests per pooled call |", "|---|---|---|---|---|---|---|---|"]
+    for c in levels:
+        for path in ("http", "handle"):
+            u, b = by[(path, "unbatched", c)], by[(path, "batched", c)]
+            table.append(f"| {c} | {path} | {u['req_per_s']:.1f} | {b['req_per_s']:.1f} | "
+                         f"{b['req_per_s'] / u['req_per_s']:.2f}x | {u['p50_ms']:.1f} / {u['p99_ms']:.1f} | "
+                         f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {b['mean_pooled']:.1f} |")
+    overhead = pair
+    best = max(rows, key=lambda r: r["req_per_s"])
+    lines = ["# Serve latency: log-likelihood of one 2-D point per request", "",
+             f"Model `{uri}`, dt = {args.dt}, {args.requests} requests per cell, loopback; one replica "
+             "(0.5 CPU, 1 torch thread) per mode. `http`: client -> proxy -> ingress -> model replica; "
+             "`handle`: a DeploymentHandle straight to the model replica (no HTTP, no ingress).", "", *table, "",
+             f"Overhead, one client, {pair['rounds']} paired rounds (direct, handle, HTTP in rotation; medians): "
+             f"direct in-process call {pair['direct_p50_ms']:.2f} ms, DeploymentHandle {pair['handle_p50_ms']:.2f} ms, "
+             f"HTTP {pair['http_p50_ms']:.2f} ms. Per round, HTTP - direct = {pair['http_minus_direct_ms']:+.2f} ms "
+             f"(HTTP / direct = {pair['http_over_direct_ratio']:.2f}x), of which proxy + ingress (HTTP - handle) = "
+             f"{pair['http_minus_handle_ms']:+.2f} ms and the Serve handle hop (handle - direct) = "
+             f"{pair['handle_minus_direct_ms']:+.2f} ms.",
+             f"Best throughput {best['req_per_s']:.0f} req/s ({best['path']}, {best['mode']}, {best['concurrency']} "
+             f"clients) vs {base['per_s']:.0f} direct calls/s of one point and {base['batch32_points_per_s']:.0f} "
+             "points/s in direct 32-point calls.",
+             f"Machine load average (1 min) {load['start']:.1f} at the start, {load.get('end', float('nan')):.1f} "
+             f"at the end, on {os.cpu_count()} CPUs: absolute times are only comparable within this run.", ""]
+    print("\n" + "\n".join(lines))
+    result = {"model": uri, "dt": args.dt, "requests_per_cell": args.requests, "direct": base, "rows": rows,
+              "overhead": overhead, "load_average": load}
+    if args.out:
+        from raymanifold.reports import report_dir
+
+        with report_dir(Path(args.out)) as out:  # written to a temp dir, then renamed
+            (out / "serve_latency.json").write_text(json.dumps(result, indent=2))
+            (out / "serve_latency.md").write_text("\n".join(lines))
+    print(json.dumps({"overhead": overhead}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

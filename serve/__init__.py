@@ -1,0 +1,15 @@
+"""The raymanifold Ray Serve application (an entry-point folder, like ``jobs/``).
+
+* :mod:`serve.app`: the FastAPI ingress and ``build_app(args)``, the builder
+  named by ``import_path: serve.app:build_app`` in ``serve/config.yaml``.
+* :mod:`serve.model`: one deployment per served model (``model_<name>``),
+  with ``@serve.batch`` pooling and ``check_health``.
+* :mod:`serve.operations`: the table of operations (log-likelihood, sample,
+  encode, decode) dispatched on a recipe's optional functions, and the
+  option schemas read from their signatures.
+* :mod:`serve.codec`: JSON arrays and PNG in and out (numpy and Pillow only).
+* :mod:`serve.settings`: the validated ``args`` of the application.
+
+Start it locally with ``raymanifold serve``; deploy it to a cluster with
+``serve deploy serve/config.yaml`` (see docs/serve.md).
+"""

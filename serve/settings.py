@@ -1,0 +1,121 @@
+"""The application's ``args`` (the ``args:`` block of serve/config.yaml), validated with pydantic.
+
+Unknown keys and out-of-range values are refused before anything is deployed,
+with the key's path and what is allowed (:class:`SettingsError`).
+
+Relative checkpoint paths are resolved against the repository root (the
+folder holding ``serve/``), so ``ray_results/demo_swiss_roll/...`` works
+from any working directory; ``runs:/`` and ``models:/`` URIs go to MLflow.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Serve deployment options a config may set per deployment (passed to ``.options()``)
+DEPLOYMENT_KEYS = ("num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests",
+                   "health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s",
+                   "max_queued_requests")
+
+
+class SettingsError(ValueError):
+    """The application's args are invalid (message names the key and what is allowed)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Strict):
+    """Per-request bounds; a request over one gets a 413/422 naming the field."""
+    max_examples: int = Field(1024, ge=1, description="examples (points/images/latents) per request")
+    max_body_bytes: int = Field(8_000_000, ge=1024, description="request body size")
+    max_samples: int = Field(1024, ge=1, description="n of a sample request")
+    max_rounds: int = Field(64, ge=1, description="diffusion Eq. 15 rounds per request")
+    max_abs: float = Field(1000.0, gt=0, description="largest |value| accepted for unbounded (point) inputs")
+    timeout_s: float = Field(120.0, gt=0, description="ingress waits this long for a model replica")
+
+
+class Batching(_Strict):
+    """``@serve.batch`` pooling of log-likelihood and encode requests on a model replica."""
+    enabled: bool = True
+    max_batch_examples: int = Field(2048, ge=1, description="examples pooled into one model call")
+    wait_timeout_s: float = Field(0.005, ge=0, le=10, description="wait for more requests after the first")
+
+
+class ModelEntry(_Strict):
+    name: str = Field(description="URL name: /v1/models/<name>/...")
+    uri: str = Field(description="checkpoint file/folder (relative to the repo root) or runs:/<run_id>")
+    use_ema: bool = True
+    torch_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads per replica")
+    input_shape: Optional[list[int]] = Field(None, description="override the per-example input shape")
+    batching: Batching = Batching()
+    deployment: dict[str, Any] = Field(default_factory=dict, description="Serve deployment options")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid model name (letters, digits, _ . -; at most 64 characters)")
+        return v
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment(cls, v):
+        return _check_deployment(v)
+
+
+class IngressSettings(_Strict):
+    deployment: dict[str, Any] = Field(default_factory=dict, description="Serve deployment options")
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment(cls, v):
+        return _check_deployment(v)
+
+
+class AppSettings(_Strict):
+    models: list[ModelEntry] = Field(min_length=1)
+    limits: Limits = Limits()
+    ingress: IngressSettings = IngressSettings()
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI for runs:/ model URIs")
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique, repeated: {dup}")
+        return self
+
+
+def _check_deployment(v: dict) -> dict:
+    bad = sorted(set(v) - set(DEPLOYMENT_KEYS))
+    if bad:
+        raise ValueError(f"unknown deployment option(s) {bad}; allowed: {list(DEPLOYMENT_KEYS)}")
+    return v
+
+
+def parse_settings(args: dict | None) -> AppSettings:
+    """Validate the application args; raise :class:`SettingsError` naming the offending key."""
+    try:
+        return AppSettings.model_validate(args or {})
+    except ValidationError as exc:
+        lines = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "args"
+            lines.append(f"args.{loc}: {e['msg']}")
+        raise SettingsError("; ".join(lines)) from None
+
+
+def resolve_model_uri(uri: str) -> str:
+    """MLflow URIs as they are; relative paths against the repository root."""
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/", uri):
+        return uri
+    p = Path(uri).expanduser()
+    return str(p if p.is_absolute() else REPO_ROOT / p)

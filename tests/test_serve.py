@@ -1,0 +1,546 @@
+"""The Serve application over real HTTP on a local Ray.
+
+Three tiny models are trained in-process and saved as checkpoints: a diffusion
+model of 2-D points, an image diffusion model (U-Net) of the 8x8 digits and a
+hierarchical flow (encode/decode) of the same digits. One application serves
+all three on a free port. Every happy path is compared with calling the
+recipe directly in this process (same seeds, same numbers); the bad-input
+table and a seeded fuzz must give 4xx only, never 5xx, and leave the replicas
+alive; a concurrent burst must return every response to its own caller; a
+replica whose weights are corrupted must be replaced by Serve's health check.
+The first tests (no Ray) check settings, option schemas and PNG codecs.
+"""
+import concurrent.futures as cf
+import io
+import json
+import random
+import socket
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from serve import codec  # noqa: E402
+from serve.model import ModelServer  # noqa: E402
+
+APP = "rm_serve_test"
+LIMITS = {"max_examples": 64, "max_body_bytes": 200_000, "max_samples": 32, "max_rounds": 8, "max_abs": 100.0,
+          "timeout_s": 60}
+TRAIN = {"checkpoint_every": 1000, "log_every": 1000, "num_workers": 1, "batch_size": 16}
+CONFIGS = {
+    "points": {"family": "diffusion", "name": "points", "data": {"name": "swiss_roll", "n_train": 512, "n_test": 64},
+               "model": {"T": 20, "hidden": 32, "layers": 2, "eval_points": 16},
+               "train": {**TRAIN, "steps": 60, "batch_size": 128, "lr": 3e-3}},
+    "digits": {"family": "diffusion", "name": "digits", "data": {"name": "digits", "image_size": 8},
+               "model": {"net": "unet", "T": 20, "image_size": 8, "channels": 8, "channel_mult": [1, 2],
+                         "attention": False, "eval_points": 8}, "train": {**TRAIN, "steps": 3}},
+    "flow": {"family": "flow", "name": "flow", "data": {"name": "digits", "image_size": 8},
+             "model": {"levels": 1, "latent_down": 1, "hidden": 8, "latent_channels": 2, "flow_depth": 1,
+                       "flow_hidden": 8, "eval_examples": 8}, "train": {**TRAIN, "steps": 3}},
+    "gridvae": {"family": "gridvae", "name": "gridvae", "data": {"name": "shapes", "n_train": 64, "n_test": 16,
+                                                                 "image_size": 16},
+                "model": {"latent_dim": 2, "width": 4, "prior": "grid_mixture", "eval_points": 100},
+                "train": {**TRAIN, "steps": 2}},
+}
+
+
+class ProbedModelServer(ModelServer):
+    """The production deployment plus two test probes (reached through a DeploymentHandle, not HTTP)."""
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()
+
+    def poison(self):
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.fill_(float("nan"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from ray import cloudpickle
+
+    from raymanifold import checkpoint as ckpt
+    from raymanifold.config import config_from_dict
+    from raymanifold.distributed import runtime, serving
+    from raymanifold.training import train_inprocess
+    from serve.app import build_application
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(2)
+    d = tmp_path_factory.mktemp("serve")
+    direct, entries = {}, []
+    for name, raw in CONFIGS.items():
+        cfg = config_from_dict(raw)
+        model, ema, info = train_inprocess(cfg)
+        path = ckpt.save(d / f"{name}.pt", model, cfg, info["step"], ema=ema.module if ema else None)
+        direct[name] = ckpt.load_model(str(path))
+        entries.append({"name": name, "uri": str(path), "batching": {"wait_timeout_s": 0.02},
+                        "deployment": {"ray_actor_options": {"num_cpus": 0.2}, "num_replicas": 1,
+                                       "health_check_period_s": 1.0 if name == "points" else 10.0}})
+    t_train = time.perf_counter() - t0
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ship ProbedModelServer by value
+    runtime.shutdown()
+    port = _free_port()
+    serving.start_http(port, num_cpus=2)
+    t_ray = time.perf_counter() - t0
+    app = build_application({"models": entries, "limits": LIMITS}, model_cls=ProbedModelServer)
+    serving.run(app, name=APP, route_prefix="/")
+    print(f"\nset-up: models trained {t_train:.0f} s, Ray + Serve HTTP up {t_ray:.0f} s, "
+          f"app deployed {time.perf_counter() - t0:.0f} s (load average {__import__('os').getloadavg()[0]:.1f})")
+    yield {"url": f"http://127.0.0.1:{port}", "direct": direct}
+    serving.shutdown()
+    runtime.shutdown()
+
+
+def _post(server, path, **kw):
+    return requests.post(server["url"] + path, timeout=120, **kw)
+
+
+def _handle(name):
+    from ray import serve
+    return serve.get_deployment_handle(f"model_{name}", app_name=APP)
+
+
+def _direct_log_prob(server, name, x, seed, **opts):
+    model, cfg, recipe = server["direct"][name]
+    with torch.no_grad():
+        return recipe.log_prob(model, torch.as_tensor(x, dtype=torch.float32), cfg,
+                               generator=torch.Generator().manual_seed(seed), **opts).numpy()
+
+
+def _digits(n, seed=0):
+    from raymanifold import data as rdata
+    x = rdata.load("digits", "test", image_size=8).x.numpy()
+    return x[np.random.default_rng(seed).choice(len(x), n, replace=False)]
+
+
+def _png(arr_chw: np.ndarray) -> bytes:
+    return codec.png_bytes(arr_chw)
+
+
+# ----------------------------------------------------------------------------- no Ray
+def test_settings_errors_name_the_key():
+    from serve.settings import SettingsError, parse_settings, resolve_model_uri
+
+    ok = parse_settings({"models": [{"name": "a", "uri": "ray_results/x"}]})
+    assert ok.limits.max_examples == 1024 and ok.models[0].batching.enabled
+    cases = [({}, "args.models"),
+             ({"models": [{"name": "a", "uri": "u", "bogus": 1}]}, "args.models.0.bogus"),
+             ({"models": [{"name": "a b", "uri": "u"}]}, "args.models.0.name"),
+             ({"models": [{"name": "a", "uri": "u", "deployment": {"num_gpu": 1}}]}, "args.models.0.deployment"),
+             ({"models": [{"name": "a", "uri": "u"}] * 2}, "unique"),
+             ({"models": [{"name": "a", "uri": "u"}], "limits": {"max_examples": 0}}, "args.limits.max_examples")]
+    for args, key in cases:
+        with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
+            parse_settings(args)
+    assert resolve_model_uri("runs:/abc") == "runs:/abc"
+    assert resolve_model_uri("ray_results/x").endswith("/ray_results/x") and resolve_model_uri("/a/b") == "/a/b"
+
+
+def test_option_specs_follow_recipe_signatures():
+    from raymanifold.config import config_from_dict
+    from raymanifold.recipes import get_recipe
+    from serve.operations import InputError, check_options, option_specs
+
+    cfg = config_from_dict(CONFIGS["points"])
+    r = get_recipe("diffusion")
+    lp = option_specs(r.log_prob, cfg, max_rounds=8)
+    assert set(lp) == {"dt", "rounds", "estimator", "K", "stratified"}  # not generator/timesteps
+    assert lp["dt"] == {"type": "int", "default": 1, "nullable": False, "min": 1, "max": 20}
+    assert lp["estimator"]["choices"] == ["eq15", "bound", "mc"] and lp["rounds"]["max"] == 8
+    sp = option_specs(r.sample, cfg, max_rounds=8)
+    assert set(sp) == {"dt", "sampler", "eta"} and "rk4_ddim" in sp["sampler"]["choices"]
+    assert check_options({"x": 1, "dt": "3"}, lp, fixed=("x",), from_form=True) == {"dt": 3}
+    for given, field in [({"dt": 21}, "dt"), ({"rounds": 1.0}, "rounds"), ({"estimator": "x"}, "estimator"),
+                         ({"stratified": 1}, "stratified"), ({"zz": 1}, "zz")]:
+        with pytest.raises(InputError) as e:
+            check_options(given, lp, fixed=("x",))
+        assert e.value.field == field and e.value.status == 422
+
+
+def test_png_codec_round_trip_and_refusals():
+    from serve.operations import InputError
+
+    x = np.random.default_rng(0).integers(0, 256, (1, 8, 8)).astype(np.float32) / 255
+    assert np.array_equal(codec.decode_png(codec.png_bytes(x), "f", (1, 8, 8)), x)
+    rgb = np.random.default_rng(1).integers(0, 256, (3, 4, 4)).astype(np.float32) / 255
+    assert np.array_equal(codec.decode_png(codec.png_bytes(rgb), "f", (3, 4, 4)), rgb)
+    grid = np.asarray(Image.open(io.BytesIO(codec.png_grid(np.stack([x[:, :4, :4]] * 5)))))
+    assert grid.shape == (11, 16)  # 3 per row, 2 rows of 4x4 with 1-pixel padding
+    for data, shape, status in [(codec.png_bytes(x), (1, 4, 4), 422), (codec.png_bytes(rgb), (1, 4, 4), 422),
+                                (b"not an image", (1, 8, 8), 422)]:
+        with pytest.raises(InputError) as e:
+            codec.decode_png(data, "images[0]", shape)
+        assert e.value.status == status and e.value.field == "images[0]"
+    with pytest.raises(InputError, match="channel count 3"):
+        codec.as_array(np.zeros((1, 3, 8, 8)).tolist(), "x", (1, 8, 8), max_examples=4, value_range=(0, 1),
+                       max_abs=1)
+    vals, bad = codec.to_json(np.array([1.0, np.nan, -np.inf]))
+    assert vals == [1.0, None, None] and bad == 2
+
+
+def test_serve_config_file_is_valid_and_bad_files_are_refused(tmp_path):
+    from raymanifold.config import ConfigError
+    from raymanifold.distributed import serving
+    from serve.settings import parse_settings
+
+    cfg = serving.load_config(serving.DEFAULT_CONFIG)
+    app = cfg["applications"][0]
+    assert app["import_path"] == "serve.app:build_app"
+    s = parse_settings(app["args"])
+    assert s.models[0].deployment["ray_actor_options"]["num_cpus"] < 1  # fractional CPUs
+    assert "autoscaling_config" in s.models[0].deployment
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - name: a\n    import_path: serve.app:build_app\n    foo: 1\n")
+    with pytest.raises(ConfigError, match="foo"):
+        serving.load_config(bad)
+    bad.write_text("applications:\n  - name: a\n    import_path: serve.app:build_app\n"
+                   "    args: {models: [{name: a, uri: u, batching: {wait_timeout_s: -1}}]}\n")
+    with pytest.raises(ConfigError, match=r"args\.models\.0\.batching\.wait_timeout_s"):
+        serving.build(serving.load_config(bad)["applications"][0])
+    with pytest.raises(ConfigError, match="does not exist"):
+        serving.load_config(tmp_path / "missing.yaml")
+
+
+# ----------------------------------------------------------------------------- happy paths
+@pytest.mark.ray
+def test_models_listing_and_docs(server):
+    r = requests.get(server["url"] + "/v1/models", timeout=60)
+    assert r.status_code == 200
+    models = {m["name"]: m for m in r.json()["models"]}
+    assert set(models) == {"points", "digits", "flow", "gridvae"}
+    p, g, f = models["points"], models["digits"], models["flow"]
+    assert p["family"] == "diffusion" and p["input"] == {"kind": "points", "data": "swiss_roll", "shape": [2],
+                                                          "range": None}
+    assert g["input"]["shape"] == [1, 8, 8] and g["input"]["range"] == [0.0, 1.0]
+    assert sorted(p["operations"]) == ["log-likelihood", "sample"]
+    assert sorted(f["operations"]) == ["decode", "encode", "log-likelihood", "sample"]
+    assert f["latent"]["shape"] == [32] and p["latent"] is None
+    v = models["gridvae"]
+    assert v["family"] == "gridvae" and sorted(v["operations"]) == ["decode", "encode", "sample"]
+    assert v["latent"]["shape"] == [2] and v["input"]["shape"] == [3, 16, 16]
+    opts = p["operations"]["log-likelihood"]["options"]
+    assert opts["dt"]["max"] == 20 and opts["rounds"]["max"] == LIMITS["max_rounds"]
+    assert p["operations"]["sample"]["options"]["sampler"]["choices"][:2] == ["ddpm", "ddim"]
+    assert p["unit"] == "nats"
+    spec = requests.get(server["url"] + "/openapi.json", timeout=60).json()
+    for route in ("log-likelihood", "sample", "encode", "decode"):
+        assert f"/v1/models/{{name}}/{route}" in spec["paths"]
+    assert requests.get(server["url"] + "/docs", timeout=60).status_code == 200
+    h = requests.get(server["url"] + "/healthz", timeout=60)
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+
+
+@pytest.mark.ray
+def test_log_likelihood_points_matches_direct_call(server):
+    x = np.array([[0.1, 0.2], [1.0, 0.5], [-0.7, 0.3]], dtype=np.float32)
+    for opts in ({"dt": 1, "rounds": 1}, {"dt": 5, "rounds": 3}, {"dt": 2, "estimator": "bound"}):
+        r = _post(server, "/v1/models/points/log-likelihood", json={"x": x.tolist(), "seed": 11, **opts})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["unit"] == "nats" and body["seed"] == 11 and body["shape"] == [3]
+        np.testing.assert_allclose(body["log_prob"], _direct_log_prob(server, "points", x, 11, **opts),
+                                   rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.ray
+def test_log_likelihood_png_upload_matches_json_and_direct(server):
+    imgs = _digits(3)
+    pngs = [_png(im) for im in imgs]
+    decoded = np.stack([codec.decode_png(b, "f", (1, 8, 8)) for b in pngs])
+    assert np.abs(decoded - imgs).max() <= 0.5 / 255 + 1e-7  # the PNG round trip is 8-bit exact
+    files = [("images", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)]
+    r = _post(server, "/v1/models/digits/log-likelihood", files=files, data={"seed": "5", "dt": "4"})
+    assert r.status_code == 200, r.text
+    want = _direct_log_prob(server, "digits", decoded, 5, dt=4)
+    np.testing.assert_allclose(r.json()["log_prob"], want, rtol=1e-6, atol=1e-6)
+    r2 = _post(server, "/v1/models/digits/log-likelihood", json={"x": decoded.tolist(), "seed": 5, "dt": 4})
+    assert r2.status_code == 200
+    np.testing.assert_allclose(r2.json()["log_prob"], r.json()["log_prob"], rtol=1e-12)
+
+
+@pytest.mark.ray
+def test_sample_matches_direct_call_and_png_grid(server):
+    model, cfg, recipe = server["direct"]["points"]
+    r = _post(server, "/v1/models/points/sample", json={"n": 5, "seed": 3, "sampler": "ddim", "dt": 4})
+    assert r.status_code == 200, r.text
+    want, nfe = recipe.sample(model, 5, cfg, torch.Generator().manual_seed(3), sampler="ddim", dt=4)
+    np.testing.assert_allclose(r.json()["samples"], want.numpy(), rtol=1e-5, atol=1e-6)
+    assert r.json()["nfe"] == nfe == 5 and r.json()["seed"] == 3
+    r = _post(server, "/v1/models/points/sample", json={"n": 2})  # no seed: the server picks and reports one
+    again = _post(server, "/v1/models/points/sample", json={"n": 2, "seed": r.json()["seed"]})
+    assert again.json()["samples"] == r.json()["samples"]
+
+    model, cfg, recipe = server["direct"]["digits"]
+    r = _post(server, "/v1/models/digits/sample", json={"n": 4, "seed": 9, "dt": 5, "format": "png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    got = np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.float64)
+    x, _ = recipe.sample(model, 4, cfg, torch.Generator().manual_seed(9), dt=5)
+    ref = np.asarray(Image.open(io.BytesIO(codec.png_grid(x.numpy()))), dtype=np.float64)
+    assert got.shape == ref.shape == (19, 19)  # 2x2 grid of 8x8 with 1-pixel padding
+    assert np.abs(got - ref).max() <= 1.0  # same samples up to 8-bit rounding
+
+
+@pytest.mark.ray
+def test_encode_decode_and_flow_log_likelihood_match_direct_call(server):
+    model, cfg, recipe = server["direct"]["flow"]
+    x = _digits(4, seed=1)
+    r = _post(server, "/v1/models/flow/encode", json={"x": x.tolist()})
+    assert r.status_code == 200, r.text
+    z_want = recipe.encode(model, torch.as_tensor(x), cfg).numpy()
+    np.testing.assert_allclose(r.json()["z"], z_want, rtol=1e-5, atol=1e-5)
+    r = _post(server, "/v1/models/flow/decode", json={"z": z_want.tolist()})
+    assert r.status_code == 200, r.text
+    with torch.no_grad():
+        x_want = recipe.decode(model, torch.as_tensor(z_want), cfg).numpy()
+    np.testing.assert_allclose(r.json()["x"], x_want, rtol=1e-5, atol=1e-5)
+    r = _post(server, "/v1/models/flow/log-likelihood", json={"x": x.tolist(), "seed": 2})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["log_prob"], _direct_log_prob(server, "flow", x, 2), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.ray
+def test_gridvae_encode_sample_decode_match_direct_call(server):
+    model, cfg, recipe = server["direct"]["gridvae"]
+    from raymanifold import data as rdata
+    x = rdata.load("shapes", "test", n=3, image_size=16).x.numpy()
+    r = _post(server, "/v1/models/gridvae/encode", files=[("images", (f"{i}.png", _png(im), "image/png"))
+                                                           for i, im in enumerate(x)])
+    assert r.status_code == 200, r.text
+    xq = np.stack([codec.decode_png(_png(im), "f", (3, 16, 16)) for im in x])
+    np.testing.assert_allclose(r.json()["z"], recipe.encode(model, torch.as_tensor(xq), cfg).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    r = _post(server, "/v1/models/gridvae/sample", json={"n": 3, "seed": 7})
+    want, _ = recipe.sample(model, 3, cfg, torch.Generator().manual_seed(7))
+    np.testing.assert_allclose(r.json()["samples"], want.numpy(), rtol=1e-5, atol=1e-6)
+    assert "nfe" not in r.json()  # only diffusion's second return value is a number of network evaluations
+    z = [[0.0, 1.0], [2.0, -1.0]]
+    r = _post(server, "/v1/models/gridvae/decode", json={"z": z, "format": "png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    got = np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.float64)
+    ref = np.asarray(Image.open(io.BytesIO(codec.png_grid(recipe.decode(model, torch.tensor(z), cfg).numpy()))),
+                     dtype=np.float64)
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- bad input
+def _bad_cases():
+    J = {"content-type": "application/json"}
+    pts = "/v1/models/points/log-likelihood"
+    img = "/v1/models/digits/log-likelihood"
+    good_png = _png(_digits(1)[0])
+    big_png = _png(np.zeros((1, 16, 16), np.float32))
+    rgb = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(rgb, format="PNG")
+    jpg = io.BytesIO()
+    Image.new("L", (8, 8)).save(jpg, format="JPEG")
+    return [
+        # (path, request kwargs, status, field)
+        ("/v1/models/nope/log-likelihood", {"json": {"x": [[0, 0]]}}, 404, "name"),
+        ("/v1/models/points/encode", {"json": {"x": [[0, 0]]}}, 404, "name"),
+        (pts, {"json": {"x": [[1, 2, 3]]}}, 422, "x"),
+        (pts, {"json": {"x": [1, 2]}}, 422, "x"),
+        (img, {"json": {"x": np.zeros((1, 3, 8, 8)).tolist()}}, 422, "x"),
+        (img, {"json": {"x": np.zeros((1, 1, 16, 16)).tolist()}}, 422, "x"),
+        (pts, {"data": '{"x": [[NaN, 0]]}', "headers": J}, 422, "x"),
+        (pts, {"data": '{"x": [[1e999, 0]]}', "headers": J}, 422, "x"),
+        (pts, {"json": {"x": [[1e6, 0]]}}, 422, "x"),
+        (img, {"json": {"x": np.full((1, 1, 8, 8), 1.5).tolist()}}, 422, "x"),
+        (img, {"json": {"x": np.full((1, 1, 8, 8), -0.2).tolist()}}, 422, "x"),
+        (pts, {"json": {"x": [[0, 0]] * 65}}, 413, "x"),
+        (pts, {"data": b'{"x": [' + b"[0.0, 0.0]," * 30000 + b"[0, 0]]}", "headers": J}, 413, "body"),
+        (pts, {"data": b"{not json", "headers": J}, 400, "body"),
+        (pts, {"data": b"\xff\xfe\x00", "headers": J}, 400, "body"),
+        (pts, {"json": [[0, 0]]}, 422, "body"),
+        (pts, {"data": b"x=1", "headers": {"content-type": "text/plain"}}, 415, "content-type"),
+        (pts, {"json": {}}, 422, "x"),
+        (pts, {"json": {"x": []}}, 422, "x"),
+        (pts, {"json": {"x": [[0, 0], [1]]}}, 422, "x"),
+        (pts, {"json": {"x": [["a", "b"]]}}, 422, "x"),
+        (pts, {"json": {"x": [[True, False]]}}, 422, "x"),
+        (pts, {"json": {"x": [[None, 0]]}}, 422, "x"),
+        (pts, {"json": {"x": [[0, 0]], "dt": 0}}, 422, "dt"),
+        (pts, {"json": {"x": [[0, 0]], "dt": 21}}, 422, "dt"),
+        (pts, {"json": {"x": [[0, 0]], "dt": "2"}}, 422, "dt"),
+        (pts, {"json": {"x": [[0, 0]], "dt": 1.5}}, 422, "dt"),
+        (pts, {"json": {"x": [[0, 0]], "dt": True}}, 422, "dt"),
+        (pts, {"json": {"x": [[0, 0]], "rounds": 9}}, 422, "rounds"),
+        (pts, {"json": {"x": [[0, 0]], "rounds": 0}}, 422, "rounds"),
+        (pts, {"json": {"x": [[0, 0]], "estimator": "exact"}}, 422, "estimator"),
+        (pts, {"json": {"x": [[0, 0]], "estimator": "mc", "K": 20}}, 422, "K"),
+        (pts, {"json": {"x": [[0, 0]], "foo": 1}}, 422, "foo"),
+        (pts, {"json": {"x": [[0, 0]], "seed": -1}}, 422, "seed"),
+        (pts, {"json": {"x": [[0, 0]], "seed": "abc"}}, 422, "seed"),
+        ("/v1/models/points/sample", {"json": {"n": 4, "sampler": "euler"}}, 422, "sampler"),
+        ("/v1/models/points/sample", {"json": {"sampler": "ddpm"}}, 422, "n"),
+        ("/v1/models/points/sample", {"json": {"n": 0}}, 422, "n"),
+        ("/v1/models/points/sample", {"json": {"n": 33}}, 413, "n"),
+        ("/v1/models/points/sample", {"json": {"n": 2.5}}, 422, "n"),
+        ("/v1/models/points/sample", {"json": {"n": 2, "format": "png"}}, 422, "format"),
+        ("/v1/models/digits/sample", {"json": {"n": 2, "format": "gif"}}, 422, "format"),
+        ("/v1/models/points/sample", {"json": {"n": 2, "eta": -1.0}}, 422, "eta"),
+        ("/v1/models/flow/decode", {"json": {"z": [[0.0] * 31]}}, 422, "z"),
+        ("/v1/models/flow/decode", {"json": {"z": [[0.0] * 32], "seed": 1}}, 422, "seed"),
+        ("/v1/models/flow/encode", {"json": {"x": np.zeros((1, 1, 8, 7)).tolist()}}, 422, "x"),
+        (img, {"files": [("images", ("a.png", big_png, "image/png"))]}, 422, "images[0]"),
+        (img, {"files": [("images", ("a.png", rgb.getvalue(), "image/png"))]}, 422, "images[0]"),
+        (img, {"files": [("images", ("a.jpg", jpg.getvalue(), "image/jpeg"))]}, 415, "images[0]"),
+        (img, {"files": [("images", ("a.png", good_png, "image/png")), ("images", ("b.png", b"garbage", "x"))]},
+         422, "images[1]"),
+        (img, {"files": [("other", ("a.png", good_png, "image/png"))]}, 422, "other"),
+        (img, {"files": [("images", ("a.png", good_png, "image/png"))], "data": {"dt": "zero"}}, 422, "dt"),
+        (img, {"data": {"dt": "2"}, "files": [("meta", ("m.txt", b"", "text/plain"))]}, 422, "meta"),
+        (img, {"files": [("images", (f"{i}.png", good_png, "image/png")) for i in range(65)]}, 413, "images"),
+        (pts, {"files": [("images", ("a.png", good_png, "image/png"))]}, 422, "images"),
+        (img, {"data": b"--xx\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=xx"}},
+         422, "images"),
+    ]
+
+
+def _pids():
+    return {n: _handle(n).pid.remote().result(timeout_s=60) for n in CONFIGS}
+
+
+@pytest.mark.ray
+def test_bad_inputs_get_4xx_naming_the_field_and_replicas_survive(server):
+    pids = _pids()
+    cases = _bad_cases()
+    wrong = []
+    for path, kw, status, field in cases:
+        r = _post(server, path, **kw)
+        detail = r.json().get("detail", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != status or detail.get("field") != field or not detail["message"].startswith(field):
+            wrong.append((path, str(kw)[:80], r.status_code, r.text[:200]))
+    assert not wrong, wrong
+    print(f"\nbad-input table: {len(cases)} malformed requests, all 4xx with the field named")
+    assert requests.get(server["url"] + "/healthz", timeout=60).status_code == 200
+    assert _pids() == pids  # no replica died or restarted
+    ok = _post(server, "/v1/models/points/log-likelihood", json={"x": [[0.0, 0.0]], "seed": 1})
+    assert ok.status_code == 200
+
+
+def _fuzz_value(rng: random.Random, depth=0):
+    kind = rng.randrange(9)
+    if kind == 0 or depth > 3:
+        return rng.choice([None, True, "x", "", -1, 0, 1e308, -1e-300, 2 ** 70, float("nan")])
+    if kind == 1:
+        return rng.uniform(-1e3, 1e3)
+    if kind == 2:
+        return [_fuzz_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if kind == 3:
+        return {rng.choice(["x", "z", "n", "dt", "seed", "format", "a"]): _fuzz_value(rng, depth + 1)}
+    return [[rng.uniform(-5, 5) for _ in range(rng.choice([1, 2, 3]))] for _ in range(rng.randrange(0, 4))]
+
+
+@pytest.mark.ray
+def test_fuzzed_requests_never_give_5xx(server):
+    rng = random.Random(0)
+    paths = [f"/v1/models/{m}/{op}" for m in ("points", "digits", "flow", "nope")
+             for op in ("log-likelihood", "sample", "encode", "decode")]
+    pids, codes = _pids(), []
+    for _ in range(150):
+        path = rng.choice(paths)
+        style = rng.randrange(4)
+        if style == 0:
+            body = {k: _fuzz_value(rng) for k in rng.sample(["x", "z", "n", "dt", "rounds", "seed", "sampler",
+                                                              "format", "estimator", "zz"], rng.randrange(1, 4))}
+            kw = {"data": json.dumps(body, allow_nan=True), "headers": {"content-type": "application/json"}}
+        elif style == 1:
+            kw = {"data": bytes(rng.randrange(256) for _ in range(rng.randrange(64))),
+                  "headers": {"content-type": rng.choice(["application/json", "multipart/form-data; boundary=b",
+                                                          "application/octet-stream"])}}
+        elif style == 2:
+            kw = {"files": [("images", ("f.png", bytes(rng.randrange(256) for _ in range(rng.randrange(100))),
+                                        "image/png"))], "data": {"dt": str(rng.randrange(-3, 30))}}
+        else:
+            kw = {"json": {"x": _fuzz_value(rng), "n": rng.randrange(-2, 40), "dt": rng.randrange(-2, 25)}}
+        codes.append(_post(server, path, **kw).status_code)
+    assert all(c < 500 for c in codes), sorted(set(codes))
+    assert sum(400 <= c < 500 for c in codes) > 100  # the fuzz is mostly malformed
+    print(f"\nfuzz: {len(codes)} requests, {sum(400 <= c < 500 for c in codes)} 4xx, "
+          f"{sum(c == 200 for c in codes)} 200, 0 5xx")
+    assert _pids() == pids and requests.get(server["url"] + "/healthz", timeout=60).status_code == 200
+
+
+# ----------------------------------------------------------------------------- concurrency
+@pytest.mark.ray
+def test_concurrent_burst_returns_every_response_to_its_caller(server):
+    """36 concurrent requests: seeded (exact), unseeded pooled log-likelihoods (marker points), pooled encodes."""
+    markers = np.array([[4.0, 0.0], [6.0, 0.0], [8.0, 0.0]], dtype=np.float32)
+    ref = np.stack([_direct_log_prob(server, "points", markers, s, dt=5) for s in range(20)])
+    ref_mean = ref.mean(0)
+    assert np.all(np.diff(ref_mean) < -10 * ref.std(0)[:-1])  # markers are far apart relative to the noise
+    model, cfg, recipe = server["direct"]["flow"]
+    rng = np.random.default_rng(0)
+    jobs = []
+    for i in range(12):
+        x = rng.normal(0, 1, (1 + i % 3, 2)).astype(np.float32)
+        jobs.append(("seeded", x, i))
+        jobs.append(("pooled", int(i % 3), 1 + i % 4))
+        jobs.append(("encode", rng.uniform(0, 1, (1 + i % 2, 1, 8, 8)).astype(np.float32), None))
+
+    def call(job):
+        kind, a, b = job
+        if kind == "seeded":
+            return _post(server, "/v1/models/points/log-likelihood", json={"x": a.tolist(), "seed": b, "dt": 5})
+        if kind == "pooled":
+            return _post(server, "/v1/models/points/log-likelihood",
+                         json={"x": [markers[a].tolist()] * b, "dt": 5, "rounds": 2})
+        return _post(server, "/v1/models/flow/encode", json={"x": a.tolist()})
+
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(call, jobs))
+    assert [r.status_code for r in responses] == [200] * len(jobs)
+    pooled_sizes = []
+    for (kind, a, b), r in zip(jobs, responses):
+        body = r.json()
+        if kind == "seeded":
+            np.testing.assert_allclose(body["log_prob"], _direct_log_prob(server, "points", a, b, dt=5),
+                                       rtol=1e-6, atol=1e-6)
+        elif kind == "pooled":
+            assert body["shape"] == [b] and body["seed"] is None
+            nearest = np.abs(np.asarray(body["log_prob"])[:, None] - ref_mean[None]).argmin(1)
+            assert (nearest == a).all(), (a, body["log_prob"], ref_mean)
+            pooled_sizes.append(body["batch"]["requests"])
+        else:
+            np.testing.assert_allclose(body["z"], recipe.encode(model, torch.as_tensor(a), cfg).numpy(),
+                                       rtol=1e-5, atol=1e-5)
+            pooled_sizes.append(body["batch"]["requests"])
+    assert max(pooled_sizes) > 1  # @serve.batch did pool concurrent requests
+
+
+# ----------------------------------------------------------------------------- health
+@pytest.mark.ray
+def test_check_health_replaces_a_broken_replica(server):
+    x = [[0.3, 0.1]]
+    before = _post(server, "/v1/models/points/log-likelihood", json={"x": x, "seed": 4}).json()["log_prob"]
+    old_pid = _handle("points").pid.remote().result(timeout_s=60)
+    _handle("points").poison.remote().result(timeout_s=60)
+    broken = _post(server, "/v1/models/points/log-likelihood", json={"x": x, "seed": 4})
+    assert broken.status_code in (200, 503) and broken.json().get("log_prob", [None]) == [None]  # NaN -> null
+    deadline = time.time() + 120
+    new_pid = old_pid
+    while time.time() < deadline:
+        try:
+            new_pid = _handle("points").pid.remote().result(timeout_s=10)
+        except Exception:
+            new_pid = old_pid
+        if new_pid != old_pid and requests.get(server["url"] + "/healthz", timeout=30).status_code == 200:
+            break
+        time.sleep(1.0)
+    assert new_pid != old_pid, "the controller did not replace the replica that failed check_health"
+    after = _post(server, "/v1/models/points/log-likelihood", json={"x": x, "seed": 4})
+    assert after.status_code == 200 and after.json()["log_prob"] == before
