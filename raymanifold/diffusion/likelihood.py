@@ -39,7 +39,6 @@ from typing import Sequence
 import torch
 
 from raymanifold.diffusion.process import _bcast, backward_kernel, gaussian_log_prob, predict_x0, q_jump
-from raymanifold.diffusion.schedules import snr
 
 DECODERS = ("gaussian", "discretized")
 
@@ -187,40 +186,64 @@ def step_terms(model, x0: torch.Tensor, alpha_bar: torch.Tensor, steps: torch.Te
     ``steps``: LongTensor (B, m, 2) of (s, t) pairs per example (s < t). For
     s > 0 the term is KL(q(x_s | x_t, x_0) || p_theta(x_s | x_t))
     = 1/2 (SNR(s) - SNR(t)) ||x_0 - x0_hat(x_t)||^2; for s = 0 it is the decoder
-    NLL -log p_theta(x_0 | x_t). Network calls are batched over examples and
-    steps (at most ``max_batch`` inputs per call). Returns (B, m) nats, float64.
+    NLL -log p_theta(x_0 | x_t). When every example has the same steps (a plan),
+    the network is called once per step with one t for the whole batch; otherwise
+    calls are batched over examples and steps. At most ``max_batch`` inputs per
+    call. Returns (B, m) nats, float64.
     """
-    from raymanifold.diffusion.process import backward_variance
-
     x = x0.to(torch.float64)
     B, m = steps.shape[:2]
     ab = alpha_bar.to(torch.float64)
-    s_all = steps[..., 0].reshape(-1).cpu()
-    t_all = steps[..., 1].reshape(-1).cpu()
-    if bool((s_all >= t_all).any()) or bool((s_all < 0).any()) or bool((t_all >= len(ab)).any()):
+    steps = steps.cpu()
+    if bool((steps[..., 0] >= steps[..., 1]).any()) or bool((steps < 0).any()) or \
+            bool((steps[..., 1] >= len(ab)).any()):
         raise ValueError("steps: need 0 <= s < t <= T for every (s, t) pair")
+    out = torch.empty(m, B, dtype=torch.float64)
+    if B > 0 and bool((steps == steps[:1]).all()):
+        # one plan for every example: one network call per step with a single t (step-major order)
+        chunk = max(1, max_batch)
+        for k in range(m):
+            s, t = int(steps[0, k, 0]), int(steps[0, k, 1])
+            for i in range(0, B, chunk):
+                sl = slice(i, min(i + chunk, B))
+                n = sl.stop - sl.start
+                out[k, sl] = _terms_chunk(model, x[sl], torch.full((n,), s), torch.full((n,), t), ab, alpha_bar,
+                                          generator, clip, last_step_var, decoder, levels)
+        return out.t().contiguous().to(x.device)
+    # per-example steps (Monte Carlo over steps): flatten example-major and batch across steps
     xr = x.unsqueeze(1).expand(B, m, *x.shape[1:]).reshape(B * m, *x.shape[1:])
-    out = torch.empty(B * m, dtype=torch.float64)
+    s_all, t_all = steps[..., 0].reshape(-1), steps[..., 1].reshape(-1)
+    flat = torch.empty(B * m, dtype=torch.float64)
     for i in range(0, B * m, max_batch):
         sl = slice(i, min(i + max_batch, B * m))
-        x0c, s, t = xr[sl], s_all[sl], t_all[sl]
-        ab_t, ab_s = ab[t], ab[s]
-        noise = torch.randn(x0c.shape, generator=generator, dtype=torch.float64).to(x.device)
-        x_t = _bcast(ab_t.sqrt(), x0c) * x0c + _bcast((1 - ab_t).sqrt(), x0c) * noise
-        eps = _eps_batched(model, x_t, t.to(x.device))
-        x0_hat = predict_x0(x_t, eps, ab_t.to(x.device), clip)
-        sq = ((x0c - x0_hat) ** 2).reshape(x0c.shape[0], -1).sum(1).cpu()
-        snr_s = torch.where(s > 0, ab_s / (1 - ab_s).clamp(min=1e-300), torch.zeros_like(ab_s))
-        kl = 0.5 * (snr_s - ab_t / (1 - ab_t)) * sq
-        last = s == 0
-        if bool(last.any()):
-            idx = last.nonzero().squeeze(1)
-            var = torch.tensor([backward_variance(alpha_bar, 0, int(tt), last_step_var) for tt in t[idx]],
-                               dtype=torch.float64).to(x.device)
-            # s = 0: Eq. 19 mean is x0_hat (c_x0 = 1, c_xt = 0)
-            kl[idx] = -decoder_log_prob(x0c[idx.to(x.device)], x0_hat[idx.to(x.device)], var, decoder, levels).cpu()
-        out[sl] = kl
-    return out.reshape(B, m).to(x.device)
+        flat[sl] = _terms_chunk(model, xr[sl], s_all[sl], t_all[sl], ab, alpha_bar, generator, clip,
+                                last_step_var, decoder, levels)
+    return flat.reshape(B, m).to(x.device)
+
+
+def _terms_chunk(model, x0c, s, t, ab, alpha_bar, generator, clip, last_step_var, decoder, levels):
+    """Step terms (n,) for model-space x0c (n, ...) and per-row times s, t (CPU LongTensors)."""
+    from raymanifold.diffusion.process import backward_variance
+
+    dev = x0c.device
+    ab_t, ab_s = ab[t], ab[s]
+    noise = torch.randn(x0c.shape, generator=generator, dtype=torch.float64).to(dev)
+    x_t = _bcast(ab_t.sqrt(), x0c) * x0c + _bcast((1 - ab_t).sqrt(), x0c) * noise
+    eps = _eps_batched(model, x_t, t.to(dev))
+    x0_hat = predict_x0(x_t, eps, ab_t.to(dev), clip)
+    sq = ((x0c - x0_hat) ** 2).reshape(x0c.shape[0], -1).sum(1).cpu()
+    snr_s = torch.where(s > 0, ab_s / (1 - ab_s).clamp(min=1e-300), torch.zeros_like(ab_s))
+    kl = 0.5 * (snr_s - ab_t / (1 - ab_t)) * sq
+    last = s == 0
+    if bool(last.any()):
+        idx = last.nonzero().squeeze(1)
+        var = torch.tensor([backward_variance(alpha_bar, 0, int(tt), last_step_var) for tt in t[idx].unique()],
+                           dtype=torch.float64)
+        var = var[torch.searchsorted(t[idx].unique(), t[idx])].to(dev)
+        # s = 0: the Eq. 19 mean is x0_hat (c_x0 = 1, c_xt = 0)
+        di = idx.to(dev)
+        kl[idx] = -decoder_log_prob(x0c[di], x0_hat[di], var, decoder, levels).cpu()
+    return kl
 
 
 def plan_steps(timesteps: Sequence[int]) -> torch.Tensor:
@@ -280,9 +303,3 @@ def nll_mc_steps(model, x0: torch.Tensor, alpha_bar: torch.Tensor, K: int, gener
     terms = step_terms(model, x0, alpha_bar, pairs, generator, **kw)
     w = (1.0 / (K * q[j])).to(terms.device)
     return prior_kl(x0, alpha_bar[ts[-1]]).to(terms.device) + terms[:, 0] + (w * terms[:, 1:]).sum(1)
-
-
-def analytic_step_kl(alpha_bar: torch.Tensor, s: int, t: int, mse: float) -> float:
-    """1/2 (SNR(s) - SNR(t)) * mse: the Def. 2.1 step KL for a given E||x_0 - x0_hat||^2 (s > 0)."""
-    r = snr(alpha_bar.to(torch.float64))
-    return 0.5 * float(r[s] - r[t]) * mse

@@ -13,7 +13,6 @@ is digits padded to 16x16, a compact U-Net and T = 1000.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
