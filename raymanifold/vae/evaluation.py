@@ -1,0 +1,154 @@
+"""Measured clustering / disentanglement of a trained GridVAE (used by ``evaluate`` and the studies).
+
+:func:`evaluate_model` encodes the train and test splits to posterior means
+and returns scalar ``metrics`` plus the ``arrays`` the figures need:
+
+* always: test reconstruction and KL (nats per example);
+* data sets with ``digit1``/``digit2``/``pair`` labels (``two_digit``):
+  grid cells = R(mu) (round, clamp to the grid); ``cluster_accuracy`` maps
+  cells to the 36 pairs one-to-one by a Hungarian matching fitted on the
+  train split and scores the test split (``train_cluster_accuracy``: the
+  same map scored on train); ``per_dim_accuracy``: each latent
+  dimension's rounded value is mapped to digits 0-5 the same way, dimensions
+  are assigned to digit positions by a second Hungarian matching on the
+  train split, and ``dim<i>_accuracy`` is dimension i's test accuracy for
+  its position (``per_dim_accuracy_min`` the worst of them);
+* data sets with ``factor_names`` (``shapes``): MIG and DCI of the test
+  means against the ground-truth factors (DCI classifiers fitted on train);
+  for guided models ``acc_<label>``, the test accuracy of R(mu_j) - grid_min_j
+  as a prediction of guided label j; for every factor the normalised mutual
+  information captured by the guided and by the unguided dimensions
+  (``nmi_free_<factor>``), which shows what happens to factors left out of
+  partial guidance.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from raymanifold.analysis import disentanglement as dis
+
+
+@torch.no_grad()
+def encode_split(model, ds, cfg, n: int, batch: int = 512):
+    """(mu (N, n) float64 numpy, labels (N, L) numpy or None, recon nats (N,), kl nats (N,)) for the first n examples."""
+    from raymanifold.vae.recipe import kl_per_example, recon_nats
+
+    p = next(model.parameters())
+    model.eval()
+    n = min(n, len(ds))
+    mus, recs, kls = [], [], []
+    for s in range(0, n, batch):
+        x = ds.x[s:min(n, s + batch)].to(p.device, p.dtype)
+        y = ds.y[s:min(n, s + batch)].to(p.device) if ds.y is not None else None
+        logits, mu, logvar, z = model(x)
+        mus.append(mu.double().cpu())
+        recs.append(recon_nats(logits, x).double().cpu())
+        yk = y if cfg.model.guidance != "none" else None
+        if cfg.model.prior == "grid_mixture":  # Eq. 25 needs a sample; use one draw per example
+            g = torch.Generator().manual_seed(s)
+            eps = torch.randn(mu.shape, generator=g).to(mu)
+            z = mu + (0.5 * logvar).exp() * eps
+        kls.append(kl_per_example(cfg, mu, logvar, z, yk).double().cpu())
+    y = ds.y[:n].numpy() if ds.y is not None else None
+    return torch.cat(mus).numpy(), y, torch.cat(recs).numpy(), torch.cat(kls).numpy()
+
+
+def grid_cells(mu: np.ndarray, cfg) -> np.ndarray:
+    """(N, n) integer grid coordinates R(mu) - grid_min (round, clamp to the grid)."""
+    lo, hi = (np.array(b, dtype=np.float64) for b in cfg.model.grid_bounds())
+    return (np.clip(np.round(mu), lo, hi) - lo).astype(np.int64)
+
+
+def cell_ids(cells: np.ndarray, cfg) -> np.ndarray:
+    lo, hi = (np.array(b) for b in cfg.model.grid_bounds())
+    return np.ravel_multi_index(tuple(cells.T), tuple(hi - lo + 1))
+
+
+def two_digit_metrics(mu_tr, y_tr, mu_te, y_te, names, cfg) -> dict:
+    c_tr, c_te = grid_cells(mu_tr, cfg), grid_cells(mu_te, cfg)
+    pair = names.index("pair")
+    out = {}
+    out["cluster_accuracy"], _ = dis.cluster_accuracy(cell_ids(c_tr, cfg), y_tr[:, pair], cell_ids(c_te, cfg),
+                                                       y_te[:, pair])
+    out["train_cluster_accuracy"], _ = dis.cluster_accuracy(cell_ids(c_tr, cfg), y_tr[:, pair], cell_ids(c_tr, cfg),
+                                                             y_tr[:, pair])
+    positions = [names.index("digit1"), names.index("digit2")]
+    n = mu_tr.shape[1]
+    train_acc = np.zeros((n, 2))
+    test_acc = np.zeros((n, 2))
+    for d in range(n):
+        for j, col in enumerate(positions):
+            train_acc[d, j], mapping = dis.cluster_accuracy(c_tr[:, d], y_tr[:, col], c_tr[:, d], y_tr[:, col])
+            test_acc[d, j] = float((dis.apply_mapping(c_te[:, d], mapping) == y_te[:, col]).mean())
+    from scipy.optimize import linear_sum_assignment
+
+    dims, pos = linear_sum_assignment(train_acc, maximize=True)
+    accs = []
+    for d, j in zip(dims, pos):
+        out[f"dim{d + 1}_accuracy"] = float(test_acc[d, j])
+        out[f"dim{d + 1}_digit_position"] = int(j + 1)
+        accs.append(test_acc[d, j])
+    out["per_dim_accuracy_min"] = float(min(accs))
+    out["per_dim_accuracy_mean"] = float(np.mean(accs))
+    return out
+
+
+def factor_metrics(mu_tr, y_tr, mu_te, y_te, names, factor_names, cfg, dci_points: int = 2000) -> dict:
+    cols = [names.index(f) for f in factor_names]
+    f_tr, f_te = y_tr[:, cols], y_te[:, cols]
+    out = {}
+    m = dis.mig(mu_te, f_te)
+    out["mig"] = m["mig"]
+    for f, v in zip(factor_names, m["mig_per_factor"]):
+        out[f"mig_{f}"] = float(v)
+    d = dis.dci(mu_tr[:dci_points], f_tr[:dci_points], mu_te[:dci_points], f_te[:dci_points], seed=cfg.train.seed)
+    out["dci_disentanglement"] = d["disentanglement"]
+    out["dci_completeness"] = d["completeness"]
+    out["dci_informativeness"] = d["informativeness"]
+    k = len(cfg.model.guided_labels)
+    mi, h = m["mi"], m["entropy"]
+    for i, f in enumerate(factor_names):
+        if h[i] > 0:
+            if k:
+                out[f"nmi_guided_{f}"] = float(mi[:k, i].max() / h[i])
+            if k < mu_te.shape[1]:
+                out[f"nmi_free_{f}"] = float(mi[k:, i].max() / h[i])
+    return out, m, d
+
+
+def guided_metrics(mu_te, y_te, names, cfg) -> dict:
+    cells = grid_cells(mu_te, cfg)
+    out = {}
+    accs = []
+    for j, label in enumerate(cfg.model.guided_labels):
+        acc = float((cells[:, j] == y_te[:, names.index(label)]).mean())
+        out[f"acc_{label}"] = acc
+        accs.append(acc)
+    out["guided_accuracy_mean"] = float(np.mean(accs))
+    return out
+
+
+def evaluate_model(model, cfg, *, train_ds=None, test_ds=None) -> dict:
+    """``{"metrics": {name: float}, "arrays": {...}}`` for a trained model (see module doc)."""
+    from raymanifold import data as rdata
+
+    n = cfg.model.eval_points
+    train_ds = train_ds if train_ds is not None else rdata.load_split(cfg.data, "train")
+    test_ds = test_ds if test_ds is not None else rdata.load_split(cfg.data, "test")
+    mu_tr, y_tr, _, _ = encode_split(model, train_ds, cfg, n)
+    mu_te, y_te, rec, kl = encode_split(model, test_ds, cfg, n)
+    metrics = {"test_recon_nats": float(rec.mean()), "test_kl_nats": float(kl.mean()),
+               "test_loss_nats": float((rec + kl).mean())}
+    arrays = {"mu_train": mu_tr, "mu_test": mu_te, "y_train": y_tr, "y_test": y_te}
+    names = list(test_ds.info.get("label_names", ()))
+    if y_te is not None and {"digit1", "digit2", "pair"} <= set(names) and cfg.model.prior != "normal":
+        metrics.update(two_digit_metrics(mu_tr, y_tr, mu_te, y_te, names, cfg))
+    factors = list(test_ds.info.get("factor_names", ()))
+    if y_te is not None and factors and mu_te.shape[1] >= 2:
+        fm, mig, dci = factor_metrics(mu_tr, y_tr, mu_te, y_te, names, factors, cfg)
+        metrics.update(fm)
+        arrays["mi"], arrays["entropy"], arrays["importance"] = mig["mi"], mig["entropy"], dci["importance"]
+    if y_te is not None and cfg.model.guidance != "none":
+        metrics.update(guided_metrics(mu_te, y_te, names, cfg))
+    return {"metrics": metrics, "arrays": arrays}

@@ -1,0 +1,97 @@
+"""The GridVAE network: a 4-block ResNet-style encoder and its mirror decoder (Sec. 4.1.2).
+
+Encoder: 3x3 stem conv, then four residual blocks with widths
+(c, 2c, 4c, 4c) and strides (1, 2, 2, 1), flatten, one linear layer to
+(mu, log sigma^2) of the n-dimensional Gaussian posterior q(z|x).
+Decoder (mirror): linear to (4c, H/4, W/4), residual blocks (4c, 4c),
+x2 nearest upsampling + block (2c), x2 upsampling + block (c), 3x3 conv to
+Bernoulli logits of p(x|z). Image height and width must be divisible by 4.
+
+``forward(x, eps)`` returns ``(logits, mu, logvar, z)`` with the
+reparameterised ``z = mu + exp(logvar / 2) * eps`` (``eps=None``: z = mu), so
+losses run through ``forward`` (DDP synchronises gradients only there) and
+the noise comes from the caller's generator.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torch.nn import functional as F
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, ch), ch)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: x + conv(act(norm(conv(act(norm(x)))))), optional stride 2 / x2 upsample."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, upsample: bool = False):
+        super().__init__()
+        self.upsample = upsample
+        self.n1, self.c1 = _norm(cin), nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+        self.n2, self.c2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Identity() if (cin == cout and stride == 1) else nn.Conv2d(cin, cout, 1, stride=stride)
+
+    def forward(self, x):
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        h = self.c1(F.silu(self.n1(x)))
+        h = self.c2(F.silu(self.n2(h)))
+        return self.skip(x) + h
+
+
+class Encoder(nn.Module):
+    def __init__(self, in_ch: int, height: int, width: int, latent_dim: int, width_mult: int):
+        super().__init__()
+        c = width_mult
+        self.stem = nn.Conv2d(in_ch, c, 3, padding=1)
+        self.blocks = nn.Sequential(ResBlock(c, c), ResBlock(c, 2 * c, stride=2),
+                                    ResBlock(2 * c, 4 * c, stride=2), ResBlock(4 * c, 4 * c))
+        self.out = nn.Linear(4 * c * (height // 4) * (width // 4), 2 * latent_dim)
+
+    def forward(self, x):
+        h = F.silu(self.blocks(self.stem(x)))
+        mu, logvar = self.out(h.flatten(1)).chunk(2, dim=1)
+        return mu, logvar.clamp(-12.0, 8.0)
+
+
+class Decoder(nn.Module):
+    def __init__(self, out_ch: int, height: int, width: int, latent_dim: int, width_mult: int):
+        super().__init__()
+        c = width_mult
+        self.shape = (4 * c, height // 4, width // 4)
+        self.inp = nn.Linear(latent_dim, 4 * c * (height // 4) * (width // 4))
+        self.blocks = nn.Sequential(ResBlock(4 * c, 4 * c), ResBlock(4 * c, 2 * c, upsample=True),
+                                    ResBlock(2 * c, c, upsample=True), ResBlock(c, c))
+        self.out = nn.Conv2d(c, out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.inp(z).view(-1, *self.shape)
+        return self.out(F.silu(self.blocks(h)))
+
+
+class GridVAE(nn.Module):
+    """VAE with a Gaussian posterior; the prior (standard normal / grid) lives in the loss (see priors)."""
+
+    def __init__(self, image_shape: tuple, latent_dim: int, width: int = 32):
+        super().__init__()
+        ch, h, w = image_shape
+        if h % 4 or w % 4:
+            raise ValueError(f"image shape {tuple(image_shape)}: height and width must be divisible by 4")
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        self.encoder = Encoder(ch, h, w, latent_dim, width)
+        self.decoder = Decoder(ch, h, w, latent_dim, width)
+
+    def encode(self, x):
+        """(mu, logvar), each (B, n)."""
+        return self.encoder(x)
+
+    def decode(self, z):
+        """Bernoulli logits (B, C, H, W) of p(x|z)."""
+        return self.decoder(z)
+
+    def forward(self, x, eps=None):
+        mu, logvar = self.encoder(x)
+        z = mu if eps is None else mu + (0.5 * logvar).exp() * eps
+        return self.decoder(z), mu, logvar, z

@@ -1,0 +1,282 @@
+"""The ``gridvae`` family's recipe (see :mod:`raymanifold.recipes`), Sec. 4.1-4.2.
+
+Loss (Eq. 23), nats per example averaged over the batch::
+
+    L = -E_q log p(x|z) + beta_t * KL(q(z|x) || p(z))
+
+with a Bernoulli decoder on pixels in [0, 1] (binary cross-entropy summed
+over pixels) and one reparameterised sample z ~ q(z|x). ``model.prior``:
+
+* ``normal``: standard VAE, KL to N(0, I) in closed form;
+* ``grid_mixture``: the equal-weight grid mixture of Eq. 24 (centres at every
+  integer of [grid_min_i, grid_max_i] per dimension, std ``sigma0``), KL
+  estimated by the single-sample Monte Carlo estimate of Eq. 25;
+* ``nearest``: the Eq. 27 relaxation, KL to N(R(mu), sigma0^2 I) where R
+  rounds to the nearest integer and clamps to the grid.
+
+Guidance (Sec. 4.2.2, grid priors only): ``guided_labels`` names label
+columns of the data set (e.g. ``[shape, scale, x]`` for ``shapes``); label
+j's value v is the ground-truth centre ``grid_min_j + v`` of latent dimension
+j, replacing R(mu_j) (or the mixture) in that dimension, with the closed-form
+Eq. 27 KL. ``guidance: full`` guides every latent dimension
+(len(guided_labels) == latent_dim); ``partial`` guides the first
+len(guided_labels) dimensions and leaves the rest to the unsupervised prior.
+``beta_t`` ramps linearly from 0 to ``beta`` over ``kl_warmup`` steps.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from raymanifold.config import ConfigError, param
+from raymanifold.recipes import Recipe
+from raymanifold.vae import priors
+from raymanifold.vae.models import GridVAE
+
+PRIORS = ("normal", "grid_mixture", "nearest")
+GUIDANCE = ("none", "full", "partial")
+KL_ESTIMATES = ("sample", "batch")
+
+
+@dataclass(frozen=True)
+class GridVAEModelConfig:
+    latent_dim: int = param(2, lo=1, hi=4096, help="latent size n")
+    width: int = param(32, lo=4, hi=1024, help="base channel width c of the ResNet encoder/decoder")
+    prior: str = param("grid_mixture", choices=PRIORS,
+                       help="normal (standard VAE), grid_mixture (Eqs. 24-25) or nearest (Eq. 27)")
+    grid_min: tuple[int, ...] = param((-2,), help="lowest grid centre per latent dimension (one value: all)")
+    grid_max: tuple[int, ...] = param((3,), help="highest grid centre per latent dimension (one value: all)")
+    sigma0: float = param(1 / 3, lo=0.0, lo_open=True, hi=100.0, help="std of each grid component (Tune-sweepable)")
+    beta: float = param(1.0, lo=0.0, hi=1000.0, help="weight of the KL term")
+    kl_warmup: int = param(0, lo=0, help="steps of linear KL warm-up from 0 to beta (0 = off)")
+    kl_estimate: str = param("sample", choices=KL_ESTIMATES,
+                             help="grid_mixture only: 'sample' = log q(z|x) - log p(z) per example (ELBO); "
+                                  "'batch' = log q(z) - log p(z) with the aggregate posterior q(z) estimated "
+                                  "over the batch")
+    guidance: str = param("none", choices=GUIDANCE, help="none | full | partial (Sec. 4.2.2)")
+    guided_labels: tuple[str, ...] = param((), help="label columns guiding latent dims 0..m-1, in order")
+    eval_points: int = param(5000, lo=100, hi=1_000_000, help="examples encoded by evaluate()")
+
+    def validate(self):
+        n = self.latent_dim
+        for key in ("grid_min", "grid_max"):
+            v = getattr(self, key)
+            if len(v) not in (1, n):
+                raise ConfigError(f"model.{key}: has {len(v)} entries but model.latent_dim={n}; "
+                                  f"give one value (all dimensions) or exactly {n}")
+        lo, hi = self.grid_bounds()
+        for i, (a, b) in enumerate(zip(lo, hi)):
+            if a > b:
+                raise ConfigError(f"model.grid_max: entry {i} ({b}) is below model.grid_min ({a})")
+        if self.kl_estimate == "batch" and self.prior != "grid_mixture":
+            raise ConfigError(f"model.kl_estimate: 'batch' applies to prior 'grid_mixture' only, "
+                              f"got prior {self.prior!r}; use kl_estimate: sample")
+        m = len(self.guided_labels)
+        if len(set(self.guided_labels)) != m:
+            raise ConfigError(f"model.guided_labels: names must be distinct, got {list(self.guided_labels)}")
+        if self.guidance == "none" and m:
+            raise ConfigError("model.guided_labels: given but model.guidance is 'none'; "
+                              "set model.guidance to 'full' or 'partial' or remove the labels")
+        if self.guidance != "none":
+            if self.prior == "normal":
+                raise ConfigError("model.guidance: guidance needs a grid prior; set model.prior to "
+                                  "'grid_mixture' or 'nearest' (or model.guidance: none)")
+            if m == 0:
+                raise ConfigError(f"model.guided_labels: guidance {self.guidance!r} needs at least one label name")
+            if self.guidance == "full" and m != n:
+                raise ConfigError(f"model.guided_labels: guidance 'full' needs one label per latent dimension "
+                                  f"({n}), got {m}; use guidance 'partial' to guide a subset")
+            if self.guidance == "partial" and m >= n:
+                raise ConfigError(f"model.guided_labels: guidance 'partial' needs fewer labels ({m}) than "
+                                  f"model.latent_dim ({n}); use guidance 'full'")
+
+    def grid_bounds(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(grid_min, grid_max), each broadcast to ``latent_dim`` entries."""
+        n = self.latent_dim
+        lo = self.grid_min * n if len(self.grid_min) == 1 else self.grid_min
+        hi = self.grid_max * n if len(self.grid_max) == 1 else self.grid_max
+        return tuple(lo), tuple(hi)
+
+
+@functools.lru_cache(maxsize=32)
+def _data_spec(name: str, seed: int, root, image_size: int) -> dict:
+    from raymanifold import data as rdata
+
+    ds = rdata.load(name, "test", n=2, seed=seed, root=root, image_size=image_size)
+    info = ds.info
+    return {"kind": info.get("kind"), "shape": tuple(ds.x.shape[1:]), "has_labels": ds.y is not None,
+            "label_names": tuple(info.get("label_names", ())),
+            "label_cardinality": tuple(info.get("label_cardinality", ()))}
+
+
+def data_spec(cfg) -> dict:
+    """Image shape and label names/cardinalities of ``cfg.data`` (cached; loads 2 test examples)."""
+    d = cfg.data
+    return _data_spec(d.name, d.seed, d.root, d.image_size)
+
+
+def guided_columns(cfg) -> list[int]:
+    """Label column index of each guided latent dimension 0..m-1."""
+    names = data_spec(cfg)["label_names"]
+    return [names.index(n) for n in cfg.model.guided_labels]
+
+
+def validate(cfg):
+    from raymanifold import data as rdata
+
+    m = cfg.model
+    if rdata.kind_of(cfg.data.name) != "image":
+        raise ConfigError(f"data.name: gridvae needs an image data set, got {cfg.data.name!r}")
+    spec = data_spec(cfg)
+    shape = spec["shape"]
+    if len(shape) != 3 or shape[1] % 4 or shape[2] % 4:
+        raise ConfigError(f"data.image_size: gridvae needs (C, H, W) images with H and W divisible by 4; "
+                          f"{cfg.data.name!r} gives {shape}")
+    if m.guidance == "none":
+        return
+    if not spec["has_labels"] or not spec["label_names"]:
+        raise ConfigError(f"model.guidance: {m.guidance!r} needs guidance labels, but data set {cfg.data.name!r} "
+                          f"provides no named label columns; use model.guidance: none")
+    names, card = spec["label_names"], spec["label_cardinality"]
+    lo, hi = m.grid_bounds()
+    for j, name in enumerate(m.guided_labels):
+        if name not in names:
+            raise ConfigError(f"model.guided_labels: unknown attribute {name!r} for data set {cfg.data.name!r}; "
+                              f"allowed: {list(names)}")
+        k = card[names.index(name)] if card else None
+        if k is not None and lo[j] + k - 1 > hi[j]:
+            raise ConfigError(f"model.grid_max: latent dimension {j} is guided by {name!r} with {k} values, which "
+                              f"need centres {lo[j]}..{lo[j] + k - 1}, but the grid is [{lo[j]}, {hi[j]}]")
+
+
+def build(cfg) -> torch.nn.Module:
+    model = GridVAE(data_spec(cfg)["shape"], cfg.model.latent_dim, cfg.model.width)
+    # optimizer steps taken; drives the KL warm-up and is saved in checkpoints (DDP broadcasts buffers)
+    model.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
+    return model
+
+
+def _bounds(cfg, device, dtype):
+    lo, hi = cfg.model.grid_bounds()
+    return torch.tensor(lo, device=device, dtype=dtype), torch.tensor(hi, device=device, dtype=dtype)
+
+
+def guided_centres(cfg, y: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Ground-truth centres (B, m) = grid_min_j + label value for the guided dims (Sec. 4.2.2)."""
+    lo, _ = _bounds(cfg, y.device, dtype)
+    m = len(cfg.model.guided_labels)
+    return lo[:m] + y[:, guided_columns(cfg)].to(dtype)
+
+
+def kl_terms(cfg, mu, logvar, z, y=None) -> torch.Tensor:
+    """Per-dimension KL contributions (B, n) in nats for the configured prior and guidance."""
+    m = cfg.model
+    if m.prior == "normal":
+        return 0.5 * (mu ** 2 + logvar.exp() - 1.0 - logvar)
+    lo, hi = _bounds(cfg, mu.device, mu.dtype)
+    if m.prior == "nearest":
+        centre = priors.nearest_centre(mu, lo, hi)
+        free = priors.kl_nearest_centre_terms(mu, logvar, centre, m.sigma0)
+    else:
+        axes = priors.grid_axes(*m.grid_bounds())
+        free = priors.kl_grid_mixture_mc_terms(z, mu, logvar, axes, m.sigma0)
+    if m.guidance == "none":
+        return free
+    if y is None:
+        raise ConfigError(f"model.guidance: {m.guidance!r} needs labels, but the batch has none")
+    k = len(m.guided_labels)
+    guided = priors.kl_nearest_centre_terms(mu[:, :k], logvar[:, :k], guided_centres(cfg, y, mu.dtype), m.sigma0)
+    return torch.cat([guided, free[:, k:]], dim=1)
+
+
+def kl_per_example(cfg, mu, logvar, z, y=None) -> torch.Tensor:
+    """KL term of Eq. 23 per example, (B,) nats.
+
+    With ``kl_estimate: batch`` (grid mixture) the unguided dimensions use the
+    minibatch estimate of the aggregate posterior,
+    log q(z_i) ~= logsumexp_j log q(z_i | x_j) - log B, in place of
+    log q(z_i | x_i) (our reading of Sec. 4.1.1, "estimate the log probability of
+    the posterior using a large batch size"): this is KL(q(z) || p(z)) without
+    the mutual-information term I(x; z), so it is not an ELBO.
+    """
+    m = cfg.model
+    if m.kl_estimate != "batch":
+        return kl_terms(cfg, mu, logvar, z, y).sum(1)
+    k = len(m.guided_labels) if m.guidance != "none" else 0
+    total = 0.0
+    if k:
+        if y is None:
+            raise ConfigError(f"model.guidance: {m.guidance!r} needs labels, but the batch has none")
+        total = priors.kl_nearest_centre(mu[:, :k], logvar[:, :k], guided_centres(cfg, y, mu.dtype), m.sigma0)
+    zf, muf, lvf = z[:, k:], mu[:, k:], logvar[:, k:]
+    pair = priors.gaussian_log_prob(zf[:, None, :], muf[None], lvf[None]).sum(-1)  # (B, B): log q(z_i | x_j)
+    log_qz = torch.logsumexp(pair, dim=1) - math.log(len(z))
+    lo, hi = m.grid_bounds()
+    axes = priors.grid_axes(lo[k:], hi[k:])
+    return total + log_qz - priors.grid_log_prob(zf, axes, m.sigma0)
+
+
+def recon_nats(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) of the Bernoulli decoder (continuous BCE), summed over pixels: (B,) nats."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+def loss(model, batch, cfg, generator) -> tuple[torch.Tensor, dict]:
+    """Eq. 23 with the configured KL (Eqs. 25 / 27 / closed-form normal); mean over the batch, nats."""
+    x = batch[0]
+    y = batch[1] if len(batch) > 1 else None
+    eps = torch.randn((x.shape[0], cfg.model.latent_dim), generator=generator).to(x.device, x.dtype)
+    logits, mu, logvar, z = model(x, eps)
+    core = getattr(model, "module", model)
+    if model.training:
+        core.train_steps += 1
+    w = cfg.model.beta
+    if cfg.model.kl_warmup > 0:
+        w = w * min(1.0, float(core.train_steps) / cfg.model.kl_warmup)
+    rec = recon_nats(logits, x).mean()
+    kl = kl_per_example(cfg, mu, logvar, z, y).mean()
+    total = rec + w * kl
+    return total, {"loss": float(total.detach()), "recon_nats": float(rec.detach()), "kl_nats": float(kl.detach()),
+                   "beta_t": w}
+
+
+@torch.no_grad()
+def encode(model, x, cfg) -> torch.Tensor:
+    """Posterior means mu(x), (B, n)."""
+    return model.encode(x)[0]
+
+
+@torch.no_grad()
+def decode(model, z, cfg) -> torch.Tensor:
+    """Decoded images (B, C, H, W) in [0, 1] (Bernoulli means)."""
+    return torch.sigmoid(model.decode(z))
+
+
+@torch.no_grad()
+def sample(model, n: int, cfg, generator, **_):
+    """``n`` images decoded from prior samples: N(0, I), or a uniformly chosen grid centre plus sigma0 noise."""
+    m = cfg.model
+    p = next(model.parameters())
+    eps = torch.randn((n, m.latent_dim), generator=generator)
+    if m.prior == "normal":
+        z = eps
+    else:
+        lo, hi = (torch.tensor(b, dtype=torch.float32) for b in m.grid_bounds())
+        u = torch.rand((n, m.latent_dim), generator=generator)
+        z = lo + torch.floor(u * (hi - lo + 1)) + m.sigma0 * eps
+    return decode(model, z.to(p.device, p.dtype), cfg), n
+
+
+def evaluate(model, cfg) -> dict:
+    """Scalar metrics on the test split (see :mod:`raymanifold.vae.evaluation`)."""
+    from raymanifold.vae.evaluation import evaluate_model
+
+    return evaluate_model(model, cfg)["metrics"]
+
+
+RECIPE = Recipe(name="gridvae", model_config=GridVAEModelConfig, build=build, loss=loss, evaluate=evaluate,
+                sample=sample, encode=encode, decode=decode, validate=validate)

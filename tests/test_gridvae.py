@@ -1,0 +1,251 @@
+"""GridVAE family: priors (Eqs. 24, 25, 27), guidance, config errors, metrics, recipe plumbing."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raymanifold import checkpoint
+from raymanifold.analysis import disentanglement as dis
+from raymanifold.config import ConfigError, config_from_dict
+from raymanifold.vae import priors
+from raymanifold.vae import recipe as R
+
+
+def make_cfg(model=None, data=None, train=None):
+    raw = {"family": "gridvae", "name": "t",
+           "data": {"name": "two_digit", "n_train": 72, "n_test": 72, **(data or {})},
+           "model": {"latent_dim": 2, "width": 4, **(model or {})},
+           "train": {"steps": 2, "batch_size": 8, "num_workers": 1, **(train or {})}}
+    return config_from_dict(raw)
+
+
+# ----------------------------------------------------------------------------- priors
+def test_eq27_closed_form_equals_monte_carlo_kl():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.tensor([[0.3, -1.4, 2.6], [0.9, 0.1, -0.45]], dtype=torch.float64)
+    logvar = torch.log(torch.tensor([[0.04, 0.09, 0.01], [0.2, 0.05, 0.03]], dtype=torch.float64))
+    sigma0 = 0.25
+    centre = priors.nearest_centre(mu, torch.full((3,), -5.0, dtype=torch.float64), torch.full((3,), 5.0, dtype=torch.float64))
+    assert centre.tolist() == [[0.0, -1.0, 3.0], [1.0, 0.0, -0.0]]
+    closed = priors.kl_nearest_centre(mu, logvar, centre, sigma0)
+    n = 400_000
+    z = mu + (0.5 * logvar).exp() * torch.randn((n,) + mu.shape, generator=g, dtype=torch.float64)
+    lq = priors.gaussian_log_prob(z, mu, logvar).sum(-1)
+    lp = priors.gaussian_log_prob(z, centre, torch.full_like(mu, math.log(sigma0 ** 2))).sum(-1)
+    mc, se = (lq - lp).mean(0), (lq - lp).std(0) / math.sqrt(n)
+    assert torch.all((mc - closed).abs() < 4 * se + 1e-9), (mc, closed, se)
+
+
+def test_mixture_log_density_equals_bruteforce_sum():
+    g = torch.Generator().manual_seed(1)
+    axes = priors.grid_axes((-2, 0, -1), (3, 1, 1))  # 6 x 2 x 3 = 36 components
+    z = torch.randn(50, 3, generator=g, dtype=torch.float64) * 2
+    for sigma0 in (1 / 3, 0.7):
+        torch.testing.assert_close(priors.grid_log_prob(z, axes, sigma0),
+                                   priors.grid_log_prob_bruteforce(z, axes, sigma0))
+    # and it is a normalised density: integrate the 1-D case numerically
+    t = torch.linspace(-8, 9, 20001, dtype=torch.float64)[:, None]
+    dens = priors.grid_log_prob(t, priors.grid_axes((-2,), (3,)), 1 / 3).exp()
+    assert abs(float(torch.trapezoid(dens, t[:, 0])) - 1.0) < 1e-6
+
+
+def test_eq25_monte_carlo_kl_is_unbiased():
+    """The Eq. 25 single-sample estimate averages to the KL computed by quadrature (1-D)."""
+    axes = priors.grid_axes((-2,), (3,))
+    sigma0, mu, sd = 1 / 3, torch.tensor([[0.4]], dtype=torch.float64), 0.3
+    logvar = torch.full_like(mu, math.log(sd ** 2))
+    t = torch.linspace(-4, 5, 40001, dtype=torch.float64)[:, None]
+    lq = priors.gaussian_log_prob(t, mu, logvar)[:, 0]
+    kl_quad = torch.trapezoid(lq.exp() * (lq - priors.grid_log_prob(t, axes, sigma0)), t[:, 0])
+    g = torch.Generator().manual_seed(2)
+    z = mu + sd * torch.randn(200_000, 1, generator=g, dtype=torch.float64)
+    est = priors.kl_grid_mixture_mc(z, mu.expand_as(z), logvar.expand_as(z), axes, sigma0)
+    assert abs(float(est.mean() - kl_quad)) < 4 * float(est.std()) / math.sqrt(len(z))
+
+
+def test_standard_normal_kl_zero_at_prior():
+    mu, lv = torch.zeros(3, 4), torch.zeros(3, 4)
+    assert torch.all(priors.kl_standard_normal(mu, lv) == 0)
+    assert torch.all(priors.kl_standard_normal(mu + 1, lv) == 2.0)
+
+
+# ----------------------------------------------------------------------------- guidance
+def test_guided_mode_uses_label_centres_not_rounding():
+    cfg = make_cfg({"prior": "nearest", "guidance": "full", "guided_labels": ["digit1", "digit2"]})
+    y = torch.tensor([[0, 5, 5], [3, 1, 19]])
+    # centres = grid_min + label = (-2 + d1, -2 + d2)
+    torch.testing.assert_close(R.guided_centres(cfg, y), torch.tensor([[-2.0, 3.0], [1.0, -1.0]]))
+    mu = torch.tensor([[-2.0, 3.0], [2.0, 2.0]])  # second row sits on a grid point, but not its label's
+    lv = torch.full_like(mu, math.log(cfg.model.sigma0 ** 2))
+    kl = R.kl_terms(cfg, mu, lv, mu, y)
+    assert torch.allclose(kl[0], torch.zeros(2), atol=1e-6)
+    expected = torch.tensor([1.0, 9.0]) / (2 * cfg.model.sigma0 ** 2)  # (mu - c)^2 / (2 sigma0^2)
+    torch.testing.assert_close(kl[1], expected)
+    unguided = make_cfg({"prior": "nearest"})
+    assert torch.allclose(R.kl_terms(unguided, mu, lv, mu), torch.zeros(2, 2), atol=1e-6)
+
+
+def test_partial_guidance_guides_only_the_named_dims():
+    cfg = make_cfg({"prior": "nearest", "latent_dim": 3, "guidance": "partial", "guided_labels": ["digit2"]})
+    y = torch.tensor([[4, 0, 24]])
+    mu = torch.tensor([[1.0, 1.0, 1.2]])
+    lv = torch.full_like(mu, math.log(cfg.model.sigma0 ** 2))
+    kl = R.kl_terms(cfg, mu, lv, mu, y)[0]
+    s2 = cfg.model.sigma0 ** 2
+    torch.testing.assert_close(kl, torch.tensor([9.0 / (2 * s2), 0.0, 0.04 / (2 * s2)]))
+
+
+def test_guided_mixture_prior_keeps_mixture_on_free_dims():
+    cfg = make_cfg({"prior": "grid_mixture", "latent_dim": 3, "guidance": "partial", "guided_labels": ["digit1"]})
+    y = torch.tensor([[2, 2, 14]])
+    mu = torch.tensor([[0.0, 0.5, -0.3]])
+    lv = torch.full_like(mu, -3.0)
+    z = torch.tensor([[0.1, 0.4, -0.2]])
+    kl = R.kl_terms(cfg, mu, lv, z, y)[0]
+    axes = priors.grid_axes(*cfg.model.grid_bounds())
+    free = priors.kl_grid_mixture_mc_terms(z, mu, lv, axes, cfg.model.sigma0)[0]
+    torch.testing.assert_close(kl[1:], free[1:])
+    torch.testing.assert_close(kl[0], priors.kl_nearest_centre_terms(mu[:, :1], lv[:, :1], torch.tensor([[0.0]]),
+                                                                     cfg.model.sigma0)[0, 0])
+
+
+def test_batch_kl_estimate_is_aggregate_posterior_kl():
+    """kl_estimate=batch: log q(z) over the batch; separated posteriors give the per-example KL - log B,
+    identical posteriors give exactly the per-example KL."""
+    cfg_b = make_cfg({"prior": "grid_mixture", "kl_estimate": "batch"})
+    cfg_s = make_cfg({"prior": "grid_mixture"})
+    mu = torch.tensor([[-2.0, -2.0], [0.0, 1.0], [3.0, 3.0], [1.0, -1.0]], dtype=torch.float64)
+    lv = torch.full_like(mu, math.log(0.01 ** 2))
+    z = mu + 0.01 * torch.tensor([[0.3, -0.2], [0.1, 0.5], [-0.4, 0.0], [0.2, 0.2]], dtype=torch.float64)
+    kb, ks = R.kl_per_example(cfg_b, mu, lv, z), R.kl_per_example(cfg_s, mu, lv, z)
+    torch.testing.assert_close(kb, ks - math.log(4))
+    same = mu[:1].expand(4, 2)
+    torch.testing.assert_close(R.kl_per_example(cfg_b, same, lv, z[:1].expand(4, 2)),
+                               R.kl_per_example(cfg_s, same, lv, z[:1].expand(4, 2)))
+    with pytest.raises(ConfigError, match="model.kl_estimate"):
+        make_cfg({"prior": "nearest", "kl_estimate": "batch"})
+
+
+# ----------------------------------------------------------------------------- config errors
+@pytest.mark.parametrize("model, data, match", [
+    ({"grid_min": [-2, -2, -2]}, None, "model.grid_min.*latent_dim=2"),
+    ({"grid_max": [3, 3, 3]}, None, "model.grid_max"),
+    ({"sigma0": 0.0}, None, "model.sigma0"),
+    ({"sigma0": -1.0}, None, "model.sigma0"),
+    ({"guidance": "full"}, None, "model.guided_labels"),
+    ({"guidance": "full", "guided_labels": ["digit1", "colour"]}, None, "unknown attribute 'colour'"),
+    ({"guidance": "full", "guided_labels": ["digit1"]}, None, "one label per latent dimension"),
+    ({"guidance": "partial", "guided_labels": ["digit1", "digit2"]}, None, "fewer labels"),
+    ({"guidance": "full", "guided_labels": ["digit1", "digit2"], "prior": "normal"}, None, "grid prior"),
+    ({"guided_labels": ["digit1"]}, None, "model.guidance is 'none'"),
+    ({"guidance": "full", "guided_labels": ["digit1", "pair"]}, None, "36 values"),
+    ({"guidance": "full", "guided_labels": ["digit1", "digit2"]}, {"name": "digits", "image_size": 16},
+     "guidance labels"),
+    ({}, {"name": "swiss_roll"}, "image data set"),
+])
+def test_bad_configs_fail_before_training(model, data, match):
+    with pytest.raises(ConfigError, match=match):
+        make_cfg(model, data)
+
+
+# ----------------------------------------------------------------------------- recipe plumbing
+def test_loss_backward_warmup_and_checkpoint_round_trip(tmp_path):
+    from raymanifold import data as rdata
+
+    cfg = make_cfg({"prior": "grid_mixture", "kl_warmup": 4})
+    model = R.build(cfg)
+    ds = rdata.load("two_digit", "train", n=8)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    _, m1 = R.loss(model, (ds.x, ds.y), cfg, g)
+    loss, m2 = R.loss(model, (ds.x, ds.y), cfg, g)
+    loss.backward()
+    assert (m1["beta_t"], m2["beta_t"]) == (0.25, 0.5)
+    grads = [p.grad for p in model.parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    assert m2["recon_nats"] > 0
+    path = checkpoint.save(tmp_path / "checkpoint.pt", model, cfg, step=2)
+    model2, cfg2, recipe = checkpoint.load_model(str(path))
+    assert int(model2.train_steps) == 2 and cfg2 == cfg
+    model.eval()
+    torch.testing.assert_close(recipe.encode(model2, ds.x, cfg2), R.encode(model, ds.x, cfg))
+    imgs = recipe.decode(model2, torch.zeros(3, 2), cfg2)
+    assert imgs.shape == (3, 1, 8, 16) and imgs.min() >= 0 and imgs.max() <= 1
+    s, _ = recipe.sample(model2, 5, cfg2, torch.Generator().manual_seed(0))
+    assert s.shape == (5, 1, 8, 16)
+
+
+def test_shapes_config_validates_grid_against_factor_sizes():
+    base = {"latent_dim": 6, "prior": "nearest", "guidance": "full",
+            "guided_labels": ["shape", "scale", "rotation", "x", "y", "colour"]}
+    cfg = make_cfg({**base, "grid_min": [0], "grid_max": [2, 3, 5, 7, 7, 3]}, {"name": "shapes"})
+    assert R.guided_columns(cfg) == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ConfigError, match="'x' with 8 values"):
+        make_cfg({**base, "grid_min": [0], "grid_max": [2, 3, 5, 6, 7, 3]}, {"name": "shapes"})
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_mig_high_for_axis_aligned_codes_and_low_for_mixed_codes():
+    rng = np.random.default_rng(0)
+    f = rng.integers(0, 5, size=(4000, 3))
+    aligned = f + 0.05 * rng.standard_normal(f.shape)
+    assert dis.mig(aligned, f)["mig"] > 0.95
+    dup = np.concatenate([aligned, aligned], axis=1)  # every factor coded twice: no gap
+    assert dis.mig(dup, f)["mig"] < 0.05
+    mixed = aligned @ np.array([[1, 1, 0], [1, -1, 1], [0, 1, 1.0]])
+    assert dis.mig(mixed, f)["mig"] < 0.5
+
+
+def test_dci_from_importance_extremes():
+    assert dis.dci_from_importance(np.eye(4)) == pytest.approx((1.0, 1.0))
+    d, c = dis.dci_from_importance(np.ones((4, 4)))
+    assert d == pytest.approx(0.0, abs=1e-9) and c == pytest.approx(0.0, abs=1e-9)
+
+
+def test_dci_recovers_axis_aligned_codes():
+    rng = np.random.default_rng(1)
+    f = rng.integers(0, 3, size=(600, 2))
+    codes = f + 0.1 * rng.standard_normal(f.shape)
+    out = dis.dci(codes[:400], f[:400], codes[400:], f[400:], n_estimators=20)
+    assert out["disentanglement"] > 0.9 and out["completeness"] > 0.9 and out["informativeness"] > 0.95
+
+
+def test_hungarian_cluster_accuracy_is_permutation_invariant():
+    rng = np.random.default_rng(2)
+    true = rng.integers(0, 36, 500)
+    perm = rng.permutation(36)
+    acc, mapping = dis.cluster_accuracy(perm[true], true, perm[true], true)
+    assert acc == 1.0 and all(mapping[perm[k]] == k for k in range(36))
+    noisy = perm[true].copy()
+    noisy[:100] = perm[(true[:100] + 1) % 36]  # 20% wrong
+    acc, _ = dis.cluster_accuracy(perm[true], true, noisy, true)
+    assert acc == pytest.approx(0.8)
+    # a one-to-one map: two clusters cannot both claim one class
+    acc, _ = dis.cluster_accuracy(np.array([0, 1, 2, 3]), np.array([0, 0, 0, 0]), np.array([0, 1, 2, 3]),
+                                  np.array([0, 0, 0, 0]))
+    assert acc == 0.25
+
+
+# ----------------------------------------------------------------------------- evaluation and CLI
+def test_evaluate_model_reports_two_digit_metrics_in_range():
+    from raymanifold.vae.evaluation import evaluate_model
+
+    cfg = make_cfg({"eval_points": 144}, {"n_train": 144, "n_test": 144})
+    torch.manual_seed(0)
+    m = evaluate_model(R.build(cfg).eval(), cfg)["metrics"]
+    for k in ("cluster_accuracy", "train_cluster_accuracy", "dim1_accuracy", "dim2_accuracy"):
+        assert 0.0 <= m[k] <= 1.0
+    assert {m["dim1_digit_position"], m["dim2_digit_position"]} == {1, 2}
+    assert m["test_recon_nats"] > 0
+
+
+def test_cli_rejects_bad_arguments_before_work(capsys):
+    from raymanifold.cli import main
+
+    assert main(["study", "gridvae-shapes", "--variants", "vae,bogus"]) == 2
+    assert "--variants" in capsys.readouterr().err
+    assert main(["study", "gridvae-shapes", "--model", "guided"]) == 2
+    assert "VARIANT=URI" in capsys.readouterr().err
+    assert main(["study", "gridvae-two-digit", "--model", "/nonexistent/checkpoint.pt"]) == 2
+    assert "does not exist" in capsys.readouterr().err
