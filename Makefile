@@ -35,6 +35,7 @@ mlflow-ui: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/scoring_throughput.py
 
 serve: $(STAMP)
 	$(VENV)/bin/raymanifold serve

@@ -24,7 +24,8 @@ def ensure_ray(address: Optional[str] = None, num_cpus: int = 0, *, quiet: bool 
         ray.init(address=address, **kwargs)
     else:
         env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_TRAIN_V2_ENABLED": "1"}}
-        ray.init(num_cpus=num_cpus or os.cpu_count(), runtime_env=env, **kwargs)
+        # address="local": always a new embedded instance, never one found via /tmp/ray (e.g. left by `ray start`)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), runtime_env=env, **kwargs)
     return ray.cluster_resources()
 
 

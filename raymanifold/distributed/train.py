@@ -16,8 +16,10 @@ be shared storage (NFS path or s3://).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -89,6 +91,14 @@ def train_loop_per_worker(loop_cfg: dict):
                            device=device, start_epoch=start // per_epoch)
     gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + 104_729 * rank + start)
 
+    storage_dir = loop_cfg.get("storage_dir")
+    if storage_dir and "://" not in storage_dir:  # where each worker ran (multi-node checks, debugging)
+        where = Path(storage_dir) / ".workers"
+        where.mkdir(parents=True, exist_ok=True)
+        (where / f"from{start:08d}-rank{rank}.json").write_text(json.dumps(
+            {"rank": rank, "world_size": world, "node_id": ray.get_runtime_context().get_node_id(),
+             "hostname": socket.gethostname(), "pid": os.getpid(), "start_step": start}))
+
     tracking = None
     if rank == 0 and run_id:
         from raymanifold import tracking as tracking  # noqa: PLC0415 (workers import lazily)
@@ -106,6 +116,10 @@ def train_loop_per_worker(loop_cfg: dict):
             if not marker.exists():
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(str(step))
+                # Ray Train's controller collects reports when it polls the workers (every
+                # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); give it time to register the last
+                # checkpoint, so the injected crash deterministically resumes from it
+                time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.0)
                 os._exit(17)  # simulate a worker process dying (fault injection)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             avg = {k: sum(v) / len(v) for k, v in window.items()}

@@ -1,0 +1,297 @@
+"""Ray Tune sweeps of any recipe: train-time (one Ray Train run per trial) and eval-time.
+
+Train-time (``kind: train``), the Train V2 pattern: each Tune trial is a
+function trainable that builds the family's :class:`TorchTrainer` with
+:func:`raymanifold.distributed.train.trainer_for` and
+``callbacks=[TuneReportCallback()]``, so every ``ray.train.report`` of rank 0
+(loss, step, checkpoint) reaches Tune and ASHA can stop the trial early; after
+training the trial runs ``recipe.evaluate`` on the final checkpoint and
+reports the sweep metric with ``ray.tune.report``. A trial's Train run is
+named ``<sweep>-<trial_id>``, so a restored sweep resumes an interrupted
+trial from its last Train checkpoint.
+
+Eval-time (``kind: eval``): a function trainable loads the trained model once
+per trial (shipped through the object store, so trials may land on any node)
+and reports ``evaluator(model, cfg, seed=..., **params)``.
+
+Trial concurrency is sized from the cluster's free resources
+(:func:`raymanifold.distributed.spec.plan_concurrency`). An interrupted sweep
+is completed with ``resume=True`` (``Tuner.restore``): finished trials are
+kept, only the missing ones run. Tune writes to ``<storage_path>/<name>``.
+
+Nothing here logs to MLflow: trials run concurrently and a shared SQLite
+store would lock; the driver logs the parent and child runs afterwards
+(:mod:`raymanifold.commands.sweep`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import ray
+from ray import tune
+
+from raymanifold.config import ConfigError, apply_overrides, config_from_dict
+from raymanifold.distributed.runtime import ensure_ray
+from raymanifold.distributed.spec import (TRIAL_DRIVER_CPU, SweepSpec, plan_concurrency, resolve_evaluator,
+                                          split_trial_config, train_trial_resources)
+
+#: metrics Tune adds to every result (not sweep metrics)
+TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+             "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
+             "iterations_since_restore", "experiment_tag", "should_checkpoint"}
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    config: dict                     # swept values only
+    metrics: dict                    # last reported numeric metrics
+    status: str                      # DONE | STOPPED (early, by the scheduler) | ERROR | PENDING (not run yet)
+    error: Optional[str] = None
+    checkpoint: Optional[str] = None  # train-time: final checkpoint.pt of the trial's Train run
+    history: list = field(default_factory=list)  # train-time: [{step, loss, ...}] per report
+    node_ip: Optional[str] = None
+    wall_s: float = 0.0
+
+
+@dataclass
+class SweepResult:
+    spec: SweepSpec
+    path: str                        # Tune experiment folder
+    rows: list
+    best: Optional[TrialRow]
+    concurrency: int
+    wall_s: float
+    resumed: bool
+
+    @property
+    def interrupted(self) -> bool:
+        """Some trials never finished (the driver was interrupted): complete them with ``resume``."""
+        return any(r.status == "PENDING" for r in self.rows)
+
+    @property
+    def completed(self) -> list:
+        return [r for r in self.rows if r.status == "DONE"]
+
+
+def experiment_path(spec: SweepSpec) -> str:
+    sp = spec.storage_path
+    root = sp if "://" in sp else str(Path(sp).resolve())
+    return f"{root.rstrip('/')}/{spec.name}"
+
+
+# ----------------------------------------------------------------------------- trainables
+def _eval_trial(config: dict, *, ckpt_bytes: bytes, evaluator: str, fixed_params: dict, seed: int, threads: int):
+    """Tune function trainable of an eval-time sweep (runs in the trial actor)."""
+    import torch
+
+    from raymanifold.checkpoint import load_model
+    from raymanifold.config import replace
+
+    torch.set_num_threads(max(1, threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkpoint.pt"
+        path.write_bytes(ckpt_bytes)
+        model, cfg, _ = load_model(str(path))
+    overrides, params = split_trial_config(config)
+    if overrides:
+        cfg = replace(cfg, overrides)
+    fn = resolve_evaluator(evaluator)
+    t0 = time.perf_counter()
+    metrics = fn(model, cfg, seed=seed, **{**fixed_params, **params})
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["eval_s"] = time.perf_counter() - t0
+    tune.report(metrics)
+
+
+def _train_trial(config: dict, *, base: dict, sweep: str, storage: str):
+    """Tune function trainable of a train-time sweep: a Ray Train run, then recipe.evaluate."""
+    import torch
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raymanifold import checkpoint as ckpt
+    from raymanifold.distributed.train import trainer_for
+    from raymanifold.recipes import get_recipe
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = config_from_dict(apply_overrides(base, list(config.items()) + [
+        ("name", f"{sweep}-{trial_id}"), ("train.storage_path", storage)]))
+    t0 = time.perf_counter()
+    result = trainer_for(cfg, callbacks=[TuneReportCallback()], verbose=False).fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"trial {trial_id}: training finished without a checkpoint")
+    train_s = time.perf_counter() - t0
+    with result.checkpoint.as_directory() as d:
+        model, _, recipe = ckpt.load_model(str(Path(d) / ckpt.FILENAME))
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    metrics = dict(get_recipe(cfg.family).evaluate(model, cfg)) if recipe.evaluate else {}
+    ckpt_file = f"{result.checkpoint.path.rstrip('/')}/{ckpt.FILENAME}"
+    last = {k: float(v) for k, v in (result.metrics or {}).items()   # the scheduler's metric (e.g. loss) too
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tune.report({**last, **{k: float(v) for k, v in metrics.items()}, "step": cfg.train.steps, "train_s": train_s,
+                 "eval_s": time.perf_counter() - t0 - train_s, "final_checkpoint": ckpt_file})
+
+
+class _InterruptAfter(tune.Callback):
+    """Interrupts the driver (Tune's own SIGUSR1 path, as Ctrl+C) once ``n`` trials completed.
+
+    Fault injection for tests of ``--resume``; fires once per experiment
+    (a marker file in the experiment folder), so a restored sweep completes.
+    """
+
+    def __init__(self, n: int, marker: str):
+        self.n, self.marker, self.done = n, marker, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        if self.done >= self.n and not Path(self.marker).exists():
+            Path(self.marker).write_text(str(self.done))
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _tune_space(spec: SweepSpec) -> dict:
+    out = {}
+    for key, d in spec.space.items():
+        if d.kind == "grid":
+            out[key] = tune.grid_search(list(d.values))
+        elif d.kind == "choice":
+            out[key] = tune.choice(list(d.values))
+        elif d.kind == "uniform":
+            out[key] = tune.uniform(*d.values)
+        else:
+            out[key] = tune.loguniform(*d.values)
+    return out
+
+
+def _scheduler(spec: SweepSpec, base: Optional[dict]):
+    s = spec.scheduler
+    if s.type != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # one past the last step: ASHA stops a trial that reaches max_t, which would cut off its final evaluation
+    max_t = s.max_t or (base["train"]["steps"] + 1 if base and s.time_attr == "step" else 100)
+    return ASHAScheduler(metric=s.metric, mode=s.mode, time_attr=s.time_attr, max_t=max_t,
+                         grace_period=min(s.grace_period, max_t), reduction_factor=s.reduction_factor)
+
+
+# ----------------------------------------------------------------------------- driver
+def check_start(spec: SweepSpec, *, resume: bool, fresh: bool) -> str:
+    """The sweep's Tune folder, after checking ``resume``/``fresh`` against what exists there."""
+    path = experiment_path(spec)
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise ConfigError(f"--resume: no sweep to resume at {path!r} (run it once without --resume)")
+    elif "://" not in path and Path(path).exists() and not fresh:
+        raise ConfigError(f"name: sweep {spec.name!r} already has results in {path!r}; pass --resume to complete "
+                          "it or --fresh to start over")
+    return path
+
+
+def run_sweep(spec: SweepSpec, *, base: Optional[dict] = None, model_path: Optional[str] = None,
+              resume: bool = False, fresh: bool = False, address: Optional[str] = None, num_cpus: int = 0,
+              stop_after: Optional[int] = None, verbose: bool = False) -> SweepResult:
+    """Run (or, with ``resume``, complete) the sweep; returns one row per trial.
+
+    ``base``: the validated config dict trained per trial (train-time).
+    ``model_path``: local checkpoint file of the model to evaluate (eval-time).
+    ``stop_after``: interrupt the driver once that many trials completed (tests of ``resume``).
+    """
+    path = check_start(spec, resume=resume, fresh=fresh)
+    local = "://" not in path
+    if fresh and local and Path(path).exists():
+        shutil.rmtree(path)
+    if spec.kind == "train" and base is None:
+        raise ConfigError("base: a train-time sweep needs its base config")
+    if spec.kind == "eval" and model_path is None:
+        raise ConfigError("model: an eval-time sweep needs a trained model")
+
+    ensure_ray(address, num_cpus, quiet=not verbose)
+    total, free = ray.cluster_resources(), ray.available_resources()
+    if spec.kind == "train":
+        cpu, gpu = train_trial_resources(base)
+        trainable = tune.with_parameters(_train_trial, base=base, sweep=spec.name,
+                                         storage=f"{path}_runs")
+        trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
+    else:
+        cpu, gpu = spec.cpus_per_trial, 0.0
+        trainable = tune.with_parameters(_eval_trial, ckpt_bytes=Path(model_path).read_bytes(),
+                                         evaluator=spec.evaluator, fixed_params=dict(spec.params), seed=spec.seed,
+                                         threads=max(1, int(spec.cpus_per_trial)))
+        trainable = tune.with_resources(trainable, {"CPU": spec.cpus_per_trial})
+    concurrency = plan_concurrency(free.get("CPU", 0.0), total.get("CPU", 0.0), cpu, spec.n_trials,
+                                   spec.max_concurrent, free_gpu=free.get("GPU", 0.0),
+                                   total_gpu=total.get("GPU", 0.0), per_trial_gpu=gpu)
+    t0 = time.perf_counter()
+    if resume:
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        callbacks = [_InterruptAfter(stop_after, f"{path}/.interrupted")] if stop_after else None
+        tuner = tune.Tuner(
+            trainable, param_space=_tune_space(spec),
+            tune_config=tune.TuneConfig(num_samples=spec.num_samples, max_concurrent_trials=concurrency,
+                                        scheduler=_scheduler(spec, base),
+                                        search_alg=tune.search.BasicVariantGenerator(random_state=spec.seed)),
+            run_config=tune.RunConfig(name=spec.name, storage_path=str(Path(path).parent) if local else
+                                      path.rsplit("/", 1)[0], callbacks=callbacks, verbose=1 if verbose else 0))
+    grid = tuner.fit()
+    analysis = getattr(grid, "_experiment_analysis", None)
+    states = {t.trial_id: t.status for t in getattr(analysis, "trials", None) or []}
+    rows = [_row(r, spec, states) for r in grid]
+    rows.sort(key=lambda r: r.trial_id)
+    best = best_row(rows, spec.metric, spec.mode)
+    return SweepResult(spec=spec, path=path, rows=rows, best=best, concurrency=concurrency,
+                       wall_s=time.perf_counter() - t0, resumed=resume)
+
+
+def _row(result, spec: SweepSpec, states: dict) -> TrialRow:
+    m = dict(result.metrics or {})
+    trial_id = m.get("trial_id") or Path(result.path).name.split("_")[1]
+    config = {k: v for k, v in (result.config or {}).items() if k in spec.space}
+    numeric = {k: float(v) for k, v in m.items() if k not in TUNE_KEYS and isinstance(v, (int, float))
+               and not isinstance(v, bool)}
+    if result.error is not None:
+        status, err = "ERROR", f"{type(result.error).__name__}: {result.error}".splitlines()[0][:500]
+    elif states.get(trial_id) in ("PENDING", "RUNNING", "PAUSED") or "training_iteration" not in m:
+        status, err = "PENDING", None
+    elif spec.metric in numeric:
+        status, err = "DONE", None
+    else:
+        status, err = "STOPPED", None
+    history = []
+    df = result.metrics_dataframe
+    if spec.kind == "train" and df is not None and "step" in df:
+        cols = [c for c in df.columns if c not in TUNE_KEYS and c not in ("final_checkpoint", "checkpoint_path")]
+        for rec in df[cols].to_dict("records"):
+            history.append({k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+    return TrialRow(trial_id=str(trial_id), config=config, metrics=numeric, status=status, error=err,
+                    checkpoint=m.get("final_checkpoint"), history=history, node_ip=m.get("node_ip"),
+                    wall_s=float(m.get("time_total_s", 0.0)))
+
+
+def best_row(rows: list, metric: str, mode: str) -> Optional[TrialRow]:
+    ok = [r for r in rows if r.status == "DONE" and math.isfinite(r.metrics.get(metric, math.nan))]
+    if not ok:
+        return None
+    key = (lambda r: r.metrics[metric])
+    return max(ok, key=key) if mode == "max" else min(ok, key=key)
+
+
+def ranked(rows: list, metric: str, mode: str) -> list:
+    """Rows best first; trials without the metric last."""
+    def key(r):
+        v = r.metrics.get(metric, math.nan)
+        if r.status != "DONE" or not math.isfinite(v):
+            return (1, 0.0)
+        return (0, -v if mode == "max" else v)
+    return sorted(rows, key=key)
