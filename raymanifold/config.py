@@ -326,18 +326,23 @@ def config_from_dict(raw: dict) -> ExperimentConfig:
     return cfg
 
 
-def load_config(path, overrides=()) -> ExperimentConfig:
-    """Load ``path`` (YAML), apply ``--set`` overrides, validate."""
+def read_yaml(path, what: str = "config file"):
+    """Parse a YAML file; missing, malformed or empty files raise :class:`ConfigError`."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {exc}") from None
     if raw is None:
-        raise ConfigError(f"config file {str(p)!r} is empty")
-    return config_from_dict(apply_overrides(raw, overrides))
+        raise ConfigError(f"{what} {str(p)!r} is empty")
+    return raw
+
+
+def load_config(path, overrides=()) -> ExperimentConfig:
+    """Load ``path`` (YAML), apply ``--set`` overrides, validate."""
+    return config_from_dict(apply_overrides(read_yaml(path), overrides))
 
 
 def replace(cfg: ExperimentConfig, overrides) -> ExperimentConfig:

@@ -47,7 +47,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from raymanifold.config import ConfigError, apply_overrides, config_from_dict, parse_override, to_dict
+from raymanifold.config import ConfigError, apply_overrides, config_from_dict, parse_override, read_yaml, to_dict
 
 KINDS = ("train", "eval")
 DOMAINS = ("grid", "choice", "uniform", "loguniform")
@@ -238,16 +238,8 @@ def parse_spec(raw: dict, *, source: str = "sweep") -> SweepSpec:
 
 def load_spec(path, overrides=()) -> SweepSpec:
     """Read and validate a sweep YAML (``--set key=value`` overrides apply to the sweep file)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file {str(p)!r} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {str(p)!r} is not valid YAML: {exc}") from None
-    if raw is None:
-        raise ConfigError(f"sweep file {str(p)!r} is empty")
-    return parse_spec(apply_overrides(raw, overrides) if overrides else raw, source=str(p))
+    raw = read_yaml(path, "sweep file")
+    return parse_spec(apply_overrides(raw, overrides) if overrides else raw, source=str(path))
 
 
 # ----------------------------------------------------------------------------- evaluators
