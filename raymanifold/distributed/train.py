@@ -17,9 +17,11 @@ be shared storage (NFS path or s3://).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -58,8 +60,19 @@ def _storage_path(cfg) -> str:
     return sp if "://" in sp else str(Path(sp).resolve())
 
 
+def _quiet_report_logs():
+    """Ray Train logs every ``report()`` at INFO under a logger named by its source file, which
+    ``LoggingConfig`` does not reach; raise that one logger to WARNING (no-op if Ray moves it)."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_cfg: dict):
     """The function every Ray Train worker runs."""
+    _quiet_report_logs()
     cfg = config_from_dict(loop_cfg["config"])
     run_id, uri = loop_cfg.get("run_id"), loop_cfg.get("tracking_uri")
     ctx = ray.train.get_context()
@@ -131,7 +144,9 @@ def train_loop_per_worker(loop_cfg: dict):
                 tracking.log_metrics(avg, step, run_id=run_id, uri=uri)
             if rank == 0 and loop_cfg.get("verbose", True):
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in avg.items())
-                print(f"[train {cfg.name}] step {step}/{cfg.train.steps}  {shown}", flush=True)
+                # Ray Train patches print() to log *and* tee to a wrapped stdout, so a plain print shows
+                # twice in the driver; writing to the process's own stdout stream shows it once.
+                print(f"[train {cfg.name}] step {step}/{cfg.train.steps}  {shown}", file=sys.__stdout__, flush=True)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             report = {"step": step, "resumed_from": start, "loop_s": time.perf_counter() - t_loop,
                       **{k: float(v) for k, v in metrics.items()}}
@@ -176,6 +191,9 @@ def trainer_for(cfg, *, run_id: Optional[str] = None, tracking_uri: Optional[str
         run_config=RunConfig(name=cfg.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # Ray Train's own INFO lines (every report and checkpoint, twice per step
+                             # with 2 workers) drown the progress lines; warnings and errors still show
+                             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                              callbacks=callbacks or None),
     )
 
