@@ -77,22 +77,35 @@ def test_bad_model_uri_is_one_line_error(capsys, tmp_path, tracking_uri):
 
 
 def test_inprocess_scorer_equals_recipe_log_prob(tiny_model):
-    """The Scorer is exactly recipe.log_prob on the rows its ids name (same per-batch seed)."""
+    """The Scorer is exactly recipe.log_prob on the rows it is given (same per-batch seed)."""
     from raymanifold.checkpoint import load_model
-    from raymanifold.distributed.scoring import Scorer, parse_data_spec, prepare
+    from raymanifold.distributed.scoring import Scorer, dataset_rows, parse_data_spec, prepare
     import zlib
 
     spec = parse_data_spec("moons?n=300&seed=2")
     prep = prepare(str(tiny_model), spec, {"dt": 5})
     s = Scorer(prep.model_bytes, prep.source, prep.opts, seed=4)
-    out = s({"id": np.arange(100, 164)})
+    out = s(dataset_rows(prep.dataset, 100, 164))
     model, cfg, recipe = load_model(str(tiny_model))
-    x = rdata.load("moons", "test", n=300, seed=2).x[100:164]
+    ds = rdata.load("moons", "test", n=300, seed=2)
+    x = ds.x[100:164]
     g = torch.Generator().manual_seed(4 * 1_000_003 + zlib.crc32(b"100"))
     want = recipe.log_prob(model, x, cfg, dt=5, generator=g).numpy()
     np.testing.assert_allclose(out["log_prob"], want, rtol=0, atol=1e-9)
     np.testing.assert_allclose(out["bits_per_dim"], -want / (2 * np.log(2)))
     assert list(out["id"]) == list(range(100, 164))
+    assert ds.y is None and set(out["label"]) == {-1}               # an unlabelled set scores with label -1
+
+
+def test_dataset_rows_carry_ids_labels_and_examples():
+    from raymanifold.distributed.scoring import dataset_rows
+
+    ds = rdata.load("digits", "test", n=50, seed=1)
+    rows = dataset_rows(ds, 10, 30)
+    assert rows["id"].tolist() == list(range(10, 30))
+    assert rows["label"].tolist() == ds.y[10:30].tolist()
+    np.testing.assert_array_equal(rows["x"], ds.x[10:30].numpy())
+    assert rows["x"].dtype == np.float32 and rows["x"].shape == (20, 1, 8, 8)
 
 
 @pytest.mark.ray

@@ -2,15 +2,17 @@
 
 Pipeline (streaming, so memory stays flat as the input grows)::
 
-    read  (a bundled/on-disk data set by row id | Parquet | a folder of images)
+    read  (a bundled/on-disk data set loaded in the driver | Parquet | a folder of images)
       -> map_batches(Scorer, compute=ActorPoolStrategy(size=n))  # model loaded once per actor
       -> write_parquet(out)                                      # id, label, log_prob [nats], bits_per_dim
 
 Data specs (``--data``):
 
 * ``NAME[:SPLIT][?n=N&seed=S&root=DIR&image_size=K]``: a registered data set
-  (:func:`raymanifold.data.available`), default split ``test``. Only row ids
-  travel through Ray; each actor loads the set once and indexes it.
+  (:func:`raymanifold.data.available`), default split ``test``. The driver
+  loads it once (it has to, to check it against the model) and its rows stream
+  to the actors as blocks of ``id``, ``label`` and ``x`` (a tensor column), so
+  actors on any node need neither the data files nor the loader's imports.
 * ``PATH.parquet`` or a folder of ``*.parquet``: column ``x`` (a list of floats
   per row, the model's example flattened in C order), ``id`` (required, unique)
   and optionally ``label``.
@@ -146,7 +148,6 @@ class Scorer:
             path.write_bytes(model_bytes)
             self.model, self.cfg, self.recipe = load_model(str(path))
         self.source, self.opts, self.seed = source, dict(opts), seed
-        self.dataset = load_spec_dataset(DataSpec(**source)) if source["kind"] == "dataset" else None
         self.batches = 0
         self.fail_at_batch, self.fail_marker = fail_at_batch, fail_marker
         self.node = None
@@ -158,11 +159,7 @@ class Scorer:
     def _inputs(self, batch: dict):
         kind = self.source["kind"]
         if kind == "dataset":
-            ids = np.asarray(batch["id"], dtype=np.int64)
-            x = self.dataset.x[torch.from_numpy(ids)]
-            y = self.dataset.y
-            labels = (y[torch.from_numpy(ids)].numpy() if y is not None and y.ndim == 1 else np.full(len(ids), -1))
-            return ids, labels, x
+            return np.asarray(batch["id"]), np.asarray(batch["label"]), torch.from_numpy(np.asarray(batch["x"]))
         if kind == "parquet":
             ids = np.asarray(batch["id"])
             flat = np.stack([np.asarray(v, dtype=np.float32) for v in batch["x"]])
@@ -204,6 +201,16 @@ class Prepared:
     source: dict
     n_rows: int
     opts: dict
+    dataset: Optional[rdata.ArrayDataset] = field(default=None, repr=False)  # kind "dataset": the rows
+
+
+def dataset_rows(ds: rdata.ArrayDataset, start: int, stop: int) -> dict:
+    """Rows [start, stop) of a loaded data set as a scoring batch: ``id`` (row index), ``label``
+    (the class, or -1 when the set has none or several label columns) and ``x`` (float32, the model's shape)."""
+    ids = np.arange(start, stop, dtype=np.int64)
+    y = ds.y
+    labels = y[start:stop].numpy().astype(np.int64) if y is not None and y.ndim == 1 else np.full(len(ids), -1)
+    return {"id": ids, "label": labels, "x": ds.x[start:stop].numpy().astype(np.float32, copy=False)}
 
 
 def prepare(model_uri: str, spec: DataSpec, opts: dict) -> Prepared:
@@ -223,9 +230,10 @@ def prepare(model_uri: str, spec: DataSpec, opts: dict) -> Prepared:
             allowed = [n for n in list(sig.parameters)[3:] if n != "generator"]
             raise rdata.DataError(f"--{k}: family {cfg.family!r} log_prob takes no {k!r}; options: {allowed}")
     source = {k: getattr(spec, k) for k in ("kind", "text", "name", "split", "n", "seed", "root", "image_size", "path")}
+    dataset = None
     if spec.kind == "dataset":
-        ds = load_spec_dataset(spec)
-        x, n_rows = ds.x[:2], len(ds)
+        dataset = load_spec_dataset(spec)
+        x, n_rows = dataset.x[:2], len(dataset)
     elif spec.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -261,7 +269,7 @@ def prepare(model_uri: str, spec: DataSpec, opts: dict) -> Prepared:
             recipe.log_prob(model, x, cfg, generator=torch.Generator().manual_seed(0), **opts)
     except (ValueError, RuntimeError) as exc:
         raise rdata.DataError(f"--data: {spec.text!r} does not match the model ({cfg.family}): {exc}") from None
-    return Prepared(path.read_bytes(), cfg, cfg.family, source, n_rows, dict(opts))
+    return Prepared(path.read_bytes(), cfg, cfg.family, source, n_rows, dict(opts), dataset)
 
 
 def _model_shape(cfg, model, flat_len: Optional[int]):
@@ -317,12 +325,17 @@ def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 
     io = {"num_cpus": 0.25 if io_cpus else 0}
     if spec.kind == "dataset":
         import pyarrow as pa
+        from ray.data.extensions import ArrowTensorArray
 
         # blocks of whole batches: batch boundaries (and so each batch's noise seed) match score_inprocess
         n_batches = math.ceil(prep.n_rows / batch_size)
         per_block = max(1, math.ceil(n_batches / (8 * actors))) * batch_size
-        ds = ray.data.from_arrow([pa.table({"id": np.arange(i, min(i + per_block, prep.n_rows))})
-                                  for i in range(0, prep.n_rows, per_block)])
+        blocks = []
+        for i in range(0, prep.n_rows, per_block):
+            rows = dataset_rows(prep.dataset, i, min(i + per_block, prep.n_rows))
+            blocks.append(pa.table({"id": rows["id"], "label": rows["label"],
+                                    "x": ArrowTensorArray.from_numpy(rows["x"])}))
+        ds = ray.data.from_arrow(blocks)
     elif spec.kind == "parquet":
         ds = ray.data.read_parquet(list(spec.files), **io)
     else:
@@ -355,7 +368,7 @@ def score_inprocess(prep: Prepared, spec: DataSpec, *, batch_size: int = 256, se
     out = []
     if spec.kind == "dataset":
         for i in range(0, prep.n_rows, batch_size):
-            out.append(scorer({"id": np.arange(i, min(i + batch_size, prep.n_rows))})["log_prob"])
+            out.append(scorer(dataset_rows(prep.dataset, i, min(i + batch_size, prep.n_rows)))["log_prob"])
     elif spec.kind == "parquet":
         import pyarrow.parquet as pq
 
