@@ -158,8 +158,11 @@ def cmd_two_digit(args) -> int:
         target_rows = [[k, c["target"], f"{c['measured']:.4f}", "yes" if c["met"] else "NO"] for k, c in checks.items()]
         (tmp / "two_digit.md").write_text(
             "# GridVAE on two digits (Sec. 4.1.2)\n\n"
-            f"Model: `{info['source']}`; latent 2-D, grid {cfg.model.grid_bounds()}, sigma0 {cfg.model.sigma0:.4g}, "
-            f"prior `{cfg.model.prior}`, guidance `{cfg.model.guidance}`, {cfg.train.steps} steps.\n\n"
+            f"Model: `{info['source']}`; latent 2-D, grid {cfg.model.grid_bounds()}, sigma0 {cfg.model.sigma0:.4g}"
+            + (f" (annealed from {cfg.model.sigma0_start:.4g} over {cfg.model.sigma0_anneal} steps)"
+               if cfg.model.sigma0_anneal else "")
+            + f", prior `{cfg.model.prior}`, guidance `{cfg.model.guidance}`, {cfg.train.steps} steps, "
+            f"seed {cfg.train.seed}.\n\n"
             "Cells = R(mu) (round, clamp). Cluster accuracy: one-to-one Hungarian map cell -> digit pair fitted "
             "on the train split, scored on the test split (disjoint source digits). Per-dimension accuracy: "
             "each dimension's rounded value mapped to a digit the same way; dimensions assigned to digit "

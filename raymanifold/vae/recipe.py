@@ -21,7 +21,9 @@ j, replacing R(mu_j) (or the mixture) in that dimension, with the closed-form
 Eq. 27 KL. ``guidance: full`` guides every latent dimension
 (len(guided_labels) == latent_dim); ``partial`` guides the first
 len(guided_labels) dimensions and leaves the rest to the unsupervised prior.
-``beta_t`` ramps linearly from 0 to ``beta`` over ``kl_warmup`` steps.
+``beta_t`` ramps linearly from ``beta_start`` (default 0) to ``beta`` over
+``kl_warmup`` steps; with ``sigma0_start`` / ``sigma0_anneal`` the prior std
+decays geometrically from ``sigma0_start`` to ``sigma0``.
 """
 from __future__ import annotations
 
@@ -51,8 +53,14 @@ class GridVAEModelConfig:
     grid_min: tuple[int, ...] = param((-2,), help="lowest grid centre per latent dimension (one value: all)")
     grid_max: tuple[int, ...] = param((3,), help="highest grid centre per latent dimension (one value: all)")
     sigma0: float = param(1 / 3, lo=0.0, lo_open=True, hi=100.0, help="std of each grid component (Tune-sweepable)")
+    sigma0_start: float = param(0.0, lo=0.0, hi=100.0,
+                                help="annealing: prior std at step 0, decayed geometrically to sigma0 over "
+                                     "sigma0_anneal steps (0 = off, sigma0 throughout)")
+    sigma0_anneal: int = param(0, lo=0, help="steps of the geometric sigma0_start -> sigma0 annealing (0 = off)")
     beta: float = param(1.0, lo=0.0, hi=1000.0, help="weight of the KL term")
-    kl_warmup: int = param(0, lo=0, help="steps of linear KL warm-up from 0 to beta (0 = off)")
+    beta_start: float = param(0.0, lo=0.0, hi=1000.0, help="KL weight at step 0 of the kl_warmup ramp")
+    kl_warmup: int = param(0, lo=0, help="steps of the linear KL weight ramp from beta_start to beta (0 = off: "
+                                         "beta throughout)")
     kl_estimate: str = param("sample", choices=KL_ESTIMATES,
                              help="grid_mixture only: 'sample' = log q(z|x) - log p(z) per example (ELBO); "
                                   "'batch' = log q(z) - log p(z) with the aggregate posterior q(z) estimated "
@@ -75,6 +83,15 @@ class GridVAEModelConfig:
         if self.kl_estimate == "batch" and self.prior != "grid_mixture":
             raise ConfigError(f"model.kl_estimate: 'batch' applies to prior 'grid_mixture' only, "
                               f"got prior {self.prior!r}; use kl_estimate: sample")
+        if (self.sigma0_start > 0) != (self.sigma0_anneal > 0):
+            raise ConfigError(f"model.sigma0_anneal: annealing needs both model.sigma0_start > 0 and "
+                              f"model.sigma0_anneal > 0 steps, got sigma0_start={self.sigma0_start}, "
+                              f"sigma0_anneal={self.sigma0_anneal}; set both or neither")
+        if self.sigma0_start > 0 and self.sigma0_start <= self.sigma0:
+            raise ConfigError(f"model.sigma0_start: must exceed model.sigma0 ({self.sigma0}) to anneal down, "
+                              f"got {self.sigma0_start}")
+        if self.sigma0_start > 0 and self.prior == "normal":
+            raise ConfigError("model.sigma0_start: sigma0 annealing needs a grid prior, got prior 'normal'")
         m = len(self.guided_labels)
         if len(set(self.guided_labels)) != m:
             raise ConfigError(f"model.guided_labels: names must be distinct, got {list(self.guided_labels)}")
@@ -172,29 +189,51 @@ def guided_centres(cfg, y: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return lo[:m] + y[:, guided_columns(cfg)].to(dtype)
 
 
-def kl_terms(cfg, mu, logvar, z, y=None) -> torch.Tensor:
-    """Per-dimension KL contributions (B, n) in nats for the configured prior and guidance."""
+def beta_at(cfg, step: int) -> float:
+    """KL weight beta_t at optimizer step ``step`` (1-based): ``beta``, or with ``kl_warmup`` the linear ramp
+    beta_start + (beta - beta_start) * min(1, step / kl_warmup)."""
     m = cfg.model
+    if m.kl_warmup <= 0:
+        return m.beta
+    return m.beta_start + (m.beta - m.beta_start) * min(1.0, step / m.kl_warmup)
+
+
+def sigma0_at(cfg, step: int) -> float:
+    """Prior std used at optimizer step ``step``: ``sigma0`` or, with annealing, the geometric schedule
+    sigma0_start * (sigma0 / sigma0_start) ** min(1, step / sigma0_anneal) (deterministic annealing: the
+    mixture starts broad, so the layout of the clusters forms before the grid cells become sharp)."""
+    m = cfg.model
+    if m.sigma0_anneal <= 0:
+        return m.sigma0
+    t = min(1.0, max(0, step) / m.sigma0_anneal)
+    return m.sigma0_start * (m.sigma0 / m.sigma0_start) ** t
+
+
+def kl_terms(cfg, mu, logvar, z, y=None, sigma0=None) -> torch.Tensor:
+    """Per-dimension KL contributions (B, n) in nats for the configured prior and guidance
+    (``sigma0``: prior std, default ``cfg.model.sigma0``)."""
+    m = cfg.model
+    s0 = m.sigma0 if sigma0 is None else sigma0
     if m.prior == "normal":
         return 0.5 * (mu ** 2 + logvar.exp() - 1.0 - logvar)
     lo, hi = _bounds(cfg, mu.device, mu.dtype)
     if m.prior == "nearest":
         centre = priors.nearest_centre(mu, lo, hi)
-        free = priors.kl_nearest_centre_terms(mu, logvar, centre, m.sigma0)
+        free = priors.kl_nearest_centre_terms(mu, logvar, centre, s0)
     else:
         axes = priors.grid_axes(*m.grid_bounds())
-        free = priors.kl_grid_mixture_mc_terms(z, mu, logvar, axes, m.sigma0)
+        free = priors.kl_grid_mixture_mc_terms(z, mu, logvar, axes, s0)
     if m.guidance == "none":
         return free
     if y is None:
         raise ConfigError(f"model.guidance: {m.guidance!r} needs labels, but the batch has none")
     k = len(m.guided_labels)
-    guided = priors.kl_nearest_centre_terms(mu[:, :k], logvar[:, :k], guided_centres(cfg, y, mu.dtype), m.sigma0)
+    guided = priors.kl_nearest_centre_terms(mu[:, :k], logvar[:, :k], guided_centres(cfg, y, mu.dtype), s0)
     return torch.cat([guided, free[:, k:]], dim=1)
 
 
-def kl_per_example(cfg, mu, logvar, z, y=None) -> torch.Tensor:
-    """KL term of Eq. 23 per example, (B,) nats.
+def kl_per_example(cfg, mu, logvar, z, y=None, sigma0=None) -> torch.Tensor:
+    """KL term of Eq. 23 per example, (B,) nats (``sigma0``: prior std, default ``cfg.model.sigma0``).
 
     With ``kl_estimate: batch`` (grid mixture) the unguided dimensions use the
     minibatch estimate of the aggregate posterior,
@@ -204,20 +243,21 @@ def kl_per_example(cfg, mu, logvar, z, y=None) -> torch.Tensor:
     the mutual-information term I(x; z), so it is not an ELBO.
     """
     m = cfg.model
+    s0 = m.sigma0 if sigma0 is None else sigma0
     if m.kl_estimate != "batch":
-        return kl_terms(cfg, mu, logvar, z, y).sum(1)
+        return kl_terms(cfg, mu, logvar, z, y, s0).sum(1)
     k = len(m.guided_labels) if m.guidance != "none" else 0
     total = 0.0
     if k:
         if y is None:
             raise ConfigError(f"model.guidance: {m.guidance!r} needs labels, but the batch has none")
-        total = priors.kl_nearest_centre(mu[:, :k], logvar[:, :k], guided_centres(cfg, y, mu.dtype), m.sigma0)
+        total = priors.kl_nearest_centre(mu[:, :k], logvar[:, :k], guided_centres(cfg, y, mu.dtype), s0)
     zf, muf, lvf = z[:, k:], mu[:, k:], logvar[:, k:]
     pair = priors.gaussian_log_prob(zf[:, None, :], muf[None], lvf[None]).sum(-1)  # (B, B): log q(z_i | x_j)
     log_qz = torch.logsumexp(pair, dim=1) - math.log(len(z))
     lo, hi = m.grid_bounds()
     axes = priors.grid_axes(lo[k:], hi[k:])
-    return total + log_qz - priors.grid_log_prob(zf, axes, m.sigma0)
+    return total + log_qz - priors.grid_log_prob(zf, axes, s0)
 
 
 def recon_nats(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -234,14 +274,13 @@ def loss(model, batch, cfg, generator) -> tuple[torch.Tensor, dict]:
     core = getattr(model, "module", model)
     if model.training:
         core.train_steps += 1
-    w = cfg.model.beta
-    if cfg.model.kl_warmup > 0:
-        w = w * min(1.0, float(core.train_steps) / cfg.model.kl_warmup)
+    w = beta_at(cfg, int(core.train_steps))
+    s0 = sigma0_at(cfg, int(core.train_steps) - 1 if model.training else cfg.model.sigma0_anneal)
     rec = recon_nats(logits, x).mean()
-    kl = kl_per_example(cfg, mu, logvar, z, y).mean()
+    kl = kl_per_example(cfg, mu, logvar, z, y, s0).mean()
     total = rec + w * kl
     return total, {"loss": float(total.detach()), "recon_nats": float(rec.detach()), "kl_nats": float(kl.detach()),
-                   "beta_t": w}
+                   "beta_t": w, "sigma0_t": s0}
 
 
 @torch.no_grad()
