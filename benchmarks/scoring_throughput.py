@@ -9,7 +9,15 @@ Prints three ratios measured in this one run (the machine is noisy; compare with
 3. peak resident memory (sum over the driver and every Ray process, sampled from /proc) while
    scoring a Parquet file with 10x the rows, over 1x.
 
-    python benchmarks/scoring_throughput.py [--rows 20000] [--dt 1] [--mem-rows 100000]
+A Ray Data job pays a fixed start-up (actor processes start, import torch and Ray Data, load
+the model) that a loop in an already-running process does not, so parts 1 and 2 time every
+job at two sizes (``--small-rows`` and ``--rows``, interleaved A/B/A/B) and report, besides
+the end-to-end ratio at each size, the two quantities that explain it: the fixed start-up
+seconds and the steady-state throughput (extra rows / extra seconds between the two sizes).
+The end-to-end ratio of a job of N rows follows from them; the size at which it reaches 0.9
+is printed too.
+
+    python benchmarks/scoring_throughput.py [--rows 400000] [--small-rows 20000] [--dt 1]
 """
 from __future__ import annotations
 
@@ -110,9 +118,34 @@ def _parquet(path: Path, n: int):
     return path
 
 
+def _two_sizes(t_small: float, t_large: float, small: int, large: int) -> dict:
+    """From the seconds at two sizes: end-to-end rates, the steady-state rate (large - small) /
+    (t_large - t_small) and the fixed cost t - n / steady (mean over the two sizes)."""
+    steady = (large - small) / max(t_large - t_small, 1e-9)
+    fixed = max(0.0, 0.5 * ((t_small - small / steady) + (t_large - large / steady)))
+    return {"small_s": t_small, "large_s": t_large, "small_rows_per_s": small / t_small,
+            "large_rows_per_s": large / t_large, "steady_rows_per_s": steady, "fixed_s": fixed}
+
+
+def _paired(score_a, score_b, small: int, large: int) -> tuple[dict, dict]:
+    """Time two ways of scoring (``score(n) -> seconds``) at both sizes, interleaved A, B, A, B so
+    that drift in the machine's speed hits both alike."""
+    a_small, b_small = score_a(small), score_b(small)
+    a_large, b_large = score_a(large), score_b(large)
+    return _two_sizes(a_small, a_large, small, large), _two_sizes(b_small, b_large, small, large)
+
+
+def _rows_for_ratio(target: float, base_rate: float, steady: float, fixed: float) -> float:
+    """Smallest N with (N / (fixed + N / steady)) / base_rate >= target (inf if never)."""
+    margin = 1.0 / (target * base_rate) - 1.0 / steady        # seconds per row left for amortising `fixed`
+    return fixed / margin if margin > 0 else float("inf")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=20_000, help="rows for the throughput runs")
+    ap.add_argument("--rows", type=int, default=400_000, help="rows of the large throughput job")
+    ap.add_argument("--small-rows", type=int, default=20_000, help="rows of the small throughput job")
+    ap.add_argument("--node-rows", type=int, default=150_000, help="rows of the large 1- vs 2-node job")
     ap.add_argument("--dt", type=int, default=1, help="likelihood step size (100 / dt network evaluations per row)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=1000)
@@ -130,44 +163,79 @@ def main():
 
     tmp = Path(tempfile.mkdtemp(prefix="rm-bench-score-"))
     model = _model(tmp, args.hidden)
-    spec = scoring.parse_data_spec(f"swiss_roll?n={args.rows}")
-    prep = scoring.prepare(model, spec, {"dt": args.dt})
     cpus = os.cpu_count()
-    res: dict = {"rows": args.rows, "dt": args.dt, "hidden": args.hidden, "batch_size": args.batch_size, "cpus": cpus}
+    res: dict = {"rows": args.rows, "small_rows": args.small_rows, "node_rows": args.node_rows, "dt": args.dt,
+                 "hidden": args.hidden, "batch_size": args.batch_size, "cpus": cpus}
+    preps = {}
+
+    def prepared(n):
+        if n not in preps:
+            spec = scoring.parse_data_spec(f"swiss_roll?n={n}")
+            preps[n] = (scoring.prepare(model, spec, {"dt": args.dt}), spec)
+        return preps[n]
+
+    def ray_job(tag, n_nodes=0):
+        def run(n):
+            prep, spec = prepared(n)
+            r = scoring.score_to_parquet(prep, spec, str(tmp / f"{tag}_{n}_{time.time_ns()}"),
+                                         batch_size=args.batch_size)
+            assert r.rows_out == r.unique_ids == n and (not n_nodes or len(r.nodes) == n_nodes)
+            res[f"{tag}_actors"] = r.actors
+            return r.wall_s
+        return run
+
+    def inprocess(n):
+        prep, spec = prepared(n)
+        return scoring.score_inprocess(prep, spec, batch_size=args.batch_size, threads=cpus)[1]
+
+    def report(tag, base, other, label_base, label_other, small, large):
+        print(f"    {label_base}: {small} rows {base['small_rows_per_s']:.0f} rows/s, {large} rows "
+              f"{base['large_rows_per_s']:.0f} rows/s; steady {base['steady_rows_per_s']:.0f} rows/s, "
+              f"fixed {base['fixed_s']:.1f} s", flush=True)
+        print(f"    {label_other}: {small} rows {other['small_rows_per_s']:.0f} rows/s, {large} rows "
+              f"{other['large_rows_per_s']:.0f} rows/s; steady {other['steady_rows_per_s']:.0f} rows/s, "
+              f"fixed {other['fixed_s']:.1f} s", flush=True)
+        for k in ("small_rows_per_s", "large_rows_per_s", "steady_rows_per_s"):
+            res[f"{tag}_{k.replace('_rows_per_s', '')}_ratio"] = other[k] / base[k]
+        res[f"{tag}_base"], res[f"{tag}_other"] = base, other
 
     if "local" not in skip:
         torch.set_num_threads(cpus)
-        lp, secs = scoring.score_inprocess(prep, spec, batch_size=args.batch_size, threads=cpus)
-        res["inprocess_rows_per_s"] = args.rows / secs
         ensure_ray(None, cpus, quiet=True)
-        r = scoring.score_to_parquet(prep, spec, str(tmp / "local"), batch_size=args.batch_size)
-        assert r.rows_out == r.unique_ids == args.rows
-        res["ray_rows_per_s"] = args.rows / r.wall_s
-        res["ray_actors"] = r.actors
-        res["ray_over_inprocess"] = res["ray_rows_per_s"] / res["inprocess_rows_per_s"]
-        print(f"[1] in-process {res['inprocess_rows_per_s']:.0f} rows/s, Ray Data ({r.actors} actors) "
-              f"{res['ray_rows_per_s']:.0f} rows/s: ratio {res['ray_over_inprocess']:.2f}", flush=True)
+        ray_job("local")(min(2000, args.small_rows))    # warm the object store and the worker pool once
+        base, other = _paired(inprocess, ray_job("local"), args.small_rows, args.rows)
         shutdown()
+        report("local", base, other, "in-process loop", f"Ray Data ({res['local_actors']} actors)",
+               args.small_rows, args.rows)
+        n90 = _rows_for_ratio(0.9, base["steady_rows_per_s"], other["steady_rows_per_s"], other["fixed_s"])
+        res["local_rows_for_0.9"] = n90
+        print(f"[1] Ray Data / in-process: {res['local_large_ratio']:.2f} at {args.rows} rows "
+              f"({base['large_s']:.0f} s of in-process work), {res['local_small_ratio']:.2f} at {args.small_rows} rows; "
+              f"steady state {res['local_steady_ratio']:.2f}; Ray Data start-up {other['fixed_s']:.1f} s per job; "
+              f"0.9 is reached from {n90:,.0f} rows", flush=True)
 
     if "nodes" not in skip:
         from ray.cluster_utils import Cluster
 
-        rates = {}
-        for n_nodes in (1, 2):
-            c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-            for _ in range(n_nodes):
-                c.add_node(num_cpus=1)
-            c.wait_for_nodes()
-            ensure_ray(c.address, quiet=True)
-            r = scoring.score_to_parquet(prep, spec, str(tmp / f"nodes{n_nodes}"), batch_size=args.batch_size)
-            assert r.rows_out == r.unique_ids == args.rows and len(r.nodes) == n_nodes
-            rates[n_nodes] = args.rows / r.wall_s
-            ray.shutdown()
-            c.shutdown()
-        res["one_node_rows_per_s"], res["two_node_rows_per_s"] = rates[1], rates[2]
-        res["two_over_one_node"] = rates[2] / rates[1]
-        print(f"[2] 1 node x 1 CPU {rates[1]:.0f} rows/s, 2 nodes x 1 CPU {rates[2]:.0f} rows/s: "
-              f"ratio {res['two_over_one_node']:.2f}", flush=True)
+        def on_cluster(n_nodes):
+            def run(n):
+                c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+                for _ in range(n_nodes):
+                    c.add_node(num_cpus=1)
+                c.wait_for_nodes()
+                ensure_ray(c.address, quiet=True)
+                try:
+                    return ray_job(f"nodes{n_nodes}", n_nodes)(n)
+                finally:
+                    ray.shutdown()
+                    c.shutdown()
+            return run
+
+        one, two = _paired(on_cluster(1), on_cluster(2), args.small_rows, args.node_rows)
+        report("nodes", one, two, "1 node x 1 CPU", "2 nodes x 1 CPU", args.small_rows, args.node_rows)
+        print(f"[2] 2 nodes / 1 node: {res['nodes_large_ratio']:.2f} at {args.node_rows} rows, "
+              f"{res['nodes_small_ratio']:.2f} at {args.small_rows} rows; steady state {res['nodes_steady_ratio']:.2f}",
+              flush=True)
 
     if "memory" not in skip:
         peaks = {}

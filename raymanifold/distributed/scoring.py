@@ -4,7 +4,7 @@ Pipeline (streaming, so memory stays flat as the input grows)::
 
     read  (a bundled/on-disk data set loaded in the driver | Parquet | a folder of images)
       -> map_batches(Scorer, compute=ActorPoolStrategy(size=n))  # model loaded once per actor
-      -> write_parquet(out)                                      # id, label, log_prob [nats], bits_per_dim
+      -> iter_batches -> one Parquet file under out (driver)     # id, label, log_prob [nats], bits_per_dim
 
 Data specs (``--data``):
 
@@ -301,6 +301,21 @@ class ScoreResult:
     nodes: list
 
 
+def _free_cpus(settle_s: float = 5.0) -> float:
+    """Free CPUs of the cluster. The actors of a job that just ended (e.g. the input before ``--ood``)
+    release their CPUs a moment after it returns, so poll for up to ``settle_s`` seconds and take the
+    most seen, stopping as soon as every CPU is free."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1.0)
+    best, deadline = 0.0, time.monotonic() + settle_s
+    while True:
+        best = max(best, ray.available_resources().get("CPU", 0.0))
+        if best >= total - 1e-9 or time.monotonic() >= deadline:
+            return best if best > 0 else 1.0
+        time.sleep(0.25)
+
+
 def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 0, batch_size: int = 256,
                      cpus_per_actor: float = 1.0, seed: int = 0, fail_at_batch: int = -1,
                      address: Optional[str] = None, num_cpus: int = 0) -> ScoreResult:
@@ -315,8 +330,7 @@ def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 
     ctx.print_on_execution_start = False
     ctx.wait_for_min_actors_s = 600   # start once the whole pool is up, so every actor (and node) gets batches
     if actors <= 0:
-        free = ray.available_resources().get("CPU", 1.0)
-        actors = max(1, int((free + 1e-9) // cpus_per_actor))
+        actors = max(1, int((_free_cpus() + 1e-9) // cpus_per_actor))
     # File inputs: Ray Data's ListFiles task takes 1 CPU and the read tasks a slice; if the actors held every
     # CPU the read would never be scheduled (seen on a 2-CPU machine: the pipeline waits forever), so the
     # actors' logical CPU share shrinks by IO_CPUS (the work still runs on all cores).
@@ -349,13 +363,28 @@ def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 
         fn_constructor_kwargs={"model_bytes": [ref], "source": prep.source, "opts": prep.opts, "seed": seed,
                                "threads": max(1, int(cpus_per_actor)), "fail_at_batch": fail_at_batch,
                                "fail_marker": marker, "tag_node": True})
-    scored.write_parquet(out, ray_remote_args={"num_cpus": 0})
-    wall = time.perf_counter() - t0
+    # The driver streams the (small) score rows into one Parquet file: on a cluster `out` is a path on
+    # the machine that runs the command, and no write tasks compete with the actors for CPUs (Ray Data's
+    # write_parquet starts a worker process per concurrent write task, which cost ~30% of the throughput
+    # on 2 CPUs). Each output block arrives exactly once, also after an actor restart.
     import pyarrow.parquet as pq
 
+    Path(out).mkdir(parents=True, exist_ok=True)
+    writer = None
+    try:
+        for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer = writer or pq.ParquetWriter(str(Path(out) / "scores-00000.parquet"), table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    wall = time.perf_counter() - t0
+
+    import pyarrow.compute as pc
+
     ids = pq.read_table(out, columns=["id", "node"])
-    uniq = len(set(ids.column("id").to_pylist()))
-    nodes = sorted(set(ids.column("node").to_pylist()))
+    uniq = pc.count_distinct(ids.column("id")).as_py()
+    nodes = sorted(pc.unique(ids.column("node")).to_pylist())
     return ScoreResult(out=out, rows_in=prep.n_rows, rows_out=ids.num_rows, unique_ids=uniq, wall_s=wall,
                        actors=actors, nodes=nodes)
 
