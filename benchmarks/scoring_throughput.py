@@ -189,12 +189,10 @@ def main():
         return scoring.score_inprocess(prep, spec, batch_size=args.batch_size, threads=cpus)[1]
 
     def report(tag, base, other, label_base, label_other, small, large):
-        print(f"    {label_base}: {small} rows {base['small_rows_per_s']:.0f} rows/s, {large} rows "
-              f"{base['large_rows_per_s']:.0f} rows/s; steady {base['steady_rows_per_s']:.0f} rows/s, "
-              f"fixed {base['fixed_s']:.1f} s", flush=True)
-        print(f"    {label_other}: {small} rows {other['small_rows_per_s']:.0f} rows/s, {large} rows "
-              f"{other['large_rows_per_s']:.0f} rows/s; steady {other['steady_rows_per_s']:.0f} rows/s, "
-              f"fixed {other['fixed_s']:.1f} s", flush=True)
+        for label, r in ((label_base, base), (label_other, other)):
+            print(f"    {label}: {small} rows {r['small_rows_per_s']:.0f} rows/s, {large} rows "
+                  f"{r['large_rows_per_s']:.0f} rows/s; steady {r['steady_rows_per_s']:.0f} rows/s, "
+                  f"fixed {r['fixed_s']:.1f} s", flush=True)
         for k in ("small_rows_per_s", "large_rows_per_s", "steady_rows_per_s"):
             res[f"{tag}_{k.replace('_rows_per_s', '')}_ratio"] = other[k] / base[k]
         res[f"{tag}_base"], res[f"{tag}_other"] = base, other

@@ -275,7 +275,7 @@ def loss(model, batch, cfg, generator) -> tuple[torch.Tensor, dict]:
     if model.training:
         core.train_steps += 1
     w = beta_at(cfg, int(core.train_steps))
-    s0 = sigma0_at(cfg, int(core.train_steps) - 1 if model.training else cfg.model.sigma0_anneal)
+    s0 = sigma0_at(cfg, int(core.train_steps) - 1) if model.training else cfg.model.sigma0  # eval: the final prior
     rec = recon_nats(logits, x).mean()
     kl = kl_per_example(cfg, mu, logvar, z, y, s0).mean()
     total = rec + w * kl
