@@ -24,6 +24,21 @@ len(guided_labels) dimensions and leaves the rest to the unsupervised prior.
 ``beta_t`` ramps linearly from ``beta_start`` (default 0) to ``beta`` over
 ``kl_warmup`` steps; with ``sigma0_start`` / ``sigma0_anneal`` the prior std
 decays geometrically from ``sigma0_start`` to ``sigma0``.
+
+Augmented inference (``model.encoder_augment``, off by default): during
+training the encoder sees a randomly deformed image T(x) (random affine, one
+transform per example and tile, :mod:`raymanifold.data.augment`) while the
+decoder still reconstructs the clean x:
+
+    L = -E_{q(z|T x)} log p(x|z) + beta_t * KL(q(z|T x) || p(z)).
+
+Any distribution over z gives a lower bound on log p(x), so for every T this
+is still an ELBO of the clean x (with beta_t = 1), with q(z|T x) as the
+variational posterior (the denoising criterion of Im et al., 2017, with a
+geometric corruption). The encoder has to infer from T(x) what the decoder
+needs to redraw x, so it cannot rely on nuisance detail (slant, thickness,
+position) that T changes: it is pushed towards the identity of the digit.
+Evaluation, encode and decode never deform.
 """
 from __future__ import annotations
 
@@ -35,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from raymanifold.config import ConfigError, param
+from raymanifold.data.augment import random_affine
 from raymanifold.recipes import Recipe
 from raymanifold.vae import priors
 from raymanifold.vae.models import GridVAE
@@ -42,6 +58,24 @@ from raymanifold.vae.models import GridVAE
 PRIORS = ("normal", "grid_mixture", "nearest")
 GUIDANCE = ("none", "full", "partial")
 KL_ESTIMATES = ("sample", "batch")
+
+
+@dataclass(frozen=True)
+class EncoderAugmentConfig:
+    """Random affine deformation of the encoder's input during training (augmented inference, see module doc).
+
+    Each parameter is drawn uniformly in [-limit, limit] per example and per tile; all zero = off.
+    """
+    degrees: float = param(0.0, lo=0.0, hi=180.0, help="max rotation (degrees)")
+    translate: float = param(0.0, lo=0.0, hi=0.5, help="max shift in x and in y, as a fraction of the tile size")
+    scale: float = param(0.0, lo=0.0, hi=0.9, help="max relative change of size: magnification in [1-s, 1+s]")
+    shear: float = param(0.0, lo=0.0, hi=60.0, help="max x-shear angle (degrees)")
+    tiles: int = param(1, lo=1, hi=64, help="equal-width tiles along the image width deformed independently "
+                                           "(2 for two_digit: one transform per digit)")
+
+    @property
+    def active(self) -> bool:
+        return any(v > 0 for v in (self.degrees, self.translate, self.scale, self.shear))
 
 
 @dataclass(frozen=True)
@@ -68,6 +102,10 @@ class GridVAEModelConfig:
     guidance: str = param("none", choices=GUIDANCE, help="none | full | partial (Sec. 4.2.2)")
     guided_labels: tuple[str, ...] = param((), help="label columns guiding latent dims 0..m-1, in order")
     eval_points: int = param(5000, lo=100, hi=1_000_000, help="examples encoded by evaluate()")
+    encoder_augment: EncoderAugmentConfig = param(
+        default_factory=EncoderAugmentConfig,
+        help="training only: random affine deformation of the encoder input; the decoder reconstructs the "
+             "clean image (augmented-inference ELBO)")
 
     def validate(self):
         n = self.latent_dim
@@ -153,6 +191,10 @@ def validate(cfg):
     if len(shape) != 3 or shape[1] % 4 or shape[2] % 4:
         raise ConfigError(f"data.image_size: gridvae needs (C, H, W) images with H and W divisible by 4; "
                           f"{cfg.data.name!r} gives {shape}")
+    tiles = m.encoder_augment.tiles
+    if shape[2] % tiles:
+        raise ConfigError(f"model.encoder_augment.tiles: the image width {shape[2]} of {cfg.data.name!r} is not "
+                          f"divisible into {tiles} equal tiles; use a divisor of {shape[2]}")
     if m.guidance == "none":
         return
     if not spec["has_labels"] or not spec["label_names"]:
@@ -270,7 +312,13 @@ def loss(model, batch, cfg, generator) -> tuple[torch.Tensor, dict]:
     x = batch[0]
     y = batch[1] if len(batch) > 1 else None
     eps = torch.randn((x.shape[0], cfg.model.latent_dim), generator=generator).to(x.device, x.dtype)
-    logits, mu, logvar, z = model(x, eps)
+    aug = cfg.model.encoder_augment
+    if model.training and aug.active:  # augmented inference: encode T(x), reconstruct x
+        x_in = random_affine(x, generator, degrees=aug.degrees, translate=aug.translate, scale=aug.scale,
+                             shear=aug.shear, tiles=aug.tiles)
+    else:
+        x_in = x
+    logits, mu, logvar, z = model(x_in, eps)
     core = getattr(model, "module", model)
     if model.training:
         core.train_steps += 1
