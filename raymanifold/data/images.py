@@ -20,7 +20,9 @@ Values are in [0, 1] (8-bit: ``levels`` = 256). ``image_size`` > 0 resizes
 aligned-face crop) and needs an ``image_size`` (default 64). ``n`` caps the
 number of examples (a fixed random subset chosen by ``seed``), so a large set
 is never fully decoded when a small sample is asked for. CelebA's labels are
-its 40 binary attributes (N, 40) in {0, 1}; ``info["attr_names"]`` names them.
+its 40 binary attributes (N, 40) in {0, 1}; ``info["attr_names"]`` names them
+(also as ``label_names``, with ``label_cardinality`` 2 each, so they can guide
+GridVAE latent dimensions).
 
 A missing or incomplete root raises :class:`~raymanifold.data.DataError`
 listing every expected file that is absent. Checksums are not verified (only
@@ -200,7 +202,10 @@ def celeba(split, n=None, seed=0, root=None, image_size=0):
     size = image_size or CELEBA_DEFAULT_SIZE
     x = _load_rgb(paths, CELEBA_CROP, size)
     y = ds.attr[torch.as_tensor(idx, dtype=torch.long)].long()
-    return ArrayDataset(x, y, _info(x, attr_names=[a for a in ds.attr_names if a]))
+    names = tuple(a for a in ds.attr_names if a)
+    # label_names / label_cardinality: the attributes can guide GridVAE dimensions (Sec. 4.2.2)
+    return ArrayDataset(x, y, _info(x, attr_names=list(names), label_names=names,
+                                    label_cardinality=(2,) * len(names)))
 
 
 @register("image_folder", "image")
