@@ -137,6 +137,9 @@ def test_eval_sweep_interrupted_then_resumed_with_mlflow(local_ray, tmp_path, ti
     assert {r["config"]["params.dt"] for r in results.values()} == {1, 5, 20}
     for tid, ts in first.items():                 # finished trials were not run again
         assert results[tid]["timestamp"] == ts
+    # max_concurrent: 1 is obeyed: the resumed trials' evaluations do not overlap in time
+    spans = sorted((r["started_at"], r["started_at"] + r["eval_s"]) for tid, r in results.items() if tid not in first)
+    assert len(spans) >= 1 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
     # the dt = 1 trial estimates the dt = 1 reference: bias ~ 0 within a few standard errors
     r1 = next(r for r in results.values() if r["config"]["params.dt"] == 1)
     assert abs(r1["logp_bias_nats"]) < 4 * r1["logp_bias_se_nats"] + 1e-9

@@ -102,7 +102,8 @@ def cmd_sweep(args) -> int:
         print(summary["markdown"])
         if result.interrupted:  # the parent run ends FAILED; --resume logs a complete one
             tracking.set_tags({"interrupted": "true"})
-            print(f"\nsweep interrupted: {sum(r.status == 'PENDING' for r in result.rows)} trial(s) did not "
+            left = spec.n_trials - len(result.completed) - sum(r.status in ("STOPPED", "ERROR") for r in result.rows)
+            print(f"\nsweep interrupted: {left} trial(s) did not "
                   f"finish; complete it with: raymanifold sweep --config {args.config} --resume", flush=True)
             raise KeyboardInterrupt("sweep interrupted")
     print(f"\nMLflow: {uri} (experiment {spec.experiment!r}, parent run {parent.info.run_id})")
@@ -161,8 +162,8 @@ def write_report(result, child_ids: dict, parent_id: str, out=None) -> dict:
 
     spec = result.spec
     rows = ranked(result.rows, spec.metric, spec.mode)
-    metric_names = [spec.metric] + sorted({k for r in rows for k in r.metrics} - {spec.metric, "step", "dt"}
-                                          - {k for k in spec.space})
+    metric_names = [spec.metric] + sorted({k for r in rows for k in r.metrics}
+                                          - {spec.metric, "step", "dt", "started_at"} - {k for k in spec.space})
     table = []
     for rank, r in enumerate(rows, 1):
         table.append({"rank": rank, "trial_id": r.trial_id, "run_id": child_ids.get(r.trial_id), "status": r.status,

@@ -119,6 +119,8 @@ def train_loop_per_worker(loop_cfg: dict):
     window: dict = {}
     t_loop = time.perf_counter()
     t_last = [t_loop, start]
+    progress_every = int(loop_cfg.get("progress_every") or cfg.train.log_every)
+    next_progress = [start + progress_every]
 
     def on_step(step, metrics):
         for k, v in metrics.items():
@@ -142,7 +144,9 @@ def train_loop_per_worker(loop_cfg: dict):
             t_last[:] = [now, step]
             if tracking is not None:
                 tracking.log_metrics(avg, step, run_id=run_id, uri=uri)
-            if rank == 0 and loop_cfg.get("verbose", True):
+            if rank == 0 and loop_cfg.get("verbose", True) and (step >= next_progress[0] or step == cfg.train.steps):
+                while next_progress[0] <= step:
+                    next_progress[0] += progress_every
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in avg.items())
                 # Ray Train patches print() to log *and* tee to a wrapped stdout, so a plain print shows
                 # twice in the driver; writing to the process's own stdout stream shows it once.
@@ -174,8 +178,9 @@ def train_loop_per_worker(loop_cfg: dict):
 
 
 def trainer_for(cfg, *, run_id: Optional[str] = None, tracking_uri: Optional[str] = None,
-                callbacks=None, verbose: bool = True) -> TorchTrainer:
-    """The TorchTrainer for ``cfg`` (exposed for Tune trainables)."""
+                callbacks=None, verbose: bool = True, progress_every: int = 0) -> TorchTrainer:
+    """The TorchTrainer for ``cfg`` (exposed for Tune trainables). With ``verbose`` rank 0 prints a progress
+    line at the first log step of every ``progress_every`` steps (0: every ``train.log_every``)."""
     storage = _storage_path(cfg)
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker}
@@ -185,7 +190,7 @@ def trainer_for(cfg, *, run_id: Optional[str] = None, tracking_uri: Optional[str
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
                            "storage_dir": str(Path(storage) / cfg.name) if "://" not in storage else storage,
-                           "verbose": verbose},
+                           "verbose": verbose, "progress_every": progress_every or cfg.train.log_every},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.name, storage_path=storage,

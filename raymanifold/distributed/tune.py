@@ -74,8 +74,9 @@ class SweepResult:
 
     @property
     def interrupted(self) -> bool:
-        """Some trials never finished (the driver was interrupted): complete them with ``resume``."""
-        return any(r.status == "PENDING" for r in self.rows)
+        """Some trials never finished (the driver was interrupted): complete them with ``resume``.
+        Trials the concurrency limit had not yet generated have no row at all, hence the count."""
+        return any(r.status == "PENDING" for r in self.rows) or len(self.rows) < self.spec.n_trials
 
     @property
     def completed(self) -> list:
@@ -105,10 +106,12 @@ def _eval_trial(config: dict, *, ckpt_bytes: bytes, evaluator: str, fixed_params
     if overrides:
         cfg = replace(cfg, overrides)
     fn = resolve_evaluator(evaluator)
+    started = time.time()
     t0 = time.perf_counter()
     metrics = fn(model, cfg, seed=seed, **{**fixed_params, **params})
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["eval_s"] = time.perf_counter() - t0
+    metrics["started_at"] = started  # unix time: when the evaluation began (trial concurrency is checkable)
     tune.report(metrics)
 
 
@@ -125,7 +128,9 @@ def _train_trial(config: dict, *, base: dict, sweep: str, storage: str):
     cfg = config_from_dict(apply_overrides(base, list(config.items()) + [
         ("name", f"{sweep}-{trial_id}"), ("train.storage_path", storage)]))
     t0 = time.perf_counter()
-    result = trainer_for(cfg, callbacks=[TuneReportCallback()], verbose=False).fit()
+    # one progress line per trial and checkpoint (per log step would interleave many trials unreadably)
+    result = trainer_for(cfg, callbacks=[TuneReportCallback()], verbose=True,
+                         progress_every=cfg.train.checkpoint_every).fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
@@ -241,7 +246,10 @@ def run_sweep(spec: SweepSpec, *, base: Optional[dict] = None, model_path: Optio
             trainable, param_space=_tune_space(spec),
             tune_config=tune.TuneConfig(num_samples=spec.num_samples, max_concurrent_trials=concurrency,
                                         scheduler=_scheduler(spec, base),
-                                        search_alg=tune.search.BasicVariantGenerator(random_state=spec.seed)),
+                                        # the limit must be on the generator itself: Tune ignores
+                                        # max_concurrent_trials when a SearchGenerator is passed
+                                        search_alg=tune.search.BasicVariantGenerator(
+                                            random_state=spec.seed, max_concurrent=concurrency)),
             run_config=tune.RunConfig(name=spec.name, storage_path=str(Path(path).parent) if local else
                                       path.rsplit("/", 1)[0], callbacks=callbacks, verbose=1 if verbose else 0))
     grid = tuner.fit()
