@@ -290,3 +290,56 @@ def test_beta_ramp_starts_at_beta_start():
     cfg = make_cfg({"prior": "grid_mixture", "beta": 3.0, "beta_start": 1.0, "kl_warmup": 4})
     assert [R.beta_at(cfg, s) for s in (0, 2, 4, 9)] == pytest.approx([1.0, 2.0, 3.0, 3.0])
     assert R.beta_at(make_cfg({"beta": 2.0}), 0) == 2.0
+
+
+# ----------------------------------------------------------------------------- restarts (study --restarts K)
+def test_restart_selection_uses_the_train_elbo_not_the_labels():
+    from raymanifold.commands.gridvae import _pick_restart
+
+    rows = [{"seed": 0, "train_loss_nats": 46.6, "cluster_accuracy": 0.99},
+            {"seed": 1, "train_loss_nats": 45.9, "cluster_accuracy": 0.80},
+            {"seed": 2, "train_loss_nats": float("nan"), "cluster_accuracy": 1.0}]
+    best = _pick_restart(rows)
+    assert best["seed"] == 1  # lowest negative ELBO, although seed 0 has the higher accuracy
+    assert [r["selected"] for r in rows] == [False, True, False]
+    with pytest.raises(RuntimeError, match="finite train_loss_nats"):
+        _pick_restart([{"seed": 0, "train_loss_nats": float("nan")}])
+
+
+def test_two_digit_study_rejects_bad_restarts(capsys):
+    from raymanifold.cli import main
+
+    assert main(["study", "gridvae-two-digit", "--restarts", "0"]) == 2
+    assert "--restarts: must be >= 1" in capsys.readouterr().err
+    assert main(["study", "gridvae-two-digit", "--restarts", "2", "--model", "x.pt"]) == 2
+    assert "cannot be combined with --model" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_digit_study_restarts_on_ray_tune_keep_the_best_elbo(tmp_path, monkeypatch):
+    """--restarts 2 trains two seeds as a Ray Tune sweep (one Ray Train run each), reports both and keeps the
+    one with the lower train negative ELBO; the report's model is that restart's MLflow run."""
+    import json
+
+    from raymanifold.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    out = tmp_path / "report"
+    small = ["train.steps=20", "train.checkpoint_every=20", "data.n_train=360", "data.n_test=360",
+             "model.eval_points=360", "model.width=4", f"train.storage_path={tmp_path}/ray_results"]
+    args = ["study", "gridvae-two-digit", "--restarts", "2", "--out", str(out)]
+    for s in small:
+        args += ["--set", s]
+    assert main(args) == 0
+    rep = json.loads((out / "two_digit.json").read_text())
+    rows = rep["restarts"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    chosen = [r for r in rows if r["selected"]]
+    assert len(chosen) == 1 and chosen[0]["train_loss_nats"] == min(r["train_loss_nats"] for r in rows)
+    assert rep["model"].startswith(chosen[0]["model"])
+    # the reported model is the chosen restart: its evaluation reproduces that restart's numbers
+    assert rep["metrics"]["train_loss_nats"] == pytest.approx(chosen[0]["train_loss_nats"], rel=1e-6)
+    assert rep["metrics"]["cluster_accuracy"] == pytest.approx(chosen[0]["cluster_accuracy"])
+    assert rows[0]["train_loss_nats"] != rows[1]["train_loss_nats"]  # two different models
+    assert "## Restarts" in (out / "two_digit.md").read_text()

@@ -221,7 +221,9 @@ def run_sweep(spec: SweepSpec, *, base: Optional[dict] = None, model_path: Optio
     if spec.kind == "eval" and model_path is None:
         raise ConfigError("model: an eval-time sweep needs a trained model")
 
-    ensure_ray(address, num_cpus, quiet=not verbose)
+    # train-time trials run for minutes and print one progress line per checkpoint, so their worker output
+    # reaches the driver; eval trials are short and only their result matters
+    ensure_ray(address, num_cpus, quiet=not verbose and spec.kind == "eval")
     total, free = ray.cluster_resources(), ray.available_resources()
     if spec.kind == "train":
         cpu, gpu = train_trial_resources(base)

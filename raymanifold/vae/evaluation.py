@@ -3,7 +3,9 @@
 :func:`evaluate_model` encodes the train and test splits to posterior means
 and returns scalar ``metrics`` plus the ``arrays`` the figures need:
 
-* always: test reconstruction and KL (nats per example);
+* always: test reconstruction and KL (nats per example), and the negative
+  ELBO (recon + KL at beta 1, the final sigma0) on the test and on the train
+  split (``train_loss_nats``: an unsupervised criterion to choose among restarts);
 * data sets with ``digit1``/``digit2``/``pair`` labels (``two_digit``):
   grid cells = R(mu) (round, clamp to the grid); ``cluster_accuracy`` maps
   cells to the 36 pairs one-to-one by a Hungarian matching fitted on the
@@ -136,10 +138,12 @@ def evaluate_model(model, cfg, *, train_ds=None, test_ds=None) -> dict:
     n = cfg.model.eval_points
     train_ds = train_ds if train_ds is not None else rdata.load_split(cfg.data, "train")
     test_ds = test_ds if test_ds is not None else rdata.load_split(cfg.data, "test")
-    mu_tr, y_tr, _, _ = encode_split(model, train_ds, cfg, n)
+    mu_tr, y_tr, rec_tr, kl_tr = encode_split(model, train_ds, cfg, n)
     mu_te, y_te, rec, kl = encode_split(model, test_ds, cfg, n)
+    # test/train_loss_nats = recon + KL at beta 1 and the final sigma0: the negative ELBO (Eq. 23), no labels
+    # involved for unguided models, so train_loss_nats can select among restarts without looking at labels
     metrics = {"test_recon_nats": float(rec.mean()), "test_kl_nats": float(kl.mean()),
-               "test_loss_nats": float((rec + kl).mean())}
+               "test_loss_nats": float((rec + kl).mean()), "train_loss_nats": float((rec_tr + kl_tr).mean())}
     arrays = {"mu_train": mu_tr, "mu_test": mu_te, "y_train": y_tr, "y_test": y_te}
     names = list(test_ds.info.get("label_names", ()))
     if y_te is not None and {"digit1", "digit2", "pair"} <= set(names) and cfg.model.prior != "normal":

@@ -33,6 +33,38 @@ def latent_scatter(mu: np.ndarray, pair: np.ndarray, cfg, path, title: str = "")
     plt.close(fig)
 
 
+def cell_confusion(mu: np.ndarray, digits: np.ndarray, cfg, positions: list[int], accuracies: list[float], path):
+    """Per latent dimension: counts of test examples by grid cell R(mu_d) (rows) and the true digit of the
+    position that dimension encodes (columns); a clean model has one dominant entry per row and column."""
+    from raymanifold.vae.evaluation import grid_cells
+
+    plt = _plt()
+    cells = grid_cells(mu, cfg)
+    lo, hi = cfg.model.grid_bounds()
+    n = mu.shape[1]
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+    for d, ax in enumerate(axes[0]):
+        k = hi[d] - lo[d] + 1
+        y = digits[:, positions[d] - 1]
+        m = np.zeros((k, int(y.max()) + 1), dtype=int)
+        np.add.at(m, (cells[:, d], y), 1)
+        ax.imshow(m, cmap="Blues")
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                if m[i, j]:
+                    ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=6,
+                            color="w" if m[i, j] > 0.5 * m.max() else "k")
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(k))
+        ax.set_yticklabels([str(v) for v in range(lo[d], hi[d] + 1)])
+        ax.set(xlabel=f"true digit {positions[d]} of the pair", ylabel=f"cell of z{d + 1} (R(mu))",
+               title=f"z{d + 1}: accuracy {accuracies[d]:.3f}")
+    fig.suptitle("test split: grid cell vs digit, per latent dimension", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 @torch.no_grad()
 def decode_rows(model, rows: list[np.ndarray]) -> list[np.ndarray]:
     """Decode each row of latents (k, n) to images (k, H, W, C) in [0, 1]."""
