@@ -190,7 +190,7 @@ def trainer_for(cfg, *, run_id: Optional[str] = None, tracking_uri: Optional[str
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
                            "storage_dir": str(Path(storage) / cfg.name) if "://" not in storage else storage,
-                           "verbose": verbose, "progress_every": progress_every or cfg.train.log_every},
+                           "verbose": verbose, "progress_every": progress_every},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.name, storage_path=storage,

@@ -246,10 +246,9 @@ def run_sweep(spec: SweepSpec, *, base: Optional[dict] = None, model_path: Optio
         callbacks = [_InterruptAfter(stop_after, f"{path}/.interrupted")] if stop_after else None
         tuner = tune.Tuner(
             trainable, param_space=_tune_space(spec),
-            tune_config=tune.TuneConfig(num_samples=spec.num_samples, max_concurrent_trials=concurrency,
-                                        scheduler=_scheduler(spec, base),
-                                        # the limit must be on the generator itself: Tune ignores
-                                        # max_concurrent_trials when a SearchGenerator is passed
+            tune_config=tune.TuneConfig(num_samples=spec.num_samples, scheduler=_scheduler(spec, base),
+                                        # the concurrency limit goes on the generator itself: Tune ignores
+                                        # TuneConfig(max_concurrent_trials) when a SearchGenerator is passed
                                         search_alg=tune.search.BasicVariantGenerator(
                                             random_state=spec.seed, max_concurrent=concurrency)),
             run_config=tune.RunConfig(name=spec.name, storage_path=str(Path(path).parent) if local else
