@@ -83,14 +83,16 @@ def run_steps(recipe, model, optimizer, batches: Iterator, cfg, *, start_step: i
               on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Run optimizer steps ``start_step+1 .. end_step``; returns the last step's metrics.
 
-    ``on_step(step, metrics)`` is called after every step (1-based step count)
-    and may checkpoint, log or raise.
+    ``recipe.loss`` receives the 1-based number of the step being taken (its
+    schedules, e.g. GridVAE's KL warm-up, read it; resumption continues them).
+    ``on_step(step, metrics)`` is called after every step and may checkpoint,
+    log or raise.
     """
     model.train()
     metrics: dict = {}
     for step in range(start_step + 1, end_step + 1):
         batch = next(batches)
-        loss, metrics = recipe.loss(model, batch, cfg, generator)
+        loss, metrics = recipe.loss(model, batch, cfg, step, generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training diverged: loss is {float(loss)} at step {step}")
         optimizer.zero_grad(set_to_none=True)

@@ -99,7 +99,7 @@ def test_augmented_loss_encodes_the_deformed_image_and_reconstructs_the_clean_on
     seen = []
     model.encoder.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
     model.train()
-    loss, metrics = R.loss(model, (x,), cfg, torch.Generator().manual_seed(5))
+    loss, metrics = R.loss(model, (x,), cfg, 1, torch.Generator().manual_seed(5))
     # the same draws, replayed: eps first, then the affine parameters (the loss's order)
     g = torch.Generator().manual_seed(5)
     eps = torch.randn((8, 2), generator=g)
@@ -115,7 +115,7 @@ def test_augmented_loss_encodes_the_deformed_image_and_reconstructs_the_clean_on
     # evaluation mode never deforms
     model.eval()
     seen.clear()
-    R.loss(model, (x,), cfg, torch.Generator().manual_seed(5))
+    R.loss(model, (x,), cfg, 1, torch.Generator().manual_seed(5))
     assert torch.equal(seen[0], x)
 
 

@@ -372,7 +372,7 @@ def test_glow_recipe_bits_per_dim_and_points():
     xu = glow_recipe.to_model_space(x, cfg, dequantize="uniform", generator=torch.Generator().manual_seed(0))
     assert bool(((xu + 0.5) * 17 >= k).all()) and bool(((xu + 0.5) * 17 < k + 1).all())
     # the training loss is the per-dimension NLL of the same model and its bpd metric matches
-    loss, metrics = glow_recipe.loss(model.train(), (x,), cfg, torch.Generator().manual_seed(0))
+    loss, metrics = glow_recipe.loss(model.train(), (x,), cfg, 1, torch.Generator().manual_seed(0))
     assert metrics["bpd"] == pytest.approx((float(loss.detach()) + math.log(17)) / math.log(2), rel=1e-6)
     pts = config_from_dict({"family": "glow", "data": {"name": "moons"},
                             "model": {"channels": 2, "levels": 1, "depth": 2, "hidden": 8}})

@@ -163,8 +163,8 @@ def test_loss_backward_warmup_and_checkpoint_round_trip(tmp_path):
     ds = rdata.load("two_digit", "train", n=8)
     g = torch.Generator().manual_seed(0)
     model.train()
-    _, m1 = R.loss(model, (ds.x, ds.y), cfg, g)
-    loss, m2 = R.loss(model, (ds.x, ds.y), cfg, g)
+    _, m1 = R.loss(model, (ds.x, ds.y), cfg, 1, g)
+    loss, m2 = R.loss(model, (ds.x, ds.y), cfg, 2, g)
     loss.backward()
     assert (m1["beta_t"], m2["beta_t"]) == (0.25, 0.5)
     grads = [p.grad for p in model.parameters()]
@@ -172,13 +172,34 @@ def test_loss_backward_warmup_and_checkpoint_round_trip(tmp_path):
     assert m2["recon_nats"] > 0
     path = checkpoint.save(tmp_path / "checkpoint.pt", model, cfg, step=2)
     model2, cfg2, recipe = checkpoint.load_model(str(path))
-    assert int(model2.train_steps) == 2 and cfg2 == cfg
+    assert cfg2 == cfg and "train_steps" not in model2.state_dict()  # the step comes from the loop
     model.eval()
     torch.testing.assert_close(recipe.encode(model2, ds.x, cfg2), R.encode(model, ds.x, cfg))
     imgs = recipe.decode(model2, torch.zeros(3, 2), cfg2)
     assert imgs.shape == (3, 1, 8, 16) and imgs.min() >= 0 and imgs.max() <= 1
-    s, _ = recipe.sample(model2, 5, cfg2, torch.Generator().manual_seed(0))
-    assert s.shape == (5, 1, 8, 16)
+    s = recipe.sample(model2, 5, cfg2, torch.Generator().manual_seed(0))
+    assert s.shape == (5, 1, 8, 16) == (5, *recipe.input_shape(cfg2))
+
+
+def test_checkpoint_with_the_old_train_steps_buffer_still_loads(tmp_path):
+    """Checkpoints written while the loss kept a step counter in the model carry a ``train_steps`` buffer
+    (also in their EMA weights); loading drops it and keeps every weight."""
+    cfg = make_cfg({"prior": "nearest"})
+    model = R.build(cfg)
+    old = {**model.state_dict(), "train_steps": torch.tensor(7)}
+    fresh = R.build(cfg)
+    fresh.load_state_dict(old)  # strict: an unknown key other than train_steps would raise
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fresh.load_state_dict({**old, "stray": torch.tensor(1)})
+    path = checkpoint.save(tmp_path / "checkpoint.pt", model, cfg, step=7, ema=model)
+    state = torch.load(path, weights_only=False)
+    state["model"]["train_steps"] = torch.tensor(7)
+    state["ema"]["train_steps"] = torch.tensor(7)
+    torch.save(state, path)
+    model2, _, _ = checkpoint.load_model(str(path))
+    assert "train_steps" not in model2.state_dict()
 
 
 def test_shapes_config_validates_grid_against_factor_sizes():
@@ -270,16 +291,16 @@ def test_sigma0_annealing_schedule_and_loss_use_it():
     ds = rdata.load("two_digit", "train", n=8)
     model.train()
     seen = []
-    for _ in range(3):
+    for step in (1, 2, 3):
         g = torch.Generator().manual_seed(1)
-        _, m = R.loss(model, (ds.x, ds.y), cfg, g)
+        _, m = R.loss(model, (ds.x, ds.y), cfg, step, g)
         seen.append(m["sigma0_t"])
     assert seen == pytest.approx([1.0, 1.0 * 0.25 ** 0.25, 0.5])
     g = torch.Generator().manual_seed(1)
     eps = torch.randn((8, 2), generator=g)
     with torch.no_grad():
         _, mu, logvar, z = model(ds.x, eps)
-        _, m = R.loss(model, (ds.x, ds.y), cfg, torch.Generator().manual_seed(1))
+        _, m = R.loss(model, (ds.x, ds.y), cfg, 4, torch.Generator().manual_seed(1))
         kl_t = R.kl_per_example(cfg, mu, logvar, z, None, R.sigma0_at(cfg, 3)).mean()
         kl_end = R.kl_per_example(cfg, mu, logvar, z).mean()
     assert m["kl_nats"] == pytest.approx(float(kl_t), rel=1e-5)

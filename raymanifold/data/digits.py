@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from raymanifold.data import ArrayDataset, DataError, register
+from raymanifold.data import ArrayDataset, DataError, register, square_shape
 
 LEVELS = 17  # pixel values 0..16
 TEST_FRACTION = 0.2
@@ -44,7 +44,7 @@ def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
-@register("digits", "image")
+@register("digits", "image", shape=square_shape(1, 8))
 def digits(split, n=None, seed=0, root=None, image_size=0):
     """Real 8x8 handwritten digits (scikit-learn), values in [0, 1]."""
     images, labels, sel = digits_arrays(split, seed)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raymanifold.data import ArrayDataset, DataError, register
+from raymanifold.data import ArrayDataset, DataError, register, square_shape
 
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -107,13 +107,13 @@ def _mnist_like(name: str, cls_name: str, split, n, seed, root, image_size):
     return ArrayDataset(x, y, _info(x, num_classes=len(ds.classes), classes=list(ds.classes)))
 
 
-@register("mnist", "image")
+@register("mnist", "image", shape=square_shape(1, 28))
 def mnist(split, n=None, seed=0, root=None, image_size=0):
     """MNIST from data.root/MNIST/raw (IDX files), values in [0, 1]."""
     return _mnist_like("mnist", "MNIST", split, n, seed, root, image_size)
 
 
-@register("fashion_mnist", "image")
+@register("fashion_mnist", "image", shape=square_shape(1, 28))
 def fashion_mnist(split, n=None, seed=0, root=None, image_size=0):
     """Fashion-MNIST from data.root/FashionMNIST/raw (IDX files), values in [0, 1]."""
     return _mnist_like("fashion_mnist", "FashionMNIST", split, n, seed, root, image_size)
@@ -139,7 +139,7 @@ def _cifar_class():
     return _CIFAR10
 
 
-@register("cifar10", "image")
+@register("cifar10", "image", shape=square_shape(3, 32))
 def cifar10(split, n=None, seed=0, root=None, image_size=0):
     """CIFAR-10 from data.root/cifar-10-batches-py (pickled batches), values in [0, 1]."""
     base = _need_root("cifar10", root)
@@ -185,7 +185,17 @@ def _load_rgb(paths, crop: int, size: int) -> torch.Tensor:
     return torch.stack(out).float() / 255.0
 
 
-@register("celeba", "image")
+def _celeba_labels(root) -> tuple:
+    """The 40 attribute names from the header line of list_attr_celeba.txt (each binary)."""
+    base = _need_root("celeba", root)
+    _check_files("celeba", base / "celeba", ["list_attr_celeba.txt"])
+    with open(base / "celeba" / "list_attr_celeba.txt") as fh:
+        fh.readline()  # number of images
+        names = tuple(fh.readline().split())
+    return names, (2,) * len(names)
+
+
+@register("celeba", "image", shape=square_shape(3, CELEBA_DEFAULT_SIZE), labels=_celeba_labels)
 def celeba(split, n=None, seed=0, root=None, image_size=0):
     """CelebA aligned faces with the 40 attributes, cropped 148x148 and resized (default 64)."""
     base = _need_root("celeba", root)
@@ -208,7 +218,7 @@ def celeba(split, n=None, seed=0, root=None, image_size=0):
                                     label_cardinality=(2,) * len(names)))
 
 
-@register("image_folder", "image")
+@register("image_folder", "image", shape=square_shape(3, 0, what="image_folder"))
 def image_folder(split, n=None, seed=0, root=None, image_size=0):
     """Any torchvision ImageFolder root (class sub-folders), RGB in [0, 1]."""
     import torchvision

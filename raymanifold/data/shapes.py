@@ -113,7 +113,14 @@ def labels(factors: np.ndarray) -> np.ndarray:
     return np.concatenate([factors, attributes(factors)], axis=1)
 
 
-@register("shapes", "image")
+def _shape(image_size: int) -> tuple:
+    size = image_size or DEFAULT_SIZE
+    if size < 12:
+        raise DataError(f"data.image_size: shapes needs >= 12 pixels, got {size}")
+    return (3, size, size)
+
+
+@register("shapes", "image", shape=_shape, labels=lambda root: (LABEL_NAMES, LABEL_CARDINALITY))
 def shapes(split, n=None, seed=0, root=None, image_size=0):
     """Rendered coloured shapes with 6 ground-truth factors and 6 binary attributes."""
     n = DEFAULT_N[split] if n is None else int(n)

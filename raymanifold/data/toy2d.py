@@ -71,4 +71,4 @@ def _make(name):
 
 
 for _name in GENERATORS:
-    register(_name, "points")(_make(_name))
+    register(_name, "points", shape=lambda image_size: (2,))(_make(_name))

@@ -52,12 +52,17 @@ def compose_pairs(images: np.ndarray, labels: np.ndarray, n: int, rng: np.random
     return x, y, np.stack([left, right], axis=1)
 
 
-@register("two_digit", "image")
-def two_digit(split, n=None, seed=0, root=None, image_size=0):
-    """Two digits 0-5 side by side from the real 8x8 digits (36 classes, Sec. 4.1.2)."""
+def _shape(image_size: int) -> tuple:
     if image_size not in (0, 8, 16):
         raise DataError(f"data.image_size: two_digit supports 0 or 8 (native 8x16) or 16 (padded 16x32), "
                         f"got {image_size}")
+    return (1, 16, 32) if image_size == 16 else (1, 8, 16)
+
+
+@register("two_digit", "image", shape=_shape, labels=lambda root: (LABEL_NAMES, LABEL_CARDINALITY))
+def two_digit(split, n=None, seed=0, root=None, image_size=0):
+    """Two digits 0-5 side by side from the real 8x8 digits (36 classes, Sec. 4.1.2)."""
+    _shape(image_size)
     n = DEFAULT_N[split] if n is None else int(n)
     if n < 1:
         raise DataError(f"data.n_{split}: must be >= 1, got {n}")

@@ -45,7 +45,16 @@ def _is_points(cfg) -> bool:
 
 
 def validate(cfg):
+    from raymanifold import data as rdata
+
     m = cfg.model
+    try:
+        given = rdata.shape_of(cfg.data.name, cfg.data.image_size) if (_is_points(cfg) or cfg.data.image_size) else None
+    except rdata.DataError as exc:
+        raise ConfigError(str(exc)) from None
+    if given is not None and given != input_shape(cfg):
+        raise ConfigError(f"model.channels: data set {cfg.data.name!r} gives examples of shape {given}, but the "
+                          f"model takes {input_shape(cfg)}; set model.channels to {given[0]}")
     if _is_points(cfg):
         if m.levels != 1:
             raise ConfigError(f"model.levels: point data ({cfg.data.name!r}) needs levels=1, got {m.levels}")
@@ -59,10 +68,20 @@ def validate(cfg):
                           f"{2 ** m.levels}; choose a multiple of {2 ** m.levels} or fewer levels")
 
 
-def in_shape(cfg) -> tuple:
+def input_shape(cfg) -> tuple:
+    """Data-space shape: (model.channels,) for point sets, (model.channels, image_size, image_size) for images."""
     if _is_points(cfg):
-        return (cfg.model.channels, 1, 1)
+        return (cfg.model.channels,)
+    if cfg.data.image_size == 0:
+        raise ConfigError("data.image_size: set the image size explicitly; the glow family's input shape is "
+                          "(model.channels, image_size, image_size)")
     return (cfg.model.channels, cfg.data.image_size, cfg.data.image_size)
+
+
+def in_shape(cfg) -> tuple:
+    """Model-space shape the Glow works on: points as (D, 1, 1) tensors, images as they are."""
+    s = input_shape(cfg)
+    return (s[0], 1, 1) if len(s) == 1 else s
 
 
 def build(cfg) -> Glow:
@@ -99,7 +118,7 @@ def bits_per_dim(log_p: torch.Tensor, dim: int, quant_levels: int | None) -> tor
     return (-log_p + offset) / (dim * math.log(2))
 
 
-def loss(model, batch, cfg, generator) -> tuple[torch.Tensor, dict]:
+def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
     """Negative log-likelihood per dimension of the dequantised data (nats/dim); also bits/dim."""
     x = to_model_space(batch[0], cfg, generator=generator)
     eps, ld = model(x)
@@ -118,9 +137,15 @@ def log_prob(model, x, cfg, *, dequantize: str = "center", generator=None) -> to
         return model.log_prob(to_model_space(x, cfg, dequantize=dequantize, generator=generator))
 
 
-def sample(model, n: int, cfg, generator, *, temperature: float = 1.0):
+def sample(model, n: int, cfg, generator, *, temperature: float = 1.0) -> torch.Tensor:
+    """``n`` samples in data space (n, *input_shape(cfg)): eps ~ N(0, T^2 I) through the inverse flow."""
     with torch.no_grad():
         return from_model_space(model.sample(n, temperature=temperature, generator=generator), cfg)
+
+
+def cost(cfg, op: str, **_) -> dict:
+    """One pass of the flow per example (inverse for sample, forward for log_prob); {} otherwise."""
+    return {"nfe": 1} if op in ("sample", "log_prob") else {}
 
 
 def evaluate(model, cfg) -> dict:
@@ -139,5 +164,5 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
-RECIPE = Recipe(name="glow", model_config=GlowModelConfig, build=build, loss=loss, evaluate=evaluate,
-                log_prob=log_prob, sample=sample, validate=validate)
+RECIPE = Recipe(name="glow", model_config=GlowModelConfig, build=build, input_shape=input_shape, loss=loss,
+                evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, validate=validate)

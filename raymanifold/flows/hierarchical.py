@@ -101,6 +101,12 @@ class Decoder(nn.Module):
         return out
 
 
+def latent_shapes(image_size: int, levels: int, latent_channels: int, latent_down: int) -> list[tuple[int, int, int]]:
+    """Shape (latent_channels, S_i / 2^latent_down, S_i / 2^latent_down) of each latent y_i, S_i = image_size / 2^i."""
+    return [(latent_channels, (image_size // 2 ** i) // 2 ** latent_down, (image_size // 2 ** i) // 2 ** latent_down)
+            for i in range(levels)]
+
+
 class Level(nn.Module):
     """(f_i, f'_i, g_i) of one level."""
 
@@ -110,8 +116,7 @@ class Level(nn.Module):
         cc = channels if conditioned else 0
         self.encoder = Encoder(channels, hidden, latent_channels, down)
         self.decoder = Decoder(channels, hidden, latent_channels, down, cc)
-        s = size // 2 ** down
-        self.latent_shape = (latent_channels, s, s)
+        self.latent_shape = latent_shapes(size, 1, latent_channels, down)[0]
         self.flow = Glow(self.latent_shape, levels=flow_levels, depth=flow_depth, hidden=flow_hidden,
                          cond_channels=cc, learn_prior=learn_prior, squeeze=flow_levels > 1)
         self.conditioned = conditioned

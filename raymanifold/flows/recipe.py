@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from raymanifold.config import ConfigError, param
-from raymanifold.flows.hierarchical import VOLUME_METHODS, HierarchicalFlow, required_divisor
+from raymanifold.flows.hierarchical import VOLUME_METHODS, HierarchicalFlow, latent_shapes, required_divisor
 from raymanifold.recipes import Recipe
 
 PHASES = ("ae", "flow")
@@ -60,6 +60,13 @@ def validate(cfg):
     if cfg.data.image_size == 0:
         raise ConfigError("data.image_size: set the image size explicitly (e.g. 16 for digits padded to 16x16); "
                           "the flow family builds its levels from it")
+    try:
+        given = rdata.shape_of(cfg.data.name, cfg.data.image_size)
+    except rdata.DataError as exc:
+        raise ConfigError(str(exc)) from None
+    if given != input_shape(cfg):
+        raise ConfigError(f"model.channels: data set {cfg.data.name!r} gives examples of shape {given}, but the "
+                          f"model takes {input_shape(cfg)}; set model.channels to {given[0]} (square images only)")
     f = required_divisor(m.levels, m.latent_down, m.flow_levels)
     if cfg.data.image_size % f:
         raise ConfigError(f"data.image_size: {cfg.data.image_size} is not divisible by {f} = 2^(levels - 1 + "
@@ -69,6 +76,21 @@ def validate(cfg):
         raise ConfigError("model.latent_channels: must be >= 2 when model.flow_levels=1 (a coupling splits channels)")
     if m.phase == "flow" and not m.ae_checkpoint:
         raise ConfigError("model.ae_checkpoint: phase 'flow' needs the phase-1 ('ae') checkpoint (path or runs:/<id>)")
+
+
+def input_shape(cfg) -> tuple:
+    """(model.channels, data.image_size, data.image_size): the full-resolution x_1."""
+    if cfg.data.image_size == 0:
+        raise ConfigError("data.image_size: set the image size explicitly; the flow family's input shape is "
+                          "(model.channels, image_size, image_size)")
+    return (cfg.model.channels, cfg.data.image_size, cfg.data.image_size)
+
+
+def latent_shape(cfg) -> tuple:
+    """(sum_i d_i,): all z_i of :func:`encode`, flattened and concatenated (d_i = size of y_i)."""
+    m = cfg.model
+    return (sum(math.prod(s) for s in latent_shapes(cfg.data.image_size, m.levels, m.latent_channels,
+                                                    m.latent_down)),)
 
 
 def _architecture(cfg) -> dict:
@@ -116,7 +138,7 @@ def build(cfg) -> HierarchicalFlow:
     return model
 
 
-def loss(model, batch, cfg, generator) -> tuple[torch.Tensor, dict]:
+def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
     """Phase 'ae': mean over levels of Eq. 4. Phase 'flow': sum_i -log p_Y(y_i) (Eq. 5) per latent
     dimension (nats/dim), averaged over the batch."""
     x = batch[0]
@@ -152,9 +174,15 @@ def log_prob(model, x, cfg, *, level: int = 1, quantity: str = "log_px", volume:
     return out[quantity][level - 1]
 
 
-def sample(model, n: int, cfg, generator, *, temperature: float = 1.0):
-    """``n`` full-resolution samples x'_1 (Fig. 3B) at ``temperature``."""
+def sample(model, n: int, cfg, generator, *, temperature: float = 1.0) -> torch.Tensor:
+    """``n`` full-resolution samples x'_1 (Fig. 3B) at ``temperature``: (n, C, S, S)."""
     return model.sample(n, temperature=temperature, generator=generator)[0]
+
+
+def cost(cfg, op: str, **_) -> dict:
+    """One pass of the networks per example for sample, encode and decode (no iterative solver); {} otherwise
+    (``log_prob``'s volume term costs depend on ``model.volume``)."""
+    return {"nfe": 1} if op in ("sample", "encode", "decode") else {}
 
 
 def encode(model, x, cfg) -> torch.Tensor:
@@ -197,5 +225,6 @@ def evaluate(model, cfg) -> dict:
     return metrics
 
 
-RECIPE = Recipe(name="flow", model_config=FlowModelConfig, build=build, loss=loss, evaluate=evaluate,
-                log_prob=log_prob, sample=sample, encode=encode, decode=decode, validate=validate)
+RECIPE = Recipe(name="flow", model_config=FlowModelConfig, build=build, input_shape=input_shape, loss=loss,
+                evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, encode=encode, decode=decode,
+                latent_shape=latent_shape, validate=validate)

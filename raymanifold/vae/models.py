@@ -11,6 +11,11 @@ Bernoulli logits of p(x|z). Image height and width must be divisible by 4.
 reparameterised ``z = mu + exp(logvar / 2) * eps`` (``eps=None``: z = mu), so
 losses run through ``forward`` (DDP synchronises gradients only there) and
 the noise comes from the caller's generator.
+
+Checkpoints written before the recipe received the optimizer step hold a
+``train_steps`` buffer (the step counter the loss used to keep); loading
+drops it (:meth:`GridVAE._load_from_state_dict`), the step now comes from
+the training loop.
 """
 from __future__ import annotations
 
@@ -82,6 +87,14 @@ class GridVAE(nn.Module):
         self.latent_dim = latent_dim
         self.encoder = Encoder(ch, h, w, latent_dim, width)
         self.decoder = Decoder(ch, h, w, latent_dim, width)
+
+    #: state-dict keys of older checkpoints that are ignored on load
+    LEGACY_KEYS = ("train_steps",)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in self.LEGACY_KEYS:
+            state_dict.pop(prefix + key, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def encode(self, x):
         """(mu, logvar), each (B, n)."""

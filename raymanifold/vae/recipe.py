@@ -157,26 +157,33 @@ class GridVAEModelConfig:
         return tuple(lo), tuple(hi)
 
 
-@functools.lru_cache(maxsize=32)
-def _data_spec(name: str, seed: int, root, image_size: int) -> dict:
+def input_shape(cfg) -> tuple:
+    """(C, H, W) of ``cfg.data`` from its name and ``image_size`` (no data is loaded)."""
     from raymanifold import data as rdata
 
-    ds = rdata.load(name, "test", n=2, seed=seed, root=root, image_size=image_size)
-    info = ds.info
-    return {"kind": info.get("kind"), "shape": tuple(ds.x.shape[1:]), "has_labels": ds.y is not None,
-            "label_names": tuple(info.get("label_names", ())),
-            "label_cardinality": tuple(info.get("label_cardinality", ()))}
+    return rdata.example_shape(cfg.data)
 
 
-def data_spec(cfg) -> dict:
-    """Image shape and label names/cardinalities of ``cfg.data`` (cached; loads 2 test examples)."""
-    d = cfg.data
-    return _data_spec(d.name, d.seed, d.root, d.image_size)
+def latent_shape(cfg) -> tuple:
+    """(n,): ``encode`` returns the posterior means."""
+    return (cfg.model.latent_dim,)
+
+
+@functools.lru_cache(maxsize=32)
+def _label_columns(name: str, root) -> tuple:
+    from raymanifold import data as rdata
+
+    return rdata.label_columns(name, root)
+
+
+def label_columns(cfg) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(label names, cardinalities) of ``cfg.data``'s named label columns (metadata only, cached)."""
+    return _label_columns(cfg.data.name, cfg.data.root)
 
 
 def guided_columns(cfg) -> list[int]:
     """Label column index of each guided latent dimension 0..m-1."""
-    names = data_spec(cfg)["label_names"]
+    names = label_columns(cfg)[0]
     return [names.index(n) for n in cfg.model.guided_labels]
 
 
@@ -186,8 +193,10 @@ def validate(cfg):
     m = cfg.model
     if rdata.kind_of(cfg.data.name) != "image":
         raise ConfigError(f"data.name: gridvae needs an image data set, got {cfg.data.name!r}")
-    spec = data_spec(cfg)
-    shape = spec["shape"]
+    try:
+        shape = input_shape(cfg)
+    except rdata.DataError as exc:
+        raise ConfigError(str(exc)) from None
     if len(shape) != 3 or shape[1] % 4 or shape[2] % 4:
         raise ConfigError(f"data.image_size: gridvae needs (C, H, W) images with H and W divisible by 4; "
                           f"{cfg.data.name!r} gives {shape}")
@@ -197,10 +206,10 @@ def validate(cfg):
                           f"divisible into {tiles} equal tiles; use a divisor of {shape[2]}")
     if m.guidance == "none":
         return
-    if not spec["has_labels"] or not spec["label_names"]:
+    names, card = label_columns(cfg)
+    if not names:
         raise ConfigError(f"model.guidance: {m.guidance!r} needs guidance labels, but data set {cfg.data.name!r} "
                           f"provides no named label columns; use model.guidance: none")
-    names, card = spec["label_names"], spec["label_cardinality"]
     lo, hi = m.grid_bounds()
     for j, name in enumerate(m.guided_labels):
         if name not in names:
@@ -213,10 +222,7 @@ def validate(cfg):
 
 
 def build(cfg) -> torch.nn.Module:
-    model = GridVAE(data_spec(cfg)["shape"], cfg.model.latent_dim, cfg.model.width)
-    # optimizer steps taken; drives the KL warm-up and is saved in checkpoints (DDP broadcasts buffers)
-    model.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
-    return model
+    return GridVAE(input_shape(cfg), cfg.model.latent_dim, cfg.model.width)
 
 
 def _bounds(cfg, device, dtype):
@@ -307,8 +313,11 @@ def recon_nats(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
 
-def loss(model, batch, cfg, generator) -> tuple[torch.Tensor, dict]:
-    """Eq. 23 with the configured KL (Eqs. 25 / 27 / closed-form normal); mean over the batch, nats."""
+def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
+    """Eq. 23 with the configured KL (Eqs. 25 / 27 / closed-form normal); mean over the batch, nats.
+
+    ``step`` (1-based optimizer step being taken) sets the KL weight beta_step (:func:`beta_at`) and, in
+    training mode, the prior std sigma0_{step-1} (:func:`sigma0_at`); in eval mode the final sigma0."""
     x = batch[0]
     y = batch[1] if len(batch) > 1 else None
     eps = torch.randn((x.shape[0], cfg.model.latent_dim), generator=generator).to(x.device, x.dtype)
@@ -319,11 +328,8 @@ def loss(model, batch, cfg, generator) -> tuple[torch.Tensor, dict]:
     else:
         x_in = x
     logits, mu, logvar, z = model(x_in, eps)
-    core = getattr(model, "module", model)
-    if model.training:
-        core.train_steps += 1
-    w = beta_at(cfg, int(core.train_steps))
-    s0 = sigma0_at(cfg, int(core.train_steps) - 1) if model.training else cfg.model.sigma0  # eval: the final prior
+    w = beta_at(cfg, step)
+    s0 = sigma0_at(cfg, step - 1) if model.training else cfg.model.sigma0  # eval: the final prior
     rec = recon_nats(logits, x).mean()
     kl = kl_per_example(cfg, mu, logvar, z, y, s0).mean()
     total = rec + w * kl
@@ -344,8 +350,9 @@ def decode(model, z, cfg) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model, n: int, cfg, generator, **_):
-    """``n`` images decoded from prior samples: N(0, I), or a uniformly chosen grid centre plus sigma0 noise."""
+def sample(model, n: int, cfg, generator) -> torch.Tensor:
+    """``n`` images (n, C, H, W) decoded from prior samples: N(0, I), or a uniformly chosen grid centre plus
+    sigma0 noise (Eq. 24)."""
     m = cfg.model
     p = next(model.parameters())
     eps = torch.randn((n, m.latent_dim), generator=generator)
@@ -355,7 +362,12 @@ def sample(model, n: int, cfg, generator, **_):
         lo, hi = (torch.tensor(b, dtype=torch.float32) for b in m.grid_bounds())
         u = torch.rand((n, m.latent_dim), generator=generator)
         z = lo + torch.floor(u * (hi - lo + 1)) + m.sigma0 * eps
-    return decode(model, z.to(p.device, p.dtype), cfg), n
+    return decode(model, z.to(p.device, p.dtype), cfg)
+
+
+def cost(cfg, op: str, **_) -> dict:
+    """Network passes per example: one decoder pass (sample, decode) or one encoder pass (encode); {} otherwise."""
+    return {"nfe": 1} if op in ("sample", "encode", "decode") else {}
 
 
 def evaluate(model, cfg) -> dict:
@@ -365,5 +377,6 @@ def evaluate(model, cfg) -> dict:
     return evaluate_model(model, cfg)["metrics"]
 
 
-RECIPE = Recipe(name="gridvae", model_config=GridVAEModelConfig, build=build, loss=loss, evaluate=evaluate,
-                sample=sample, encode=encode, decode=decode, validate=validate)
+RECIPE = Recipe(name="gridvae", model_config=GridVAEModelConfig, build=build, input_shape=input_shape, loss=loss,
+                evaluate=evaluate, sample=sample, cost=cost, encode=encode, decode=decode,
+                latent_shape=latent_shape, validate=validate)
