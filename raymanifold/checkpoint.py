@@ -7,12 +7,19 @@ A checkpoint is a ``dict`` of tensors and plain Python values saved with
     {"format": 1, "family": str, "config": dict, "step": int,
      "model": state_dict, "ema": state_dict | None, "optimizer": state_dict | None,
      "metrics": {name: float}}
+
+This module resolves local paths only. Remote URIs (MLflow ``runs:/<id>``,
+``models:/``) are resolved by the edge of the program (the CLI, the run service
+:mod:`raymanifold.runs`, Ray workers, Serve), which installs a resolver with
+:func:`set_uri_resolver`; core code (a recipe reading ``model.ae_checkpoint``)
+calls :func:`resolve` and never imports the tracking layer.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -24,6 +31,20 @@ class CheckpointError(ValueError):
     """A checkpoint path or URI does not exist or is not a raymanifold checkpoint."""
 
 
+#: URI prefix -> function(uri) -> local checkpoint file; installed by the edge (see module docstring)
+_RESOLVERS: dict = {}
+REMOTE_PREFIXES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def set_uri_resolver(prefixes, fn: Optional[Callable[[str], Path]]):
+    """Resolve URIs starting with any of ``prefixes`` with ``fn(uri) -> Path`` (``None`` removes it)."""
+    for p in ((prefixes,) if isinstance(prefixes, str) else prefixes):
+        if fn is None:
+            _RESOLVERS.pop(p, None)
+        else:
+            _RESOLVERS[p] = fn
+
+
 def _state(module: torch.nn.Module) -> dict:
     m = getattr(module, "module", module)  # unwrap DDP
     return {k: v.detach().cpu() for k, v in m.state_dict().items()}
@@ -31,7 +52,7 @@ def _state(module: torch.nn.Module) -> dict:
 
 def save(path, model, cfg, step: int, *, optimizer=None, ema=None, metrics=None) -> Path:
     """Atomically write a checkpoint file (temp file + rename)."""
-    from raymanifold.config import to_dict
+    from raymanifold.schema import to_dict
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,12 +95,15 @@ def load(path) -> dict:
 
 def resolve(uri: str) -> Path:
     """A local checkpoint path for ``uri``: a file, a folder holding checkpoint.pt,
-    or an MLflow ``runs:/<run_id>[/path]`` / ``models:/`` URI (downloaded through
-    :mod:`raymanifold.tracking`)."""
-    if uri.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        from raymanifold.tracking import download_checkpoint
-
-        return download_checkpoint(uri)
+    or a URI with an installed resolver (e.g. MLflow ``runs:/<run_id>[/path]``)."""
+    uri = str(uri)
+    for prefix, fn in _RESOLVERS.items():
+        if uri.startswith(prefix):
+            return Path(fn(uri))
+    if uri.startswith(REMOTE_PREFIXES):
+        raise CheckpointError(f"model: {uri!r} is an MLflow URI, but this process has no URI resolver installed; "
+                              "call raymanifold.runs.install_uri_resolver() first (the CLI, raymanifold.runs.load, "
+                              "Ray Train workers and Serve do), or pass a local checkpoint path")
     p = Path(uri)
     if p.is_dir():
         p = p / FILENAME

@@ -6,48 +6,42 @@ frozen dataclasses::
     family: diffusion          # which recipe (raymanifold.recipes)
     name: swiss_roll_ddpm      # stable run name: Ray Train resumes by it
     experiment: demo           # MLflow experiment
-    data:  {...}               # DataConfig
-    model: {...}               # the family's own dataclass (recipe.model_config)
-    train: {...}               # TrainConfig
-    ray:   {...}               # RayConfig
+    data:   {...}              # DataConfig
+    model:  {...}              # the family's own dataclass (recipe.model_config)
+    train:  {...}              # TrainConfig: hyperparameters (+ seed, device)
+    ray:    {...}              # RayConfig: cluster, workers, resources, restarts, storage
+    faults: {...}              # FaultsConfig: fault injection (tests, demos)
 
 ``--set key=value`` overrides (``train.steps=100``) are applied to the raw
 mapping before validation. Every value is checked before any work starts:
 unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
 whose message names the key and what is allowed.
 
+The Ray keys used to live in ``train:``; the old names (``train.num_workers``,
+``train.use_gpu``, ``train.cpus_per_worker``, ``train.gpus_per_worker``,
+``train.max_failures``, ``train.storage_path``, ``train.fail_at_step``) are still
+accepted in YAML files and in ``--set``: they are moved to their new section
+(:data:`MOVED_KEYS`) and one deprecation line is printed on stderr.
+
 Range and choice constraints are declared next to the field with
-:func:`param`, so the dataclass itself is the documentation.
+:func:`param`, so the dataclass itself is the documentation. The building
+blocks (:class:`ConfigError`, :func:`param`, :func:`build_dataclass`) live in
+:mod:`raymanifold.schema`, which the families import; this module adds the
+sections and looks the family's ``model:`` dataclass up in :mod:`raymanifold.recipes`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
-import types
-import typing
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
-
-
-def param(default=dataclasses.MISSING, *, lo=None, hi=None, lo_open=False, choices=None,
-          help: str = "", default_factory=dataclasses.MISSING):
-    """A dataclass field with validation metadata.
-
-    ``lo``/``hi`` bound numbers (inclusive unless ``lo_open``); ``choices``
-    restricts to a set of values.
-    """
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "help": help}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
+from raymanifold.schema import (ConfigError, _coerce, _check_range, build_dataclass, flatten, param,  # noqa: F401
+                                to_dict)
 
 # --------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
@@ -63,6 +57,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Optimisation hyperparameters (the same on Ray Train and in-process)."""
     steps: int = param(8000, lo=1, help="optimizer steps (global, all workers)")
     batch_size: int = param(512, lo=1, help="global batch size, split over workers")
     lr: float = param(1e-3, lo=0.0, lo_open=True, hi=10.0)
@@ -72,20 +67,26 @@ class TrainConfig:
     checkpoint_every: int = param(1000, lo=1, help="steps between checkpoints")
     log_every: int = param(100, lo=1, help="steps between metric logs")
     seed: int = param(0, lo=0)
+    device: str = param("auto", choices=("auto", "cpu", "cuda"), help="device for in-process work")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how a run executes on Ray: cluster, Train workers and their resources, restarts, storage."""
+    address: Optional[str] = param(None, help="Ray cluster address; None = embedded local Ray (or RAY_ADDRESS)")
+    num_cpus: int = param(0, lo=0, help="CPUs of an embedded Ray (0 = all of the machine)")
     num_workers: int = param(2, lo=1, help="Ray Train workers (DDP processes)")
     use_gpu: bool = param(False)
     cpus_per_worker: float = param(1.0, lo=0.0, lo_open=True, hi=256)
     gpus_per_worker: float = param(0.0, lo=0.0, hi=16)
     max_failures: int = param(0, lo=-1, help="worker-group restarts from the last checkpoint; -1 = unlimited")
     storage_path: str = param("ray_results", help="Ray Train storage (shared storage for multi-node)")
-    fail_at_step: int = param(-1, lo=-1, help="fault injection: crash worker 0 once at this step (-1 = off)")
-    device: str = param("auto", choices=("auto", "cpu", "cuda"), help="device for in-process work")
 
 
 @dataclass(frozen=True)
-class RayConfig:
-    address: Optional[str] = param(None, help="Ray cluster address; None = embedded local Ray (or RAY_ADDRESS)")
-    num_cpus: int = param(0, lo=0, help="CPUs of an embedded Ray (0 = all of the machine)")
+class FaultsConfig:
+    """Fault injection, to exercise restarts (``ray.max_failures``) in tests and demos."""
+    fail_at_step: int = param(-1, lo=-1, help="crash worker 0 once at this step (-1 = off)")
 
 
 @dataclass(frozen=True)
@@ -97,148 +98,61 @@ class ExperimentConfig:
     data: DataConfig = param(default_factory=DataConfig)
     train: TrainConfig = param(default_factory=TrainConfig)
     ray: RayConfig = param(default_factory=RayConfig)
+    faults: FaultsConfig = param(default_factory=FaultsConfig)
 
 
-# --------------------------------------------------------------------------- building
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        args = typing.get_args(tp)
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+# --------------------------------------------------------------------------- moved keys
+#: old key -> new key (the old ones keep working, with one deprecation line on stderr)
+MOVED_KEYS = {
+    **{f"train.{k}": f"ray.{k}" for k in ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker",
+                                          "max_failures", "storage_path")},
+    "train.fail_at_step": "faults.fail_at_step",
+}
+_warned: set = set()
 
 
-def _coerce(value, tp, key: str):
-    """Check ``value`` against annotation ``tp``; return it (ints widen to float)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        args = typing.get_args(tp)
-        inner = args[0] if args else Any
-        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            v = float(value)
-            if not math.isfinite(v):
-                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-            return v
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, key)
-    raise ConfigError(f"{key}: unsupported type {tp}")
+def _deprecated(moved: list[tuple[str, str]], where: str):
+    """One stderr line per distinct set of moved keys (once per process)."""
+    key = tuple(sorted(moved))
+    if not moved or key in _warned:
+        return
+    _warned.add(key)
+    pairs = ", ".join(f"{old} -> {new}" for old, new in key)
+    print(f"deprecated: {pairs} ({where}; the Ray keys moved to the `ray:` section and fault injection to "
+          "`faults:`; the old names still work)", file=sys.stderr, flush=True)
 
 
-def _check_range(value, meta: dict, key: str):
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(choices)}")
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
-            op = ">" if meta.get("lo_open") else ">="
-            rng = f"{op} {lo}" + (f" and <= {hi}" if hi is not None else "")
-            raise ConfigError(f"{key}: {value!r} is out of range; allowed: {rng}")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{key}: {value!r} is out of range; allowed: <= {hi}")
+def _split(key: str) -> tuple[str, str]:
+    section, _, name = key.partition(".")
+    return section, name
 
 
-def build_dataclass(cls, raw, prefix: str = ""):
-    """Build dataclass ``cls`` from a mapping, validating every key.
+def migrate(raw: dict, where: str = "config") -> dict:
+    """Move old ``train.*`` Ray/fault keys of a raw mapping to ``ray:``/``faults:`` (a copy; see :data:`MOVED_KEYS`).
 
-    After field checks, a ``validate(self)`` method on the class (if any) runs
-    cross-field checks; it should raise :class:`ConfigError`.
+    A key given under both its old and its new name with different values is an error.
     """
-    where = prefix or cls.__name__
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key; allowed keys: {sorted(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in raw:
-            value = _coerce(raw[name], hints[name], key)
-            _check_range(value, dict(f.metadata), key)
-            kwargs[name] = value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{key}: required key is missing")
-    obj = cls(**kwargs)
-    check = getattr(obj, "validate", None)
-    if callable(check):
-        check()
-    return obj
-
-
-def to_dict(obj) -> dict:
-    """Nested plain-python dict of a config (lists, not tuples; YAML/JSON/torch-safe)."""
-    def conv(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-    return conv(obj)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if not isinstance(train, dict) or not any(f"train.{k}" in MOVED_KEYS for k in train):
+        return raw
+    out = copy.deepcopy(raw)
+    moved = []
+    for old, new in MOVED_KEYS.items():
+        name = _split(old)[1]
+        if name not in out["train"]:
+            continue
+        value = out["train"].pop(name)
+        section, new_name = _split(new)
+        if out.get(section) is None:
+            out[section] = {}
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"{section}: expected a mapping, got {out[section]!r}")
+        if new_name in out[section] and out[section][new_name] != value:
+            raise ConfigError(f"{old}: deprecated name of {new}, and both are given with different values "
+                              f"({value!r} vs {out[section][new_name]!r}); keep only {new}")
+        out[section][new_name] = value
+        moved.append((old, new))
+    _deprecated(moved, where)
     return out
 
 
@@ -259,12 +173,22 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(raw: dict, overrides) -> dict:
-    """Return a copy of ``raw`` with dotted-key overrides applied."""
-    import copy
+    """Return a copy of ``raw`` with dotted-key overrides applied.
 
+    An old key (``train.num_workers``) is renamed to its new one (``ray.num_workers``, one
+    deprecation line); setting a moved key also drops its old spelling from ``raw``, so an
+    override always wins over the file, whichever layout the file uses.
+    """
     out = copy.deepcopy(raw)
+    moved = []
     for item in overrides or ():
         key, value = parse_override(item) if isinstance(item, str) else item
+        if key in MOVED_KEYS:
+            moved.append((key, MOVED_KEYS[key]))
+            key = MOVED_KEYS[key]
+        old = next((o for o, n in MOVED_KEYS.items() if n == key), None)
+        if old is not None and isinstance(out.get("train"), dict):
+            out["train"].pop(_split(old)[1], None)
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -274,16 +198,18 @@ def apply_overrides(raw: dict, overrides) -> dict:
                 raise ConfigError(f"--set {key}: {p} is not a section")
             node = node[p]
         node[parts[-1]] = value
+    _deprecated(moved, "--set")
     return out
 
 
 # --------------------------------------------------------------------------- entry points
 def config_from_dict(raw: dict) -> ExperimentConfig:
-    """Validate a raw mapping into an :class:`ExperimentConfig`."""
-    from raymanifold.recipes import get_recipe, available_families
+    """Validate a raw mapping into an :class:`ExperimentConfig` (old ``train.*`` Ray keys are migrated)."""
+    from raymanifold.recipes import available_families, get_recipe
 
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = migrate(raw)
     family = raw.get("family")
     if family is None:
         raise ConfigError(f"family: required key is missing; allowed: {available_families()}")
@@ -309,11 +235,12 @@ def config_from_dict(raw: dict) -> ExperimentConfig:
         data=build_dataclass(DataConfig, rest.get("data"), "data"),
         train=build_dataclass(TrainConfig, rest.get("train"), "train"),
         ray=build_dataclass(RayConfig, rest.get("ray"), "ray"),
+        faults=build_dataclass(FaultsConfig, rest.get("faults"), "faults"),
     )
-    if cfg.train.batch_size < cfg.train.num_workers:
+    if cfg.train.batch_size < cfg.ray.num_workers:
         raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} is smaller than train.num_workers="
-            f"{cfg.train.num_workers}; each worker needs at least one example")
+            f"train.batch_size: {cfg.train.batch_size} is smaller than ray.num_workers="
+            f"{cfg.ray.num_workers}; each worker needs at least one example")
     from raymanifold import data as rdata
 
     try:

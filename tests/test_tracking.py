@@ -44,12 +44,14 @@ def test_checkpoint_via_runs_uri(tracking_uri, tmp_path):
     path = ckpt.save(tmp_path / "checkpoint.pt", model, cfg, step=5)
     with tracking.start_run(cfg.experiment, "ckpt", config=to_dict(cfg), uri=tracking_uri) as run:
         tracking.log_checkpoint(path)
-    loaded, cfg2, recipe = ckpt.load_model(f"runs:/{run.info.run_id}")
+    from raymanifold import runs
+
+    loaded, cfg2, recipe = runs.load(f"runs:/{run.info.run_id}")  # the edge installs the runs:/ resolver
     assert cfg2 == cfg
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(ckpt.CheckpointError, match="not found"):
-        ckpt.load_model("runs:/0123456789abcdef")
+        runs.load("runs:/0123456789abcdef")
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         ckpt.load_model(str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -62,3 +64,53 @@ def test_default_uri_is_sqlite_in_cwd(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert tracking.resolve_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert tracking.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def _tiny():
+    return config_from_dict({"family": "diffusion", "name": "svc", "experiment": "test-exp",
+                             "data": {"name": "swiss_roll", "n_train": 256, "n_test": 64},
+                             "model": {"T": 10, "hidden": 8, "layers": 1, "eval_dt": 5},
+                             "train": {"steps": 4, "batch_size": 32, "log_every": 2, "checkpoint_every": 2},
+                             "ray": {"num_workers": 1}})
+
+
+def test_run_service_local_backend(tracking_uri):
+    from raymanifold import runs
+
+    cfg = _tiny()
+    h = runs.train(cfg, backend="local", tracking_uri=tracking_uri, tags={"job": "t"}, verbose=False)
+    assert h.model_uri == f"runs:/{h.run_id}" and h.step == 4 and h.start_step == 0 and h.backend == "local"
+    assert h.checkpoint.is_file() and h.metrics["final_step"] == 4 and h.metrics["train_wall_s"] == h.wall_s > 0
+    assert h.source == f"runs:/{h.run_id} (in-process)"
+    run = tracking.get_run(h.run_id, tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["trainer"] == "inprocess" and run.data.tags["job"] == "t" and run.data.tags["family"] == "diffusion"
+    assert run.data.params["ray.num_workers"] == "1" and run.data.metrics["final_step"] == 4
+    assert "loss" in run.data.metrics  # per-step metrics of the training loop
+    evaluated = set(h.metrics) - {"train_wall_s", "final_step"}
+    assert evaluated and evaluated <= set(run.data.metrics)  # recipe.evaluate on the final checkpoint
+    a, cfg_a, _ = runs.load(h.model_uri)
+    b, cfg_b, _ = runs.load(str(h.checkpoint))
+    assert cfg_a == cfg_b == cfg
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="backend: 'spark' is not allowed"):
+        runs.train(cfg, backend="spark", tracking_uri=tracking_uri)
+
+
+def test_log_study_logs_config_finite_metrics_and_report(tracking_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from raymanifold import runs
+
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "r.md").write_text("# r")
+    rid = runs.log_study("study_x", "test-studies", {"study": {"n": 3}},
+                         {"acc": 0.5, "n": 3, "bad": float("nan"), "flag": True, "name": "x", "var[a b]": 2.0},
+                         tmp_path / "rep", tracking_uri=tracking_uri, tags={"study": "x"})
+    run = tracking.get_run(rid, tracking_uri)
+    assert run.info.status == "FINISHED" and run.info.run_name == "study_x"
+    assert run.data.metrics == {"acc": 0.5, "n": 3.0, "var_a b": 2.0}
+    assert run.data.params == {"study.n": "3"} and run.data.tags["study"] == "x"
+    arts = [f.path for f in MlflowClient(tracking_uri).list_artifacts(rid, "report")]
+    assert arts == ["report/r.md"]

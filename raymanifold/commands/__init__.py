@@ -5,6 +5,11 @@ import os
 from pathlib import Path
 
 
+from raymanifold.runs import install_uri_resolver
+
+install_uri_resolver()  # commands are an edge: checkpoints may be named by MLflow runs:/ URIs
+
+
 class UsageError(ValueError):
     """A command-line argument is invalid (reported as ``error: ...``, exit 2)."""
 

@@ -106,7 +106,7 @@ def cmd_train(args) -> int:
     sets = apply_common(args)
     cfg = load_config(find_config(args.config), sets)
     print(f"training {cfg.family} {cfg.name!r} on {cfg.data.name}: {cfg.train.steps} steps, "
-          f"{cfg.train.num_workers} worker(s), storage {cfg.train.storage_path}", flush=True)
+          f"{cfg.ray.num_workers} worker(s), storage {cfg.ray.storage_path}", flush=True)
     run_id, res, metrics = train_and_log(cfg, tracking_uri=args.tracking_uri, fresh=args.fresh)
     print(json.dumps({"run_id": run_id, "model_uri": f"runs:/{run_id}", "step": res.step,
                       "resumed_from_step": res.start_step, "wall_s": round(res.wall_s, 1),
@@ -208,7 +208,7 @@ def cmd_demo(args) -> int:
     n = 5
     stage(1, n, f"config {args.config}: DDPM (T={cfg.model.T}, {cfg.model.schedule} schedule) on "
                 f"{cfg.data.name}, {cfg.train.steps} steps x batch {cfg.train.batch_size}, "
-                f"{cfg.train.num_workers} Ray Train workers; MLflow: {uri}")
+                f"{cfg.ray.num_workers} Ray Train workers; MLflow: {uri}")
     stage(2, n, "training on Ray Train (embedded local Ray unless --address / RAY_ADDRESS)")
     run_id, res, metrics = train_and_log(cfg, tracking_uri=uri, fresh=True, tags={"job": "demo"})
     print(f"trained in {res.wall_s:.1f} s; MLflow run {run_id}", flush=True)
@@ -239,7 +239,7 @@ def cmd_demo(args) -> int:
         stage(5, n, f"writing {args.out}")
         summary = {
             "model_run_id": run_id, "eval_run_id": erun.info.run_id, "tracking_uri": uri,
-            "train": {"steps": res.step, "wall_s": res.wall_s, "workers": cfg.train.num_workers, **metrics},
+            "train": {"steps": res.step, "wall_s": res.wall_s, "workers": cfg.ray.num_workers, **metrics},
             "likelihood": {k: v for k, v in res5.items() if k != "points"},
             "likelihood_wall_s": lik_s,
             "sampling": sample_rows, "sliced_wasserstein_data_vs_data": floor,
@@ -257,7 +257,7 @@ def cmd_demo(args) -> int:
                      for s in res5["auroc_vs_swiss_roll"]]
             md = [f"# raymanifold demo: DDPM on the Swiss roll (Fig. 5)\n",
                   f"Trained `{cfg.name}` ({cfg.train.steps} steps, batch {cfg.train.batch_size}, "
-                  f"{cfg.train.num_workers} Ray Train workers) in {res.wall_s:.1f} s. "
+                  f"{cfg.ray.num_workers} Ray Train workers) in {res.wall_s:.1f} s. "
                   f"MLflow: model run `{run_id}`, evaluation run `{erun.info.run_id}` in experiment "
                   f"`{cfg.experiment}` at `{uri}`.\n",
                   f"## Per-set mean log10 p(x) (Fig. 5C)\n",

@@ -77,7 +77,7 @@ def _train(cfg, args, tags):
 
 def _phase1_copy(cfg, path: Path) -> str:
     """Where phase 2 reads the autoencoders: a copy on the run storage (shared storage on clusters)."""
-    storage = cfg.train.storage_path
+    storage = cfg.ray.storage_path
     if "://" in storage:
         raise UsageError("train.storage_path: the flow study copies the phase-1 checkpoint to the storage path "
                          "for the phase-2 workers; use a shared file system path (NFS) here, or run the two "

@@ -255,12 +255,12 @@ def _tune_restarts(cfg, seeds, args):
 
     base = to_dict(cfg)
     # Tune's trial actor takes TRIAL_DRIVER_CPU; take it from the worker's share so K one-CPU restarts fit on K CPUs
-    if base["train"]["cpus_per_worker"] > TRIAL_DRIVER_CPU:
-        base["train"]["cpus_per_worker"] -= TRIAL_DRIVER_CPU
+    if base["ray"]["cpus_per_worker"] > TRIAL_DRIVER_CPU:
+        base["ray"]["cpus_per_worker"] -= TRIAL_DRIVER_CPU
     spec = parse_spec({"kind": "train", "name": f"{cfg.name}_restarts", "experiment": cfg.experiment,
                        "base": str(args.config), "space": {"train.seed": {"grid": seeds}},
                        "metric": "train_loss_nats", "mode": "min",
-                       "storage_path": f"{cfg.train.storage_path.rstrip('/')}/sweeps"})
+                       "storage_path": f"{cfg.ray.storage_path.rstrip('/')}/sweeps"})
     uri = tracking.resolve_uri(args.tracking_uri)
     with tracking.start_run(spec.experiment, spec.name, uri=uri, config=base,
                             tags={"raymanifold.sweep": spec.name, "raymanifold.kind": "sweep-parent",

@@ -79,7 +79,7 @@ def cmd_sweep(args) -> int:
 
         cfg = config_from_dict(base)
         stage(i, n, f"training the model to evaluate: {spec.base} ({cfg.train.steps} steps; resumes/reuses "
-                    f"{cfg.train.storage_path}/{cfg.name})")
+                    f"{cfg.ray.storage_path}/{cfg.name})")
         _, res, _ = train_and_log(cfg, tracking_uri=uri, tags={"job": f"sweep:{spec.name}"}, verbose=False)
         model_path = str(res.checkpoint_path)
         i += 1

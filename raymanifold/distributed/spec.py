@@ -47,9 +47,12 @@ from typing import Callable, Optional
 
 import yaml
 
-from raymanifold.config import ConfigError, apply_overrides, config_from_dict, parse_override, read_yaml, to_dict
+from raymanifold.config import (MOVED_KEYS, ConfigError, apply_overrides, config_from_dict, migrate, parse_override,
+                                read_yaml, to_dict)
 
 KINDS = ("train", "eval")
+#: config keys the sweep sets itself (per trial or from the driver)
+FIXED_PER_TRIAL = ("name", "experiment", "family", "ray.address", "ray.num_cpus", "ray.storage_path")
 DOMAINS = ("grid", "choice", "uniform", "loguniform")
 SCHEDULERS = ("none", "asha")
 TOP_KEYS = ("kind", "name", "experiment", "base", "set", "model", "evaluator", "params", "space", "metric",
@@ -231,7 +234,7 @@ def parse_spec(raw: dict, *, source: str = "sweep") -> SweepSpec:
             raise ConfigError("scheduler: early stopping applies to train-time sweeps only")
         resolve_evaluator(spec.evaluator)
     for k in spec.space:
-        if k in ("name", "experiment", "family") or k.startswith(("ray.", "train.storage_path")):
+        if k in FIXED_PER_TRIAL or MOVED_KEYS.get(k) in FIXED_PER_TRIAL:
             raise ConfigError(f"space.{k}: cannot be swept (set per trial by the sweep)")
     return spec
 
@@ -280,9 +283,10 @@ def base_config_dict(spec: SweepSpec, base_path) -> dict:
 def check_space(spec: SweepSpec, cfg_dict: dict) -> None:
     """Every config key in the space exists and every representative value validates; every
     ``params.*`` key is an argument of the evaluator. Raises ConfigError before any trial starts."""
+    cfg_dict = migrate(cfg_dict, "model config")
     for key in spec.config_keys():
         node = cfg_dict
-        for part in key.split("."):
+        for part in MOVED_KEYS.get(key, key).split("."):
             if not isinstance(node, dict) or part not in node:
                 section = key.rsplit(".", 1)[0] if "." in key else ""
                 known = sorted(node) if isinstance(node, dict) else []
@@ -322,7 +326,7 @@ def plan_concurrency(free_cpu: float, total_cpu: float, per_trial_cpu: float, n_
     (and ``requested`` if > 0), at least 1. A trial that can never fit raises ConfigError."""
     if per_trial_cpu > total_cpu + 1e-9:
         raise ConfigError(f"resources: one trial needs {per_trial_cpu:g} CPU but the cluster has {total_cpu:g}; "
-                          "lower cpus_per_trial / train.num_workers / train.cpus_per_worker")
+                          "lower cpus_per_trial / ray.num_workers / ray.cpus_per_worker")
     if per_trial_gpu > total_gpu + 1e-9:
         raise ConfigError(f"resources: one trial needs {per_trial_gpu:g} GPU but the cluster has {total_gpu:g}")
     fit = math.floor((free_cpu + 1e-9) / per_trial_cpu) if per_trial_cpu > 0 else n_trials
@@ -334,7 +338,7 @@ def plan_concurrency(free_cpu: float, total_cpu: float, per_trial_cpu: float, n_
 
 def train_trial_resources(cfg_dict: dict) -> tuple[float, float]:
     """(CPU, GPU) one train-time trial holds: the Tune trial actor plus its Train workers."""
-    t = cfg_dict["train"]
+    t = cfg_dict["ray"]
     gpu = (t["gpus_per_worker"] or (1.0 if t["use_gpu"] else 0.0)) * t["num_workers"]
     return TRIAL_DRIVER_CPU + t["num_workers"] * t["cpus_per_worker"], gpu
 

@@ -10,9 +10,13 @@ MLflow (the run is created by the driver, so a crash marks it FAILED there).
 
 A run is identified by ``RunConfig(name=cfg.name, storage_path=...)``:
 starting a run whose name already has checkpoints resumes it; ``fresh=True``
-deletes them first. ``train.max_failures`` restarts a failed worker group
-from the last checkpoint. For multi-node clusters ``train.storage_path`` must
-be shared storage (NFS path or s3://).
+deletes them first. ``ray.max_failures`` restarts a failed worker group
+from the last checkpoint (``faults.fail_at_step`` injects one crash to test it).
+For multi-node clusters ``ray.storage_path`` must be shared storage (NFS path or s3://).
+
+Workers install the ``runs:/`` resolver (:func:`raymanifold.runs.install_uri_resolver`),
+so a config that names a tracked checkpoint (a phase-2 flow's ``model.ae_checkpoint``)
+builds on every worker.
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ class FitResult:
 
 
 def _storage_path(cfg) -> str:
-    sp = cfg.train.storage_path
+    sp = cfg.ray.storage_path
     return sp if "://" in sp else str(Path(sp).resolve())
 
 
@@ -73,11 +77,14 @@ def _quiet_report_logs():
 def train_loop_per_worker(loop_cfg: dict):
     """The function every Ray Train worker runs."""
     _quiet_report_logs()
+    from raymanifold.runs import install_uri_resolver
+
+    install_uri_resolver()
     cfg = config_from_dict(loop_cfg["config"])
     run_id, uri = loop_cfg.get("run_id"), loop_cfg.get("tracking_uri")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     device = ray.train.torch.get_device()
     recipe = get_recipe(cfg.family)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
@@ -125,7 +132,7 @@ def train_loop_per_worker(loop_cfg: dict):
     def on_step(step, metrics):
         for k, v in metrics.items():
             window.setdefault(k, []).append(v)
-        fail_at = cfg.train.fail_at_step
+        fail_at = cfg.faults.fail_at_step
         if fail_at > 0 and step == fail_at and rank == 0:
             marker = Path(loop_cfg["storage_dir"]) / f"{FAULT_MARKER}_{step}"
             if not marker.exists():
@@ -182,7 +189,7 @@ def trainer_for(cfg, *, run_id: Optional[str] = None, tracking_uri: Optional[str
     """The TorchTrainer for ``cfg`` (exposed for Tune trainables). With ``verbose`` rank 0 prints a progress
     line at the first log step of every ``progress_every`` steps (0: every ``train.log_every``)."""
     storage = _storage_path(cfg)
-    t = cfg.train
+    t = cfg.ray
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu or t.gpus_per_worker > 0:
         resources["GPU"] = t.gpus_per_worker or 1.0

@@ -94,8 +94,8 @@ def _eval_trial(config: dict, *, ckpt_bytes: bytes, evaluator: str, fixed_params
     """Tune function trainable of an eval-time sweep (runs in the trial actor)."""
     import torch
 
-    from raymanifold.checkpoint import load_model
     from raymanifold.config import replace
+    from raymanifold.runs import load as load_model
 
     torch.set_num_threads(max(1, threads))
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,10 +123,13 @@ def _train_trial(config: dict, *, base: dict, sweep: str, storage: str):
     from raymanifold import checkpoint as ckpt
     from raymanifold.distributed.train import trainer_for
     from raymanifold.recipes import get_recipe
+    from raymanifold.runs import install_uri_resolver
+
+    install_uri_resolver()  # a trial's config may name a tracked checkpoint (model.ae_checkpoint=runs:/...)
 
     trial_id = tune.get_context().get_trial_id()
     cfg = config_from_dict(apply_overrides(base, list(config.items()) + [
-        ("name", f"{sweep}-{trial_id}"), ("train.storage_path", storage)]))
+        ("name", f"{sweep}-{trial_id}"), ("ray.storage_path", storage)]))
     t0 = time.perf_counter()
     # one progress line per trial and checkpoint (per log step would interleave many trials unreadably)
     result = trainer_for(cfg, callbacks=[TuneReportCallback()], verbose=True,
@@ -138,7 +141,7 @@ def _train_trial(config: dict, *, base: dict, sweep: str, storage: str):
     train_s = time.perf_counter() - t0
     with result.checkpoint.as_directory() as d:
         model, _, recipe = ckpt.load_model(str(Path(d) / ckpt.FILENAME))
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     metrics = dict(get_recipe(cfg.family).evaluate(model, cfg)) if recipe.evaluate else {}
     ckpt_file = f"{result.checkpoint.path.rstrip('/')}/{ckpt.FILENAME}"
     last = {k: float(v) for k, v in (result.metrics or {}).items()   # the scheduler's metric (e.g. loss) too

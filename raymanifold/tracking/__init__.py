@@ -82,7 +82,7 @@ def start_run(experiment: str, run_name: str, *, config: Optional[dict] = None, 
                            and mlflow.active_run() is not None)
     try:
         if config is not None:
-            from raymanifold.config import flatten
+            from raymanifold.schema import flatten
 
             flat = {k: _clean_param(v) for k, v in flatten(config).items()}
             items = list(flat.items())

@@ -1,0 +1,186 @@
+"""The run service: train a config and track it in MLflow, load a tracked model, log a study.
+
+One code path for every command that trains or reports::
+
+    handle = runs.train(cfg, backend="ray")      # Ray Train (embedded Ray or cfg.ray.address), or "local"
+    handle.model_uri                             # "runs:/<run_id>": loads on any machine with the tracking store
+    model, cfg, recipe = runs.load(handle.model_uri)
+    runs.log_study("study_two_digit", "gridvae", config, summary, "reports/gridvae_two_digit")
+
+A training run in MLflow holds the resolved config (params + ``config.yaml``),
+per-step metrics (rank 0 of Ray Train, or this process), the evaluation
+metrics of ``recipe.evaluate`` on the final checkpoint, ``train_wall_s``,
+``final_step`` (+ ``resumed_from_step`` and ``final_<loss>`` on Ray Train) and
+the checkpoint as ``model/checkpoint.pt``. It is marked FAILED if anything raises.
+
+This module is an *edge*: it installs the ``runs:/`` resolver into
+:mod:`raymanifold.checkpoint` (:func:`install_uri_resolver`), so core code that
+calls ``checkpoint.resolve`` (e.g. a phase-2 flow reading ``model.ae_checkpoint``)
+works in every process that went through here, without core importing MLflow.
+MLflow and Ray are imported only when a function needs them.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from raymanifold import checkpoint as ckpt
+
+BACKENDS = ("ray", "local")
+
+
+# ----------------------------------------------------------------------------- edge URIs
+def _download(uri: str) -> Path:
+    from raymanifold.tracking import download_checkpoint
+
+    return download_checkpoint(uri)
+
+
+def install_uri_resolver():
+    """Let :func:`raymanifold.checkpoint.resolve` read MLflow URIs (``runs:/``, ``models:/``) in this process.
+
+    Idempotent and cheap: MLflow is imported only when such a URI is resolved.
+    """
+    ckpt.set_uri_resolver(ckpt.REMOTE_PREFIXES, _download)
+
+
+install_uri_resolver()
+
+
+def load(uri: str, device="cpu", use_ema: bool = True):
+    """``(model, cfg, recipe)`` from a checkpoint path, folder or MLflow URI (eval mode)."""
+    install_uri_resolver()
+    return ckpt.load_model(str(uri), device=device, use_ema=use_ema)
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class RunHandle:
+    """A finished, tracked training run."""
+    run_id: str
+    model_uri: str               # "runs:/<run_id>"
+    checkpoint: Path             # local copy of the final checkpoint.pt (outlives the run's temp folders)
+    metrics: dict                # evaluation metrics + train_wall_s, final_step (+ resumed_from_step, final_<loss>)
+    step: int                    # final optimizer step
+    start_step: int              # step the last attempt resumed from (0 for a fresh run)
+    wall_s: float                # training wall time (without evaluation)
+    backend: str = "ray"
+    storage_dir: Optional[str] = None   # Ray Train run folder (backend "ray")
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """How reports name the model, e.g. ``runs:/<id> (Ray Train)``."""
+        return f"{self.model_uri} ({'Ray Train' if self.backend == 'ray' else 'in-process'})"
+
+
+def _keep(path: Path) -> Path:
+    """Copy a checkpoint out of a temporary folder."""
+    saved = Path(tempfile.mkdtemp(prefix="rm-ckpt-")) / ckpt.FILENAME
+    shutil.copy2(path, saved)
+    return saved
+
+
+def train(cfg, *, backend: str = "ray", tracking_uri: Optional[str] = None, fresh: bool = False,
+          tags: Optional[dict] = None, verbose: bool = True) -> RunHandle:
+    """Train ``cfg`` inside an MLflow run and evaluate the final checkpoint.
+
+    ``backend="ray"``: Ray Train (:func:`raymanifold.distributed.train.fit`; joins ``cfg.ray.address`` /
+    ``RAY_ADDRESS`` or starts an embedded Ray; resumes a run with the same ``cfg.name`` unless ``fresh``).
+    ``backend="local"``: this process (:func:`raymanifold.training.train_inprocess`, tag ``trainer=inprocess``).
+    """
+    from raymanifold import tracking
+    from raymanifold.config import to_dict
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not allowed; choose one of {list(BACKENDS)}")
+    install_uri_resolver()
+    uri = tracking.resolve_uri(tracking_uri)
+    all_tags = {"family": cfg.family, **({"trainer": "inprocess"} if backend == "local" else {}), **(tags or {})}
+    with tracking.start_run(cfg.experiment, cfg.name, config=to_dict(cfg), uri=uri, tags=all_tags) as run:
+        run_id = run.info.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            if backend == "ray":
+                from raymanifold.distributed.train import fit
+
+                res = fit(cfg, run_id=run_id, tracking_uri=uri, fresh=fresh, out_dir=tmp, verbose=verbose)
+                path, step, start, wall, storage = (res.checkpoint_path, res.step, res.start_step, res.wall_s,
+                                                    res.storage_dir)
+                final = {f"final_{k}": v for k, v in res.metrics.items() if k not in ("step", "resumed_from")}
+            else:
+                from raymanifold.training import train_inprocess
+
+                t0 = time.perf_counter()
+                _, _, info = train_inprocess(cfg, checkpoint_dir=tmp, log=lambda s, m: tracking.log_metrics(m, s))
+                wall = time.perf_counter() - t0
+                path, step, start, storage, final = Path(tmp) / ckpt.FILENAME, int(info["step"]), 0, None, {}
+            tracking.log_checkpoint(path)
+            model, _, recipe = ckpt.load_model(str(path))
+            metrics = recipe.evaluate(model, cfg) if recipe.evaluate else {}
+            metrics.update({"train_wall_s": wall, "final_step": step})
+            if backend == "ray":
+                metrics["resumed_from_step"] = start
+            metrics.update(final)
+            tracking.log_metrics(metrics)
+            saved = _keep(path)
+    return RunHandle(run_id=run_id, model_uri=f"runs:/{run_id}", checkpoint=saved, metrics=metrics, step=step,
+                     start_step=start, wall_s=wall, backend=backend, storage_dir=storage)
+
+
+# ----------------------------------------------------------------------------- studies
+def _metric_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(key)).strip("_")
+
+
+def finite_metrics(summary: dict) -> dict:
+    """The finite numbers of ``summary`` under MLflow-safe names (other values are skipped)."""
+    out = {}
+    for k, v in summary.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(float(v)):
+            out[_metric_name(k)] = float(v)
+    return out
+
+
+class StudyRun:
+    """An open study run (see :func:`study_run`)."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log(self, summary: Optional[dict] = None, folder=None):
+        """Log the finite numbers of ``summary`` as metrics and ``folder`` as the ``report/`` artifacts."""
+        from raymanifold import tracking
+
+        if summary:
+            tracking.log_metrics(finite_metrics(summary))
+        if folder is not None:
+            tracking.log_artifacts(str(folder), "report")
+
+
+@contextlib.contextmanager
+def study_run(name: str, experiment: str, config: Optional[dict] = None, tracking_uri: Optional[str] = None,
+              tags: Optional[dict] = None) -> Iterator[StudyRun]:
+    """An MLflow run for a study that needs its run id while it writes its report (FAILED if the block raises)."""
+    from raymanifold import tracking
+
+    with tracking.start_run(experiment, name, config=config, uri=tracking.resolve_uri(tracking_uri),
+                            tags=tags) as run:
+        yield StudyRun(run.info.run_id)
+
+
+def log_study(name: str, experiment: str, config: Optional[dict], summary: dict, folder=None,
+              tracking_uri: Optional[str] = None, tags: Optional[dict] = None) -> str:
+    """Log a finished study as one MLflow run: ``config`` as params, finite ``summary`` values as metrics,
+    ``folder`` as ``report/`` artifacts. Returns the run id."""
+    with study_run(name, experiment, config, tracking_uri, tags) as run:
+        run.log(summary, folder)
+    return run.run_id
