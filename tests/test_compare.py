@@ -1,4 +1,5 @@
-"""``raymanifold compare`` against a real ``mlflow server`` process on loopback."""
+"""``raymanifold compare``: against a real ``mlflow server`` process on loopback, and the sort/column
+rules (:func:`choose_sort`, :func:`build_table`) on run tables shaped like ``mlflow.search_runs``."""
 import csv
 import os
 import socket
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from raymanifold.cli import main
-from raymanifold.commands.compare import default_mode
+from raymanifold.commands import UsageError
+from raymanifold.commands.compare import FAMILY_METRICS, MAX_METRICS, MAX_PARAMS, build_table, choose_sort, default_mode
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
@@ -73,7 +75,7 @@ def test_table_best_first_markdown_and_csv(server, runs, tmp_path, capsys):
                  "--out", str(md)]) == 0
     rows = _rows_md(md)
     assert [r[1] for r in rows] == ["sigma0.3", "sigma0.1", "sigma1.0", "sigma3.0"]
-    assert [float(r[4]) for r in rows] == sorted((v[1] for v in runs), reverse=True)
+    assert [float(r[5]) for r in rows] == sorted((v[1] for v in runs), reverse=True)
     header = next(ln for ln in md.read_text().splitlines() if "rank" in ln)
     assert "model.sigma0" in header and "model.hidden" not in header   # only params that differ
     assert "loss" in header
@@ -82,6 +84,7 @@ def test_table_best_first_markdown_and_csv(server, runs, tmp_path, capsys):
                  "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert [float(r["loss"]) for r in rows] == sorted(v[2] for v in runs)        # loss: min first
+    assert all(len(r["run_id"]) == 32 for r in rows)                             # CSV carries the run id
     capsys.readouterr()
     assert main(["compare", "--experiment", "cmp", "--metric", "loss", "--mode", "max",
                  "--tracking-uri", server]) == 0
@@ -119,3 +122,129 @@ def test_unknown_experiment(server, capsys):
 def test_default_mode():
     assert default_mode("loss") == "min" and default_mode("test_nll_nats_dt10") == "min"
     assert default_mode("auroc_mean") == "max" and default_mode("cluster_acc") == "max"
+
+
+def test_default_sort_without_a_family_is_newest_first(server, runs, capsys):
+    assert main(["compare", "--experiment", "cmp", "--tracking-uri", server]) == 0
+    out = capsys.readouterr().out
+    assert "sorted by start time (newest first; no family recorded)" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ") and "rank" not in ln]
+    assert [ln.split("|")[2].strip() for ln in lines] == ["sigma3.0", "sigma1.0", "sigma0.3", "sigma0.1"]
+    header = next(ln for ln in out.splitlines() if "rank" in ln)
+    assert "run_id" not in header and "start (UTC)" in header and "family" in header
+
+
+def test_family_primary_metric_sorts_by_default(server, tmp_path, capsys):
+    """Training runs tagged family=diffusion sort by test_nll_nats_dt* (smaller first); a run of the
+    same experiment without the metric (the demo's evaluation run) comes last."""
+    from raymanifold import tracking
+
+    for name, nll in (("a", 2.5), ("b", 1.5), ("c", 3.5)):
+        with tracking.start_run("fam", name, uri=server, tags={"family": "diffusion"},
+                                config={"family": "diffusion", "model": {"hidden": 32}}):
+            tracking.log_metrics({"test_nll_nats_dt10": nll, "train_wall_s": 10.0, "final_step": 100,
+                                  "log10p_s_curve_dt2": -nll})
+    with tracking.start_run("fam", "eval", uri=server, config={"rounds": 3}):
+        tracking.log_metrics({"log10p_s_curve_dt2": -9.0})
+    out = tmp_path / "fam.csv"
+    assert main(["compare", "--experiment", "fam", "--tracking-uri", server, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "sorted by test_nll_nats_dt10 (min first; primary metric of family diffusion)" in text
+    rows = list(csv.DictReader(out.open()))
+    assert [r["run"] for r in rows] == ["b", "a", "c", "eval"]
+    assert [r["family"] for r in rows] == ["diffusion"] * 3 + [""]
+    assert "train_wall_s" in rows[0] and "final_step" not in rows[0]   # key metrics, no bookkeeping
+    # --all-columns: every param and metric, and the run id
+    assert main(["compare", "--experiment", "fam", "--tracking-uri", server, "--all-columns"]) == 0
+    header = next(ln for ln in capsys.readouterr().out.splitlines() if "rank" in ln)
+    for col in ("run_id", "final_step", "rounds", "model.hidden", "log10p_s_curve_dt2"):
+        assert f" {col} " in header
+
+
+# ----------------------------------------------------------------------------- rules, on synthetic tables
+def _df(runs):
+    """A table shaped like mlflow.search_runs: one dict per run (keys with their column prefixes)."""
+    import pandas as pd
+
+    rows = []
+    for i, r in enumerate(runs):
+        row = {"run_id": f"{i:032x}", "status": "FINISHED",
+               "start_time": pd.Timestamp("2026-11-20 10:00", tz="UTC") + pd.Timedelta(minutes=i),
+               "tags.mlflow.runName": f"run{i}"}
+        row.update(r)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_sort_rules():
+    # mixed families: start time, newest first
+    df = _df([{"tags.family": "diffusion", "metrics.test_nll_nats_dt10": 1.0},
+              {"tags.family": "gridvae", "metrics.test_loss_nats": 90.0}])
+    s = choose_sort(df)
+    assert s.metric is None and "2 families" in s.reason
+    _, rows, _, _ = build_table(df)
+    assert [r[1] for r in rows] == ["run1", "run0"]
+    # one family, the family named by a param only; glow falls back to test_log_p_nats (max) without test_bpd
+    df = _df([{"params.family": "glow", "metrics.test_log_p_nats": v} for v in (-3.0, -1.0, -2.0)])
+    s = choose_sort(df)
+    assert (s.metric, s.mode) == ("test_log_p_nats", "max")
+    assert [r[1] for r in build_table(df)[1]] == ["run1", "run2", "run0"]
+    # the family's metric not logged: start time
+    assert choose_sort(_df([{"tags.family": "flow", "metrics.loss": 1.0}])).metric is None
+    # runs of one sweep: the metric and mode the sweep declared (parent run params)
+    df = _df([{"params.sweep.metric": "auroc_mean", "params.sweep.mode": "max"},
+              {"tags.raymanifold.sweep": "s", "metrics.auroc_mean": 0.7, "metrics.nfe": 10.0},
+              {"tags.raymanifold.sweep": "s", "metrics.auroc_mean": 0.9, "metrics.nfe": 100.0}])
+    s = choose_sort(df)
+    assert (s.metric, s.mode) == ("auroc_mean", "max")
+    assert [r[1] for r in build_table(df)[1]] == ["run2", "run1", "run0"]
+    # --metric / --mode win
+    assert choose_sort(df, metric="nfe").mode == "max" and choose_sort(df, metric="nfe", mode="min").mode == "min"
+    with pytest.raises(UsageError, match="--metric: no run has metric 'x'"):
+        choose_sort(df, metric="x")
+
+
+def test_ties_and_missing_values_newest_first():
+    df = _df([{"tags.family": "gridvae", "metrics.test_loss_nats": 5.0},
+              {"tags.family": "gridvae"},
+              {"tags.family": "gridvae", "metrics.test_loss_nats": 5.0},
+              {"tags.family": "gridvae", "metrics.test_loss_nats": 4.0},
+              {"tags.family": "gridvae"}])
+    assert [r[1] for r in build_table(df)[1]] == ["run3", "run2", "run0", "run4", "run1"]
+
+
+def test_default_columns_are_few_and_readable():
+    base = {f"params.train.p{k}": "same" for k in range(10)}
+    runs = []
+    for i in range(3):
+        r = dict(base, **{"tags.family": "diffusion", "params.name": f"n{i}", "params.ray.storage_path": f"/s{i}",
+                          "params.data.root": f"/r{i}", "metrics.test_nll_nats_dt10": float(i),
+                          "metrics.final_step": 10.0 * i, "metrics.resumed_from_step": 0.0,
+                          "metrics.test_bpd_dt10": 0.1 * i, "metrics.train_wall_s": 3.0})
+        r.update({f"params.model.k{k}": str(i) for k in range(6)})       # six params that differ
+        r.update({f"metrics.m{k}": 1.0 for k in range(8)})
+        runs.append(r)
+    headers, rows, sort, ids = build_table(_df(runs))
+    assert headers[:6] == ["rank", "run", "family", "status", "start (UTC)", "test_nll_nats_dt10"]
+    params = [h for h in headers if "." in h]
+    assert params == [f"model.k{k}" for k in range(MAX_PARAMS)]                    # name/paths/same values left out
+    metrics = headers[6 + len(params):]
+    assert metrics[:2] == ["test_bpd_dt10", "train_wall_s"] and len(metrics) == MAX_METRICS  # key metrics first
+    assert "final_step" not in headers and "run_id" not in headers
+    assert rows[0][4] == "2026-11-20 10:00" and ids[0] == f"{0:032x}"
+    # --params / --metrics choose the columns; unknown names fail with the known ones listed
+    headers, _, _, _ = build_table(_df(runs), params=["name"], metrics=["final_step", "test_nll_nats_dt10"])
+    assert headers[5:] == ["test_nll_nats_dt10", "name", "final_step"]
+    with pytest.raises(UsageError, match="--metrics: unknown metric 'nope'"):
+        build_table(_df(runs), metrics=["nope"])
+    headers, rows, _, _ = build_table(_df(runs), all_columns=True)
+    assert "run_id" in headers and "params.name" not in headers and "name" in headers and "final_step" in headers
+    assert len(headers) == len(rows[0])
+
+
+def test_every_family_declares_its_primary_metric():
+    from raymanifold.recipes import FAMILIES
+
+    assert set(FAMILY_METRICS) == set(FAMILIES)
+    for fam, fm in FAMILY_METRICS.items():
+        assert fm.primary and all(mode in ("min", "max") for _, mode in fm.primary), fam
