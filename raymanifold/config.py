@@ -40,8 +40,7 @@ from typing import Any, Optional
 
 import yaml
 
-from raymanifold.schema import (ConfigError, _coerce, _check_range, build_dataclass, flatten, param,  # noqa: F401
-                                to_dict)
+from raymanifold.schema import ConfigError, _coerce, build_dataclass, flatten, param, to_dict  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------- sections
 @dataclass(frozen=True)

@@ -37,18 +37,18 @@ BACKENDS = ("ray", "local")
 
 
 # ----------------------------------------------------------------------------- edge URIs
-def _download(uri: str) -> Path:
-    from raymanifold.tracking import download_checkpoint
-
-    return download_checkpoint(uri)
-
-
-def install_uri_resolver():
-    """Let :func:`raymanifold.checkpoint.resolve` read MLflow URIs (``runs:/``, ``models:/``) in this process.
+def install_uri_resolver(tracking_uri: Optional[str] = None):
+    """Let :func:`raymanifold.checkpoint.resolve` read MLflow URIs (``runs:/``, ``models:/``) in this process,
+    from ``tracking_uri`` (default: ``MLFLOW_TRACKING_URI``, else the local store; see :mod:`raymanifold.tracking`).
 
     Idempotent and cheap: MLflow is imported only when such a URI is resolved.
     """
-    ckpt.set_uri_resolver(ckpt.REMOTE_PREFIXES, _download)
+    def download(uri: str) -> Path:
+        from raymanifold.tracking import download_checkpoint
+
+        return download_checkpoint(uri, tracking_uri=tracking_uri)
+
+    ckpt.set_uri_resolver(ckpt.REMOTE_PREFIXES, download)
 
 
 install_uri_resolver()
@@ -101,8 +101,8 @@ def train(cfg, *, backend: str = "ray", tracking_uri: Optional[str] = None, fres
 
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not allowed; choose one of {list(BACKENDS)}")
-    install_uri_resolver()
     uri = tracking.resolve_uri(tracking_uri)
+    install_uri_resolver(uri)  # e.g. a phase-2 flow's model.ae_checkpoint=runs:/<id> in this store
     all_tags = {"family": cfg.family, **({"trainer": "inprocess"} if backend == "local" else {}), **(tags or {})}
     with tracking.start_run(cfg.experiment, cfg.name, config=to_dict(cfg), uri=uri, tags=all_tags) as run:
         run_id = run.info.run_id

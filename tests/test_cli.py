@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from raymanifold.cli import main
@@ -39,7 +40,8 @@ def test_likelihood_and_sample_on_a_checkpoint(tmp_path, capsys, tracking_uri):
     from raymanifold.training import train_inprocess
 
     cfg = config_from_dict({"family": "diffusion", "name": "cli", "data": {"n_train": 2000},
-                            "model": {"hidden": 32}, "train": {"steps": 200, "batch_size": 256, "num_workers": 1}})
+                            "model": {"hidden": 32}, "train": {"steps": 200, "batch_size": 256},
+                            "ray": {"num_workers": 1}})
     model, _, _ = train_inprocess(cfg)
     path = ckpt.save(tmp_path / "checkpoint.pt", model, cfg, 200)
     assert main(["likelihood", "--model", str(path), "--points", "300", "--rounds", "3", "--dt", "10,100",
@@ -50,6 +52,45 @@ def test_likelihood_and_sample_on_a_checkpoint(tmp_path, capsys, tracking_uri):
     assert (tmp_path / "rep" / "set_means.png").exists()
     assert main(["sample", "--model", str(path), "--n", "100", "--dt", "10", "--out", str(tmp_path / "s")]) == 0
     rec = json.loads(capsys.readouterr().out)
-    assert rec["nfe"] == 10 and (tmp_path / "s" / "samples.png").exists()
+    assert rec["nfe"] == 10 and rec["dt"] == 10 and rec["sampler"] == "ddpm" and (tmp_path / "s" / "samples.png").exists()
+    assert np.load(tmp_path / "s" / "samples.npy").shape == (100, 2)
     assert main(["sample", "--model", str(path), "--sampler", "euler", "--out", str(tmp_path / "s")]) == 2
     assert "sampler: unknown sampler 'euler'" in capsys.readouterr().err
+
+
+def test_sample_passes_only_the_options_a_family_takes(tmp_path, capsys):
+    """`raymanifold sample` on a flow checkpoint: no dt/sampler, NFE from recipe.cost; --dt is refused by name."""
+    import json
+
+    from raymanifold import checkpoint as ckpt
+    from raymanifold.commands.core import sample_options
+    from raymanifold.config import config_from_dict
+    from raymanifold.recipes import get_recipe
+    from raymanifold.training import train_inprocess
+
+    cfg = config_from_dict({"family": "flow", "name": "cli_flow", "data": {"name": "digits", "image_size": 8},
+                            "model": {"levels": 2, "hidden": 4, "latent_channels": 2, "latent_down": 1,
+                                      "flow_depth": 1, "flow_hidden": 4, "eval_examples": 8},
+                            "train": {"steps": 2, "batch_size": 8}, "ray": {"num_workers": 1}})
+    model, _, _ = train_inprocess(cfg)
+    path = ckpt.save(tmp_path / "checkpoint.pt", model, cfg, 2)
+    recipe = get_recipe("flow")
+    assert sample_options(recipe, {"dt": None, "sampler": None}) == {}
+    assert sample_options(get_recipe("diffusion"), {"dt": None, "sampler": None}) == {"dt": 1, "sampler": "ddpm"}
+    assert main(["sample", "--model", str(path), "--n", "3", "--out", str(tmp_path / "s")]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert "dt" not in rec and "sampler" not in rec and rec["n"] == 3
+    assert rec["nfe"] == recipe.cost(cfg, "sample").get("nfe")
+    assert np.load(tmp_path / "s" / "samples.npy").shape == (3, *recipe.input_shape(cfg))
+    assert main(["sample", "--model", str(path), "--dt", "5", "--out", str(tmp_path / "s")]) == 2
+    assert "--dt: family 'flow' samples without a dt option" in capsys.readouterr().err
+
+
+def test_old_train_keys_on_the_command_line_warn_once_and_still_apply(capsys, monkeypatch):
+    from raymanifold import config as C
+
+    monkeypatch.setattr(C, "_warned", set())
+    assert main(["train", "--config", "jobs/configs/demo_swiss_roll.yaml", "--set", "train.num_workers=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("deprecated: train.num_workers -> ray.num_workers")
+    assert err[1].startswith("error: ray.num_workers: 0 is out of range")

@@ -1,17 +1,18 @@
 """``raymanifold study flow``: train the hierarchical AE + flow model (two phases) and the Glow baseline,
 then write the Figs. 2-4 report to reports/flow/ and MLflow.
 
-Each training is its own MLflow run through the generic path
-(:func:`raymanifold.commands.core.train_and_log`, Ray Train): phase 1
+Each training is its own MLflow run through the run service
+(:func:`raymanifold.runs.train`, Ray Train or ``--inprocess``): phase 1
 (autoencoders, tag ``phase=ae``), phase 2 (flows, tag ``phase1_run_id``; the
-phase-1 run gets ``phase2_run_id``) and the Glow baseline. A fourth run,
-``<name>-study``, links all three by tags and holds the report.
+phase-1 run gets ``phase2_run_id``) and the Glow baseline, which runs where the
+flow model runs (its ``ray:`` section and experiment). A fourth run,
+``<name>-study``, links all three by tags and holds the report
+(:mod:`raymanifold.flows.study` computes it).
 """
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,38 +42,12 @@ def register(sub, study_sub):
     p.set_defaults(func=cmd_study_flow)
 
 
-def _train_inprocess_and_log(cfg, *, tracking_uri=None, tags=None):
-    """The same run layout as ``train_and_log`` without Ray: config, metrics, checkpoint, evaluation."""
-    from raymanifold import checkpoint as ckpt
-    from raymanifold import tracking
-    from raymanifold.config import to_dict
-    from raymanifold.recipes import get_recipe
-    from raymanifold.training import train_inprocess
-
-    uri = tracking.resolve_uri(tracking_uri)
-    with tracking.start_run(cfg.experiment, cfg.name, config=to_dict(cfg), uri=uri,
-                            tags={"family": cfg.family, "trainer": "inprocess", **(tags or {})}) as run:
-        folder = Path(tempfile.mkdtemp(prefix="rm-flow-"))
-        t0 = time.perf_counter()
-        model, ema, info = train_inprocess(cfg, checkpoint_dir=folder,
-                                           log=lambda s, m: tracking.log_metrics(m, s))
-        wall = time.perf_counter() - t0
-        path = folder / ckpt.FILENAME
-        tracking.log_checkpoint(path)
-        model.eval()
-        metrics = get_recipe(cfg.family).evaluate(model, cfg)
-        metrics.update({"train_wall_s": wall, "final_step": info["step"]})
-        tracking.log_metrics(metrics)
-    return run.info.run_id, path, wall, metrics
-
-
 def _train(cfg, args, tags):
-    if args.inprocess:
-        return _train_inprocess_and_log(cfg, tracking_uri=args.tracking_uri, tags=tags)
-    from raymanifold.commands.core import train_and_log
+    from raymanifold import runs
 
-    run_id, res, metrics = train_and_log(cfg, tracking_uri=args.tracking_uri, fresh=args.fresh, tags=tags)
-    return run_id, res.checkpoint_path, res.wall_s, metrics
+    h = runs.train(cfg, backend="local" if args.inprocess else "ray", tracking_uri=args.tracking_uri,
+                   fresh=args.fresh, tags=tags)
+    return h.run_id, h.checkpoint, h.wall_s, h.metrics
 
 
 def _phase1_copy(cfg, path: Path) -> str:
@@ -90,7 +65,8 @@ def _phase1_copy(cfg, path: Path) -> str:
 
 def cmd_study_flow(args) -> int:
     from raymanifold import tracking
-    from raymanifold.config import load_config, replace
+    from raymanifold.config import (apply_overrides, config_from_dict, load_config, migrate, read_yaml, replace,
+                                    to_dict)
 
     sets = apply_common(args)
     fixed = [s for s in sets if s.split("=", 1)[0].strip() in ("model.phase", "model.ae_checkpoint")]
@@ -102,9 +78,9 @@ def cmd_study_flow(args) -> int:
     cfg = load_config(find_config(args.config), sets + ["model.phase=ae"])
     if cfg.family != "flow":
         raise UsageError(f"--config: expected a 'flow' family config, got {cfg.family!r}")
-    glow_sets = [s for s in sets if s.startswith(("ray.", "train.num_workers", "train.cpus_per_worker",
-                                                  "train.use_gpu", "train.storage_path", "experiment"))]
-    glow_cfg = load_config(find_config(args.glow_config), glow_sets + list(args.glow_set))
+    # the baseline runs where the flow model runs: its resolved `ray:` section and experiment, then --glow-set
+    glow_cfg = config_from_dict(apply_overrides(migrate(read_yaml(find_config(args.glow_config))), [
+        ("ray", to_dict(cfg)["ray"]), ("experiment", cfg.experiment), *args.glow_set]))
     if glow_cfg.family != "glow":
         raise UsageError(f"--glow-config: expected a 'glow' family config, got {glow_cfg.family!r}")
     if (glow_cfg.data.name, glow_cfg.data.image_size) != (cfg.data.name, cfg.data.image_size):
@@ -116,22 +92,22 @@ def cmd_study_flow(args) -> int:
 
     if args.reuse_runs:
         return _evaluate_and_report(args, cfg, *_reused(args.reuse_runs, args.tracking_uri))
-    timing, runs = {}, {}
+    timing, run_ids = {}, {}
     stage(1, 4, f"phase 1: autoencoders ({cfg.train.steps} steps)")
     rid1, ck1, wall1, m1 = _train(cfg, args, {"phase": "ae", "study": "flow"})
-    runs["phase1_ae"], timing["phase 1 (autoencoders, Eq. 4)"] = rid1, wall1
+    run_ids["phase1_ae"], timing["phase 1 (autoencoders, Eq. 4)"] = rid1, wall1
     cfg2 = replace(cfg, ["model.phase=flow", f"model.ae_checkpoint={_phase1_copy(cfg, ck1)}",
                          f"name={cfg.name}_phase2", *args.phase2_set])
     stage(2, 4, f"phase 2: flows on frozen autoencoders ({cfg2.train.steps} steps)")
     rid2, ck2, wall2, m2 = _train(cfg2, args, {"phase": "flow", "study": "flow", "phase1_run_id": rid1})
     tracking.set_tags({"phase2_run_id": rid2}, run_id=rid1)
-    runs["phase2_flow"], timing["phase 2 (flows, Eq. 5)"] = rid2, wall2
+    run_ids["phase2_flow"], timing["phase 2 (flows, Eq. 5)"] = rid2, wall2
     stage(3, 4, f"Glow baseline ({glow_cfg.train.steps} steps)")
     rid3, ck3, wall3, m3 = _train(glow_cfg, args, {"study": "flow", "role": "baseline"})
-    runs["glow_baseline"], timing["Glow baseline"] = rid3, wall3
+    run_ids["glow_baseline"], timing["Glow baseline"] = rid3, wall3
 
     stage(4, 4, "evaluation: per-level log p, OOD AUROC, figures")
-    return _evaluate_and_report(args, cfg, str(ck2), str(ck3), timing, runs,
+    return _evaluate_and_report(args, cfg, str(ck2), str(ck3), timing, run_ids,
                                 {"phase1": m1, "phase2": m2, "glow": m3})
 
 
@@ -156,14 +132,13 @@ def _reused(text: str, tracking_uri):
     return f"runs:/{ids[1]}", f"runs:/{ids[2]}", timing, runs, metrics
 
 
-def _evaluate_and_report(args, cfg, flow_uri: str, glow_uri: str, timing: dict, runs: dict, train_metrics: dict):
-    from raymanifold import tracking
-    from raymanifold.checkpoint import load_model
+def _evaluate_and_report(args, cfg, flow_uri: str, glow_uri: str, timing: dict, run_ids: dict, train_metrics: dict):
+    from raymanifold import runs
     from raymanifold.flows import study
     from raymanifold.reports import report_dir, write_json
 
-    model, cfg2_loaded, _ = load_model(flow_uri)
-    glow, glow_loaded, _ = load_model(glow_uri)
+    model, cfg2_loaded, _ = runs.load(flow_uri)
+    glow, glow_loaded, _ = runs.load(glow_uri)
     if cfg2_loaded.family != "flow" or cfg2_loaded.model.phase != "flow" or glow_loaded.family != "glow":
         raise UsageError(f"--reuse-runs: expected a phase-2 'flow' run and a 'glow' run, got "
                          f"{cfg2_loaded.family}/{getattr(cfg2_loaded.model, 'phase', '-')} and {glow_loaded.family}")
@@ -171,22 +146,12 @@ def _evaluate_and_report(args, cfg, flow_uri: str, glow_uri: str, timing: dict, 
     with report_dir(Path(args.out)) as d:
         res = study.evaluate_study(model, cfg2_loaded, glow, glow_loaded, d, n_eval=args.n_eval, seed=args.seed)
         timing["evaluation"] = time.perf_counter() - t0
-        res.update({"timing_s": timing, "runs": runs, "train_metrics": train_metrics})
+        res.update({"timing_s": timing, "runs": run_ids, "train_metrics": train_metrics})
         write_json(d / "flow.json", res)
-        (d / "README.md").write_text(study.markdown_report(res, timing, runs))
-        flat = {"bpd_hier_manifold_level1": res["bits_per_dim"]["hierarchical_manifold_bpd_level1"],
-                "bpd_glow": res["bits_per_dim"]["glow_bpd_discrete_bound"]}
-        for name, v in res["auroc"].items():
-            for q in ("log_pz", "log_py", "log_px"):
-                for lvl, a in enumerate(v[q]):
-                    flat[f"auroc_{name}_{q}_level{lvl + 1}"] = a
-            flat[f"auroc_{name}_glow"] = v["glow_log_p"]
-        flat.update({f"time_{k.split(' ')[0]}_{k.split(' ')[1]}_s": v for k, v in timing.items() if " " in k})
-        with tracking.start_run(cfg.experiment, f"{cfg.name}-study", uri=tracking.resolve_uri(args.tracking_uri),
-                                tags={"study": "flow", **{f"{k}_run_id": v for k, v in runs.items()}}) as run:
-            tracking.log_metrics(flat)
-            tracking.log_artifacts(d, "report")
-        runs["study"] = run.info.run_id
-    print(json.dumps({"report": str(Path(args.out)), "runs": runs, "bits_per_dim": res["bits_per_dim"],
+        (d / "README.md").write_text(study.markdown_report(res, timing, run_ids))
+        run_ids["study"] = runs.log_study(f"{cfg.name}-study", cfg.experiment, None,
+                                          study.summary_metrics(res, timing), d, tracking_uri=args.tracking_uri,
+                                          tags={"study": "flow", **{f"{k}_run_id": v for k, v in run_ids.items()}})
+    print(json.dumps({"report": str(Path(args.out)), "runs": run_ids, "bits_per_dim": res["bits_per_dim"],
                       "timing_s": timing}, indent=2, default=float))
     return 0

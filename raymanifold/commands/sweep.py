@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from raymanifold.commands import UsageError, add_common, apply_common, find_config, stage
@@ -75,13 +74,12 @@ def cmd_sweep(args) -> int:
     n = 4 if model_path is None and spec.kind == "eval" else 3
     i = 1
     if model_path is None and spec.kind == "eval":
-        from raymanifold.commands.core import train_and_log
+        from raymanifold import runs
 
         cfg = config_from_dict(base)
         stage(i, n, f"training the model to evaluate: {spec.base} ({cfg.train.steps} steps; resumes/reuses "
                     f"{cfg.ray.storage_path}/{cfg.name})")
-        _, res, _ = train_and_log(cfg, tracking_uri=uri, tags={"job": f"sweep:{spec.name}"}, verbose=False)
-        model_path = str(res.checkpoint_path)
+        model_path = str(runs.train(cfg, tracking_uri=uri, tags={"job": f"sweep:{spec.name}"}, verbose=False).checkpoint)
         i += 1
     stage(i, n, f"{spec.kind}-time sweep {spec.name!r}: {spec.n_trials} trial(s) over {list(spec.space)}; "
                 f"metric {spec.metric} ({spec.mode}){'; resuming' if args.resume else ''}")
@@ -96,6 +94,8 @@ def cmd_sweep(args) -> int:
         print(f"{len(result.completed)}/{len(result.rows)} trial(s) finished in {result.wall_s:.1f} s, "
               f"{result.concurrency} at a time; results in {result.path}", flush=True)
         stage(i + 1, n, "logging one MLflow child run per trial")
+        from raymanifold.distributed.tune import log_trials
+
         child_ids = log_trials(result, parent.info.run_id, uri)
         stage(i + 2, n, "best-trial table")
         summary = write_report(result, child_ids, parent.info.run_id, args.out)
@@ -117,40 +117,6 @@ def _spec_params(spec, args) -> dict:
                       "num_samples": spec.num_samples, "scheduler": spec.scheduler.type,
                       "n_trials": spec.n_trials},
             "space": space, "params": dict(spec.params)}
-
-
-class _TrialFailed(Exception):
-    pass
-
-
-def log_trials(result, parent_id: str, uri: str) -> dict:
-    """One child run per trial under ``parent_id``; returns {trial_id: run_id}."""
-    from raymanifold import tracking
-
-    spec = result.spec
-    ids = {}
-    for row in result.rows:
-        if row.status == "PENDING":
-            continue
-        try:
-            with tracking.start_run(spec.experiment, f"{spec.name}-{row.trial_id}", uri=uri, parent_run_id=parent_id,
-                                    config=dict(row.config),
-                                    tags={"raymanifold.sweep": spec.name, "raymanifold.kind": "sweep-trial",
-                                          "trial_id": row.trial_id, "trial_status": row.status,
-                                          **({"node_ip": row.node_ip} if row.node_ip else {})}) as run:
-                ids[row.trial_id] = run.info.run_id
-                for h in row.history:
-                    if "step" in h:
-                        tracking.log_metrics({k: v for k, v in h.items() if k != "step"}, int(h["step"]))
-                tracking.log_metrics({k: v for k, v in row.metrics.items() if math.isfinite(v)})
-                if row.checkpoint and "://" not in row.checkpoint and Path(row.checkpoint).is_file():
-                    tracking.log_checkpoint(row.checkpoint)
-                if row.status == "ERROR":
-                    tracking.set_tags({"error": row.error or ""})
-                    raise _TrialFailed(row.error)
-        except _TrialFailed:
-            pass
-    return ids
 
 
 def write_report(result, child_ids: dict, parent_id: str, out=None) -> dict:
@@ -200,11 +166,9 @@ def write_report(result, child_ids: dict, parent_id: str, out=None) -> dict:
 
 
 def _plot(result, path):
-    import matplotlib
+    from raymanifold.analysis.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     spec = result.spec
     keys = [k for k, d in spec.space.items() if all(isinstance(v, (int, float)) for v in d.values)]
     done = result.completed

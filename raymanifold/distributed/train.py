@@ -79,7 +79,7 @@ def train_loop_per_worker(loop_cfg: dict):
     _quiet_report_logs()
     from raymanifold.runs import install_uri_resolver
 
-    install_uri_resolver()
+    install_uri_resolver(loop_cfg.get("tracking_uri"))
     cfg = config_from_dict(loop_cfg["config"])
     run_id, uri = loop_cfg.get("run_id"), loop_cfg.get("tracking_uri")
     ctx = ray.train.get_context()

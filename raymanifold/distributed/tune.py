@@ -307,3 +307,38 @@ def ranked(rows: list, metric: str, mode: str) -> list:
             return (1, 0.0)
         return (0, -v if mode == "max" else v)
     return sorted(rows, key=key)
+
+
+# ----------------------------------------------------------------------------- MLflow
+class _TrialFailed(Exception):
+    pass
+
+
+def log_trials(result, parent_id: str, uri: str) -> dict:
+    """One child run per trial under ``parent_id``; returns {trial_id: run_id}."""
+    from raymanifold import tracking
+
+    spec = result.spec
+    ids = {}
+    for row in result.rows:
+        if row.status == "PENDING":
+            continue
+        try:
+            with tracking.start_run(spec.experiment, f"{spec.name}-{row.trial_id}", uri=uri, parent_run_id=parent_id,
+                                    config=dict(row.config),
+                                    tags={"raymanifold.sweep": spec.name, "raymanifold.kind": "sweep-trial",
+                                          "trial_id": row.trial_id, "trial_status": row.status,
+                                          **({"node_ip": row.node_ip} if row.node_ip else {})}) as run:
+                ids[row.trial_id] = run.info.run_id
+                for h in row.history:
+                    if "step" in h:
+                        tracking.log_metrics({k: v for k, v in h.items() if k != "step"}, int(h["step"]))
+                tracking.log_metrics({k: v for k, v in row.metrics.items() if math.isfinite(v)})
+                if row.checkpoint and "://" not in row.checkpoint and Path(row.checkpoint).is_file():
+                    tracking.log_checkpoint(row.checkpoint)
+                if row.status == "ERROR":
+                    tracking.set_tags({"error": row.error or ""})
+                    raise _TrialFailed(row.error)
+        except _TrialFailed:
+            pass
+    return ids

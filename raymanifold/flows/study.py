@@ -1,8 +1,9 @@
 """The flow study (Sec. 2.3.1, Figs. 2-4): per-level log-probabilities for in- and out-of-distribution
 images with AUROCs, reconstruction / sample / super-resolution grids, bits/dim against a Glow baseline.
 
-Plain PyTorch + numpy + matplotlib (Agg); the command in
-:mod:`raymanifold.commands.flow` trains the models and logs to MLflow.
+Plain PyTorch + numpy + matplotlib (Agg): :func:`evaluate_study` returns the result dict,
+:func:`markdown_report` and :func:`summary_metrics` turn it into the report and the MLflow metrics;
+the command in :mod:`raymanifold.commands.flow` trains the models (:mod:`raymanifold.runs`) and logs them.
 
 Out-of-distribution sets for a grey-level in-distribution set (built without
 downloads, same size and value range [0, 1]):
@@ -21,7 +22,9 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
+
+from raymanifold.analysis.metrics import auroc
+from raymanifold.analysis.plotting import pyplot as _plt
 
 QUANTITIES = ("log_pz", "log_py", "log_px_level", "log_px")
 LABELS = {"log_pz": "log p(z_i)", "log_py": "log p(y_i) (Eq. 5)", "log_px_level": "log p_X(x_i) (Eq. 7)",
@@ -71,27 +74,7 @@ def score_hierarchical(model, x: torch.Tensor, cfg, batch: int = 128, generator=
     return {q: torch.cat(v, dim=1).numpy() for q, v in parts.items()}
 
 
-def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
-    """AUROC of separating in-distribution (label 1, higher score expected) from OOD examples.
-
-    Non-finite scores are mapped to the most extreme finite value on their side (-inf = least likely).
-    """
-    s = np.concatenate([in_scores, out_scores]).astype(np.float64)
-    finite = s[np.isfinite(s)]
-    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
-    s = np.nan_to_num(s, nan=lo - 1, neginf=lo - 1, posinf=hi + 1)
-    y = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
-    return float(roc_auc_score(y, s))
-
-
 # --------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def image_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = None, title: str = ""):
@@ -248,3 +231,16 @@ def markdown_report(res: dict, timing: dict, runs: dict) -> str:
               "- `fig4_superres.png`: super-resolution from every coarser level (Fig. 4)",
               "- `glow_samples.png`: Glow baseline samples", ""]
     return "\n".join(lines)
+
+
+def summary_metrics(res: dict, timing: dict) -> dict:
+    """The study's headline numbers as flat MLflow metrics: bits/dim, every AUROC, the training times."""
+    flat = {"bpd_hier_manifold_level1": res["bits_per_dim"]["hierarchical_manifold_bpd_level1"],
+            "bpd_glow": res["bits_per_dim"]["glow_bpd_discrete_bound"]}
+    for name, v in res["auroc"].items():
+        for q in ("log_pz", "log_py", "log_px"):
+            for lvl, a in enumerate(v[q]):
+                flat[f"auroc_{name}_{q}_level{lvl + 1}"] = a
+        flat[f"auroc_{name}_glow"] = v["glow_log_p"]
+    flat.update({f"time_{k.split(' ')[0]}_{k.split(' ')[1]}_s": v for k, v in timing.items() if " " in k})
+    return flat

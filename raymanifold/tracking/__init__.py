@@ -148,18 +148,19 @@ def log_checkpoint(path, *, run_id: Optional[str] = None):
     log_artifact(path, "model", run_id=run_id)
 
 
-def download_checkpoint(uri: str) -> Path:
-    """Resolve ``runs:/<id>`` (or ``runs:/<id>/path``) to a local checkpoint file."""
+def download_checkpoint(uri: str, tracking_uri: Optional[str] = None) -> Path:
+    """Resolve ``runs:/<id>`` (or ``runs:/<id>/path``) to a local checkpoint file (tracking store:
+    ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the local default)."""
     from raymanifold.checkpoint import CheckpointError, FILENAME
 
-    configure()
+    store = configure(tracking_uri)
     if uri.startswith("runs:/"):
         rest = uri[len("runs:/"):].strip("/")
         run_id, _, sub = rest.partition("/")
         try:
-            MlflowClient(resolve_uri()).get_run(run_id)
+            MlflowClient(store).get_run(run_id)
         except Exception:
-            raise CheckpointError(f"model: MLflow run {run_id!r} not found in {resolve_uri()}") from None
+            raise CheckpointError(f"model: MLflow run {run_id!r} not found in {store}") from None
         uri = f"runs:/{run_id}/{sub or CHECKPOINT_ARTIFACT}"
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="rm-ckpt-")))

@@ -4,14 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from raymanifold.analysis.plotting import pyplot as _plt
 
 
 def latent_scatter(mu: np.ndarray, pair: np.ndarray, cfg, path, title: str = ""):
