@@ -25,9 +25,7 @@ from pathlib import Path
 import torch
 
 from raymanifold.config import load_config
-from raymanifold.diffusion import likelihood as L
 from raymanifold.diffusion import recipe as R
-from raymanifold.diffusion.schedules import step_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,14 +41,13 @@ def _median_time(fn, repeats: int) -> float:
 
 def bench(name: str, cfg, model, batch: int, dts, repeats: int):
     torch.manual_seed(0)
-    x = torch.rand(batch, *R.data_shape(cfg)) if R.is_image(cfg) else torch.randn(batch, 2) * 0.5
+    x = torch.rand(batch, *R.input_shape(cfg)) if R.is_image(cfg) else torch.randn(batch, 2) * 0.5
     if R.is_image(cfg):
         K = R.levels_of(cfg)
         x = torch.round(x * (K - 1)) / (K - 1)
     x0 = R.to_model_space(x, cfg)
-    ab = R.alpha_bar_of(cfg)
-    kw = R.likelihood_kw(cfg)
-    T = cfg.model.T
+    diff = R.diffusion_of(cfg)
+    T = diff.T
     xf = x0.float()
     print(f"\n== {name}: T={T}, batch {batch}")
     print(f"{'estimator':9s} {'dt':>4s} {'NFE':>5s} {'examples/s':>11s} {'x vs dt=1':>10s} "
@@ -60,11 +57,11 @@ def bench(name: str, cfg, model, batch: int, dts, repeats: int):
         for dt in dts:
             if dt > T:
                 continue
-            plan = step_plan(T, dt)
-            nfe = len(plan) - 1
+            plan = diff.plan(dt)
+            nfe = diff.nfe("log_prob", estimator=est, dt=dt)
             g = torch.Generator().manual_seed(0)
-            fn = (lambda: L.nll_bound(model, x0, ab, plan, g, **kw)) if est == "bound" else \
-                (lambda: L.nll_eq15(model, x0, ab, plan, g, **kw))
+            fn = (lambda: diff.nll_bound(model, x0, plan, g)) if est == "bound" else \
+                (lambda: diff.nll_eq15(model, x0, plan, g))
 
             def bare():  # the same network calls without the estimator: nfe forwards at the plan's times
                 with torch.no_grad():

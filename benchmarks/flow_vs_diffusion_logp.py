@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
             lp = dr.log_prob(ddpm, x, diff_cfg, dt=dt, generator=g)
             rate = best_rate(lambda: dr.log_prob(ddpm, x, diff_cfg, dt=dt, generator=g), n, args.repeats)
             rows[f"diffusion Eq. 15, dt={dt}"] = {"examples_per_s": rate, "mean_log_p_nats": float(lp.mean()),
-                                                  "nfe": 100 // dt}
+                                                  "nfe": dr.cost(diff_cfg, "log_prob", dt=dt)["nfe"]}
     base = rows["diffusion Eq. 15, dt=1"]["examples_per_s"]
     print(f"log p throughput on {n} Swiss-roll test points ({args.threads} thread(s); trained {args.steps} steps: "
           f"glow {t_flow:.1f} s, diffusion {t_diff:.1f} s)")

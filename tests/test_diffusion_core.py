@@ -214,3 +214,194 @@ def test_clip_bounds_x0_hat():
     eps = torch.zeros_like(x_t)
     assert float(process.predict_x0(x_t, eps, 1e-4, clip=2.0).abs().max()) == 2.0
     assert float(process.predict_x0(x_t, eps, 1e-4).abs().max()) == pytest.approx(300.0)
+
+
+# --------------------------------------------------------------------------- the Diffusion object
+from raymanifold.diffusion import likelihood as L  # noqa: E402
+from raymanifold.diffusion import samplers as SM  # noqa: E402
+from raymanifold.diffusion.gaussian import Diffusion  # noqa: E402
+
+
+class Counting(torch.nn.Module):
+    """Wraps an eps-network and counts network evaluations per example."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.examples = 0
+
+    def forward(self, x, t):
+        self.examples += x.shape[0]
+        return self.inner(x, t)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("opts", [dict(clip=2.0, last_step_var="forward"), dict(clip=None, last_step_var="beta1")])
+def test_diffusion_methods_equal_the_pure_functions(opts):
+    """Each method is bit-identical to its pure function with the same options and generator state
+    (same random-number consumption order), so callers moved onto the object get the same numbers."""
+    ab = schedules.cosine_alpha_bar(T)
+    d = Diffusion(ab, **opts)
+    model = GaussianEps(ab)
+    kw = dict(clip=opts["clip"], last_step_var=opts["last_step_var"])
+    x0 = M + S * torch.randn(64, 2, generator=_gen(0), dtype=torch.float64)
+    plan = d.plan(7)
+    assert plan == schedules.step_plan(T, 7) and d.plan(timesteps=[0, 3, 100]) == [0, 3, 100] and d.T == T
+    assert torch.equal(d.nll_eq15(model, x0, plan, _gen(1)), L.nll_eq15(model, x0, ab, plan, _gen(1), **kw))
+    assert torch.equal(d.nll_bound(model, x0, plan, _gen(1)), L.nll_bound(model, x0, ab, plan, _gen(1), **kw))
+    assert torch.equal(d.nll_mc(model, x0, 5, _gen(1), stratified=False),
+                       L.nll_mc_steps(model, x0, ab, 5, _gen(1), stratified=False, **kw))
+    assert torch.equal(d.nll(model, x0, _gen(2), estimator="bound", dt=7), L.nll_bound(model, x0, ab, plan, _gen(2), **kw))
+    assert torch.equal(d.nll_rounds(model, x0, _gen(3), 3, dt=10),
+                       L.nll_eq15_rounds(model, x0, ab, schedules.step_plan(T, 10), 3, _gen(3), **kw))
+    x_T = torch.randn(32, 2, generator=_gen(4), dtype=torch.float64)
+    common = dict(clip=opts["clip"], dtype=torch.float64)
+    for sampler, ref in (("ddpm", SM.sample_ddpm(model, (32, 2), ab, plan, _gen(5), last_step_var=kw["last_step_var"],
+                                                 **common)),
+                         ("ddim", SM.sample_ddim(model, (32, 2), ab, plan, _gen(5), eta=0.3, **common)),
+                         ("rk4_ddpm", SM.sample_rk4(model, (32, 2), ab, plan, _gen(5), inference="ddpm",
+                                                    last_step_var=kw["last_step_var"], **common)),
+                         ("rk4_ddim", SM.sample_rk4(model, (32, 2), ab, plan, _gen(5), inference="ddim", **common))):
+        got = d.sample(model, (32, 2), _gen(5), sampler=sampler, dt=7, eta=0.3)  # dtype/device from the model
+        assert got.dtype == torch.float64 and torch.equal(got, ref[0]), sampler
+    assert torch.equal(d.sample(model, (32, 2), _gen(6), sampler="ddim", dt=7, x_T=x_T),
+                       SM.sample_ddim(model, (32, 2), ab, plan, _gen(6), x_T=x_T, **common)[0])
+    assert torch.equal(d.ddim_invert(model, x0, dt=7), SM.ddim_invert(model, x0, ab, plan)[0])
+    noise = torch.randn(64, 2, generator=_gen(7), dtype=torch.float64)
+    t = torch.randint(1, T + 1, (64,), generator=_gen(8))
+    assert torch.equal(d.q_sample(x0, t, noise), process.q_sample(x0, t, ab, noise))
+    for got, want in zip(d.kernel(model, x0, 40, 0), process.backward_kernel(model, x0, 40, 0, ab, **kw)):
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+    assert d.backward_variance(0, 40) == process.backward_variance(ab, 0, 40, kw["last_step_var"])
+
+
+@pytest.mark.parametrize("plan_kw", [dict(dt=1), dict(dt=7), dict(timesteps=[0, 1, 2, 10, 11, 60, 100])])
+def test_nfe_is_the_number_of_network_evaluations(plan_kw):
+    """Diffusion.nfe counts what every sampler and estimator actually evaluates (per example)."""
+    ab = schedules.cosine_alpha_bar(T)
+    d = Diffusion(ab, clip=2.0)
+    model = Counting(GaussianEps(ab))
+    for sampler in SM.SAMPLERS:
+        model.examples = 0
+        d.sample(model, (3, 2), _gen(0), sampler=sampler, **plan_kw)
+        assert model.examples == 3 * d.nfe("sample", sampler=sampler, **plan_kw), sampler
+    x0 = torch.randn(5, 2, generator=_gen(1), dtype=torch.float64)
+    for estimator in ("eq15", "bound", "mc"):
+        model.examples = 0
+        d.nll_rounds(model, x0, _gen(2), 2, estimator=estimator, K=6, **plan_kw)
+        assert model.examples == 5 * d.nfe("log_prob", estimator=estimator, K=6, rounds=2, **plan_kw), estimator
+    model.examples = 0
+    d.ddim_invert(model, x0, **plan_kw)
+    assert model.examples == 5 * d.nfe("ddim_invert", **plan_kw)
+
+
+def test_diffusion_rejects_bad_options():
+    ab = schedules.cosine_alpha_bar(10)
+    d = Diffusion(ab)
+    for kw, match in ((dict(last_step_var="zero"), "last_step_var"), (dict(decoder="logistic"), "decoder"),
+                      (dict(decoder="discretized"), "levels"), (dict(clip=-1.0), "clip")):
+        with pytest.raises(ValueError, match=match):
+            Diffusion(ab, **kw)
+    with pytest.raises(ValueError, match="alpha_bar"):
+        Diffusion(ab.flip(0))
+    for call, match in ((lambda: d.nfe("sample", sampler="euler"), "sampler"),
+                        (lambda: d.nfe("log_prob", estimator="exact"), "estimator"),
+                        (lambda: d.nfe("log_prob", estimator="mc", K=10), "K"),
+                        (lambda: d.nfe("log_prob", rounds=0), "rounds"),
+                        (lambda: d.nfe("sample", dt=11), "dt"),
+                        (lambda: d.nfe("encode"), "op"),
+                        (lambda: d.plan(timesteps=[0, 5, 3, 10]), "timesteps"),
+                        (lambda: d.bits_per_dim(torch.zeros(2), 4), "image")):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def _points_cfg(**model):
+    from raymanifold.config import config_from_dict
+
+    return config_from_dict({"family": "diffusion", "data": {"name": "swiss_roll"},
+                             "model": {"T": 20, "hidden": 16, **model}})
+
+
+def test_recipe_builds_the_diffusion_once_and_the_loss_uses_it(monkeypatch):
+    """diffusion_of(cfg) is shared between equal configs, and the training loss no longer recomputes
+    alpha_bar: three loss steps build the schedule once. The loss equals Eq. 14 written out by hand."""
+    from raymanifold.diffusion import gaussian
+    from raymanifold.diffusion import recipe as R
+
+    built = {"n": 0}
+    real = gaussian.make_alpha_bar
+
+    def counting(name, T_):
+        built["n"] += 1
+        return real(name, T_)
+
+    monkeypatch.setattr(gaussian, "make_alpha_bar", counting)
+    gaussian.cached.cache_clear()
+    cfg = _points_cfg(clip_x0=1.5, last_step_var="beta1")
+    d = R.diffusion_of(cfg)
+    assert R.diffusion_of(_points_cfg(clip_x0=1.5, last_step_var="beta1")) is d
+    assert (d.T, d.clip, d.last_step_var, d.decoder, d.levels) == (20, 1.5, "beta1", "gaussian", None)
+    assert R.diffusion_of(_points_cfg(clip_x0=0.0)).clip is None
+    torch.manual_seed(0)
+    model = R.build(cfg)
+    x = torch.randn(16, 2, generator=_gen(0))
+    losses = [R.loss(model, (x,), cfg, step, _gen(1))[0] for step in (1, 2, 3)]
+    assert built["n"] == 2  # one schedule per distinct option set above, none per step
+    g = _gen(1)
+    t = torch.randint(1, 21, (16,), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    x_t = process.q_sample(x, t, real("cosine", 20), noise).to(x.dtype)
+    want = torch.nn.functional.mse_loss(model(x_t, t), noise)
+    assert all(torch.equal(lo, want) for lo in losses)
+    gaussian.cached.cache_clear()
+
+
+def test_recipe_protocol_sample_cost_and_evaluators():
+    from raymanifold.diffusion import evaluators as devaluators
+    from raymanifold.diffusion import recipe as R
+
+    cfg = _points_cfg()
+    torch.manual_seed(0)
+    model = Counting(R.build(cfg))
+    for kw in (dict(), dict(sampler="rk4_ddim", dt=3), dict(sampler="ddim", timesteps=[0, 1, 5, 20], eta=0.5)):
+        model.examples = 0
+        x = R.sample(model, 4, cfg, _gen(0), **kw)
+        assert isinstance(x, torch.Tensor) and x.shape == (4, *R.input_shape(cfg)) == (4, 2)
+        assert R.cost(cfg, "sample", **kw) == {"nfe": model.examples // 4}
+    xs = torch.randn(6, 2, generator=_gen(1))
+    for kw in (dict(), dict(dt=4, rounds=3), dict(estimator="bound", timesteps=[0, 2, 20]),
+               dict(estimator="mc", K=3, rounds=2, stratified=False)):
+        model.examples = 0
+        lp = R.log_prob(model, xs, cfg, generator=_gen(2), **kw)
+        assert lp.shape == (6,) and R.cost(cfg, "log_prob", **kw) == {"nfe": model.examples // 6}
+    assert R.cost(cfg, "encode") == {}
+    assert R.RECIPE.cost_of(cfg, "sample", dt=5) == {"nfe": 4}
+    with pytest.raises(ValueError, match="sampler"):
+        R.cost(cfg, "sample", sampler="euler")
+    # the dt evaluator lives beside the family, is listed in the recipe, and the old sweep path still works
+    import importlib
+
+    assert R.RECIPE.evaluators["diffusion_dt"] is devaluators.diffusion_dt
+    assert importlib.import_module("raymanifold.distributed.evaluators").diffusion_dt is devaluators.diffusion_dt
+
+
+def test_diffusion_dt_evaluator_small():
+    """The sweep evaluator on an untrained model: every metric present and finite, NFE from the recipe's cost."""
+    from raymanifold.diffusion import evaluators as devaluators
+    from raymanifold.diffusion import recipe as R
+
+    cfg = _points_cfg()
+    torch.manual_seed(0)
+    model = R.build(cfg)
+    out = devaluators.diffusion_dt(model, cfg, seed=0, dt=5, points=30, rounds=2, ref_rounds=2,
+                                   ood_sets=("circle",), samples=40)
+    assert {"logp_mean_nats", "logp_bias_nats", "logp_var_nats2", "auroc_circle", "auroc_mean",
+            "sample_sliced_w1", "sample_sliced_w1_floor"} <= set(out)
+    assert all(math.isfinite(v) for v in out.values())
+    assert out["nfe_likelihood"] == 4 and out["nfe_sample"] == 4 and 0 <= out["auroc_mean"] <= 1
+    with pytest.raises(ValueError, match="ood_sets"):
+        devaluators.diffusion_dt(model, cfg, ood_sets=("digits",), points=5, samples=5)

@@ -103,7 +103,7 @@ def test_loss_runs_through_forward_and_trains(cfg):
     from raymanifold import data as rdata
 
     x = rdata.load("digits", "train", image_size=16).x[:8]
-    loss, metrics = R.loss(model, (x,), cfg, torch.Generator().manual_seed(0))
+    loss, metrics = R.loss(model, (x,), cfg, 1, torch.Generator().manual_seed(0))
     assert loss.ndim == 0 and math.isfinite(metrics["loss"])
 
 
@@ -156,15 +156,21 @@ def test_bad_options_rejected(model, cfg, digits16):
 
 @pytest.mark.parametrize("sampler,dt,nfe", [("ddpm", 1, 20), ("ddim", 3, 7), ("rk4_ddpm", 10, 8), ("rk4_ddim", 20, 4)])
 def test_image_samplers_shape_range_nfe(model, cfg, sampler, dt, nfe):
-    x, n = R.sample(model, 3, cfg, torch.Generator().manual_seed(0), dt=dt, sampler=sampler)
-    assert x.shape == (3, 1, 16, 16) and n == nfe
+    calls = {"n": 0}
+    h = model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        x = R.sample(model, 3, cfg, torch.Generator().manual_seed(0), dt=dt, sampler=sampler)
+    finally:
+        h.remove()
+    assert x.shape == (3, *R.input_shape(cfg)) == (3, 1, 16, 16)
+    assert R.cost(cfg, "sample", dt=dt, sampler=sampler, eta=0.5) == {"nfe": nfe} and calls["n"] == nfe
     assert float(x.min()) >= 0 and float(x.max()) <= 1
 
 
 def test_ddim_same_x_T_is_reproducible(model, cfg):
     x_T = torch.randn(2, 1, 16, 16)
-    a, _ = R.sample(model, 2, cfg, torch.Generator().manual_seed(1), dt=5, sampler="ddim", x_T=x_T)
-    b, _ = R.sample(model, 2, cfg, torch.Generator().manual_seed(2), dt=5, sampler="ddim", x_T=x_T)
+    a = R.sample(model, 2, cfg, torch.Generator().manual_seed(1), dt=5, sampler="ddim", x_T=x_T)
+    b = R.sample(model, 2, cfg, torch.Generator().manual_seed(2), dt=5, sampler="ddim", x_T=x_T)
     assert torch.equal(a, b)
 
 

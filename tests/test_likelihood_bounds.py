@@ -159,13 +159,17 @@ def test_nfe_of_estimators_counts_network_calls(setup):
     plan = step_plan(100, 7)  # 7 does not divide 100: [0, 2, 9, ..., 100], 15 steps
     assert plan[:3] == [0, 2, 9] and len(plan) - 1 == 15
     L.nll_bound(m, x0, ab, plan, torch.Generator())
-    assert calls["n"] == 8 * 15
+    assert calls["n"] == 8 * 15 == 8 * L.estimator_nfe("bound", plan)
     calls["n"] = 0
     L.nll_eq15(m, x0, ab, plan, torch.Generator())
-    assert calls["n"] == 8 * 15
+    assert calls["n"] == 8 * 15 == 8 * L.estimator_nfe("eq15", plan)
     calls["n"] = 0
     L.nll_mc_steps(m, x0, ab, 4, torch.Generator())
-    assert calls["n"] == 8 * 5
+    assert calls["n"] == 8 * 5 == 8 * L.estimator_nfe("mc", K=4)
+    with pytest.raises(ValueError, match="estimator"):
+        L.estimator_nfe("exact", plan)
+    with pytest.raises(ValueError, match="K"):
+        L.estimator_nfe("mc", K=0)
 
 
 # --------------------------------------------------------------------------- schedules, units, decoder

@@ -4,8 +4,10 @@ For each set (10,000 points by default) and each step size dt, R rounds of the
 Eq. 15 estimator give every point a mean and a standard deviation of log p
 (Fig. 5B); the per-set mean of the per-point means, in log10 units, is the
 bar of Fig. 5C. The separation of the training shape from the others is also
-measured per point with the AUROC (sklearn), the Swiss roll being the positive
-class.
+measured per point with the AUROC (:func:`raymanifold.analysis.metrics.auroc`),
+the Swiss roll being the positive class. The schedule and the likelihood
+options (x0_hat clip, last-step variance) come from the model's
+:class:`~raymanifold.diffusion.gaussian.Diffusion` (``diffusion_of(cfg)``).
 """
 from __future__ import annotations
 
@@ -15,12 +17,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from raymanifold import data as rdata
-from raymanifold.diffusion.likelihood import nll_eq15
-from raymanifold.diffusion.recipe import alpha_bar_of, to_model_space
-from raymanifold.diffusion.schedules import step_plan
+from raymanifold.analysis.metrics import auroc
+from raymanifold.analysis.plotting import pyplot
+from raymanifold.diffusion.recipe import diffusion_of, to_model_space
 
 SETS = ("swiss_roll", "circle", "moons", "s_curve")
 LN10 = math.log(10.0)
@@ -28,15 +29,18 @@ LN10 = math.log(10.0)
 
 def point_log10p(model, cfg, x: torch.Tensor, dt: int, rounds: int, generator: torch.Generator,
                  chunk: int = 10_000) -> np.ndarray:
-    """(R, N) array of Eq. 15 log10 p(x) estimates, float64, network in float64."""
-    ab = alpha_bar_of(cfg)
-    plan = step_plan(cfg.model.T, dt)
+    """(R, N) array of Eq. 15 log10 p(x) estimates on the uniform plan of ``dt``, float64.
+
+    ``x``: (N, 2) data-space points; ``chunk`` points per network batch. Rounds draw
+    their trajectories one after the other from ``generator``.
+    """
+    diff = diffusion_of(cfg)
+    plan = diff.plan(dt)
     x = to_model_space(x, cfg).double()
     out = np.empty((rounds, len(x)))
     for r in range(rounds):
         for i in range(0, len(x), chunk):
-            nll = nll_eq15(model, x[i:i + chunk], ab, plan, generator, clip=cfg.model.clip_x0 or None,
-                           last_step_var=cfg.model.last_step_var)
+            nll = diff.nll_eq15(model, x[i:i + chunk], plan, generator)
             out[r, i:i + chunk] = (-nll / LN10).cpu().numpy()
     return out
 
@@ -68,7 +72,8 @@ def run_protocol(model, cfg, *, sets: Sequence[str] = SETS, points: int = 10_000
             res["sets"].setdefault(s, {})[str(dt)] = {
                 "mean_log10": float(pm.mean()), "std_log10": float(pm.std()),
                 "sem_log10": float(pm.std() / math.sqrt(len(pm))), "mean_nats": float(pm.mean() * LN10),
-                "point_std_mean_log10": float(ps.mean()), "nfe_per_round": len(step_plan(cfg.model.T, dt)) - 1,
+                "point_std_mean_log10": float(ps.mean()),
+                "nfe_per_round": diffusion_of(cfg).nfe("log_prob", estimator="eq15", dt=dt),
             }
             if progress:
                 progress(f"  dt={dt:<3d} {s:<10s} mean log10 p = {pm.mean():+.3f} (std over points {pm.std():.3f}, "
@@ -78,17 +83,13 @@ def run_protocol(model, cfg, *, sets: Sequence[str] = SETS, points: int = 10_000
             for s in sets:
                 if s == "swiss_roll":
                     continue
-                y = np.r_[np.ones(len(per_point["swiss_roll"])), np.zeros(len(per_point[s]))]
-                score = np.r_[per_point["swiss_roll"], per_point[s]]
-                res["auroc_vs_swiss_roll"].setdefault(s, {})[str(dt)] = float(roc_auc_score(y, score))
+                res["auroc_vs_swiss_roll"].setdefault(s, {})[str(dt)] = auroc(per_point["swiss_roll"], per_point[s])
     return res
 
 
 def plot_point_maps(res: dict, dt: int, path) -> None:
     """Fig. 5B: points, per-point mean and per-point std of log10 p, one column per set."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sets = list(res["points"])
     key = str(dt)
@@ -121,9 +122,7 @@ def plot_point_maps(res: dict, dt: int, path) -> None:
 
 def plot_set_means(res: dict, path) -> None:
     """Fig. 5C: bar chart of per-set mean log10 p with the std over points as error bars, per dt."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sets = list(res["sets"])
     dts = [str(d) for d in res["dts"]]
@@ -148,9 +147,7 @@ def plot_set_means(res: dict, path) -> None:
 
 def plot_samples(samples: dict, path, reference: Optional[np.ndarray] = None) -> None:
     """Scatter of samples per dt (``samples[dt] = (N, 2) array``)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = list(samples)
     fig, axes = plt.subplots(1, len(keys) + (reference is not None), figsize=(3.2 * (len(keys) + 1), 3.4))
@@ -165,13 +162,3 @@ def plot_samples(samples: dict, path, reference: Optional[np.ndarray] = None) ->
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-
-def sliced_wasserstein(a: np.ndarray, b: np.ndarray, n_proj: int = 256, seed: int = 0) -> float:
-    """Sliced 1-Wasserstein distance between two equal-size point clouds (N, d)."""
-    rng = np.random.default_rng(seed)
-    n = min(len(a), len(b))
-    dirs = rng.normal(size=(n_proj, a.shape[1]))
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    pa = np.sort(a[:n] @ dirs.T, axis=0)
-    pb = np.sort(b[:n] @ dirs.T, axis=0)
-    return float(np.abs(pa - pb).mean())

@@ -41,6 +41,24 @@ import torch
 from raymanifold.diffusion.process import _bcast, backward_kernel, gaussian_log_prob, predict_x0, q_jump
 
 DECODERS = ("gaussian", "discretized")
+ESTIMATORS = ("eq15", "bound", "mc")
+
+
+def estimator_nfe(estimator: str, timesteps: Sequence[int] | None = None, K: int | None = None) -> int:
+    """Network evaluations per example of one estimate (no network run).
+
+    ``eq15`` / ``bound`` on the plan ``timesteps``: len(timesteps) - 1 (one per
+    step); ``mc`` with K drawn steps: K + 1 (the decoder step is always computed).
+    """
+    if estimator in ("eq15", "bound"):
+        if timesteps is None:
+            raise ValueError(f"timesteps: estimator {estimator!r} needs a step plan")
+        return len(list(timesteps)) - 1
+    if estimator == "mc":
+        if K is None or K < 1:
+            raise ValueError(f"K: must be >= 1, got {K}")
+        return K + 1
+    raise ValueError(f"estimator: unknown {estimator!r}; choose one of {list(ESTIMATORS)}")
 
 
 # --------------------------------------------------------------------------- decoders and units

@@ -10,6 +10,11 @@ Images: the number of grey levels K comes from ``model.levels`` or, when that
 is 0, from the data set (17 for the bundled ``digits``, whose pixels are
 k / 16; 256 for 8-bit sets). The embedded default (jobs/configs/diffusion_digits.yaml)
 is digits padded to 16x16, a compact U-Net and T = 1000.
+
+The schedule and the sampling/likelihood options live in one
+:class:`~raymanifold.diffusion.gaussian.Diffusion` per configuration
+(:func:`diffusion_of`, cached); ``loss``, ``log_prob``, ``sample`` and ``cost``
+(network evaluations per example, ``{"nfe": ...}``) all go through it.
 """
 from __future__ import annotations
 
@@ -17,17 +22,19 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from raymanifold.config import ConfigError, param
-from raymanifold.diffusion import likelihood, samplers
+from raymanifold.diffusion import gaussian, likelihood
+from raymanifold.diffusion.evaluators import diffusion_dt
+from raymanifold.diffusion.gaussian import Diffusion
 from raymanifold.diffusion.nets import EpsMLP
-from raymanifold.diffusion.process import LAST_STEP_VARIANCES, q_sample
-from raymanifold.diffusion.schedules import SCHEDULES, check_plan, make_alpha_bar, step_plan
+from raymanifold.diffusion.process import LAST_STEP_VARIANCES
+from raymanifold.diffusion.schedules import SCHEDULES
 from raymanifold.recipes import Recipe
 
-SAMPLERS = samplers.SAMPLERS
-ESTIMATORS = ("eq15", "bound", "mc")
+#: choices of the ``sampler`` / ``estimator`` options (Serve reads them from this module)
+SAMPLERS = gaussian.SAMPLERS
+ESTIMATORS = gaussian.ESTIMATORS
 
 #: grey levels and native (channels, size) of known image sets (others: 256 levels)
 KNOWN_LEVELS = {"digits": 17}
@@ -59,10 +66,6 @@ class DiffusionModelConfig:
     eval_points: int = param(2000, lo=1)
 
 
-def alpha_bar_of(cfg) -> torch.Tensor:
-    return make_alpha_bar(cfg.model.schedule, cfg.model.T)
-
-
 def is_image(cfg) -> bool:
     return cfg.model.net == "unet"
 
@@ -75,6 +78,14 @@ def levels_of(cfg) -> int:
 def decoder_of(cfg) -> str:
     d = cfg.model.decoder
     return ("discretized" if is_image(cfg) else "gaussian") if d == "auto" else d
+
+
+def diffusion_of(cfg) -> Diffusion:
+    """The model's :class:`~raymanifold.diffusion.gaussian.Diffusion` (schedule, clip, last-step
+    variance, decoder, levels), built once per distinct setting and shared."""
+    m = cfg.model
+    return gaussian.cached(m.schedule, m.T, clip=m.clip_x0 or None, last_step_var=m.last_step_var,
+                           decoder=decoder_of(cfg), levels=levels_of(cfg) if is_image(cfg) else None)
 
 
 def validate(cfg):
@@ -121,14 +132,15 @@ def build(cfg) -> torch.nn.Module:
     return EpsMLP(dim=2, hidden=m.hidden, layers=m.layers, time_dim=m.time_dim)
 
 
-def data_shape(cfg) -> tuple:
+def input_shape(cfg) -> tuple[int, ...]:
+    """Per-example data-space shape: (in_channels, image_size, image_size) for images, (2,) for points."""
     m = cfg.model
     return (m.in_channels, m.image_size, m.image_size) if is_image(cfg) else (2,)
 
 
 def check_input(x: torch.Tensor, cfg):
     """Shape and range checks before any work: images (B, C, H, W) in [0, 1], points (B, 2) finite."""
-    want = data_shape(cfg)
+    want = input_shape(cfg)
     if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
         raise ValueError(f"x: expected shape (B, {', '.join(map(str, want))}) for this model "
                          f"(model.net={cfg.model.net}), got {tuple(x.shape)}")
@@ -148,31 +160,11 @@ def from_model_space(x: torch.Tensor, cfg) -> torch.Tensor:
     return x if x.ndim == 2 else ((x + 1) / 2).clamp(0, 1)
 
 
-def loss(model, batch, cfg, generator) -> tuple[torch.Tensor, dict]:
-    """Simplified DDPM objective: E_{t, eps} ||eps - eps_theta(x_t, t)||^2 (Ho et al., Eq. 14)."""
-    x0 = to_model_space(batch[0], cfg)
-    T = cfg.model.T
-    ab = alpha_bar_of(cfg).to(x0.device)
-    t = torch.randint(1, T + 1, (x0.shape[0],), generator=generator, device="cpu").to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=x0.dtype).to(x0.device)
-    x_t = q_sample(x0, t, ab, noise).to(x0.dtype)
-    out = F.mse_loss(model(x_t, t), noise)
+def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
+    """Simplified DDPM objective E_{t, eps} ||eps - eps_theta(x_t, t)||^2 (Ho et al., Eq. 14) on one batch
+    (:meth:`Diffusion.training_loss`; the schedule is the cached one, not recomputed). ``step`` is unused."""
+    out = diffusion_of(cfg).training_loss(model, to_model_space(batch[0], cfg), generator)
     return out, {"loss": float(out.detach())}
-
-
-def resolve_plan(cfg, dt: int = 1, timesteps: Sequence[int] | None = None) -> list[int]:
-    """The step plan: explicit ``timesteps`` (validated) or the uniform plan of ``dt`` (see step_plan)."""
-    T = cfg.model.T
-    if timesteps is not None:
-        return check_plan(timesteps, T)
-    return step_plan(T, dt)
-
-
-def likelihood_kw(cfg) -> dict:
-    kw = {"clip": cfg.model.clip_x0 or None, "last_step_var": cfg.model.last_step_var, "decoder": decoder_of(cfg)}
-    if is_image(cfg):
-        kw["levels"] = levels_of(cfg)
-    return kw
 
 
 def log_prob(model, x, cfg, *, dt: int = 1, rounds: int = 1, generator=None, estimator: str = "eq15",
@@ -185,25 +177,12 @@ def log_prob(model, x, cfg, *, dt: int = 1, rounds: int = 1, generator=None, est
     [0, 1]; the value is a discrete log-probability with the default
     discretised decoder.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator: unknown {estimator!r}; choose one of {list(ESTIMATORS)}")
-    if rounds < 1:
-        raise ValueError(f"rounds: must be >= 1, got {rounds}")
-    plan = resolve_plan(cfg, dt, timesteps)
+    diff = diffusion_of(cfg)
+    diff.nfe("log_prob", estimator=estimator, dt=dt, timesteps=timesteps, K=K, rounds=rounds)  # validates options
     check_input(x, cfg)
     g = generator or torch.Generator().manual_seed(0)
-    ab = alpha_bar_of(cfg)
-    x0 = to_model_space(x, cfg)
-    kw = likelihood_kw(cfg)
-    if estimator == "eq15":
-        nll = likelihood.nll_eq15_rounds(model, x0, ab, plan, rounds, g, **kw)
-    elif estimator == "bound":
-        nll = torch.stack([likelihood.nll_bound(model, x0, ab, plan, g, **kw) for _ in range(rounds)])
-    else:
-        if K < 1 or K > cfg.model.T - 1:
-            raise ValueError(f"K: must satisfy 1 <= K <= T-1={cfg.model.T - 1}, got {K}")
-        nll = torch.stack([likelihood.nll_mc_steps(model, x0, ab, K, g, stratified=stratified, **kw)
-                           for _ in range(rounds)])
+    nll = diff.nll_rounds(model, to_model_space(x, cfg), g, rounds, estimator=estimator, dt=dt,
+                          timesteps=timesteps, K=K, stratified=stratified)
     return -nll.mean(0)
 
 
@@ -212,37 +191,35 @@ def bits_per_dim(model, x, cfg, **opts) -> torch.Tensor:
     if not is_image(cfg):
         raise ValueError("bits_per_dim: defined for image models only (model.net=unet)")
     lp = log_prob(model, x, cfg, **opts)
-    return likelihood.bits_per_dim(-lp, x[0].numel(), levels_of(cfg), decoder_of(cfg))
+    return diffusion_of(cfg).bits_per_dim(-lp, x[0].numel())
 
 
 def sample(model, n: int, cfg, generator, *, dt: int = 1, sampler: str = "ddpm", eta: float = 0.0,
-           timesteps: Sequence[int] | None = None, x_T: torch.Tensor | None = None):
-    """``n`` samples in data space (images in [0, 1]) and the number of network evaluations.
+           timesteps: Sequence[int] | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+    """``n`` samples (n, *input_shape(cfg)) in data space (images in [0, 1]) (:meth:`Diffusion.sample`).
 
-    ``sampler``: one of :data:`SAMPLERS`; ``eta`` is DDIM's noise scale.
+    ``sampler``: one of :data:`SAMPLERS` on the plan of ``dt`` / ``timesteps``; ``eta`` is DDIM's
+    noise scale; ``x_T`` (n, *input_shape) a given start in model space. Network evaluations per
+    sample: ``cost(cfg, "sample", sampler=..., dt=...)``.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
-    if eta < 0:
-        raise ValueError(f"eta: must be >= 0, got {eta}")
-    plan = resolve_plan(cfg, dt, timesteps)
-    p = next(model.parameters())
-    shape = (n, *data_shape(cfg))
-    if x_T is not None and tuple(x_T.shape) != shape:
-        raise ValueError(f"x_T: expected shape {shape}, got {tuple(x_T.shape)}")
-    common = dict(clip=cfg.model.clip_x0 or None, x_T=x_T, device=p.device, dtype=p.dtype)
-    ab = alpha_bar_of(cfg)
-    if sampler == "ddpm":
-        x, nfe = samplers.sample_ddpm(model, shape, ab, plan, generator, last_step_var=cfg.model.last_step_var,
-                                      **common)
-    elif sampler == "ddim":
-        x, nfe = samplers.sample_ddim(model, shape, ab, plan, generator, eta=eta, **common)
-    else:
-        x, nfe = samplers.sample_rk4(model, shape, ab, plan, generator, inference=sampler.split("_")[1],
-                                     last_step_var=cfg.model.last_step_var, **common)
-    return from_model_space(x, cfg), nfe
+    x = diffusion_of(cfg).sample(model, (n, *input_shape(cfg)), generator, sampler=sampler, dt=dt,
+                                 timesteps=timesteps, eta=eta, x_T=x_T)
+    return from_model_space(x, cfg)
+
+
+#: options of each costed operation that change its network-evaluation count
+_COST_OPTS = {"sample": ("sampler", "dt", "timesteps"), "log_prob": ("estimator", "dt", "timesteps", "K", "rounds")}
+
+
+def cost(cfg, op: str, **opts) -> dict:
+    """Network evaluations per example of ``op`` with the same keyword options it takes, without running it:
+    ``{"nfe": int}`` for ``"sample"`` and ``"log_prob"`` (all ``rounds``), ``{}`` for other operations.
+    Options that do not change the count (``eta``, ``x_T``, ``stratified``, ...) are ignored."""
+    if op not in _COST_OPTS:
+        return {}
+    return {"nfe": diffusion_of(cfg).nfe(op, **{k: v for k, v in opts.items() if k in _COST_OPTS[op]})}
 
 
 def evaluate(model, cfg) -> dict:
@@ -260,10 +237,11 @@ def evaluate(model, cfg) -> dict:
                   generator=torch.Generator().manual_seed(cfg.train.seed))
     out = {f"test_nll_nats_dt{cfg.model.eval_dt}": float(-lp.mean())}
     if is_image(cfg):
-        bpd = likelihood.bits_per_dim(-lp, x[0].numel(), levels_of(cfg), decoder_of(cfg))
+        bpd = diffusion_of(cfg).bits_per_dim(-lp, x[0].numel())
         out[f"test_bpd_dt{cfg.model.eval_dt}"] = float(bpd.mean())
     return out
 
 
-RECIPE = Recipe(name="diffusion", model_config=DiffusionModelConfig, build=build, loss=loss,
-                evaluate=evaluate, log_prob=log_prob, sample=sample, validate=validate)
+RECIPE = Recipe(name="diffusion", model_config=DiffusionModelConfig, build=build, input_shape=input_shape,
+                loss=loss, evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, validate=validate,
+                evaluators={"diffusion_dt": diffusion_dt})

@@ -199,6 +199,21 @@ def sample_rk4(model, shape: Sequence[int], alpha_bar: torch.Tensor, timesteps: 
     return x, nfe
 
 
+def sampler_nfe(name: str, timesteps: Sequence[int]) -> int:
+    """Network evaluations per example of sampler ``name`` on the plan ``timesteps`` (no network run).
+
+    ``ddpm`` / ``ddim``: one per step, len(timesteps) - 1. ``rk4_*``: 4 per step
+    of length > 1 and 2 per step of length 1 (h = floor(dt / 2) = 0, so k2 = k3 = k1;
+    see :func:`sample_rk4`). Equals the ``nfe`` the sampler returns.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+    ts = list(timesteps)
+    if name in ("ddpm", "ddim"):
+        return len(ts) - 1
+    return sum(2 if t - s == 1 else 4 for s, t in zip(ts[:-1], ts[1:]))
+
+
 def get_sampler(name: str) -> Callable:
     """Sampler by name (see :data:`SAMPLERS`); unknown names raise ValueError listing the choices."""
     if name == "ddpm":

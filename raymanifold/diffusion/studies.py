@@ -1,15 +1,17 @@
 """The large-step studies of Sec. 2.3.2 as plain functions (no I/O, no tracking).
 
 * :func:`sampling_study` -- every sampler at every dt: NFE, wall time, distance
-  to the true distribution (2-D: sliced Wasserstein on the full sample) and the
+  to the true distribution (2-D: sliced Wasserstein-2 on the full sample) and the
   consistency of deterministic samples with the dt = 1 sample from the same x_T.
 * :func:`likelihood_study` -- Eq. 15, the closed-form bound on uniform and
   non-uniform plans, and the Monte Carlo over-steps estimator: bias against the
   dt = 1 bound, per-example variance, cost (NFE) and OOD AUROC.
 
 All likelihoods are nats per example (float64); images additionally in bits/dim.
-The command layer (:mod:`raymanifold.commands.diffusion_studies`) writes the
-reports and logs them to MLflow.
+Schedule, plans, estimators, samplers and NFE come from the model's
+:class:`~raymanifold.diffusion.gaussian.Diffusion` (``R.diffusion_of(cfg)``);
+metrics from :mod:`raymanifold.analysis.metrics`. The command layer
+(:mod:`raymanifold.commands.diffusion_studies`) writes the reports and logs them to MLflow.
 """
 from __future__ import annotations
 
@@ -21,37 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raymanifold.analysis.metrics import auroc, sliced_wasserstein_w2
 from raymanifold.diffusion import likelihood as L
 from raymanifold.diffusion import recipe as R
 from raymanifold.diffusion.schedules import power_plan, step_plan
-
-
-# --------------------------------------------------------------------------- metrics
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 512,
-                       generator: torch.Generator | None = None) -> float:
-    """Sliced 2-Wasserstein distance between two equal-size samples (N, D) (units of x).
-
-    sqrt(mean over random unit directions of W2^2 of the 1-D projections);
-    each 1-D W2 pairs the sorted projections.
-    """
-    if a.shape != b.shape:
-        n = min(len(a), len(b))
-        a, b = a[:n], b[:n]
-    a = a.reshape(len(a), -1).to(torch.float64)
-    b = b.reshape(len(b), -1).to(torch.float64)
-    d = torch.randn(a.shape[1], n_proj, generator=generator, dtype=torch.float64)
-    d = d / d.norm(dim=0, keepdim=True)
-    pa, _ = torch.sort(a @ d, dim=0)
-    pb, _ = torch.sort(b @ d, dim=0)
-    return float(((pa - pb) ** 2).mean().sqrt())
-
-
-def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
-    """AUROC of 'in-distribution has the higher score' (scores = log p)."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.r_[np.ones(len(in_scores)), np.zeros(len(out_scores))]
-    return float(roc_auc_score(y, np.r_[in_scores, out_scores]))
 
 
 # --------------------------------------------------------------------------- sampling
@@ -61,15 +36,16 @@ def sampling_study(model, cfg, *, dts: Sequence[int], samplers: Sequence[str], n
     """Run each sampler at each dt from one shared x_T.
 
     Returns {"rows": [...], "samples": {(sampler, dt): tensor}} where each row has
-    sampler, dt, nfe, wall_s, and (2-D, when ``reference`` is given) the sliced
-    Wasserstein distance to it, and ``consistency_mse``: the mean squared
+    sampler, dt, nfe (per sample, ``Diffusion.nfe``), wall_s, and (2-D, when ``reference``
+    is given) ``sliced_w2``, the sliced Wasserstein-2 distance to it, and ``consistency_mse``: the mean squared
     difference per dimension to the dt = 1 sample from the same x_T -- the
     sampler's own dt = 1 sample, or DDIM's when the sampler's dt = 1 run is in
     ``skip`` (``consistency_ref`` says which; DDIM and RK4-DDIM approximate the
     same deterministic flow). Meaningful for the deterministic ddim / rk4_ddim;
     for stochastic samplers the noise also differs. Images are compared in [0, 1].
     """
-    shape = (n, *R.data_shape(cfg))
+    shape = (n, *R.input_shape(cfg))
+    diff = R.diffusion_of(cfg)
     x_T = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
     rows, samples = [], {}
     order = sorted(samplers, key=lambda s: s != "ddim")  # DDIM first: its dt = 1 sample is the fallback reference
@@ -82,8 +58,9 @@ def sampling_study(model, cfg, *, dts: Sequence[int], samplers: Sequence[str], n
                 continue
             g = torch.Generator().manual_seed(seed + 1)
             t0 = time.perf_counter()
-            x, nfe = R.sample(model, n, cfg, g, dt=dt, sampler=sampler, eta=eta, x_T=x_T)
+            x = R.sample(model, n, cfg, g, dt=dt, sampler=sampler, eta=eta, x_T=x_T)
             wall = time.perf_counter() - t0
+            nfe = diff.nfe("sample", sampler=sampler, dt=dt)
             x = x.detach().cpu()
             if dt == 1:
                 base, base_name = x, f"{sampler} dt=1"
@@ -92,7 +69,7 @@ def sampling_study(model, cfg, *, dts: Sequence[int], samplers: Sequence[str], n
                 row["consistency_mse"] = float(((x - base) ** 2).mean())
                 row["consistency_ref"] = base_name
             if reference is not None:
-                row["sliced_w2"] = sliced_wasserstein(x, reference, generator=torch.Generator().manual_seed(seed))
+                row["sliced_w2"] = sliced_wasserstein_w2(x, reference, generator=torch.Generator().manual_seed(seed))
             if not torch.isfinite(x).all():
                 row["nonfinite"] = int((~torch.isfinite(x)).reshape(n, -1).any(1).sum())
             rows.append(row)
@@ -147,9 +124,8 @@ def importance_proposal(model, cfg, x: torch.Tensor, generator: torch.Generator)
     """Proposal over the T - 1 KL steps of the dt = 1 bound for :func:`likelihood.nll_mc_steps`:
     proportional to the mean per-step term on ``x`` (training data), floored at 1% of the uniform
     probability so that every step keeps a positive probability (unbiasedness)."""
-    ab = R.alpha_bar_of(cfg)
-    _, terms = L.nll_bound(model, R.to_model_space(x, cfg), ab, step_plan(cfg.model.T, 1), generator,
-                           return_terms=True, **R.likelihood_kw(cfg))
+    diff = R.diffusion_of(cfg)
+    _, terms = diff.nll_bound(model, R.to_model_space(x, cfg), diff.plan(1), generator, return_terms=True)
     m = terms[:, 1:].abs().mean(0).cpu()
     q = m / m.sum()
     floor = 0.01 / len(q)
@@ -175,22 +151,22 @@ def estimator_grid(T: int, dts: Sequence[int], n_plan_steps: Sequence[int], Ks: 
         for v in mc_variants:
             grid.append({"estimator": "mc", "plan": f"{v} K={K}", "K": K, "variant": v})
     for e in grid:
-        e["nfe"] = e["K"] + 1 if e["estimator"] == "mc" else len(e["timesteps"]) - 1
+        e["nfe"] = L.estimator_nfe(e["estimator"], e.get("timesteps"), e.get("K"))
     return grid
 
 
 def run_estimator(model, cfg, entry: dict, x0: torch.Tensor, generator: torch.Generator,
                   proposal: torch.Tensor | None = None) -> torch.Tensor:
-    """One estimate (B,) nats of -log p for model-space inputs ``x0`` under ``entry``."""
-    ab = R.alpha_bar_of(cfg)
-    kw = R.likelihood_kw(cfg)
+    """One estimate (B,) nats of -log p for model-space inputs ``x0`` under ``entry``
+    (an :func:`estimator_grid` row), with the model's :class:`Diffusion` options."""
+    diff = R.diffusion_of(cfg)
     if entry["estimator"] == "eq15":
-        return L.nll_eq15(model, x0, ab, entry["timesteps"], generator, **kw)
+        return diff.nll_eq15(model, x0, entry["timesteps"], generator)
     if entry["estimator"] == "bound":
-        return L.nll_bound(model, x0, ab, entry["timesteps"], generator, **kw)
+        return diff.nll_bound(model, x0, entry["timesteps"], generator)
     v = entry["variant"]
-    return L.nll_mc_steps(model, x0, ab, entry["K"], generator, stratified=(v != "iid"),
-                          proposal=proposal if v == "importance" else None, **kw)
+    return diff.nll_mc(model, x0, entry["K"], generator, stratified=(v != "iid"),
+                       proposal=proposal if v == "importance" else None)
 
 
 def likelihood_study(model, cfg, sets: dict[str, torch.Tensor], in_name: str, grid: list[dict], *,

@@ -1,21 +1,20 @@
-"""Eval-time sweep evaluators: plain PyTorch/numpy functions, no Ray.
+"""Eval-time sweep evaluators shared by every family: plain PyTorch/numpy functions, no Ray.
 
 An evaluator is ``fn(model, cfg, *, seed, **params) -> {metric: float}``; an
 eval-time sweep (:mod:`.spec`) runs one call per trial with that trial's
-``params``. Any importable function of this shape can be named in a sweep
-YAML (``evaluator: package.module:function``).
+``params``. Family-specific evaluators live beside their family and are listed
+in its recipe's ``evaluators`` table (e.g. ``diffusion_dt`` in
+:mod:`raymanifold.diffusion.evaluators`). Any importable function of this shape
+can be named in a sweep YAML (``evaluator: package.module:function``);
+``raymanifold.distributed.evaluators:diffusion_dt`` keeps resolving for existing files.
 """
 from __future__ import annotations
 
-import math
-import time
-from typing import Sequence
-
-import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
-from raymanifold import data as rdata
+from raymanifold.diffusion.evaluators import diffusion_dt
+
+__all__ = ["diffusion_dt", "recipe_evaluate"]
 
 
 def recipe_evaluate(model, cfg, *, seed: int = 0) -> dict:
@@ -27,88 +26,3 @@ def recipe_evaluate(model, cfg, *, seed: int = 0) -> dict:
         raise ValueError(f"evaluator: family {cfg.family!r} has no evaluate()")
     torch.manual_seed(seed)
     return {k: float(v) for k, v in recipe.evaluate(model, cfg).items()}
-
-
-def _sliced_w1(a: np.ndarray, b: np.ndarray, n_proj: int = 256, seed: int = 0) -> float:
-    from raymanifold.analysis.fig5 import sliced_wasserstein
-
-    return sliced_wasserstein(a.reshape(len(a), -1), b.reshape(len(b), -1), n_proj=n_proj, seed=seed)
-
-
-def diffusion_dt(model, cfg, *, seed: int = 0, dt: int = 1, points: int = 1000, rounds: int = 4,
-                 ref_rounds: int = 4, ood_sets: Sequence[str] = ("circle", "moons", "s_curve"),
-                 samples: int = 2000, estimator: str = "eq15") -> dict:
-    """Likelihood and sampling quality of a DDPM at step size ``dt`` (eval-time sweep of dt).
-
-    On ``points`` held-out examples of the training set (``cfg.data``, test split):
-
-    * ``logp_mean_nats``: mean over points of log p(x) (nats), Eq. 15 averaged over ``rounds``;
-    * ``logp_bias_nats``: mean over points of [log p_dt(x) - log p_ref(x)], the reference being
-      the dt = 1 plan (the tightest bound) with ``ref_rounds`` rounds of independent noise;
-      ``logp_bias_se_nats`` its standard error over points;
-    * ``logp_var_nats2``: mean over points of the variance over rounds of a single-round
-      estimate (the estimator's noise, nats^2);
-    * ``auroc_<set>`` / ``auroc_mean``: per-point AUROC of log p, training set positive, against
-      each ``ood_sets`` set (same data kind);
-    * ``nfe_likelihood``/``nfe_sample``: network evaluations per example; ``sample_swd``: sliced
-      Wasserstein-1 between ``samples`` samples at this dt and as many held-out points
-      (``sample_swd_floor``: between two held-out draws, the noise floor); ``sample_s``: seconds.
-    """
-    from raymanifold.diffusion import recipe as drecipe
-
-    if cfg.family != "diffusion":
-        raise ValueError(f"evaluator diffusion_dt: needs a diffusion model, got family {cfg.family!r}")
-    T = cfg.model.T
-    if not 1 <= dt <= T:
-        raise ValueError(f"dt: must satisfy 1 <= dt <= T={T}, got {dt}")
-    for name, v in (("points", points), ("rounds", rounds), ("ref_rounds", ref_rounds), ("samples", samples)):
-        if v < 1:
-            raise ValueError(f"{name}: must be >= 1, got {v}")
-    if rounds < 2:
-        raise ValueError("rounds: need >= 2 rounds to estimate the variance of log p")
-    kind = rdata.kind_of(cfg.data.name)
-    for s in ood_sets:
-        if rdata.kind_of(s) != kind:
-            raise ValueError(f"ood_sets: {s!r} is a {rdata.kind_of(s)} set but the model was trained on {kind} data")
-    d = cfg.data
-    load = lambda name, n, extra=0: rdata.load(name, "test", n=n, seed=d.seed + extra, root=d.root,  # noqa: E731
-                                               image_size=d.image_size).x[:n]
-    x = load(d.name, points)
-    model = model.eval()
-    g = torch.Generator().manual_seed(seed)
-
-    def per_round(xx, step, R):
-        with torch.no_grad():
-            return torch.stack([drecipe.log_prob(model, xx, cfg, dt=step, rounds=1, generator=g, estimator=estimator)
-                                for _ in range(R)]).double().numpy()   # (R, N) nats
-
-    lp = per_round(x, dt, rounds)
-    ref = per_round(x, 1, ref_rounds).mean(0)
-    est = lp.mean(0)
-    diff = est - ref
-    out = {
-        "dt": float(dt),
-        "logp_mean_nats": float(est.mean()),
-        "logp_bias_nats": float(diff.mean()),
-        "logp_bias_se_nats": float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0,
-        "logp_var_nats2": float(lp.var(0, ddof=1).mean()),
-        "nfe_likelihood": float(len(drecipe.resolve_plan(cfg, dt)) - 1),  # one evaluation per step
-    }
-    aurocs = []
-    for s in ood_sets:
-        lo = per_round(load(s, points), dt, rounds).mean(0)
-        a = roc_auc_score(np.r_[np.ones(len(est)), np.zeros(len(lo))], np.r_[est, lo])
-        out[f"auroc_{s}"] = float(a)
-        aurocs.append(a)
-    if aurocs:
-        out["auroc_mean"] = float(np.mean(aurocs))
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        xs, nfe = drecipe.sample(model, samples, cfg, torch.Generator().manual_seed(seed + 1), dt=dt)
-    out["sample_s"] = time.perf_counter() - t0
-    out["nfe_sample"] = float(nfe)
-    held = load(d.name, samples).numpy()
-    held2 = load(d.name, samples, extra=7).numpy()
-    out["sample_swd"] = _sliced_w1(xs.numpy(), held)
-    out["sample_swd_floor"] = _sliced_w1(held2, held)
-    return out
