@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DEMO = ROOT / "ray_results" / "demo_swiss_roll" / "step_00008000"
 
 

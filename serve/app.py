@@ -33,7 +33,7 @@ from starlette.requests import Request as StarletteRequest
 
 from serve import codec
 from serve.model import ModelServer
-from serve.operations import OPERATIONS, SAMPLE_EXTRA, InputError, check_options, check_seed
+from serve.operations import OPERATIONS, InputError, check_options, check_seed
 from serve.settings import Limits, SettingsError, parse_settings, resolve_model_uri
 
 MODEL_DEFAULTS = {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64,
@@ -226,9 +226,10 @@ class Ingress:
             out["unit"] = spec["unit"]
         if ospec["random"]:
             out["seed"] = res["seed"]
-        for k in ("batch", *sorted(set(SAMPLE_EXTRA.values()))):
-            if res.get(k) is not None:
-                out[k] = res[k]
+        for k, v in (res.get("cost") or {}).items():  # the recipe's cost per example, e.g. "nfe"
+            out.setdefault(k, v)
+        if res.get("batch") is not None:
+            out["batch"] = res["batch"]
         if non_finite:
             out["non_finite"] = non_finite
         return out

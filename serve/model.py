@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from ray import serve
 
-from serve.operations import OPERATIONS, SAMPLE_EXTRA, Operation, is_random, option_specs, recipe_function
+from raymanifold.recipes import input_spec
+from serve.operations import OPERATIONS, Operation, is_random, option_specs, recipe_function
 from serve.settings import Limits, ModelEntry, resolve_model_uri
 
 STUCK_AFTER_S = 600.0
@@ -47,36 +48,13 @@ def _checksum(model: torch.nn.Module) -> float:
     return float(sum(t.detach().double().sum() for t in model.state_dict().values() if t.is_floating_point()))
 
 
-def input_spec(cfg, override: Optional[list] = None) -> dict:
-    """Per-example input shape and value range, from the data set the model was trained on.
-
-    Points: any finite value with |x| <= limits.max_abs (range null). Images:
-    [0, 1]. If the data set cannot be read here (e.g. an MNIST root missing on
-    the server) the shape comes from the model config, or from ``input_shape``.
-    """
-    from raymanifold import data as rdata
-
-    d = cfg.data
-    kind = rdata.kind_of(d.name)
-    shape = list(override) if override else None
-    if shape is None:
-        try:
-            ds = rdata.load(d.name, "test", n=2, seed=d.seed, root=d.root, image_size=d.image_size)
-            shape = list(ds.x.shape[1:])
-        except (rdata.DataError, OSError):
-            m = cfg.model
-            size = d.image_size or getattr(m, "image_size", 0)
-            chans = getattr(m, "in_channels", None) or getattr(m, "channels", None) or 1
-            if kind != "image" or not size:
-                raise
-            shape = [int(chans), int(size), int(size)]
-    return {"kind": kind, "data": d.name, "shape": shape, "range": [0.0, 1.0] if kind == "image" else None}
-
-
 def describe(name: str, uri: str, model, cfg, recipe, entry: ModelEntry, limits: Limits) -> dict:
-    """The JSON description of a served model (``GET /v1/models``)."""
+    """The JSON description of a served model (``GET /v1/models``), read from the recipe protocol:
+    input from :func:`raymanifold.recipes.input_spec` (``entry.input_shape`` overrides the shape), the latent
+    shape from ``recipe.latent_shape`` (``decode`` needs it to validate z)."""
     spec = {"name": name, "family": cfg.family, "uri": uri, "config_name": cfg.name,
-            "input": input_spec(cfg, entry.input_shape), "unit": getattr(recipe, "log_prob_unit", "nats"),
+            "input": {"data": cfg.data.name, **input_spec(cfg, entry.input_shape).as_dict()},
+            "unit": recipe.log_prob_unit,
             "operations": {}, "latent": None,
             "batching": entry.batching.model_dump()}
     for route, op in OPERATIONS.items():
@@ -84,20 +62,9 @@ def describe(name: str, uri: str, model, cfg, recipe, entry: ModelEntry, limits:
         if fn is not None:
             spec["operations"][route] = {"summary": op.summary, "random": is_random(fn),
                                          "options": option_specs(fn, cfg, max_rounds=limits.max_rounds)}
-    if "encode" in spec["operations"]:
-        p = next(model.parameters())
-        probe = probe_input(spec["input"], p.dtype)
-        with torch.no_grad():
-            z = recipe.encode(model, probe, cfg)
-        spec["latent"] = {"shape": list(z.shape[1:]), "range": None}
-    if "decode" in spec["operations"] and spec["latent"] is None:
-        spec["operations"].pop("decode")  # a latent shape is needed to validate z
+    if recipe.latent_shape is not None:
+        spec["latent"] = {"shape": [int(s) for s in recipe.latent_shape(cfg)], "range": None}
     return spec
-
-
-def probe_input(input_spec_: dict, dtype) -> torch.Tensor:
-    fill = 0.5 if input_spec_["range"] else 0.0
-    return torch.full((2, *input_spec_["shape"]), fill, dtype=dtype)
 
 
 class ModelServer:
@@ -139,7 +106,7 @@ class ModelServer:
 
     async def run(self, route: str, x: Optional[np.ndarray] = None, n: Optional[int] = None,
                   options: Optional[dict] = None, seed: Optional[int] = None) -> dict:
-        """Run one request: ``{"values": ndarray, "seed", "nfe", "batch"}`` or ``{"error": {...}}``."""
+        """Run one request: ``{"values": ndarray, "seed", "batch", "cost"}`` or ``{"error": {...}}``."""
         op = OPERATIONS[route]
         fn = recipe_function(self.recipe, op)
         if fn is None:
@@ -200,6 +167,7 @@ class ModelServer:
                     out = fn(self.model, int(n), self.cfg, **kwargs)
                 else:
                     out = fn(self.model, torch.as_tensor(x, dtype=self.dtype), self.cfg, **kwargs)
+            cost = self.recipe.cost_of(self.cfg, op.attr, **options)  # e.g. {"nfe": ...} per example
         except ValueError as exc:  # recipes raise ValueError("<field>: ...") for bad input
             field, _, msg = str(exc).partition(": ")
             self.stats["errors"] += 1
@@ -209,14 +177,7 @@ class ModelServer:
             return _failure(500, "model", f"internal error in {op.attr}: {exc.__class__.__name__}: {exc}"[:500])
         finally:
             self._busy_since = None
-        extra = {}
-        if isinstance(out, tuple):  # e.g. diffusion's sample returns (x, nfe)
-            out, *rest = out
-            key = SAMPLE_EXTRA.get(self.cfg.family)
-            if key and rest and isinstance(rest[0], (int, float)):
-                extra[key] = rest[0]
-        values = out.detach().cpu().numpy()
-        return {"values": values, "seed": seed, "batch": None, **extra}
+        return {"values": out.detach().cpu().numpy(), "seed": seed, "batch": None, "cost": cost}
 
     # ------------------------------------------------------------------ Serve health check
     def check_health(self):

@@ -11,7 +11,8 @@ defaults (``dt``, ``rounds``, ``sampler``, ``estimator`` for diffusion;
 ``temperature`` for flows ...), read with :mod:`inspect`. Their type comes from
 the default, bounds and choices from :func:`option_specs`. Functions that take
 a ``generator`` are random: requests may give ``seed`` to make them
-reproducible.
+reproducible. A recipe's ``cost(cfg, op, **options)`` (e.g. ``{"nfe": 10}``)
+is returned next to the result.
 """
 from __future__ import annotations
 
@@ -23,8 +24,6 @@ from typing import Any, Callable, Optional
 
 #: parameters that are never request options
 RESERVED = {"model", "x", "z", "n", "cfg", "generator", "seed"}
-#: what the second value means when a family's ``sample`` returns a tuple (others: ignored)
-SAMPLE_EXTRA = {"diffusion": "nfe"}
 SEED_MAX = 2 ** 63 - 1
 
 
@@ -61,7 +60,8 @@ OPERATIONS: dict[str, Operation] = {op.route: op for op in (
 
 
 def recipe_function(recipe, op: Operation) -> Optional[Callable]:
-    return getattr(recipe, op.attr, None)
+    """The recipe's function for ``op`` (a :class:`~raymanifold.recipes.Recipe` field), or None."""
+    return getattr(recipe, op.attr)
 
 
 def is_random(fn: Callable) -> bool:

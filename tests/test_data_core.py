@@ -60,3 +60,42 @@ def test_bad_split_and_nan():
     x[3, 1] = float("nan")
     with pytest.raises(DataError, match="1 example"):
         check_finite(x, "points")
+
+
+# ----------------------------------------------------------------------------- shapes from the config alone
+@pytest.mark.parametrize("name,sizes", [(n, [0]) for n in TOY] + [
+    ("digits", [0, 8, 16, 12]), ("mnist5k", [0, 28, 32, 16]), ("two_digit", [0, 8, 16]), ("shapes", [0, 12, 16])])
+def test_shape_of_matches_the_loaded_data(name, sizes):
+    for size in sizes:
+        ds = rdata.load(name, "test", n=4, image_size=size)
+        assert rdata.shape_of(name, size) == tuple(ds.x.shape[1:]) == ds.info["shape"], (name, size)
+
+
+def test_shape_of_refuses_what_the_loader_refuses():
+    for name, size, match in [("two_digit", 12, "two_digit supports"), ("shapes", 8, ">= 12 pixels"),
+                              ("image_folder", 0, "only known from its files"), ("digits", -1, ">= 0")]:
+        with pytest.raises(DataError, match=f"data.image_size: .*{match}"):
+            rdata.shape_of(name, size)
+    with pytest.raises(DataError, match="unknown data set 'nope'"):
+        rdata.shape_of("nope")
+
+
+def test_on_disk_shapes_and_label_columns_without_loading(tmp_path):
+    from test_image_loaders import ATTRS, make_celeba, make_cifar, make_mnist
+
+    make_mnist(tmp_path)
+    make_cifar(tmp_path)
+    make_celeba(tmp_path)
+    for name, size in [("mnist", 0), ("mnist", 16), ("fashion_mnist", 0), ("cifar10", 0), ("cifar10", 8),
+                       ("celeba", 0), ("celeba", 16)]:
+        if name == "fashion_mnist":
+            make_mnist(tmp_path, folder="FashionMNIST")
+        ds = rdata.load(name, "test", root=str(tmp_path), image_size=size)
+        assert rdata.shape_of(name, size) == tuple(ds.x.shape[1:]), (name, size)
+    names, card = rdata.label_columns("celeba", str(tmp_path))
+    assert names == tuple(ATTRS) and card == (2,) * 40
+    assert rdata.label_columns("shapes")[0][:2] == ("shape", "scale")
+    assert rdata.label_columns("two_digit") == (("digit1", "digit2", "pair"), (6, 6, 36))
+    assert rdata.label_columns("digits") == ((), ())
+    with pytest.raises(DataError, match="data.root"):
+        rdata.label_columns("celeba", None)

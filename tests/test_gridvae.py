@@ -315,7 +315,7 @@ def test_beta_ramp_starts_at_beta_start():
 
 # ----------------------------------------------------------------------------- restarts (study --restarts K)
 def test_restart_selection_uses_the_train_elbo_not_the_labels():
-    from raymanifold.commands.gridvae import _pick_restart
+    from raymanifold.vae.gridvae_study import pick_restart as _pick_restart
 
     rows = [{"seed": 0, "train_loss_nats": 46.6, "cluster_accuracy": 0.99},
             {"seed": 1, "train_loss_nats": 45.9, "cluster_accuracy": 0.80},

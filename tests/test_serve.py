@@ -24,9 +24,8 @@ import requests
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from serve import codec  # noqa: E402
-from serve.model import ModelServer  # noqa: E402
+from serve import codec  # the Serve application package, installed with raymanifold (pyproject.toml)
+from serve.model import ModelServer
 
 APP = "rm_serve_test"
 LIMITS = {"max_examples": 64, "max_body_bytes": 200_000, "max_samples": 32, "max_rounds": 8, "max_abs": 100.0,
@@ -277,7 +276,8 @@ def test_sample_matches_direct_call_and_png_grid(server):
     model, cfg, recipe = server["direct"]["points"]
     r = _post(server, "/v1/models/points/sample", json={"n": 5, "seed": 3, "sampler": "ddim", "dt": 4})
     assert r.status_code == 200, r.text
-    want, nfe = recipe.sample(model, 5, cfg, torch.Generator().manual_seed(3), sampler="ddim", dt=4)
+    want = recipe.sample(model, 5, cfg, torch.Generator().manual_seed(3), sampler="ddim", dt=4)
+    nfe = recipe.cost(cfg, "sample", sampler="ddim", dt=4)["nfe"]
     np.testing.assert_allclose(r.json()["samples"], want.numpy(), rtol=1e-5, atol=1e-6)
     assert r.json()["nfe"] == nfe == 5 and r.json()["seed"] == 3
     r = _post(server, "/v1/models/points/sample", json={"n": 2})  # no seed: the server picks and reports one
@@ -288,7 +288,7 @@ def test_sample_matches_direct_call_and_png_grid(server):
     r = _post(server, "/v1/models/digits/sample", json={"n": 4, "seed": 9, "dt": 5, "format": "png"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     got = np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.float64)
-    x, _ = recipe.sample(model, 4, cfg, torch.Generator().manual_seed(9), dt=5)
+    x = recipe.sample(model, 4, cfg, torch.Generator().manual_seed(9), dt=5)
     ref = np.asarray(Image.open(io.BytesIO(codec.png_grid(x.numpy()))), dtype=np.float64)
     assert got.shape == ref.shape == (19, 19)  # 2x2 grid of 8x8 with 1-pixel padding
     assert np.abs(got - ref).max() <= 1.0  # same samples up to 8-bit rounding
@@ -324,9 +324,9 @@ def test_gridvae_encode_sample_decode_match_direct_call(server):
     np.testing.assert_allclose(r.json()["z"], recipe.encode(model, torch.as_tensor(xq), cfg).numpy(),
                                rtol=1e-5, atol=1e-5)
     r = _post(server, "/v1/models/gridvae/sample", json={"n": 3, "seed": 7})
-    want, _ = recipe.sample(model, 3, cfg, torch.Generator().manual_seed(7))
+    want = recipe.sample(model, 3, cfg, torch.Generator().manual_seed(7))
     np.testing.assert_allclose(r.json()["samples"], want.numpy(), rtol=1e-5, atol=1e-6)
-    assert "nfe" not in r.json()  # only diffusion's second return value is a number of network evaluations
+    assert r.json()["nfe"] == 1  # recipe.cost: one decoder pass per sample
     z = [[0.0, 1.0], [2.0, -1.0]]
     r = _post(server, "/v1/models/gridvae/decode", json={"z": z, "format": "png"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"

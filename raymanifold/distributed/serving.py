@@ -1,18 +1,19 @@
 """Ray Serve at the edge: start the ``serve/`` application locally, or shut it down.
 
 The only module of the package that imports ``ray.serve``. The application
-itself lives in the repository's ``serve/`` folder (an entry point, like
-``jobs/``); this module reads a Serve config file (serve/config.yaml, the
-same file ``serve deploy`` takes), builds each application with its builder
-(``import_path``) and ``args``, and runs it on the embedded local Ray or on
-the cluster at ``--address``. For a cluster managed with the Serve CLI use
-``serve deploy serve/config.yaml`` instead (docs/serve.md).
+itself is the top-level ``serve`` package (the repository's ``serve/``
+folder, installed next to ``raymanifold`` as declared in pyproject.toml, so
+this process and every Ray worker import it by name, with no path editing);
+this module reads a Serve config file (serve/config.yaml, the same file
+``serve deploy`` takes), builds each application with its builder
+(``import_path``, e.g. ``serve.app:build_app``) and ``args``, and runs it on
+the embedded local Ray or on the cluster at ``--address``. For a cluster
+managed with the Serve CLI use ``serve deploy serve/config.yaml`` instead
+(docs/serve.md).
 """
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -56,22 +57,18 @@ def load_config(path=DEFAULT_CONFIG) -> dict:
 
 def _import_attr(path: str):
     module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
-
-
-def _make_importable():
-    """Replicas import ``serve.*`` from the repository: put its root on this and the workers' path."""
-    root = str(REPO_ROOT)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join([root] + parts)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as exc:
+        hint = (" (the serve package is installed with raymanifold: run `pip install -e .` in the repository)"
+                if exc.name in ("serve", module) else "")
+        raise ConfigError(f"import_path: cannot import {module!r} ({exc}){hint}") from None
+    except AttributeError:
+        raise ConfigError(f"import_path: module {module!r} has no {attr!r}") from None
 
 
 def build(app_cfg: dict, **builder_kwargs):
     """The Serve Application of one ``applications[]`` entry (raises ConfigError for bad args)."""
-    _make_importable()
     builder = _import_attr(app_cfg["import_path"])
     try:
         return builder(app_cfg.get("args") or {}, **builder_kwargs)
@@ -85,7 +82,6 @@ def start_http(port: int, host: str = "127.0.0.1", *, address: Optional[str] = N
 
     from raymanifold.distributed.runtime import ensure_ray
 
-    _make_importable()
     ensure_ray(address, num_cpus, quiet=True)
     serve.start(http_options={"host": host, "port": int(port)})
 
