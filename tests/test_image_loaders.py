@@ -130,6 +130,8 @@ def test_celeba_folder_and_attributes(tmp_path):
     assert tr.y.shape == (3, 40) and tr.y.tolist() == attr01[:3].tolist()
     assert te.y.tolist() == attr01[3:].tolist()
     assert tr.info["attr_names"] == ATTRS
+    assert tr.info["identity"].tolist() == [1, 2, 3] and te.info["identity"].tolist() == [4, 5]
+    assert tr.info["identity"].dtype == torch.int64
     # constant images keep their grey value through crop + resize (JPEG within 2/255)
     assert torch.allclose(tr.x[1], torch.full_like(tr.x[1], 40 / 255), atol=2 / 255)
     (tmp_path / "celeba" / "list_eval_partition.txt").unlink()

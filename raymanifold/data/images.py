@@ -22,7 +22,8 @@ number of examples (a fixed random subset chosen by ``seed``), so a large set
 is never fully decoded when a small sample is asked for. CelebA's labels are
 its 40 binary attributes (N, 40) in {0, 1}; ``info["attr_names"]`` names them
 (also as ``label_names``, with ``label_cardinality`` 2 each, so they can guide
-GridVAE latent dimensions).
+GridVAE latent dimensions); ``info["identity"]`` (N,) int64 is the person in
+each image (identity_CelebA.txt).
 
 A missing or incomplete root raises :class:`~raymanifold.data.DataError`
 listing every expected file that is absent. Checksums are not verified (only
@@ -211,11 +212,14 @@ def celeba(split, n=None, seed=0, root=None, image_size=0):
                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     size = image_size or CELEBA_DEFAULT_SIZE
     x = _load_rgb(paths, CELEBA_CROP, size)
-    y = ds.attr[torch.as_tensor(idx, dtype=torch.long)].long()
+    sel = torch.as_tensor(idx, dtype=torch.long)
+    y = ds.attr[sel].long()
     names = tuple(a for a in ds.attr_names if a)
-    # label_names / label_cardinality: the attributes can guide GridVAE dimensions (Sec. 4.2.2)
+    # label_names / label_cardinality: the attributes can guide GridVAE dimensions (Sec. 4.2.2);
+    # identity: the person of each image (identity_CelebA.txt), for face-recognition studies
     return ArrayDataset(x, y, _info(x, attr_names=list(names), label_names=names,
-                                    label_cardinality=(2,) * len(names)))
+                                    label_cardinality=(2,) * len(names),
+                                    identity=ds.identity[sel].reshape(-1).long()))
 
 
 @register("image_folder", "image", shape=square_shape(3, 0, what="image_folder"))
