@@ -33,8 +33,9 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="rm-bench-")
     raw = {"family": "diffusion", "name": "bench_throughput",
-           "train": {"steps": args.steps, "batch_size": args.batch_size, "num_workers": 1, "cpus_per_worker": 1,
-                     "checkpoint_every": args.steps, "log_every": args.steps, "storage_path": tmp}}
+           "train": {"steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": args.steps,
+                     "log_every": args.steps},
+           "ray": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": tmp}}
     cfg = config_from_dict(raw)
 
     torch.set_num_threads(1)  # the Ray worker uses cpus_per_worker = 1 thread

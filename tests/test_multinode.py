@@ -34,8 +34,8 @@ def test_train_workers_span_nodes(cluster, tmp_path, tracking_uri):
 
     cfg = config_from_dict({
         "family": "diffusion", "name": "mn", "data": {"n_train": 1000}, "model": {"hidden": 16, "eval_points": 50},
-        "train": {"steps": 20, "batch_size": 64, "checkpoint_every": 10, "log_every": 10, "num_workers": 2,
-                  "cpus_per_worker": 1, "storage_path": str(tmp_path / "shared")}})
+        "train": {"steps": 20, "batch_size": 64, "checkpoint_every": 10, "log_every": 10},
+        "ray": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": str(tmp_path / "shared")}})
     res = fit(cfg, fresh=True, verbose=False)
     assert res.step == 20
     where = [json.loads(p.read_text()) for p in (Path(res.storage_dir) / ".workers").glob("*.json")]

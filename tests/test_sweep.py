@@ -38,6 +38,8 @@ def _diffusion_cfg():
     (_eval_raw(colour="red"), "colour: unknown key"),
     (dict(_eval_raw(), kind="train", base="b.yaml"), "'params.*' keys exist only in eval sweeps"),
     (_eval_raw(space={"name": {"grid": ["a"]}}), "space.name: cannot be swept"),
+    (_eval_raw(space={"ray.storage_path": {"grid": ["a"]}}), "space.ray.storage_path: cannot be swept"),
+    (_eval_raw(space={"train.storage_path": {"grid": ["a"]}}), "space.train.storage_path: cannot be swept"),
 ])
 def test_bad_spec_fails_before_any_trial(raw, fragment):
     with pytest.raises(ConfigError, match=None) as exc:
@@ -56,6 +58,18 @@ def test_space_checked_against_the_config(space, fragment):
     with pytest.raises(ConfigError) as exc:
         check_space(spec, _diffusion_cfg())
     assert fragment in str(exc.value)
+
+
+def test_space_accepts_moved_keys_under_either_name():
+    """A space over `train.num_workers` (old name) or `ray.num_workers` checks against either config layout."""
+    old_layout = {**_diffusion_cfg(), "train": {**_diffusion_cfg()["train"], "num_workers": 2}}
+    old_layout.pop("ray", None)
+    for key in ("train.num_workers", "ray.num_workers"):
+        spec = parse_spec(_eval_raw(space={key: {"grid": [1, 2]}}))
+        check_space(spec, _diffusion_cfg())
+        check_space(spec, old_layout)
+    with pytest.raises(ConfigError, match="space.ray.num_workers: value 0 is invalid: ray.num_workers: 0 is out"):
+        check_space(parse_spec(_eval_raw(space={"ray.num_workers": {"grid": [0]}})), _diffusion_cfg())
 
 
 def test_shipped_sweep_files_validate():
@@ -186,8 +200,8 @@ def test_train_sweep_runs_ray_train_per_trial_with_asha(local_ray, tmp_path, tra
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({
         "family": "diffusion", "name": "b", "data": {"n_train": 1000}, "model": {"hidden": 16, "eval_points": 50},
-        "train": {"steps": 40, "batch_size": 64, "checkpoint_every": 10, "log_every": 10, "num_workers": 1,
-                  "cpus_per_worker": 0.9}}))
+        "train": {"steps": 40, "batch_size": 64, "checkpoint_every": 10, "log_every": 10},
+        "ray": {"num_workers": 1, "cpus_per_worker": 0.9}}))
     spec = parse_spec({"kind": "train", "name": "lr_test", "base": str(base), "metric": "test_nll_nats_dt10",
                        "mode": "min", "space": {"train.lr": {"grid": [1e-3, 1e-2]}},
                        "scheduler": {"type": "asha", "metric": "loss", "mode": "min", "grace_period": 20},

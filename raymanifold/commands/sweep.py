@@ -60,12 +60,12 @@ def cmd_sweep(args) -> int:
     from raymanifold.config import config_from_dict
     from raymanifold.distributed.spec import load_spec
 
-    sets = apply_common(args)
+    apply_common(args)  # exports --tracking-uri; --address goes to run_sweep, --set to the sweep file
     if args.resume and args.fresh:
         raise UsageError("--resume and --fresh exclude each other")
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after: must be >= 1, got {args.stop_after}")
-    spec = load_spec(find_config(args.config), [s for s in sets if not s.startswith("ray.address=")])
+    spec = load_spec(find_config(args.config), list(args.set))
     base, model_path, _ = _prepare(args, spec)
     from raymanifold.distributed.tune import check_start
 
