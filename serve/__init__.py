@@ -1,4 +1,5 @@
-"""The raymanifold Ray Serve application (an entry-point folder, like ``jobs/``).
+"""The raymanifold Ray Serve application: a top-level package installed with raymanifold
+(pyproject.toml ``[tool.setuptools.packages.find]``), so Ray workers import it by name.
 
 * :mod:`serve.app`: the FastAPI ingress and ``build_app(args)``, the builder
   named by ``import_path: serve.app:build_app`` in ``serve/config.yaml``.
