@@ -158,8 +158,9 @@ def main():
     import ray
     import torch
 
-    from raymanifold.distributed import scoring
+    from raymanifold import scoring
     from raymanifold.distributed.runtime import ensure_ray, shutdown
+    from raymanifold.distributed.scoring import score_to_parquet
 
     tmp = Path(tempfile.mkdtemp(prefix="rm-bench-score-"))
     model = _model(tmp, args.hidden)
@@ -177,8 +178,7 @@ def main():
     def ray_job(tag, n_nodes=0):
         def run(n):
             prep, spec = prepared(n)
-            r = scoring.score_to_parquet(prep, spec, str(tmp / f"{tag}_{n}_{time.time_ns()}"),
-                                         batch_size=args.batch_size)
+            r = score_to_parquet(prep, spec, str(tmp / f"{tag}_{n}_{time.time_ns()}"), batch_size=args.batch_size)
             assert r.rows_out == r.unique_ids == n and (not n_nodes or len(r.nodes) == n_nodes)
             res[f"{tag}_actors"] = r.actors
             return r.wall_s
@@ -244,7 +244,7 @@ def main():
             mspec = scoring.parse_data_spec(str(f))
             mprep = scoring.prepare(model, mspec, {"dt": args.mem_dt})
             with PeakMemory() as pm:
-                r = scoring.score_to_parquet(mprep, mspec, str(tmp / f"mem_out{mult}"), batch_size=args.batch_size)
+                r = score_to_parquet(mprep, mspec, str(tmp / f"mem_out{mult}"), batch_size=args.batch_size)
             assert r.rows_out == r.unique_ids == n
             peaks[mult] = pm.peak
             print(f"    {n} rows: peak RSS {pm.peak / 2**20:.0f} MiB ({n / r.wall_s:.0f} rows/s)", flush=True)

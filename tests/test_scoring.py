@@ -1,5 +1,6 @@
-"""Ray Data scoring: specs fail fast; Ray scores equal the in-process loop row by row; every row is
-written exactly once, also when a scoring actor dies mid-run; Parquet and image-folder inputs."""
+"""Scoring: specs fail fast; the input shape comes from the recipe (no data probe); the Ray-free scorer is
+the recipe's log_prob; Ray scores equal the in-process loop row by row; every row is written exactly
+once, also when a scoring actor dies mid-run; Parquet and image-folder inputs."""
 import json
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 from raymanifold import data as rdata
 from raymanifold.cli import main
 from raymanifold.config import config_from_dict
-from raymanifold.distributed import scoring
+from raymanifold import scoring
+from raymanifold.distributed.scoring import score_to_parquet
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_bad_model_uri_is_one_line_error(capsys, tmp_path, tracking_uri):
 def test_inprocess_scorer_equals_recipe_log_prob(tiny_model):
     """The Scorer is exactly recipe.log_prob on the rows it is given (same per-batch seed)."""
     from raymanifold.checkpoint import load_model
-    from raymanifold.distributed.scoring import Scorer, dataset_rows, parse_data_spec, prepare
+    from raymanifold.scoring import Scorer, dataset_rows, parse_data_spec, prepare
     import zlib
 
     spec = parse_data_spec("moons?n=300&seed=2")
@@ -98,7 +100,7 @@ def test_inprocess_scorer_equals_recipe_log_prob(tiny_model):
 
 
 def test_dataset_rows_carry_ids_labels_and_examples():
-    from raymanifold.distributed.scoring import dataset_rows
+    from raymanifold.scoring import dataset_rows
 
     ds = rdata.load("digits", "test", n=50, seed=1)
     rows = dataset_rows(ds, 10, 30)
@@ -106,6 +108,117 @@ def test_dataset_rows_carry_ids_labels_and_examples():
     assert rows["label"].tolist() == ds.y[10:30].tolist()
     np.testing.assert_array_equal(rows["x"], ds.x[10:30].numpy())
     assert rows["x"].dtype == np.float32 and rows["x"].shape == (20, 1, 8, 8)
+
+
+def test_parquet_rows_of_the_wrong_size_fail_before_ray(tiny_model, tmp_path):
+    n = 6
+    x = np.zeros((n, 3), np.float32)
+    pq.write_table(pa.table({"x": pa.array(list(x), type=pa.list_(pa.float32())),
+                             "id": pa.array([str(i) for i in range(n)])}), tmp_path / "three.parquet")
+    with pytest.raises(rdata.DataError, match=r"holds 3 values per row, the model takes 2 \(points\) = 2 values"):
+        scoring.prepare(str(tiny_model), scoring.parse_data_spec(str(tmp_path / "three.parquet")), {})
+
+
+def test_input_shape_comes_from_the_recipe_not_from_data(tiny_model, tmp_path, monkeypatch):
+    """A Parquet input is checked against recipe.input_shape(cfg): the model's training set is never loaded."""
+    p = _points_parquet(tmp_path / "pts.parquet", 30)
+
+    def no_load(*a, **k):
+        raise AssertionError("prepare loaded a data set to learn the model's input shape")
+
+    monkeypatch.setattr(rdata, "load", no_load)
+    prep = scoring.prepare(str(tiny_model), scoring.parse_data_spec(str(p)), {"dt": 10})
+    assert prep.source["shape"] == [2] and prep.n_rows == 30 and prep.family == "diffusion"
+
+
+def test_inprocess_parquet_scores_are_the_recipes_log_prob(tiny_model, tmp_path):
+    """score_inprocess over a Parquet file: rows reshaped to input_shape, each batch seeded from its first id."""
+    from raymanifold.checkpoint import load_model
+    from raymanifold.scoring.scorer import batch_seed
+
+    p = _points_parquet(tmp_path / "pts.parquet", 50)
+    spec = scoring.parse_data_spec(str(p))
+    prep = scoring.prepare(str(tiny_model), spec, {"dt": 10})
+    got, secs = scoring.score_inprocess(prep, spec, batch_size=20, seed=3)
+    model, cfg, recipe = load_model(str(tiny_model))
+    x = torch.from_numpy(rdata.load("moons", "test", n=50, seed=3).x.numpy().astype(np.float32))
+    want = []
+    for b in pq.ParquetFile(p).iter_batches(batch_size=20, columns=["id"]):   # the same batch boundaries
+        ids = b.column("id").to_pylist()
+        lo = int(ids[0][3:])
+        g = torch.Generator().manual_seed(batch_seed(3, ids[0]))
+        want.append(recipe.log_prob(model, x[lo:lo + len(ids)], cfg, dt=10, generator=g).numpy())
+    np.testing.assert_allclose(got, np.concatenate(want), rtol=0, atol=1e-9)
+    assert got.shape == (50,) and secs > 0
+
+
+def test_image_folder_in_process(tmp_path):
+    """An image folder against an (untrained) 8x8 digits model: labels from <class>/ folders, ids = paths,
+    images of another size fail before anything is scored."""
+    from PIL import Image
+
+    from raymanifold import checkpoint as ckpt
+    from raymanifold.recipes import get_recipe
+    from raymanifold.scoring import Scorer
+
+    cfg = config_from_dict({"family": "diffusion", "name": "img", "data": {"name": "digits", "image_size": 8},
+                            "model": {"net": "unet", "T": 20, "schedule": "linear", "channels": 4,
+                                      "channel_mult": [1], "attention": False, "image_size": 8, "eval_dt": 10},
+                            "train": {"device": "cpu"}})
+    torch.manual_seed(0)
+    model_path = ckpt.save(tmp_path / "img.pt", get_recipe("diffusion").build(cfg), cfg, 0)
+    x = rdata.load("digits", "test", image_size=8).x[:6]
+    for i, img in enumerate(x):
+        d = tmp_path / "folder" / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8), mode="L").save(d / f"{i}.png")
+    spec = scoring.parse_data_spec(str(tmp_path / "folder"))
+    prep = scoring.prepare(str(model_path), spec, {"dt": 10})
+    assert prep.source["shape"] == [1, 8, 8] and prep.source["mode"] == "L" and prep.n_rows == 6
+    imgs = np.stack([np.asarray(Image.open(f)) for f in spec.files])
+    out = Scorer(prep.model_bytes, prep.source, prep.opts)({"path": np.asarray(spec.files), "image": imgs})
+    assert sorted(set(out["label"])) == ["class0", "class1"] and list(out["id"]) == list(spec.files)
+    assert np.isfinite(out["log_prob"]).all()
+    np.testing.assert_allclose(out["bits_per_dim"], -out["log_prob"] / (64 * np.log(2)))
+    lp, _ = scoring.score_inprocess(prep, spec, batch_size=4)
+    assert lp.shape == (6,)
+    big = tmp_path / "big" / "a"
+    big.mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(big / "0.png")
+    with pytest.raises(rdata.DataError, match=r"are 16x16 mode L .* takes 1x8x8 \(C x H x W\)"):
+        scoring.prepare(str(model_path), scoring.parse_data_spec(str(tmp_path / "big")), {"dt": 10})
+    with pytest.raises(rdata.DataError, match=r"does not match the model \(diffusion\): its examples are 1x16x16"):
+        scoring.prepare(str(model_path), scoring.parse_data_spec("digits?image_size=16"), {"dt": 10})
+
+
+def test_summary_uses_the_shared_auroc_and_writes_a_histogram(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from raymanifold.analysis.metrics import auroc
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.0, 1.0, 300), rng.normal(0.0, 1.0, 200)
+    s = scoring.summarize(a, b)
+    assert s["n"] == 300 and s["ood_n"] == 200 and abs(s["log_prob_mean"] - a.mean()) < 1e-12
+    assert abs(s["auroc"] - roc_auc_score(np.r_[np.ones(300), np.zeros(200)], np.r_[a, b])) < 1e-12
+    a[:3] = [-np.inf, np.nan, np.inf]                      # one policy for non-finite scores: analysis.metrics
+    assert scoring.summarize(a, b)["auroc"] == auroc(a, b)
+    assert "auroc" not in scoring.summarize(a)
+    scoring.plot_histogram(b, a[np.isfinite(a)], tmp_path / "h.png", labels=("x", "y"))
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    (tmp_path / "scores").mkdir()
+    pq.write_table(pa.table({"id": np.arange(200), "log_prob": b}), tmp_path / "scores" / "s.parquet")
+    np.testing.assert_array_equal(scoring.read_scores(tmp_path / "scores"), b)
+
+
+def test_the_ray_free_scoring_modules_do_not_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, raymanifold.scoring, raymanifold.commands.score; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.ray
@@ -161,7 +274,7 @@ def test_parquet_and_image_folder_inputs(local_ray, tmp_path):
         Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8), mode="L").save(d / f"{i}.png")
     spec = scoring.parse_data_spec(str(tmp_path / "folder"))
     prep = scoring.prepare(str(model_path), spec, {"dt": 10})
-    res = scoring.score_to_parquet(prep, spec, str(tmp_path / "out_img"), batch_size=8)
+    res = score_to_parquet(prep, spec, str(tmp_path / "out_img"), batch_size=8)
     t = pq.read_table(tmp_path / "out_img").to_pandas()
     assert res.rows_out == res.unique_ids == 20 and len(t) == 20
     assert set(t["label"]) == {"class0", "class1"}
@@ -178,7 +291,7 @@ def test_parquet_and_image_folder_inputs(local_ray, tmp_path):
     p_path = ckpt.save(tmp_path / "p.pt", pm, pcfg, 20)
     spec = scoring.parse_data_spec(str(pts))
     prep = scoring.prepare(str(p_path), spec, {"dt": 10})
-    res = scoring.score_to_parquet(prep, spec, str(tmp_path / "out_pts"), batch_size=16)
+    res = score_to_parquet(prep, spec, str(tmp_path / "out_pts"), batch_size=16)
     t = pq.read_table(tmp_path / "out_pts").to_pandas().sort_values("id")
     assert res.rows_out == res.unique_ids == 90
     assert list(t["id"]) == [f"row{i:05d}" for i in range(90)]

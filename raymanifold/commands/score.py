@@ -1,5 +1,9 @@
 """``raymanifold score``: per-example log-likelihood of a data set with Ray Data.
 
+Argument parsing and the report; the data specs, checks, scorer and summary are
+in :mod:`raymanifold.scoring`, the Ray Data pipeline in
+:mod:`raymanifold.distributed.scoring`.
+
 Writes ``OUT/scores/*.parquet`` (id, label, log_prob [nats], bits_per_dim, node),
 ``OUT/ood_scores/*.parquet`` with ``--ood``, and ``OUT/summary.json``,
 ``summary.md``, ``histogram.png``; the summary and histogram are logged to
@@ -51,9 +55,10 @@ def _opts(args) -> dict:
 
 
 def cmd_score(args) -> int:
-    from raymanifold import tracking
-    from raymanifold.distributed import scoring
+    from raymanifold import scoring, tracking
+    from raymanifold.distributed.scoring import score_to_parquet
     from raymanifold.reports import markdown_table, report_dir, write_json
+    from raymanifold.runs import install_uri_resolver
 
     apply_common(args)
     for k in ("batch_size",):
@@ -62,23 +67,24 @@ def cmd_score(args) -> int:
     if args.actors < 0 or args.cpus_per_actor <= 0:
         raise UsageError("--actors must be >= 0 and --cpus-per-actor > 0")
     opts = _opts(args)
+    uri = tracking.resolve_uri(args.tracking_uri)
+    install_uri_resolver(uri)                               # --model may be runs:/<id> (resolved in the driver)
     spec = scoring.parse_data_spec(args.data)
     ood = scoring.parse_data_spec(args.ood) if args.ood else None
     prep = scoring.prepare(args.model, spec, opts)          # every check before Ray starts
     prep_ood = scoring.prepare(args.model, ood, opts) if ood else None
     out = Path(args.out)
-    uri = tracking.resolve_uri(args.tracking_uri)
     kw = dict(actors=args.actors, batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor, seed=args.seed,
               address=args.address, num_cpus=args.num_cpus)
     print(f"scoring {prep.n_rows} rows of {args.data!r} with {prep.family} model {args.model!r}"
           + (f" (+ {prep_ood.n_rows} rows of {args.ood!r})" if ood else ""), flush=True)
-    with tracking.start_run(args.experiment, f"score-{spec.name or Path(spec.path).name}", uri=uri,
+    with tracking.start_run(args.experiment, f"score-{spec.label}", uri=uri,
                             config={"model": args.model, "data": args.data, "ood": args.ood, "opts": opts,
                                     "batch_size": args.batch_size, "seed": args.seed},
                             tags={"raymanifold.kind": "score", "family": prep.family}) as run:
         with report_dir(out.resolve()) as d:
-            res = scoring.score_to_parquet(prep, spec, str(d / "scores"), fail_at_batch=args.fail_at_batch, **kw)
-            res_ood = scoring.score_to_parquet(prep_ood, ood, str(d / "ood_scores"), **kw) if ood else None
+            res = score_to_parquet(prep, spec, str(d / "scores"), fail_at_batch=args.fail_at_batch, **kw)
+            res_ood = score_to_parquet(prep_ood, ood, str(d / "ood_scores"), **kw) if ood else None
             for r, what in ((res, args.data), (res_ood, args.ood)):
                 if r is not None and not (r.rows_out == r.unique_ids == r.rows_in):
                     raise RuntimeError(f"scoring {what!r}: {r.rows_in} rows in, {r.rows_out} out, "
