@@ -128,7 +128,7 @@ def available_families() -> list[str]:
 
 def get_recipe(family: str) -> Recipe:
     if family not in FAMILIES:
-        from raymanifold.config import ConfigError
+        from raymanifold.schema import ConfigError
 
         raise ConfigError(f"family: unknown family {family!r}; allowed: {available_families()}")
     return importlib.import_module(FAMILIES[family]).RECIPE

@@ -34,7 +34,7 @@ from raymanifold.analysis import disentanglement as dis
 @torch.no_grad()
 def encode_split(model, ds, cfg, n: int, batch: int = 512):
     """(mu (N, n) float64 numpy, labels (N, L) numpy or None, recon nats (N,), kl nats (N,)) for the first n examples."""
-    from raymanifold.vae.recipe import kl_per_example, recon_nats
+    from raymanifold.vae.elbo import kl_per_example, recon_nats
 
     p = next(model.parameters())
     model.eval()

@@ -42,17 +42,15 @@ Evaluation, encode and decode never deform.
 """
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from raymanifold.config import ConfigError, param
+from raymanifold.schema import ConfigError, param
 from raymanifold.data.augment import random_affine
 from raymanifold.recipes import Recipe
-from raymanifold.vae import priors
+from raymanifold.vae.elbo import (  # noqa: F401  (re-exported: the objective's terms)
+    beta_at, guided_centres, guided_columns, kl_per_example, kl_terms, label_columns, recon_nats, sigma0_at)
 from raymanifold.vae.models import GridVAE
 
 PRIORS = ("normal", "grid_mixture", "nearest")
@@ -169,23 +167,6 @@ def latent_shape(cfg) -> tuple:
     return (cfg.model.latent_dim,)
 
 
-@functools.lru_cache(maxsize=32)
-def _label_columns(name: str, root) -> tuple:
-    from raymanifold import data as rdata
-
-    return rdata.label_columns(name, root)
-
-
-def label_columns(cfg) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """(label names, cardinalities) of ``cfg.data``'s named label columns (metadata only, cached)."""
-    return _label_columns(cfg.data.name, cfg.data.root)
-
-
-def guided_columns(cfg) -> list[int]:
-    """Label column index of each guided latent dimension 0..m-1."""
-    names = label_columns(cfg)[0]
-    return [names.index(n) for n in cfg.model.guided_labels]
-
 
 def validate(cfg):
     from raymanifold import data as rdata
@@ -224,93 +205,6 @@ def validate(cfg):
 def build(cfg) -> torch.nn.Module:
     return GridVAE(input_shape(cfg), cfg.model.latent_dim, cfg.model.width)
 
-
-def _bounds(cfg, device, dtype):
-    lo, hi = cfg.model.grid_bounds()
-    return torch.tensor(lo, device=device, dtype=dtype), torch.tensor(hi, device=device, dtype=dtype)
-
-
-def guided_centres(cfg, y: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Ground-truth centres (B, m) = grid_min_j + label value for the guided dims (Sec. 4.2.2)."""
-    lo, _ = _bounds(cfg, y.device, dtype)
-    m = len(cfg.model.guided_labels)
-    return lo[:m] + y[:, guided_columns(cfg)].to(dtype)
-
-
-def beta_at(cfg, step: int) -> float:
-    """KL weight beta_t at optimizer step ``step`` (1-based): ``beta``, or with ``kl_warmup`` the linear ramp
-    beta_start + (beta - beta_start) * min(1, step / kl_warmup)."""
-    m = cfg.model
-    if m.kl_warmup <= 0:
-        return m.beta
-    return m.beta_start + (m.beta - m.beta_start) * min(1.0, step / m.kl_warmup)
-
-
-def sigma0_at(cfg, step: int) -> float:
-    """Prior std used at optimizer step ``step``: ``sigma0`` or, with annealing, the geometric schedule
-    sigma0_start * (sigma0 / sigma0_start) ** min(1, step / sigma0_anneal) (deterministic annealing: the
-    mixture starts broad, so the layout of the clusters forms before the grid cells become sharp)."""
-    m = cfg.model
-    if m.sigma0_anneal <= 0:
-        return m.sigma0
-    t = min(1.0, max(0, step) / m.sigma0_anneal)
-    return m.sigma0_start * (m.sigma0 / m.sigma0_start) ** t
-
-
-def kl_terms(cfg, mu, logvar, z, y=None, sigma0=None) -> torch.Tensor:
-    """Per-dimension KL contributions (B, n) in nats for the configured prior and guidance
-    (``sigma0``: prior std, default ``cfg.model.sigma0``)."""
-    m = cfg.model
-    s0 = m.sigma0 if sigma0 is None else sigma0
-    if m.prior == "normal":
-        return 0.5 * (mu ** 2 + logvar.exp() - 1.0 - logvar)
-    lo, hi = _bounds(cfg, mu.device, mu.dtype)
-    if m.prior == "nearest":
-        centre = priors.nearest_centre(mu, lo, hi)
-        free = priors.kl_nearest_centre_terms(mu, logvar, centre, s0)
-    else:
-        axes = priors.grid_axes(*m.grid_bounds())
-        free = priors.kl_grid_mixture_mc_terms(z, mu, logvar, axes, s0)
-    if m.guidance == "none":
-        return free
-    if y is None:
-        raise ConfigError(f"model.guidance: {m.guidance!r} needs labels, but the batch has none")
-    k = len(m.guided_labels)
-    guided = priors.kl_nearest_centre_terms(mu[:, :k], logvar[:, :k], guided_centres(cfg, y, mu.dtype), s0)
-    return torch.cat([guided, free[:, k:]], dim=1)
-
-
-def kl_per_example(cfg, mu, logvar, z, y=None, sigma0=None) -> torch.Tensor:
-    """KL term of Eq. 23 per example, (B,) nats (``sigma0``: prior std, default ``cfg.model.sigma0``).
-
-    With ``kl_estimate: batch`` (grid mixture) the unguided dimensions use the
-    minibatch estimate of the aggregate posterior,
-    log q(z_i) ~= logsumexp_j log q(z_i | x_j) - log B, in place of
-    log q(z_i | x_i) (our reading of Sec. 4.1.1, "estimate the log probability of
-    the posterior using a large batch size"): this is KL(q(z) || p(z)) without
-    the mutual-information term I(x; z), so it is not an ELBO.
-    """
-    m = cfg.model
-    s0 = m.sigma0 if sigma0 is None else sigma0
-    if m.kl_estimate != "batch":
-        return kl_terms(cfg, mu, logvar, z, y, s0).sum(1)
-    k = len(m.guided_labels) if m.guidance != "none" else 0
-    total = 0.0
-    if k:
-        if y is None:
-            raise ConfigError(f"model.guidance: {m.guidance!r} needs labels, but the batch has none")
-        total = priors.kl_nearest_centre(mu[:, :k], logvar[:, :k], guided_centres(cfg, y, mu.dtype), s0)
-    zf, muf, lvf = z[:, k:], mu[:, k:], logvar[:, k:]
-    pair = priors.gaussian_log_prob(zf[:, None, :], muf[None], lvf[None]).sum(-1)  # (B, B): log q(z_i | x_j)
-    log_qz = torch.logsumexp(pair, dim=1) - math.log(len(z))
-    lo, hi = m.grid_bounds()
-    axes = priors.grid_axes(lo[k:], hi[k:])
-    return total + log_qz - priors.grid_log_prob(zf, axes, s0)
-
-
-def recon_nats(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x|z) of the Bernoulli decoder (continuous BCE), summed over pixels: (B,) nats."""
-    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
 
 def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
