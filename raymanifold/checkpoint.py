@@ -102,7 +102,7 @@ def resolve(uri: str) -> Path:
             return Path(fn(uri))
     if uri.startswith(REMOTE_PREFIXES):
         raise CheckpointError(f"model: {uri!r} is an MLflow URI, but this process has no URI resolver installed; "
-                              "call raymanifold.runs.install_uri_resolver() first (the CLI, raymanifold.runs.load, "
+                              "call raymanifold.uris.install_uri_resolver() first (the CLI, raymanifold.runs.load, "
                               "Ray Train workers and Serve do), or pass a local checkpoint path")
     p = Path(uri)
     if p.is_dir():

@@ -14,7 +14,7 @@ metrics of ``recipe.evaluate`` on the final checkpoint, ``train_wall_s``,
 the checkpoint as ``model/checkpoint.pt``. It is marked FAILED if anything raises.
 
 This module is an *edge*: it installs the ``runs:/`` resolver into
-:mod:`raymanifold.checkpoint` (:func:`install_uri_resolver`), so core code that
+:mod:`raymanifold.checkpoint` (:func:`raymanifold.uris.install_uri_resolver`), so core code that
 calls ``checkpoint.resolve`` (e.g. a phase-2 flow reading ``model.ae_checkpoint``)
 works in every process that went through here, without core importing MLflow.
 MLflow and Ray are imported only when a function needs them.
@@ -32,25 +32,12 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from raymanifold import checkpoint as ckpt
+from raymanifold.uris import install_uri_resolver
 
 BACKENDS = ("ray", "local")
 
 
 # ----------------------------------------------------------------------------- edge URIs
-def install_uri_resolver(tracking_uri: Optional[str] = None):
-    """Let :func:`raymanifold.checkpoint.resolve` read MLflow URIs (``runs:/``, ``models:/``) in this process,
-    from ``tracking_uri`` (default: ``MLFLOW_TRACKING_URI``, else the local store; see :mod:`raymanifold.tracking`).
-
-    Idempotent and cheap: MLflow is imported only when such a URI is resolved.
-    """
-    def download(uri: str) -> Path:
-        from raymanifold.tracking import download_checkpoint
-
-        return download_checkpoint(uri, tracking_uri=tracking_uri)
-
-    ckpt.set_uri_resolver(ckpt.REMOTE_PREFIXES, download)
-
-
 install_uri_resolver()
 
 

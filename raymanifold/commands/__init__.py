@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 
-from raymanifold.runs import install_uri_resolver
+from raymanifold.uris import install_uri_resolver
 
 install_uri_resolver()  # commands are an edge: checkpoints may be named by MLflow runs:/ URIs
 

@@ -14,7 +14,7 @@ deletes them first. ``ray.max_failures`` restarts a failed worker group
 from the last checkpoint (``faults.fail_at_step`` injects one crash to test it).
 For multi-node clusters ``ray.storage_path`` must be shared storage (NFS path or s3://).
 
-Workers install the ``runs:/`` resolver (:func:`raymanifold.runs.install_uri_resolver`),
+Workers install the ``runs:/`` resolver (:func:`raymanifold.uris.install_uri_resolver`),
 so a config that names a tracked checkpoint (a phase-2 flow's ``model.ae_checkpoint``)
 builds on every worker.
 """
@@ -77,7 +77,7 @@ def _quiet_report_logs():
 def train_loop_per_worker(loop_cfg: dict):
     """The function every Ray Train worker runs."""
     _quiet_report_logs()
-    from raymanifold.runs import install_uri_resolver
+    from raymanifold.uris import install_uri_resolver
 
     install_uri_resolver(loop_cfg.get("tracking_uri"))
     cfg = config_from_dict(loop_cfg["config"])

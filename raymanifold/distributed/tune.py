@@ -94,9 +94,11 @@ def _eval_trial(config: dict, *, ckpt_bytes: bytes, evaluator: str, fixed_params
     """Tune function trainable of an eval-time sweep (runs in the trial actor)."""
     import torch
 
+    from raymanifold.checkpoint import load_model
     from raymanifold.config import replace
-    from raymanifold.runs import load as load_model
+    from raymanifold.uris import install_uri_resolver
 
+    install_uri_resolver()  # the model's config may name a tracked checkpoint (model.ae_checkpoint=runs:/...)
     torch.set_num_threads(max(1, threads))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "checkpoint.pt"
@@ -123,7 +125,7 @@ def _train_trial(config: dict, *, base: dict, sweep: str, storage: str):
     from raymanifold import checkpoint as ckpt
     from raymanifold.distributed.train import trainer_for
     from raymanifold.recipes import get_recipe
-    from raymanifold.runs import install_uri_resolver
+    from raymanifold.uris import install_uri_resolver
 
     install_uri_resolver()  # a trial's config may name a tracked checkpoint (model.ae_checkpoint=runs:/...)
 
