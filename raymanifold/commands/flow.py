@@ -54,7 +54,7 @@ def _phase1_copy(cfg, path: Path) -> str:
     """Where phase 2 reads the autoencoders: a copy on the run storage (shared storage on clusters)."""
     storage = cfg.ray.storage_path
     if "://" in storage:
-        raise UsageError("train.storage_path: the flow study copies the phase-1 checkpoint to the storage path "
+        raise UsageError("ray.storage_path: the flow study copies the phase-1 checkpoint to the storage path "
                          "for the phase-2 workers; use a shared file system path (NFS) here, or run the two "
                          "phases with `raymanifold train` and model.ae_checkpoint=runs:/<phase-1 run id>")
     dest = Path(storage).resolve() / f"{cfg.name}_phase1" / "checkpoint.pt"
