@@ -58,7 +58,7 @@ def cmd_score(args) -> int:
     from raymanifold import scoring, tracking
     from raymanifold.distributed.scoring import score_to_parquet
     from raymanifold.reports import markdown_table, report_dir, write_json
-    from raymanifold.runs import install_uri_resolver
+    from raymanifold.uris import install_uri_resolver
 
     apply_common(args)
     for k in ("batch_size",):
@@ -75,7 +75,7 @@ def cmd_score(args) -> int:
     prep_ood = scoring.prepare(args.model, ood, opts) if ood else None
     out = Path(args.out)
     kw = dict(actors=args.actors, batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor, seed=args.seed,
-              address=args.address, num_cpus=args.num_cpus)
+              address=args.address, num_cpus=args.num_cpus, tracking_uri=uri)
     print(f"scoring {prep.n_rows} rows of {args.data!r} with {prep.family} model {args.model!r}"
           + (f" (+ {prep_ood.n_rows} rows of {args.ood!r})" if ood else ""), flush=True)
     with tracking.start_run(args.experiment, f"score-{spec.label}", uri=uri,

@@ -32,12 +32,17 @@ IO_CPUS = 1.0
 class RayScorer(Scorer):
     """:class:`raymanifold.scoring.Scorer` as a Ray Data actor: the model bytes arrive as ``[ObjectRef]``,
     each row is tagged with the actor's node, and (tests only) the actor can be made to die at its
-    ``fail_at_batch``-th batch, once per ``fail_marker`` file."""
+    ``fail_at_batch``-th batch, once per ``fail_marker`` file. The actor installs the ``runs:/`` resolver
+    (for the driver's ``tracking_uri``): building a model may read another checkpoint its config names
+    (a phase-2 flow's ``model.ae_checkpoint``)."""
 
     def __init__(self, model_ref: list, source: dict, opts: dict, seed: int = 0, threads: int = 1,
-                 fail_at_batch: int = -1, fail_marker: Optional[str] = None):
+                 fail_at_batch: int = -1, fail_marker: Optional[str] = None, tracking_uri: Optional[str] = None):
         import ray
 
+        from raymanifold.uris import install_uri_resolver
+
+        install_uri_resolver(tracking_uri)
         super().__init__(ray.get(model_ref[0]), source, opts, seed=seed, threads=threads)
         self.node = ray.get_runtime_context().get_node_id()[:12]
         self.batches = 0
@@ -96,8 +101,10 @@ def _dataset_blocks(prep: Prepared, batch_size: int, actors: int):
 
 def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 0, batch_size: int = 256,
                      cpus_per_actor: float = 1.0, seed: int = 0, fail_at_batch: int = -1,
-                     address: Optional[str] = None, num_cpus: int = 0) -> ScoreResult:
-    """Score ``spec`` with Ray Data into Parquet files under ``out``; verifies every row came out once."""
+                     address: Optional[str] = None, num_cpus: int = 0,
+                     tracking_uri: Optional[str] = None) -> ScoreResult:
+    """Score ``spec`` with Ray Data into Parquet files under ``out``; verifies every row came out once.
+    ``tracking_uri``: the MLflow store the actors resolve ``runs:/`` URIs in the model's config from."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import ray
@@ -131,7 +138,7 @@ def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model_ref": [ref], "source": prep.source, "opts": prep.opts, "seed": seed,
                                "threads": max(1, int(cpus_per_actor)), "fail_at_batch": fail_at_batch,
-                               "fail_marker": marker})
+                               "fail_marker": marker, "tracking_uri": tracking_uri})
     # The driver streams the (small) score rows into one Parquet file: on a cluster `out` is a path on
     # the machine that runs the command, and no write tasks compete with the actors for CPUs (Ray Data's
     # write_parquet starts a worker process per concurrent write task, which cost ~30% of the throughput
