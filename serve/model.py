@@ -77,6 +77,9 @@ class ModelServer:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         torch.set_num_threads(self.entry.torch_threads)
         from raymanifold.checkpoint import load_model
+        from raymanifold.uris import install_uri_resolver
+
+        install_uri_resolver(tracking_uri)  # runs:/ model URIs are resolved here, at the edge
 
         self.uri = resolve_model_uri(self.entry.uri)
         self.model, self.cfg, self.recipe = load_model(self.uri, use_ema=self.entry.use_ema)

@@ -544,3 +544,21 @@ def test_check_health_replaces_a_broken_replica(server):
     assert new_pid != old_pid, "the controller did not replace the replica that failed check_health"
     after = _post(server, "/v1/models/points/log-likelihood", json={"x": x, "seed": 4})
     assert after.status_code == 200 and after.json()["log_prob"] == before
+
+
+def test_model_server_loads_a_runs_uri_without_ray(tmp_path, monkeypatch):
+    """A replica resolves ``runs:/<id>`` itself (the edge installs the MLflow resolver), no Ray needed."""
+    from raymanifold import checkpoint as ckpt
+    from raymanifold import runs
+    from raymanifold.config import config_from_dict
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = config_from_dict({**CONFIGS["points"], "train": {**CONFIGS["points"]["train"], "steps": 2}})
+    handle = runs.train(cfg, backend="local", tracking_uri=uri, verbose=False)
+    monkeypatch.setattr(ckpt, "_RESOLVERS", {})  # as in a fresh replica process: nothing installed yet
+    srv = ModelServer({"name": "p", "uri": handle.model_uri}, LIMITS, tracking_uri=uri)
+    want = ckpt.load_model(str(handle.checkpoint))[0]
+    got = {k: v for k, v in srv.model.state_dict().items()}
+    assert set(got) == set(want.state_dict())
+    assert all(torch.equal(got[k], v) for k, v in want.state_dict().items())
