@@ -302,7 +302,7 @@ def _flow_cfg(**model):
     base = {"family": "flow", "name": "t", "data": {"name": "digits", "image_size": 8},
             "model": {"levels": 2, "hidden": 4, "latent_channels": 2, "latent_down": 1, "flow_depth": 1,
                       "flow_hidden": 4, "eval_examples": 8, **model},
-            "train": {"steps": 3, "batch_size": 8, "num_workers": 1, "checkpoint_every": 3, "log_every": 1}}
+            "train": {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "log_every": 1}, "ray": {"num_workers": 1}}
     return base
 
 
@@ -413,7 +413,7 @@ def test_study_flow_through_ray_links_both_phases(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tiny = ["train.steps=2", "train.checkpoint_every=2", "model.hidden=4", "model.flow_depth=1",
             "model.flow_hidden=4", "model.eval_examples=8", f"train.storage_path={tmp_path / 'ray'}",
-            "ray.num_cpus=2", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=8"]
+            "ray.num_cpus=2", "ray.num_workers=2", "ray.cpus_per_worker=0.5", "train.batch_size=8"]
     argv = ["study", "flow", "--config", str(REPO_ROOT / "jobs/configs/flow_digits.yaml"),
             "--glow-config", str(REPO_ROOT / "jobs/configs/flow_digits_glow.yaml"), "--tracking-uri", uri,
             "--n-eval", "8", "--out", str(tmp_path / "report"), "--fresh",

@@ -30,21 +30,22 @@ from serve.model import ModelServer
 APP = "rm_serve_test"
 LIMITS = {"max_examples": 64, "max_body_bytes": 200_000, "max_samples": 32, "max_rounds": 8, "max_abs": 100.0,
           "timeout_s": 60}
-TRAIN = {"checkpoint_every": 1000, "log_every": 1000, "num_workers": 1, "batch_size": 16}
+TRAIN = {"checkpoint_every": 1000, "log_every": 1000, "batch_size": 16}
+RAY = {"num_workers": 1}
 CONFIGS = {
     "points": {"family": "diffusion", "name": "points", "data": {"name": "swiss_roll", "n_train": 512, "n_test": 64},
                "model": {"T": 20, "hidden": 32, "layers": 2, "eval_points": 16},
-               "train": {**TRAIN, "steps": 60, "batch_size": 128, "lr": 3e-3}},
+               "train": {**TRAIN, "steps": 60, "batch_size": 128, "lr": 3e-3}, "ray": RAY},
     "digits": {"family": "diffusion", "name": "digits", "data": {"name": "digits", "image_size": 8},
                "model": {"net": "unet", "T": 20, "image_size": 8, "channels": 8, "channel_mult": [1, 2],
-                         "attention": False, "eval_points": 8}, "train": {**TRAIN, "steps": 3}},
+                         "attention": False, "eval_points": 8}, "train": {**TRAIN, "steps": 3}, "ray": RAY},
     "flow": {"family": "flow", "name": "flow", "data": {"name": "digits", "image_size": 8},
              "model": {"levels": 1, "latent_down": 1, "hidden": 8, "latent_channels": 2, "flow_depth": 1,
-                       "flow_hidden": 8, "eval_examples": 8}, "train": {**TRAIN, "steps": 3}},
+                       "flow_hidden": 8, "eval_examples": 8}, "train": {**TRAIN, "steps": 3}, "ray": RAY},
     "gridvae": {"family": "gridvae", "name": "gridvae", "data": {"name": "shapes", "n_train": 64, "n_test": 16,
                                                                  "image_size": 16},
                 "model": {"latent_dim": 2, "width": 4, "prior": "grid_mixture", "eval_points": 100},
-                "train": {**TRAIN, "steps": 2}},
+                "train": {**TRAIN, "steps": 2}, "ray": RAY},
 }
 
 
