@@ -307,6 +307,8 @@ def test_diffusion_rejects_bad_options():
             Diffusion(ab, **kw)
     with pytest.raises(ValueError, match="alpha_bar"):
         Diffusion(ab.flip(0))
+    with pytest.raises(AttributeError, match="read-only"):
+        d.clip = 1.0
     for call, match in ((lambda: d.nfe("sample", sampler="euler"), "sampler"),
                         (lambda: d.nfe("log_prob", estimator="exact"), "estimator"),
                         (lambda: d.nfe("log_prob", estimator="mc", K=10), "K"),
@@ -382,6 +384,8 @@ def test_recipe_protocol_sample_cost_and_evaluators():
     assert R.RECIPE.cost_of(cfg, "sample", dt=5) == {"nfe": 4}
     with pytest.raises(ValueError, match="sampler"):
         R.cost(cfg, "sample", sampler="euler")
+    with pytest.raises(ValueError, match="sampeler: not an option of sample"):
+        R.cost(cfg, "sample", sampeler="ddim")
     # the dt evaluator lives beside the family, is listed in the recipe, and the old sweep path still works
     import importlib
 

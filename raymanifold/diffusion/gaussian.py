@@ -46,7 +46,7 @@ NFE_OPS = ("sample", "log_prob", "ddim_invert")
 
 
 class Diffusion:
-    """A DDPM's schedule and options (see the module docstring); immutable by convention.
+    """A DDPM's schedule and options (see the module docstring); attributes are read-only.
 
     ``alpha_bar``: float64 (T + 1,), ``alpha_bar[0] = 1``, strictly decreasing.
     Do not modify the tensor in place: cached instances are shared.
@@ -74,6 +74,12 @@ class Diffusion:
         self.decoder = decoder
         self.levels = levels
         self._on_device: dict[str, torch.Tensor] = {"cpu": ab}
+        self._frozen = True
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"Diffusion.{name}: read-only (instances are shared); build a new Diffusion")
+        super().__setattr__(name, value)
 
     @classmethod
     def from_schedule(cls, schedule: str, T: int, **options) -> "Diffusion":

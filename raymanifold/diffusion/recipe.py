@@ -18,6 +18,7 @@ The schedule and the sampling/likelihood options live in one
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -216,9 +217,15 @@ _COST_OPTS = {"sample": ("sampler", "dt", "timesteps"), "log_prob": ("estimator"
 def cost(cfg, op: str, **opts) -> dict:
     """Network evaluations per example of ``op`` with the same keyword options it takes, without running it:
     ``{"nfe": int}`` for ``"sample"`` and ``"log_prob"`` (all ``rounds``), ``{}`` for other operations.
-    Options that do not change the count (``eta``, ``x_T``, ``stratified``, ...) are ignored."""
+    Options of ``op`` that do not change the count (``eta``, ``x_T``, ``stratified``, ...) are ignored;
+    a name ``op`` does not take raises ValueError."""
     if op not in _COST_OPTS:
         return {}
+    fn = {"sample": sample, "log_prob": log_prob}[op]
+    takes = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for k in opts:
+        if k not in takes:
+            raise ValueError(f"{k}: not an option of {op}; allowed: {takes}")
     return {"nfe": diffusion_of(cfg).nfe(op, **{k: v for k, v in opts.items() if k in _COST_OPTS[op]})}
 
 
