@@ -40,6 +40,28 @@ def _points_parquet(path: Path, n: int, *, with_id=True):
     return path
 
 
+def _image_model_and_folder(tmp_path: Path, n: int):
+    """An untrained 8x8 digits diffusion U-Net checkpoint and a folder of ``n`` digits as
+    ``class0/`` / ``class1/`` PNGs; returns (checkpoint path, folder)."""
+    from PIL import Image
+
+    from raymanifold import checkpoint as ckpt
+    from raymanifold.recipes import get_recipe
+
+    cfg = config_from_dict({"family": "diffusion", "name": "img", "data": {"name": "digits", "image_size": 8},
+                            "model": {"net": "unet", "T": 20, "schedule": "linear", "channels": 4,
+                                      "channel_mult": [1], "attention": False, "image_size": 8, "eval_dt": 10},
+                            "train": {"device": "cpu"}})
+    torch.manual_seed(0)
+    model_path = ckpt.save(tmp_path / "img.pt", get_recipe("diffusion").build(cfg), cfg, 0)
+    x = rdata.load("digits", "test", image_size=8).x[:n]
+    for i, img in enumerate(x):
+        d = tmp_path / "folder" / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8), mode="L").save(d / f"{i}.png")
+    return model_path, tmp_path / "folder"
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("nope", "'nope' is neither a file/folder nor a data set"),
     ("swiss_roll:val", "unknown split 'val'"),
@@ -157,22 +179,10 @@ def test_image_folder_in_process(tmp_path):
     images of another size fail before anything is scored."""
     from PIL import Image
 
-    from raymanifold import checkpoint as ckpt
-    from raymanifold.recipes import get_recipe
     from raymanifold.scoring import Scorer
 
-    cfg = config_from_dict({"family": "diffusion", "name": "img", "data": {"name": "digits", "image_size": 8},
-                            "model": {"net": "unet", "T": 20, "schedule": "linear", "channels": 4,
-                                      "channel_mult": [1], "attention": False, "image_size": 8, "eval_dt": 10},
-                            "train": {"device": "cpu"}})
-    torch.manual_seed(0)
-    model_path = ckpt.save(tmp_path / "img.pt", get_recipe("diffusion").build(cfg), cfg, 0)
-    x = rdata.load("digits", "test", image_size=8).x[:6]
-    for i, img in enumerate(x):
-        d = tmp_path / "folder" / f"class{i % 2}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8), mode="L").save(d / f"{i}.png")
-    spec = scoring.parse_data_spec(str(tmp_path / "folder"))
+    model_path, folder = _image_model_and_folder(tmp_path, 6)
+    spec = scoring.parse_data_spec(str(folder))
     prep = scoring.prepare(str(model_path), spec, {"dt": 10})
     assert prep.source["shape"] == [1, 8, 8] and prep.source["mode"] == "L" and prep.n_rows == 6
     imgs = np.stack([np.asarray(Image.open(f)) for f in spec.files])
@@ -255,24 +265,10 @@ def test_ray_scores_match_inprocess_and_survive_a_killed_actor(local_ray, tiny_m
 @pytest.mark.ray
 def test_parquet_and_image_folder_inputs(local_ray, tmp_path):
     """Parquet (ids and labels pass through) and an image folder (<class>/ labels) with a digits model."""
-    from PIL import Image
-
     from raymanifold import checkpoint as ckpt
 
-    cfg = config_from_dict({"family": "diffusion", "name": "img", "data": {"name": "digits", "image_size": 8},
-                            "model": {"net": "unet", "T": 20, "schedule": "linear", "channels": 4,
-                                      "channel_mult": [1], "attention": False, "image_size": 8, "eval_dt": 10},
-                            "train": {"device": "cpu"}})
-    from raymanifold.recipes import get_recipe
-
-    torch.manual_seed(0)
-    model_path = ckpt.save(tmp_path / "img.pt", get_recipe("diffusion").build(cfg), cfg, 0)
-    x = rdata.load("digits", "test", image_size=8).x[:20]
-    for i, img in enumerate(x):
-        d = tmp_path / "folder" / f"class{i % 2}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8), mode="L").save(d / f"{i}.png")
-    spec = scoring.parse_data_spec(str(tmp_path / "folder"))
+    model_path, folder = _image_model_and_folder(tmp_path, 20)
+    spec = scoring.parse_data_spec(str(folder))
     prep = scoring.prepare(str(model_path), spec, {"dt": 10})
     res = score_to_parquet(prep, spec, str(tmp_path / "out_img"), batch_size=8)
     t = pq.read_table(tmp_path / "out_img").to_pandas()
