@@ -35,6 +35,9 @@ CASES = {
                     "model": {"channels": 2, "levels": 1, "depth": 1, "hidden": 8, "eval_examples": 4}},
     "gridvae": {"family": "gridvae", "data": {"name": "two_digit", "n_train": 32, "n_test": 16},
                 "model": {"latent_dim": 2, "width": 4, "eval_points": 100}},
+    "diffsiam": {"family": "diffsiam", "data": {"name": "shapes", "n_train": 32, "n_test": 40, "image_size": 16},
+                 "model": {"ddpm": "<tiny ddpm>", "d": 16, "segments": 4, "width": 8, "image_size": 16,
+                           "eval_points": 40}},
     "gridvae_shapes": {"family": "gridvae", "data": {"name": "shapes", "n_train": 32, "n_test": 16, "image_size": 16},
                        "model": {"latent_dim": 2, "width": 4, "prior": "nearest", "eval_points": 100}},
 }
@@ -42,6 +45,10 @@ CASES = {
 
 def _cfg(case: str):
     raw = CASES[case]
+    if raw.get("model", {}).get("ddpm") == "<tiny ddpm>":  # DiffSiam's frozen DDPM: an untrained tiny U-Net
+        from diffsiam_fixtures import tiny_ddpm
+
+        raw = {**raw, "model": {**raw["model"], "ddpm": tiny_ddpm()}}
     return config_from_dict({"name": f"t_{case}", **raw, "train": {**TRAIN, **raw.get("train", {})}})
 
 
@@ -127,7 +134,8 @@ def _train(case: str, tmp_path: Path) -> tuple[Path, object]:
     return folder, cfg
 
 
-@pytest.mark.parametrize("case", ["flow", "glow", "glow_points", "gridvae", "diffusion_points", "diffusion_unet"])
+@pytest.mark.parametrize("case", ["flow", "glow", "glow_points", "gridvae", "diffusion_points", "diffusion_unet",
+                                  "diffsiam"])
 def test_sample_command_on_every_family(case, tmp_path, capsys):
     folder, cfg = _train(case, tmp_path)
     out = tmp_path / "out"
@@ -137,7 +145,7 @@ def test_sample_command_on_every_family(case, tmp_path, capsys):
     shape = get_recipe(cfg.family).input_shape(cfg)
     assert arr.shape == (3, *shape) and np.isfinite(arr).all()
     assert str(out / "samples.npy") in report["files"] and report["n"] == 3
-    assert report["nfe"] == (cfg.model.T if cfg.family == "diffusion" else 1)
+    assert report["nfe"] == {"diffusion": getattr(cfg.model, "T", 0), "diffsiam": 50 // 20 + 1}.get(cfg.family, 1)
     assert (out / "samples.png").is_file() == (shape == (2,))
     # the same seed gives the same samples; options a family does not take are refused
     assert main(["sample", "--model", str(folder), "--n", "3", "--seed", "4", "--out", str(tmp_path / "b")]) == 0

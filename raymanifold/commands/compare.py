@@ -63,6 +63,8 @@ FAMILY_METRICS = {
                           key=("test_log_px_level1_nats", "train_wall_s")),
     # Glow: bits/dim on images, else the mean test log-likelihood
     "glow": FamilyMetrics(primary=(("test_bpd", "min"), ("test_log_p_nats", "max")), key=("train_wall_s",)),
+    # DiffSiam / SimSiam: quick in-domain linear-probe accuracy (mean over label columns) after training
+    "diffsiam": FamilyMetrics(primary=(("probe_acc_mean", "max"),), key=("final_diffusion", "train_wall_s")),
 }
 
 #: default caps on the param / metric columns (``--all-columns`` lifts them)
