@@ -15,10 +15,11 @@ DDPM_RAW = {"family": "diffusion", "name": "tiny_ddpm", "data": {"name": "shapes
                       "attention": False, "image_size": 16, "in_channels": 3, "clip_x0": 1.0}}
 
 
-@functools.lru_cache(maxsize=4)
-def tiny_ddpm(net: str = "unet") -> str:
-    """Path of a checkpoint of an untrained diffusion model (``net`` unet on 3x16x16, or mlp on points)."""
-    raw = dict(DDPM_RAW)
+@functools.lru_cache(maxsize=8)
+def tiny_ddpm(net: str = "unet", size: int = 16, T: int = 50, data: str = "shapes") -> str:
+    """Path of a checkpoint of an untrained diffusion model (``net`` unet on 3 x size x size, or mlp on points)."""
+    raw = {**DDPM_RAW, "data": {"name": data, "image_size": size},
+           "model": {**DDPM_RAW["model"], "image_size": size, "T": T}}
     if net == "mlp":
         raw = {"family": "diffusion", "name": "tiny_mlp", "data": {"name": "swiss_roll"},
                "model": {"T": 50, "hidden": 8, "layers": 1}}

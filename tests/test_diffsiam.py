@@ -231,3 +231,26 @@ def test_guided_eps_is_frozen_eps_when_decoder_is_zero_and_counterfactual_shapes
     assert R.cost(cfg, "counterfactual", dt=10) == {"nfe": 15}
     with pytest.raises(ValueError, match="x_other"):
         R.counterfactual(model, x, x[:1], cfg)
+
+
+# ----------------------------------------------------------------------------- cluster configs
+@pytest.mark.parametrize("config,data,size", [("diffsiam_cifar10.yaml", "cifar10", 32),
+                                              ("diffsiam_celeba64.yaml", "celeba", 64)])
+def test_cluster_configs_validate_and_take_a_step_on_native_fixtures(tmp_path, config, data, size):
+    """The thesis-scale configs (not run here) load against miniature on-disk fixtures in native format."""
+    from test_image_loaders import make_celeba, make_cifar
+
+    from raymanifold import data as rdata
+    from raymanifold.config import load_config
+
+    (make_cifar if data == "cifar10" else make_celeba)(tmp_path)
+    cfg = load_config(f"jobs/configs/{config}", [f"data.root={tmp_path}", "train.device=cpu",
+                                                 f"model.ddpm={tiny_ddpm(size=size, T=100, data=data)}"])
+    assert cfg.model.d == 512 and cfg.model.segments == 64 and cfg.train.batch_size == 128
+    ds = rdata.load_split(cfg.data, "train")
+    assert tuple(ds.x.shape[1:]) == R.input_shape(cfg)
+    model = R.build(cfg).train()
+    loss, m = R.loss(model, (ds.x[:2],), cfg, 1, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and "diffusion" in m and "simsiam" in m
+    with pytest.raises(ConfigError, match="model.ddpm: the frozen DDPM takes"):
+        load_config(f"jobs/configs/{config}", [f"data.root={tmp_path}", f"model.ddpm={tiny_ddpm(size=16, T=100)}"])
