@@ -59,12 +59,13 @@ def eval_sets(cfg, n: int = 2000, seed: int = 0) -> dict:
     tasks = {f: y[:, i] for i, f in enumerate(names)}
     tasks["shape_colour"] = y[:, names.index("shape")] * 4 + y[:, names.index("colour")]
     out["shapes"] = (to_model_images(sh.x, m.in_channels, m.image_size), tasks)
-    mn = rdata.load("mnist5k", "test", seed=seed)
-    k = min(n, len(mn.x))
-    out["mnist5k"] = (to_model_images(mn.x[:k], m.in_channels, m.image_size), {"digit": mn.y[:k].numpy().ravel()})
-    dg = rdata.load("digits", "test", seed=seed)
-    k = min(n, len(dg.x))
-    out["digits"] = (to_model_images(dg.x[:k], m.in_channels, m.image_size), {"digit": dg.y[:k].numpy().ravel()})
+    g = torch.Generator().manual_seed(seed)
+    for name in ("mnist5k", "digits"):  # transfer sets: a random subset of train + test (labels unused in training)
+        parts = [rdata.load(name, split, seed=seed) for split in ("train", "test")]
+        x = torch.cat([p.x for p in parts])
+        y = torch.cat([p.y.reshape(len(p.x)) for p in parts])
+        idx = torch.randperm(len(x), generator=g)[:n]
+        out[name] = (to_model_images(x[idx], m.in_channels, m.image_size), {"digit": y[idx].numpy()})
     return out
 
 
