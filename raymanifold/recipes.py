@@ -21,6 +21,8 @@ reference; ``cfg`` is an :class:`~raymanifold.config.ExperimentConfig`::
     encode(model, x, cfg) -> Tensor (B, *latent_shape(cfg))                optional
     decode(model, z, cfg) -> Tensor (B, *input_shape(cfg)), data space     optional
     latent_shape(cfg) -> tuple     optional; per-example shape of ``encode``'s output (no probe pass needed)
+    counterfactual(model, x, cfg, **opts) -> Tensor (2P, *input_shape(cfg))   optional; edits of image pairs
+                                   (x[2i], x[2i+1]): out[2i] is x[2i] moved towards x[2i+1], out[2i+1] the reverse
     validate(cfg)                  optional; cross-section checks, raise ConfigError naming the field
     evaluators: {short name: fn(model, cfg, *, seed, **params) -> {name: float}}   eval-time sweep evaluators
     log_prob_unit: str = "nats"
@@ -56,7 +58,7 @@ FAMILIES = {
 }
 
 #: optional operations a model may offer (Recipe fields taking a model), in a stable order
-OPERATIONS = ("log_prob", "sample", "encode", "decode")
+OPERATIONS = ("log_prob", "sample", "encode", "decode", "counterfactual")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Recipe:
     decode: Optional[Callable] = None
     latent_shape: Optional[Callable] = None
     validate: Optional[Callable] = None
+    counterfactual: Optional[Callable] = None
     evaluators: Mapping[str, Callable] = field(default_factory=dict)
     #: unit of ``log_prob`` values, e.g. "nats"
     log_prob_unit: str = "nats"
@@ -83,7 +86,8 @@ class Recipe:
         for key in ("build", "input_shape", "loss"):
             if not callable(getattr(self, key)):
                 raise TypeError(f"Recipe({self.name!r}).{key}: a function is required")
-        for key in ("evaluate", "log_prob", "sample", "cost", "encode", "decode", "latent_shape", "validate"):
+        for key in ("evaluate", "log_prob", "sample", "cost", "encode", "decode", "latent_shape", "validate",
+                    "counterfactual"):
             v = getattr(self, key)
             if v is not None and not callable(v):
                 raise TypeError(f"Recipe({self.name!r}).{key}: expected a function or None, got {type(v).__name__}")

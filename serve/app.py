@@ -85,6 +85,10 @@ DOCS = {
     "encode": _body_doc({"x": {**_ARRAY, "description": "examples, shape (B, *input.shape)"}}, ["x"], True),
     "decode": _body_doc({"z": {**_ARRAY, "description": "latents, shape (B, *latent.shape)"},
                          "format": {"type": "string", "enum": list(FORMATS)}}, ["z"], False),
+    "counterfactual": _body_doc({"x": {**_ARRAY, "description": "image pairs, shape (2P, *input.shape)"},
+                                 "segments": {"type": "string", "description": "segments of z to swap, e.g. 1-2"},
+                                 "scale": {"type": "number"}, "dt": {"type": "integer"},
+                                 "format": {"type": "string", "enum": list(FORMATS)}}, ["x"], True),
 }
 
 
@@ -268,6 +272,11 @@ class Ingress:
     @app.post("/v1/models/{name}/encode", summary=OPERATIONS["encode"].summary, openapi_extra=DOCS["encode"])
     async def encode(self, name: str, request: Request):
         return await self._operate(name, "encode", request)
+
+    @app.post("/v1/models/{name}/counterfactual", summary=OPERATIONS["counterfactual"].summary,
+              openapi_extra=DOCS["counterfactual"])
+    async def counterfactual(self, name: str, request: Request):
+        return await self._operate(name, "counterfactual", request)
 
     @app.post("/v1/models/{name}/decode", summary=OPERATIONS["decode"].summary, openapi_extra=DOCS["decode"])
     async def decode(self, name: str, request: Request):

@@ -56,6 +56,9 @@ OPERATIONS: dict[str, Operation] = {op.route: op for op in (
     Operation("encode", "encode", "data", True, "z", "latent codes z of x"),
     Operation("decode", "decode", "latent", False, "x", "data-space reconstructions of latents z",
               data_out=True),
+    Operation("counterfactual", "counterfactual", "data", False, "x",
+              "counterfactuals of image pairs (x[2i], x[2i+1]) (DiffSiam Alg. 2): out[2i] takes x[2i+1]'s "
+              "chosen segments, out[2i+1] the reverse", data_out=True),
 )}
 
 

@@ -5,6 +5,7 @@ import torch
 
 from diffsiam_fixtures import diffsiam_cfg, diffsiam_raw, tiny_ddpm
 from raymanifold.config import ConfigError, config_from_dict
+from raymanifold.recipes import get_recipe
 from raymanifold.ssl import augment, editing, objectives, probes
 from raymanifold.ssl import recipe as R
 
@@ -222,15 +223,17 @@ def test_guided_eps_is_frozen_eps_when_decoder_is_zero_and_counterfactual_shapes
     torch.nn.init.normal_(model.decoder.out[-1].weight, std=0.1)
     assert not torch.allclose(net(x_t, t), model.unet(x_t, t), atol=1e-3)
     x = torch.rand(2, 3, 16, 16)
-    cf = R.counterfactual(model, x, x.flip(0), cfg, segments="1-2", scale=1.0, dt=10)
-    assert cf.shape == x.shape and cf.min() >= 0 and cf.max() <= 1
     # scale 0 with guided inversion = DDIM reconstruction through the same guided network
-    rec = R.counterfactual(model, x, x.flip(0), cfg, segments="1-4", scale=0.0, dt=10)
-    x_T = editing.invert(model, x, cfg, dt=10)
-    assert torch.allclose(rec, editing.guided_sample(model, model(x)["z"], cfg, x_T=x_T, dt=10), atol=1e-3)
-    assert R.cost(cfg, "counterfactual", dt=10) == {"nfe": 15}
-    with pytest.raises(ValueError, match="x_other"):
-        R.counterfactual(model, x, x[:1], cfg)
+    rec = R.counterfactual(model, x, cfg, segments="1-4", scale=0.0, dt=25)
+    assert rec.shape == x.shape and rec.min() >= 0 and rec.max() <= 1
+    for i in range(2):
+        x_T = editing.invert(model, x[i:i + 1], cfg, dt=25)
+        again = editing.guided_sample(model, model(x[i:i + 1])["z"], cfg, x_T=x_T, dt=25)
+        assert torch.allclose(rec[i:i + 1], again, atol=1e-3)
+    assert R.cost(cfg, "counterfactual", dt=25) == {"nfe": 4}
+    assert get_recipe("diffsiam").cost_of(cfg, "counterfactual", dt=10) == {"nfe": 10}
+    with pytest.raises(ValueError, match="odd count"):
+        R.counterfactual(model, x[:1], cfg)
 
 
 # ----------------------------------------------------------------------------- cluster configs
@@ -254,3 +257,18 @@ def test_cluster_configs_validate_and_take_a_step_on_native_fixtures(tmp_path, c
     assert torch.isfinite(loss) and "diffusion" in m and "simsiam" in m
     with pytest.raises(ConfigError, match="model.ddpm: the frozen DDPM takes"):
         load_config(f"jobs/configs/{config}", [f"data.root={tmp_path}", f"model.ddpm={tiny_ddpm(size=16, T=100)}"])
+
+
+def test_serve_exposes_counterfactual_and_encode_from_the_recipe():
+    """Serve reads the operations and their options from the recipe (serve/operations.py, Ray-free)."""
+    from serve.operations import OPERATIONS, option_specs, recipe_function
+
+    cfg = diffsiam_cfg("hierarchical")
+    recipe = get_recipe("diffsiam")
+    routes = {r for r, op in OPERATIONS.items() if recipe_function(recipe, op) is not None}
+    assert routes == {"sample", "encode", "counterfactual"}
+    specs = option_specs(recipe.counterfactual, cfg, max_rounds=4)
+    assert specs["segments"]["type"] == "str" and specs["scale"]["type"] == "float"
+    assert specs["dt"]["type"] == "int" and specs["dt"]["default"] == 20
+    assert OPERATIONS["counterfactual"].takes == "data" and not OPERATIONS["counterfactual"].pooled
+    assert recipe.operations() == ("sample", "encode", "counterfactual")

@@ -222,27 +222,34 @@ def sample(model, n: int, cfg, generator, *, dt: int = 20, eta: float = 0.0) -> 
     return editing.guided_sample(model, z, cfg, generator=generator, dt=dt, eta=eta)
 
 
-def counterfactual(model, x, x_other, cfg, *, segments: str = "1-2", scale: float = 1.0,
-                   dt: int = 20) -> torch.Tensor:
-    """Algorithm 2: x's counterfactual with the segments ``segments`` (1-based, e.g. "1-2", "3,5-8")
-    of z moved towards x_other's by ``scale``, and x_T slerped by ``scale``; (B, C, H, W) in [0, 1].
-    ``x``, ``x_other`` (B, C, H, W) in [0, 1]; DDIM on the plan of step ``dt``."""
+def counterfactual(model, x, cfg, *, segments: str = "1-2", scale: float = 1.0, dt: int = 20) -> torch.Tensor:
+    """Algorithm 2 on image pairs (x[0], x[1]), (x[2], x[3]), ...: out[2i] is x[2i]'s counterfactual with
+    the segments ``segments`` of z (1-based, e.g. "1-2" or "1,3-4") moved towards x[2i+1]'s by ``scale``
+    and x_T slerped by ``scale``; out[2i+1] the same from x[2i+1] towards x[2i]. ``x`` (2P, C, H, W) in
+    [0, 1] -> (2P, C, H, W) in [0, 1]; DDIM inversion and guided DDIM on the plan of step ``dt``.
+    ``scale = 0`` reconstructs each image (guided DDIM inversion and decoding)."""
     _need_ddpm(model, "counterfactual")
     check_input(x, cfg)
-    check_input(x_other, cfg, "x_other")
-    if x.shape != x_other.shape:
-        raise ValueError(f"x_other: must have x's shape {tuple(x.shape)}, got {tuple(x_other.shape)}")
+    if len(x) % 2:
+        raise ValueError(f"x: counterfactuals take image pairs (x[2i], x[2i+1]); got an odd count {len(x)}")
     sel = editing.parse_segments(segments, cfg.model.segments)
-    return editing.counterfactual(model, x, x_other, sel, scale, cfg, dt=dt)
+    x = x.to(next(model.parameters()).device)
+    xa, xb = x[0::2], x[1::2]
+    za, zb = model(xa)["z"], model(xb)["z"]
+    ta, tb = editing.invert(model, xa, cfg, z=za, dt=dt), editing.invert(model, xb, cfg, z=zb, dt=dt)
+    out = torch.empty_like(x)
+    out[0::2] = editing.counterfactual(model, xa, xb, sel, scale, cfg, dt=dt, x_T=ta, x_T_other=tb)
+    out[1::2] = editing.counterfactual(model, xb, xa, sel, scale, cfg, dt=dt, x_T=tb, x_T_other=ta)
+    return out
 
 
 def cost(cfg, op: str, **opts) -> dict:
-    """Network evaluations per example: ``sample`` T/dt steps; ``counterfactual`` 2 inversions +
-    1 guided DDIM (3 T/dt, each step one frozen U-Net + decoder pass); {} for other operations."""
+    """Network evaluations per example: ``sample`` T/dt steps; ``counterfactual`` one DDIM inversion and one
+    guided DDIM (2 T/dt; each evaluation is one frozen U-Net + decoder pass); {} for other operations."""
     if op not in ("sample", "counterfactual") or not uses_ddpm(cfg):
         return {}
     steps = diffusion(cfg).nfe("sample", sampler="ddim", dt=int(opts.get("dt", 20)))
-    return {"nfe": steps if op == "sample" else 3 * steps}
+    return {"nfe": steps if op == "sample" else 2 * steps}
 
 
 def evaluate(model, cfg) -> dict:
@@ -274,4 +281,4 @@ def evaluate(model, cfg) -> dict:
 
 RECIPE = Recipe(name="diffsiam", model_config=DiffSiamModelConfig, build=build, input_shape=input_shape,
                 loss=loss, evaluate=evaluate, sample=sample, cost=cost, encode=encode,
-                latent_shape=latent_shape, validate=validate)
+                latent_shape=latent_shape, validate=validate, counterfactual=counterfactual)
