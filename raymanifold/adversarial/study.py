@@ -33,7 +33,11 @@ SETTINGS = {
                 "8x16 patch on the upper part of the digit (label-relevant pixels)"),
     "pair": ("jobs/configs/vae_classifier_mnist5k_pair.yaml", {"height": 12, "width": 24, "top": 8, "left": 30},
              "12x24 patch over the right digit; the label is the left digit (label-irrelevant content)"),
+    "celeba": ("jobs/configs/vae_classifier_celeba_gender.yaml", {"height": 16, "width": 32, "top": 6, "left": 16},
+               "the paper's 16x32 forehead patch on CelebA-Gender 64x64 (cluster only)"),
 }
+#: settings run by default on this machine
+DEFAULT_SETTINGS = ("mnist5k", "pair")
 
 
 @dataclass(frozen=True)

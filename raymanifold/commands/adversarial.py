@@ -13,12 +13,12 @@ from raymanifold.commands import UsageError, apply_common, find_config, stage
 
 
 def register(sub, study_sub):
-    from raymanifold.adversarial.study import SETTINGS, StudyBudgets
+    from raymanifold.adversarial.study import DEFAULT_SETTINGS, SETTINGS, StudyBudgets
 
     d = StudyBudgets()
     p = study_sub.add_parser("table1", help="VAE-classifier: clean / patch-PGD / patch-NAG / adaptive accuracy, "
                                             "without and with ELBO purification (Table 1)")
-    p.add_argument("--settings", default=",".join(SETTINGS), help=f"settings to run, of {list(SETTINGS)}")
+    p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help=f"settings to run, of {list(SETTINGS)}")
     for s in SETTINGS:
         p.add_argument(f"--model-{s}", default=None, help=f"trained vae_classifier for setting {s!r} "
                                                           f"(path or runs:/<id>); default: train {SETTINGS[s][0]}")
@@ -39,6 +39,20 @@ def register(sub, study_sub):
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
     p.add_argument("--out", default="reports/table1")
     p.set_defaults(func=cmd_table1)
+
+    p = study_sub.add_parser("fig9", help="VAE-classifier with a 2-D latent: clean -> attacked -> purified "
+                                          "trajectories (Fig. 9)")
+    p.add_argument("--model", default=None, help="trained 2-D-latent vae_classifier (path or runs:/<id>); "
+                                                 "default: train jobs/configs/vae_classifier_mnist5k_latent2.yaml")
+    p.add_argument("--config", default="jobs/configs/vae_classifier_mnist5k_latent2.yaml")
+    p.add_argument("--paths", type=int, default=12, help="examples drawn as trajectories")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--address", default=None)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--out", default="reports/fig9")
+    p.set_defaults(func=cmd_fig9)
 
 
 def _budgets(args):
@@ -116,4 +130,46 @@ def cmd_table1(args) -> int:
                    tracking_uri=args.tracking_uri, tags={"family": "vae_classifier", "study": "table1"})
     print("\n".join(l for l in open(f"{args.out}/table1.md").read().splitlines()[:12]))
     print(f"study wall time {info['study_wall_s']} s")
+    return 0
+
+
+def cmd_fig9(args) -> int:
+    import torch
+
+    from raymanifold import runs
+    from raymanifold.adversarial import fig9
+    from raymanifold.adversarial.study import SETTINGS
+    from raymanifold.config import load_config
+    from raymanifold.reports import report_dir, write_json
+
+    if args.paths < 1:
+        raise UsageError(f"--paths: must be >= 1, got {args.paths}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        stage(1, 3, f"loading {args.model}")
+        model, cfg, _ = runs.load(args.model)
+        source = args.model
+    else:
+        cfg = load_config(find_config(args.config), apply_common(args))
+        stage(1, 3, f"training {cfg.name} ({cfg.train.steps} steps, Ray Train)")
+        h = runs.train(cfg, tracking_uri=args.tracking_uri, tags={"study": "fig9"})
+        model, cfg, _ = runs.load(str(h.checkpoint))
+        source = h.model_uri
+    if cfg.family != "vae_classifier" or cfg.model.latent_dim != 2:
+        raise UsageError(f"--model: Fig. 9 needs a vae_classifier with a 2-D latent, got {cfg.family} "
+                         f"with latent_dim {getattr(cfg.model, 'latent_dim', None)}")
+    stage(2, 3, "attacking and purifying; recording the latent path")
+    t = fig9.trajectories(model, cfg, patch=SETTINGS["mnist5k"][1], n_paths=args.paths, seed=args.seed)
+    acc = {k: float((t[f"pred_{k}"] == t["label"]).float().mean()) for k in ("clean", "attacked", "purified")}
+    stage(3, 3, f"writing {args.out}")
+    with report_dir(args.out) as tmp:
+        fig9.plot(tmp / "fig9.png", t)
+        write_json(tmp / "fig9.json", {"model": source, "accuracy_on_paths": acc, "n_paths": args.paths,
+                                        "mu_clean": t["mu_clean"], "path": t["path"], "label": t["label"],
+                                        "pred_clean": t["pred_clean"], "pred_attacked": t["pred_attacked"],
+                                        "pred_purified": t["pred_purified"], "every": t["every"]})
+    runs.log_study("study_fig9", "adversarial", {"model": source}, acc, args.out, tracking_uri=args.tracking_uri,
+                   tags={"family": "vae_classifier", "study": "fig9"})
+    print(f"accuracy on the {args.paths} paths: {acc}; {args.out}/fig9.png")
     return 0
