@@ -52,9 +52,10 @@ def write(folder, results: dict, budgets: dict, info: dict):
                                  [[it] + [_pct(r["convergence"][m].get(it)) for m in r["convergence"]]
                                   for it in next(iter(r["convergence"].values()))]), "",
                   "Accuracy % against patch size (patch-PGD):\n",
-                  markdown_table(["scale", "patch", "area", "no defence", "purified"],
+                  markdown_table(["scale", "patch", "area", "n", "attack iterations", "no defence", "purified"],
                                  [[p["scale"], f"{p['height']}x{p['width']}@({p['top']},{p['left']})",
-                                   f"{p['area_fraction']:.3f}", _pct(p["no_defence"]), _pct(p["elbo_purification"])]
+                                   f"{p['area_fraction']:.3f}", p["n"], p["iterations"], _pct(p["no_defence"]),
+                                   _pct(p["elbo_purification"])]
                                   for p in r["patch_size"]]), "",
                   "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["times"].items()) + "\n",
                   f"![examples](examples_{setting}.png) ![convergence](convergence_{setting}.png) "
