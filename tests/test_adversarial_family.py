@@ -123,3 +123,14 @@ def test_sweep_spec_pareto_option():
         parse_spec({**base, "pareto": {"a": "max"}})
     with pytest.raises(ConfigError, match="pareto.b: 'up' is not allowed"):
         parse_spec({**base, "pareto": {"a": "max", "b": "up"}})
+
+
+def test_table1_command_refuses_bad_arguments_before_work(capsys):
+    from raymanifold.cli import main
+
+    assert main(["study", "table1", "--settings", "mnist5k,moon"]) == 2
+    assert "--settings: unknown ['moon']" in capsys.readouterr().err
+    assert main(["study", "table1", "--n", "0"]) == 2
+    assert "--n: must be >= 1" in capsys.readouterr().err
+    assert main(["study", "table1", "--purify-iterations", "0"]) == 2
+    assert "purify.iterations" in capsys.readouterr().err
