@@ -6,6 +6,7 @@ The model is a :class:`raymanifold.vae.classifier.VAEClassifier` (any module wit
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -106,7 +107,8 @@ def purification_budget(model, cfg, *, seed: int, iterations: int = 256, step: f
     if adaptive_n > 0:
         k = min(adaptive_n, len(x))
         xs, ys = x[:k], y[:k]
-        ab_a = patch_budget(attack_method, adaptive_iterations, max(attack_step, 1.0 / adaptive_iterations), ab.patch.__dict__)
+        ab_a = patch_budget(attack_method, adaptive_iterations, max(attack_step, 1.0 / adaptive_iterations),
+                            dataclasses.asdict(ab.patch))
         advs = adaptive_attacks(model, xs, ys, ab_a, pb, g, purify_iterations=adaptive_purify_iterations, eot=eot)
         ok = predict(model.classify_logits, xp_adv[:k]) == ys
         for name, xa in advs.items():
