@@ -37,6 +37,8 @@ CASES = {
                 "model": {"latent_dim": 2, "width": 4, "eval_points": 100}},
     "gridvae_shapes": {"family": "gridvae", "data": {"name": "shapes", "n_train": 32, "n_test": 16, "image_size": 16},
                        "model": {"latent_dim": 2, "width": 4, "prior": "nearest", "eval_points": 100}},
+    "vae_classifier": {"family": "vae_classifier", "data": {"name": "mnist5k"},
+                       "model": {"latent_dim": 2, "width": 4, "eval_points": 16}},
 }
 
 
@@ -98,8 +100,8 @@ def test_diffusion_cost_counts_network_evaluations():
     r = get_recipe("diffusion")
     assert r.cost_of(cfg, "sample", dt=5) == {"nfe": 2}
     assert r.cost_of(cfg, "sample")["nfe"] == cfg.model.T
-    with pytest.raises(ValueError, match="op: unknown operation 'purify'"):
-        r.cost_of(cfg, "purify")
+    with pytest.raises(ValueError, match="op: unknown operation 'teleport'"):
+        r.cost_of(cfg, "teleport")
 
 
 def test_recipe_fields_are_checked():
@@ -127,7 +129,8 @@ def _train(case: str, tmp_path: Path) -> tuple[Path, object]:
     return folder, cfg
 
 
-@pytest.mark.parametrize("case", ["flow", "glow", "glow_points", "gridvae", "diffusion_points", "diffusion_unet"])
+@pytest.mark.parametrize("case", ["flow", "glow", "glow_points", "gridvae", "diffusion_points", "diffusion_unet",
+                                  "vae_classifier"])
 def test_sample_command_on_every_family(case, tmp_path, capsys):
     folder, cfg = _train(case, tmp_path)
     out = tmp_path / "out"
