@@ -63,7 +63,6 @@ TOP_KEYS = ("kind", "name", "experiment", "base", "set", "model", "evaluator", "
 #: evaluators are named in its recipe's ``evaluators`` table (e.g. diffusion's ``diffusion_dt``)
 EVALUATORS = {
     "recipe_evaluate": "raymanifold.distributed.evaluators:recipe_evaluate",
-    "purification": "raymanifold.adversarial.evaluation:purification_budget",
 }
 
 #: Tune's trial actor itself (the Train workers bring their own CPUs)
