@@ -52,6 +52,7 @@ FAMILIES = {
     "diffusion": "raymanifold.diffusion.recipe",
     "flow": "raymanifold.flows.recipe",
     "glow": "raymanifold.flows.glow_recipe",
+    "recognition": "raymanifold.recognition.recipe",
 }
 
 #: optional operations a model may offer (Recipe fields taking a model), in a stable order

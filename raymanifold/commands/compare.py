@@ -63,6 +63,9 @@ FAMILY_METRICS = {
                           key=("test_log_px_level1_nats", "train_wall_s")),
     # Glow: bits/dim on images, else the mean test log-likelihood
     "glow": FamilyMetrics(primary=(("test_bpd", "min"), ("test_log_p_nats", "max")), key=("train_wall_s",)),
+    # contrastive recognition manifold: nearest-neighbour identity accuracy on the test split
+    "recognition": FamilyMetrics(primary=(("nn_identity_accuracy", "max"), ("test_loss_nats", "min")),
+                                 key=("test_loss_nats", "train_wall_s")),
 }
 
 #: default caps on the param / metric columns (``--all-columns`` lifts them)

@@ -120,6 +120,7 @@ _OPTIONAL_MODULES: list[str] = [
     "raymanifold.data.two_digit",
     "raymanifold.data.shapes",
     "raymanifold.data.images",
+    "raymanifold.data.celeba_identity",
 ]
 
 
