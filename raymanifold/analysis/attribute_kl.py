@@ -25,7 +25,13 @@ Choices the paper leaves open (REFERENCE.md, "Sec. 4.3"), stated here and in eve
 
   the information (in nats) that "the neighbour lacks the attribute" gives about the example's own
   attribute. The reverse direction D_KL(p(a) || p(a | a_nn = 0)), the same pair for a_nn = 1, and the
-  mutual information I(a; a_nn) = sum_v p(a_nn = v) D_KL(p(a | a_nn = v) || p(a)) are reported beside it.
+  mutual information I(a; a_nn) = sum_v p(a_nn = v) D_KL(p(a | a_nn = v) || p(a)) are reported beside it,
+  and I(a; a_nn) / H(a) (``mi_normalized``, Theil's uncertainty coefficient, in [0, 1]).
+* **Base rates.** KL_0 is bounded by the attribute's base rate: an attribute copied exactly by the
+  neighbour has p(a | a_nn = 0) = 0 and KL_0 = -log(1 - p(a)), 0.69 nats at p = 1/2 but 0.29 at p = 1/4.
+  So KL_0 ranks a perfectly identity-tied rare attribute below a balanced one that the neighbour shares
+  only partly; ``mi_normalized`` is 1 for any attribute the neighbour determines and compares attributes
+  of different base rates.
 
 Bernoulli KL (nats): D_KL(Ber(p) || Ber(q)) = p log(p/q) + (1 - p) log((1 - p)/(1 - q)), with 0 log 0 = 0.
 
@@ -40,7 +46,7 @@ import numpy as np
 import torch
 
 DISTANCES = ("euclidean", "cosine")
-RANK_KEYS = ("kl_nn0", "kl_nn0_reverse", "kl_nn1", "kl_nn1_reverse", "mutual_information")
+RANK_KEYS = ("kl_nn0", "kl_nn0_reverse", "kl_nn1", "kl_nn1_reverse", "mutual_information", "mi_normalized")
 
 
 # ----------------------------------------------------------------------------- step 4: nearest neighbours
@@ -148,7 +154,8 @@ def attribute_table(A, nn_index, names: Sequence[str], alpha: float = 1.0) -> li
     Keys: ``attribute``; ``p`` = p(a=1) over the set; ``p_nn0`` = p(a=1 | a_nn=0), ``p_nn1`` =
     p(a=1 | a_nn=1); the counts ``n``, ``n_nn0``, ``n_nn1``; ``agreement`` = fraction with a = a_nn;
     ``kl_nn0`` = D_KL(p(a|a_nn=0) || p(a)), ``kl_nn0_reverse`` = D_KL(p(a) || p(a|a_nn=0)), ``kl_nn1``,
-    ``kl_nn1_reverse`` likewise, ``mutual_information`` = I(a; a_nn) (nats, with the smoothed estimates).
+    ``kl_nn1_reverse`` likewise, ``mutual_information`` = I(a; a_nn) (nats, with the smoothed estimates),
+    ``mi_normalized`` = I(a; a_nn) / H(a).
     """
     A = check_binary(A, names)
     nn = np.asarray(nn_index, dtype=np.int64)
@@ -168,11 +175,13 @@ def attribute_table(A, nn_index, names: Sequence[str], alpha: float = 1.0) -> li
         p, p0, p1 = (float(smoothed(k_all, n, alpha)), float(smoothed(k0, n0, alpha)), float(smoothed(k1, n1, alpha)))
         w1 = float(smoothed(n1, n, alpha))   # p(a_nn = 1)
         kl0, kl1 = float(bernoulli_kl(p0, p)), float(bernoulli_kl(p1, p))
+        mi = float(np.nansum([(1 - w1) * kl0, w1 * kl1]))
+        h = float(-(p * np.log(p) if p > 0 else 0.0) - ((1 - p) * np.log(1 - p) if p < 1 else 0.0))
         rows.append({"attribute": name, "p": p, "p_nn0": p0, "p_nn1": p1, "n": n, "n_nn0": n0, "n_nn1": n1,
                      "agreement": float((a == b).mean()),
                      "kl_nn0": kl0, "kl_nn0_reverse": float(bernoulli_kl(p, p0)),
                      "kl_nn1": kl1, "kl_nn1_reverse": float(bernoulli_kl(p, p1)),
-                     "mutual_information": float(np.nansum([(1 - w1) * kl0, w1 * kl1]))})
+                     "mutual_information": mi, "mi_normalized": mi / h if h > 0 else float("nan")})
     return rows
 
 

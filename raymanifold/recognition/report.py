@@ -10,8 +10,8 @@ from pathlib import Path
 
 from raymanifold.reports import markdown_table, write_json
 
-COLUMNS = ("rank", "attribute", "kl_nn0", "kl_nn0_reverse", "kl_nn1", "mutual_information", "p", "p_nn0", "p_nn1",
-           "agreement")
+COLUMNS = ("rank", "attribute", "kl_nn0", "kl_nn0_reverse", "kl_nn1", "mutual_information", "mi_normalized", "p",
+           "p_nn0", "p_nn1", "agreement")
 
 
 def table_markdown(result: dict) -> str:
@@ -19,7 +19,7 @@ def table_markdown(result: dict) -> str:
     rows = [[r["rank"], r["attribute"] + (" *" if r["attribute"] in tied else "")] + [r[c] for c in COLUMNS[2:]]
             for r in result["rows"]]
     return markdown_table(["rank", "attribute", "KL(p(a|nn=0) || p(a))", "KL(p(a) || p(a|nn=0))",
-                           "KL(p(a|nn=1) || p(a))", "I(a; a_nn)", "p(a=1)", "p(a=1|nn=0)", "p(a=1|nn=1)",
+                           "KL(p(a|nn=1) || p(a))", "I(a; a_nn)", "I / H(a)", "p(a=1)", "p(a=1|nn=0)", "p(a=1|nn=1)",
                            "agreement"], rows)
 
 

@@ -50,7 +50,8 @@ class AttributeKLConfig:
     distance: str = param("euclidean", choices=("euclidean", "cosine"), help="distance on the embedding")
     smoothing: float = param(1.0, lo=0.0, hi=1e6, help="additive pseudo-count per outcome (Laplace = 1)")
     rank_by: str = param("kl_nn0", choices=("kl_nn0", "kl_nn0_reverse", "kl_nn1", "kl_nn1_reverse",
-                                            "mutual_information"), help="ranked quantity (nats)")
+                                            "mutual_information", "mi_normalized"),
+                         help="ranked quantity (nats; mi_normalized: I(a; a_nn) / H(a))")
     embedding: str = param("auto", choices=EMBEDDING, help="local: this process; ray: Ray Data actors; "
                                                            "auto: ray from ray_min_examples on")
     ray_min_examples: int = param(20_000, lo=1, help="auto: set size from which Ray Data embeds and searches")
