@@ -15,9 +15,9 @@ from raymanifold.schema import ConfigError
 
 SHAPES_STUDY = "jobs/configs/study_attribute_kl_shapes.yaml"
 MNIST_STUDY = "jobs/configs/study_attribute_kl_mnist5k.yaml"
-#: a small, fast version of the shapes recognition model (about 15 s in-process on one core)
+#: a small, fast version of the shapes recognition model (about 10 s of training in-process on one core)
 SMALL_SHAPES = ["data.n_train=3000", "data.n_test=800", "data.image_size=16", "model.width=8", "model.embed_dim=8",
-                "train.steps=150", "train.batch_size=64", "train.checkpoint_every=1000", "model.eval_points=200"]
+                "train.steps=300", "train.batch_size=64", "train.checkpoint_every=1000", "model.eval_points=200"]
 
 
 # ----------------------------------------------------------------------------- steps 4-8, pure functions

@@ -67,7 +67,8 @@ def plot(folder, result: dict) -> list[Path]:
     ax.bar(x, [r["p_nn0"] for r in rows], 0.27, label="p(a = 1 | a_nn = 0)", color="tab:blue")
     ax.bar(x + 0.27, [r["p_nn1"] for r in rows], 0.27, label="p(a = 1 | a_nn = 1)", color="tab:orange", alpha=0.6)
     ax.set_xticks(x, names, rotation=60, ha="right")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.22)   # room for the legend above the bars
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("probability")
     ax.set_title("Fig. 17a: p(a) and p(a | attribute of the nearest neighbour)")
     ax.legend(fontsize=8, ncols=3, loc="upper right")
