@@ -121,6 +121,7 @@ _OPTIONAL_MODULES: list[str] = [
     "raymanifold.data.shapes",
     "raymanifold.data.images",
     "raymanifold.data.celeba_identity",
+    "raymanifold.data.two_digit_mnist",
 ]
 
 
