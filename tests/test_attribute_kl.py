@@ -237,15 +237,29 @@ def test_shapes_study_end_to_end_known_answer(tmp_path, tracking_uri, capsys):
 
 # ----------------------------------------------------------------------------- Ray Data path, CelebA layout
 def _celeba_fixture(root, n=24, people=6):
-    """CelebA's native files (tests/test_image_loaders.make_celeba) with ``people`` identities over ``n`` images."""
-    from test_image_loaders import make_celeba
+    """CelebA's native layout (as tests/test_image_loaders.make_celeba) with ``n`` images of ``people`` persons:
+    the first half train, the rest test."""
+    from PIL import Image
+    from test_image_loaders import ATTRS, make_celeba
 
-    names, attrs = make_celeba(root, n=n)
+    make_celeba(root, n=1)          # the five list files' formats
     base = root / "celeba"
+    rng = np.random.default_rng(5)
+    names = [f"{i + 1:06d}.jpg" for i in range(n)]
+    for i, nm in enumerate(names):
+        arr = rng.integers(0, 256, size=(218, 178, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(base / "img_align_celeba" / nm, quality=90)
+    attr = rng.choice([-1, 1], size=(n, 40))
+    (base / "list_attr_celeba.txt").write_text("\n".join(
+        [str(n), " ".join(ATTRS)] + [nm + " " + " ".join(f"{v:2d}" for v in row) for nm, row in zip(names, attr)]) + "\n")
+    (base / "list_eval_partition.txt").write_text("".join(f"{nm} {0 if i < n // 2 else 2}\n" for i, nm in enumerate(names)))
     (base / "identity_CelebA.txt").write_text("".join(f"{nm} {1 + i % people}\n" for i, nm in enumerate(names)))
-    (base / "list_eval_partition.txt").write_text("".join(f"{nm} {0 if i < n // 2 else 2}\n"
-                                                          for i, nm in enumerate(names)))
-    return names, attrs
+    (base / "list_bbox_celeba.txt").write_text(
+        f"{n}\nimage_id x_1 y_1 width height\n" + "".join(f"{nm} 1 2 3 4\n" for nm in names))
+    (base / "list_landmarks_align_celeba.txt").write_text(
+        f"{n}\nlefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x "
+        "rightmouth_y\n" + "".join(f"{nm} " + " ".join(["1"] * 10) + "\n" for nm in names))
+    return names, (attr + 1) // 2
 
 
 def test_celeba_identity_index_matches_the_loader(tmp_path):

@@ -42,7 +42,7 @@ def cmd_attribute_kl(args) -> int:
     model_cfg = None
     if args.model:
         _, model_cfg, _ = runs.load(args.model)
-    prep = S.prepare(find_config(args.config), sets, model_cfg=model_cfg)   # every check, before any work
+    prep = S.prepare(find_config(args.config), sets, model_cfg=model_cfg, resolve=find_config)  # every check first
     out = args.out or f"reports/{prep.spec.name}"
     stage(1, 3, f"loading {args.model}" if args.model else
           f"training {prep.cfg.name} ({prep.cfg.train.steps} steps, {'in-process' if args.no_ray else 'Ray Train'})")

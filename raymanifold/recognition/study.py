@@ -117,16 +117,15 @@ def check(spec: StudyFile, cfg) -> Prepared:
     return Prepared(spec, cfg, attr_names, sources)
 
 
-def prepare(path, sets=(), model_cfg=None) -> Prepared:
-    """Load the study file and the model config (``model_cfg`` when a checkpoint gives it); check both."""
+def prepare(path, sets=(), model_cfg=None, resolve=Path) -> Prepared:
+    """Load the study file and the model config (``model_cfg`` when a checkpoint gives it); check both.
+    ``resolve`` maps the study file's ``config:`` to a path (the CLI resolves it against the repository)."""
     from raymanifold.config import load_config, replace
 
     mine, model_sets = split_overrides(sets)
     spec = load_study_file(path, mine)
     if model_cfg is None:
-        from raymanifold.commands import find_config
-
-        cfg = load_config(find_config(spec.config), model_sets)
+        cfg = load_config(resolve(spec.config), model_sets)
     else:
         cfg = replace(model_cfg, model_sets) if model_sets else model_cfg
     return check(spec, cfg)
