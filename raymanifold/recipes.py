@@ -58,6 +58,7 @@ FAMILIES = {
     "flow": "raymanifold.flows.recipe",
     "glow": "raymanifold.flows.glow_recipe",
     "vae_classifier": "raymanifold.adversarial.recipe",
+    "recognition": "raymanifold.recognition.recipe",
 }
 
 #: optional operations a model may offer (Recipe fields taking a model), in a stable order

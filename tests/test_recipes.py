@@ -39,7 +39,11 @@ CASES = {
                        "model": {"latent_dim": 2, "width": 4, "prior": "nearest", "eval_points": 100}},
     "vae_classifier": {"family": "vae_classifier", "data": {"name": "mnist5k"},
                        "model": {"latent_dim": 2, "width": 4, "eval_points": 16}},
+    "recognition": {"family": "recognition", "data": {"name": "shapes", "n_train": 32, "n_test": 16, "image_size": 12},
+                    "model": {"identity": ["shape", "colour", "scale"], "embed_dim": 4, "width": 4, "eval_points": 16}},
 }
+#: families without a sampler (an embedding, not a generative model): encode is their operation
+NO_SAMPLER = {"recognition"}
 
 
 def _cfg(case: str):
@@ -73,13 +77,16 @@ def test_protocol_conformance(case):
     assert metrics and all(isinstance(v, float) for v in metrics.values())
 
     model.eval()
-    assert recipe.sample is not None
-    s = recipe.sample(model, 3, cfg, torch.Generator().manual_seed(1))
-    assert isinstance(s, torch.Tensor) and tuple(s.shape) == (3, *shape)
-    again = recipe.sample(model, 3, cfg, torch.Generator().manual_seed(1))
-    assert torch.equal(s, again)  # the generator is the only source of randomness
-    cost = recipe.cost_of(cfg, "sample")
-    assert isinstance(cost, dict) and cost.get("nfe", 0) >= 1
+    if cfg.family in NO_SAMPLER:
+        assert recipe.sample is None and recipe.encode is not None and recipe.cost_of(cfg, "encode")["nfe"] >= 1
+    else:
+        assert recipe.sample is not None
+        s = recipe.sample(model, 3, cfg, torch.Generator().manual_seed(1))
+        assert isinstance(s, torch.Tensor) and tuple(s.shape) == (3, *shape)
+        again = recipe.sample(model, 3, cfg, torch.Generator().manual_seed(1))
+        assert torch.equal(s, again)  # the generator is the only source of randomness
+        cost = recipe.cost_of(cfg, "sample")
+        assert isinstance(cost, dict) and cost.get("nfe", 0) >= 1
     if recipe.log_prob is not None:
         with torch.no_grad():
             lp = recipe.log_prob(model, x[:3], cfg, generator=torch.Generator().manual_seed(2))
@@ -149,3 +156,19 @@ def test_sample_command_on_every_family(case, tmp_path, capsys):
         capsys.readouterr()
         assert main(["sample", "--model", str(folder), "--n", "2", "--dt", "5", "--out", str(out)]) == 2
         assert "--dt" in capsys.readouterr().err
+
+
+def test_recognition_trains_encodes_and_refuses_sample(tmp_path, capsys):
+    """The recognition family through the generic machinery: in-process training, a checkpoint that rebuilds
+    with its config, deterministic unit-norm embeddings, and `raymanifold sample` refused with a clear error."""
+    from raymanifold.checkpoint import load_model
+
+    folder, cfg = _train("recognition", tmp_path)
+    model, cfg2, recipe = load_model(str(folder))
+    assert cfg2 == cfg
+    x = rdata.load_split(cfg.data, "test").x[:5]
+    z = recipe.encode(model, x, cfg)
+    assert torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-5) and torch.equal(z, recipe.encode(model, x, cfg))
+    capsys.readouterr()
+    assert main(["sample", "--model", str(folder), "--n", "2", "--out", str(tmp_path / "s")]) == 2
+    assert "recognition" in capsys.readouterr().err

@@ -122,6 +122,8 @@ _OPTIONAL_MODULES: list[str] = [
     "raymanifold.data.two_digit",
     "raymanifold.data.shapes",
     "raymanifold.data.images",
+    "raymanifold.data.celeba_identity",
+    "raymanifold.data.two_digit_mnist",
 ]
 
 
