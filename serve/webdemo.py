@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -71,3 +70,176 @@ def launch(playwright, headless: bool = True):
         raise RuntimeError("no chromium binary found: apt-get install -y chromium (or set CHROMIUM=/path/to/chrome)")
     return playwright.chromium.launch(executable_path=path, headless=headless,
                                       args=["--no-sandbox", "--disable-dev-shm-usage"])
+
+
+# ----------------------------------------------------------------------------- models (cached)
+def train_models(folder: Path, verbose: bool = True) -> dict:
+    """Train each of :data:`DEMO_MODELS` once as an MLflow run in ``folder/mlflow.db``; reuse it while its config
+    is unchanged. Returns {name: {"uri": "runs:/<id>", "card": {...}}} and the tracking URI under ``"_tracking"``."""
+    from raymanifold import runs
+    from raymanifold.config import config_from_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tracking = f"sqlite:///{folder.resolve() / 'mlflow.db'}"
+    index_path = folder / "models.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    out = {"_tracking": tracking}
+    cwd = os.getcwd()
+    os.chdir(folder)  # MLflow's local artifact folder (mlartifacts/) goes next to the store
+    try:
+        for name, (raw, card) in DEMO_MODELS.items():
+            key = json.dumps(raw, sort_keys=True)
+            if index.get(name, {}).get("config") != key:
+                t0 = time.perf_counter()
+                h = runs.train(config_from_dict(raw), backend="local", tracking_uri=tracking, verbose=False)
+                index[name] = {"config": key, "run_id": h.run_id, "train_s": round(time.perf_counter() - t0, 1)}
+                index_path.write_text(json.dumps(index, indent=1))
+                if verbose:
+                    print(f"trained {name}: runs:/{h.run_id} in {index[name]['train_s']} s", flush=True)
+            elif verbose:
+                print(f"reusing {name}: runs:/{index[name]['run_id']} (trained in {index[name]['train_s']} s)")
+            out[name] = {"uri": f"runs:/{index[name]['run_id']}", "card": {**card, "mlflow_ui": MLFLOW_UI}}
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+def app_args(models: dict) -> dict:
+    """The Serve application's ``args`` for the demo models (one 0.4-CPU replica each)."""
+    entries = [{"name": n, "uri": m["uri"], "card": m["card"], "torch_threads": 1,
+                "deployment": {"ray_actor_options": {"num_cpus": 0.4}, "num_replicas": 1}}
+               for n, m in models.items() if not n.startswith("_")]
+    return {"models": entries, "tracking_uri": models["_tracking"]}
+
+
+def start(models: dict, port: int) -> str:
+    from raymanifold.distributed import serving
+    from serve.app import build_application
+
+    os.environ["MLFLOW_TRACKING_URI"] = models["_tracking"]
+    serving.start_http(port, num_cpus=2)
+    serving.run(build_application(app_args(models)), name="raymanifold", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+# ----------------------------------------------------------------------------- browser helpers
+def draw_digit(page, strokes=(((0.3, 0.22), (0.68, 0.22), (0.5, 0.5), (0.42, 0.8)),)):
+    """Draw polylines (fractions of the pad) with the mouse; returns after the page's numbers are on screen."""
+    box = page.locator("#pad").bounding_box()
+    for pts in strokes:
+        before = int(page.evaluate("Number(document.body.dataset.analysed || 0)"))
+        page.mouse.move(box["x"] + pts[0][0] * box["width"], box["y"] + pts[0][1] * box["height"])
+        page.mouse.down()
+        for fx, fy in pts[1:]:
+            page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"], steps=8)
+        page.mouse.up()
+        wait_analysed(page, before)
+
+
+def wait_analysed(page, after: int, timeout_ms: int = 120_000) -> int:
+    page.wait_for_function(f"Number(document.body.dataset.analysed || 0) > {after} && "
+                           "document.body.dataset.busy === '0'", timeout=timeout_ms)
+    return int(page.evaluate("document.body.dataset.analysed"))
+
+
+def screenshots(url: str, out: Path, docs_copy: Optional[Path] = None) -> list[Path]:
+    """The page in its main states: a drawn digit, an uploaded MNIST digit with samples, an off-manifold
+    upload, a refused upload, and the offline API page."""
+    import numpy as np
+    from playwright.sync_api import sync_playwright
+
+    from raymanifold import data as rdata
+    from serve import codec
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    tmp = out / "_inputs"
+    tmp.mkdir(exist_ok=True)
+    mnist = rdata.load("mnist5k", "test").x[3].numpy()
+    (tmp / "mnist_digit.png").write_bytes(codec.png_bytes(mnist))
+    noise = np.random.default_rng(0).uniform(0, 1, (1, 28, 28)).astype(np.float32)
+    (tmp / "noise.png").write_bytes(codec.png_bytes(noise))
+    (tmp / "notes.png").write_bytes(b"a text file named .png")
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1500, "height": 1150})
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=120_000)
+
+        def shot(name):
+            path = out / f"{name}.png"
+            page.screenshot(path=str(path), full_page=True)
+            written.append(path)
+
+        draw_digit(page)
+        shot("1_drawn_digit")
+        before = int(page.evaluate("Number(document.body.dataset.analysed || 0)"))
+        page.set_input_files("#upload", str(tmp / "mnist_digit.png"))
+        wait_analysed(page, before)
+        for m in ("digits_diffusion", "mnist_gridvae"):
+            btn = page.locator(f"[data-testid=model-{m}] [data-testid=sample-button]")
+            if btn.count():
+                page.fill(f"[data-testid=model-{m}] .sample input[data-option=seed]", "1")
+                btn.click()
+                page.wait_for_selector(f"[data-testid=model-{m}] [data-testid=sample-grid]", timeout=120_000)
+        shot("2_mnist_upload_and_samples")
+        before = int(page.evaluate("Number(document.body.dataset.analysed || 0)"))
+        page.set_input_files("#upload", str(tmp / "noise.png"))
+        wait_analysed(page, before)
+        shot("3_noise_off_manifold")
+        page.set_input_files("#upload", str(tmp / "notes.png"))
+        page.wait_for_selector("[data-testid=input-error]:not([hidden])", timeout=60_000)
+        shot("4_bad_upload_error")
+        page.goto(url + "/api")
+        shot("5_api_routes")
+        browser.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+    if docs_copy is not None:
+        docs_copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "2_mnist_upload_and_samples.png", docs_copy)
+    return written
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m serve.webdemo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["screenshots", "serve"])
+    ap.add_argument("--out", default=str(REPO / "reports" / "web"), help="screenshots folder")
+    ap.add_argument("--models", default=str(REPO / "reports" / "web" / "models"), help="trained models (cache)")
+    ap.add_argument("--docs", default=str(REPO / "docs" / "web_page.png"),
+                    help="copy the main screenshot here ('' = no copy)")
+    ap.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one; serve: 8000)")
+    args = ap.parse_args(argv)
+    if args.what == "screenshots" and find_chromium() is None:
+        print("error: no chromium binary: apt-get install -y chromium (or set CHROMIUM)")
+        return 2
+    models = train_models(Path(args.models))
+    from raymanifold.distributed import runtime, serving
+
+    port = args.port or (8000 if args.what == "serve" else _free_port())
+    url = start(models, port)
+    try:
+        if args.what == "serve":
+            print(f"page: {url}/  (MLflow UI for the run links: mlflow ui --backend-store-uri "
+                  f"{models['_tracking']} --port 5000)  Ctrl-C to stop", flush=True)
+            serving.wait_forever()
+        t0 = time.perf_counter()
+        paths = screenshots(url, Path(args.out), Path(args.docs) if args.docs else None)
+        print(f"wrote {len(paths)} screenshots in {time.perf_counter() - t0:.0f} s:")
+        for p in paths:
+            print(f"  {p}")
+    finally:
+        serving.shutdown()
+        runtime.shutdown()
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

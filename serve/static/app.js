@@ -568,6 +568,7 @@ async function loadModels() {
   sel.replaceChildren(el("option", {value: "", text: "all models"}),
     ...rm.models.map((m) => el("option", {value: m.name, text: `${m.name} (${m.family || "?"})`})));
   applyFilter();
+  rm.readyMs = rm.readyMs || performance.now();  // first listing on screen, ms since navigation start
   document.body.dataset.ready = "1";
   if (!rm.empty) analyse("reload");
 }
