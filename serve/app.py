@@ -2,6 +2,7 @@
 
 Routes (OpenAPI at ``/docs``)::
 
+    GET  /                                    the web page (serve/web.py, serve/static/; docs/web.md)
     GET  /healthz                             every model replica answers and is healthy
     GET  /v1/models                           served models: family, input shape/range, operations, options
     POST /v1/models/{name}/log-likelihood     x (JSON) or PNG uploads -> log p per example, with its unit
