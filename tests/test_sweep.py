@@ -33,7 +33,6 @@ def _diffusion_cfg():
     (_eval_raw(space={"train.lr": {"uniform": [2, 1]}}), "need finite lo < hi"),
     (_eval_raw(space={}), "space: required mapping"),
     (_eval_raw(kind="serve"), "kind: 'serve' is not allowed"),
-    (_eval_raw(evaluator="nope"), "evaluator: unknown 'nope'"),
     (_eval_raw(evaluator="raymanifold.nothing:here"), "evaluator: cannot import"),
     (_eval_raw(colour="red"), "colour: unknown key"),
     (dict(_eval_raw(), kind="train", base="b.yaml"), "'params.*' keys exist only in eval sweeps"),
@@ -58,6 +57,21 @@ def test_space_checked_against_the_config(space, fragment):
     with pytest.raises(ConfigError) as exc:
         check_space(spec, _diffusion_cfg())
     assert fragment in str(exc.value)
+
+
+def test_short_evaluator_names_come_from_the_family():
+    """`diffusion_dt` is the diffusion recipe's evaluator: found for a diffusion model, refused (naming what
+    the family has) for another family, and an unknown short name is refused before any trial."""
+    from raymanifold.diffusion.evaluators import diffusion_dt
+    from raymanifold.distributed.evaluators import recipe_evaluate
+    from raymanifold.distributed.spec import resolve_evaluator
+
+    assert resolve_evaluator("diffusion_dt", "diffusion") is diffusion_dt
+    assert resolve_evaluator("recipe_evaluate", "gridvae") is recipe_evaluate
+    with pytest.raises(ConfigError, match="evaluator: unknown 'diffusion_dt'; family 'gridvae' has"):
+        resolve_evaluator("diffusion_dt", "gridvae")
+    with pytest.raises(ConfigError, match=r"evaluator: unknown 'nope'; family 'diffusion' has \['diffusion_dt'\]"):
+        check_space(parse_spec(_eval_raw(evaluator="nope")), _diffusion_cfg())
 
 
 def test_space_accepts_moved_keys_under_either_name():

@@ -53,16 +53,6 @@ def _add_training_options(p):
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
 
 
-def _add_training_options(p):
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override config values of models trained here (repeatable)")
-    p.add_argument("--no-ray", action="store_true",
-                   help="train in this process (raymanifold.training) instead of on Ray Train; still logs to MLflow")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
-
-
 # ----------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _usage():

@@ -48,10 +48,17 @@ def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
 def digits(split, n=None, seed=0, root=None, image_size=0):
     """Real 8x8 handwritten digits (scikit-learn), values in [0, 1]."""
     images, labels, sel = digits_arrays(split, seed)
-    x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / (LEVELS - 1)
+    return grey_digit_dataset(images, labels, sel, native=8, levels=LEVELS, image_size=image_size)
+
+
+def grey_digit_dataset(images, labels, sel, *, native, levels, image_size, **info):
+    """An :class:`ArrayDataset` of grey digits ``images`` (N, native, native) with integer values in
+    [0, levels - 1] and labels (N,) in 0..9, scaled to [0, 1] and resized to ``image_size`` (0 = native). ``levels`` is kept
+    only when the pixels are unchanged (native size or zero padding)."""
+    x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / (levels - 1)
     x = resize_images(x, image_size)
-    exact = image_size in (0, 8) or (image_size > 8 and (image_size - 8) % 2 == 0)
+    exact = image_size in (0, native) or (image_size > native and (image_size - native) % 2 == 0)
     info = {"kind": "image", "shape": tuple(x.shape[1:]), "value_range": (0.0, 1.0),
-            "levels": LEVELS if exact else None, "num_classes": 10,
+            "levels": levels if exact else None, "num_classes": 10, **info,
             "source_index": torch.as_tensor(sel)}
     return ArrayDataset(x, torch.as_tensor(labels), info)

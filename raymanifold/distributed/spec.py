@@ -19,7 +19,7 @@ turns it into a Ray Tune experiment. Two kinds::
     kind: eval
     name: sweep_diffusion_dt
     model: runs:/<id>        # or a checkpoint path; or leave it out and give `base:` (trained first)
-    evaluator: diffusion_dt  # a name in EVALUATORS or "package.module:function"
+    evaluator: diffusion_dt  # a name in the family's recipe.evaluators, in EVALUATORS, or "package.module:function"
     params: {points: 1000}   # fixed keyword arguments of the evaluator
     space:
       params.dt: {grid: [1, 2, 5, 10, 20]}
@@ -58,9 +58,9 @@ SCHEDULERS = ("none", "asha")
 TOP_KEYS = ("kind", "name", "experiment", "base", "set", "model", "evaluator", "params", "space", "metric",
             "mode", "num_samples", "scheduler", "cpus_per_trial", "max_concurrent", "storage_path", "seed")
 
-#: short names of the built-in evaluators (module:function)
+#: short names of the evaluators every family has (module:function); a family's own
+#: evaluators are named in its recipe's ``evaluators`` table (e.g. diffusion's ``diffusion_dt``)
 EVALUATORS = {
-    "diffusion_dt": "raymanifold.distributed.evaluators:diffusion_dt",
     "recipe_evaluate": "raymanifold.distributed.evaluators:recipe_evaluate",
 }
 
@@ -228,11 +228,12 @@ def parse_spec(raw: dict, *, source: str = "sweep") -> SweepSpec:
             raise ConfigError("evaluator: train-time sweeps judge trials with the recipe's evaluate(); remove it")
     else:
         if not spec.evaluator:
-            raise ConfigError(f"evaluator: required for eval sweeps; built-in: {sorted(EVALUATORS)} "
-                              "or 'package.module:function'")
+            raise ConfigError(f"evaluator: required for eval sweeps; a name in the family's recipe.evaluators, "
+                              f"{sorted(EVALUATORS)} or 'package.module:function'")
         if spec.scheduler.type != "none":
             raise ConfigError("scheduler: early stopping applies to train-time sweeps only")
-        resolve_evaluator(spec.evaluator)
+        if ":" in spec.evaluator:
+            resolve_evaluator(spec.evaluator)  # short names are checked against the family (check_space)
     for k in spec.space:
         if k in FIXED_PER_TRIAL or MOVED_KEYS.get(k) in FIXED_PER_TRIAL:
             raise ConfigError(f"space.{k}: cannot be swept (set per trial by the sweep)")
@@ -246,18 +247,28 @@ def load_spec(path, overrides=()) -> SweepSpec:
 
 
 # ----------------------------------------------------------------------------- evaluators
-def resolve_evaluator(name: str) -> Callable:
-    """The evaluator function for a short name (:data:`EVALUATORS`) or ``module:function``."""
-    path = EVALUATORS.get(name, name)
-    if ":" not in path:
-        raise ConfigError(f"evaluator: unknown {name!r}; built-in: {sorted(EVALUATORS)} or 'package.module:function'")
-    mod, _, fn = path.partition(":")
+def resolve_evaluator(name: str, family: Optional[str] = None) -> Callable:
+    """The evaluator function for ``name``: a short name in ``family``'s recipe ``evaluators``
+    table, a generic short name (:data:`EVALUATORS`), or ``package.module:function``."""
+    if ":" not in name:
+        own = {}
+        if family is not None:
+            from raymanifold.recipes import get_recipe
+            own = dict(get_recipe(family).evaluators)
+        if name in own:
+            return own[name]
+        if name not in EVALUATORS:
+            where = f"family {family!r} has {sorted(own)}; " if family is not None else ""
+            raise ConfigError(f"evaluator: unknown {name!r}; {where}generic: {sorted(EVALUATORS)}; "
+                              "or 'package.module:function'")
+        name = EVALUATORS[name]
+    mod, _, fn = name.partition(":")
     try:
         obj = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"evaluator: cannot import {path!r} ({exc})") from None
+        raise ConfigError(f"evaluator: cannot import {name!r} ({exc})") from None
     if not callable(obj):
-        raise ConfigError(f"evaluator: {path!r} is not a function")
+        raise ConfigError(f"evaluator: {name!r} is not a function")
     return obj
 
 
@@ -299,7 +310,7 @@ def check_space(spec: SweepSpec, cfg_dict: dict) -> None:
             except ConfigError as exc:
                 raise ConfigError(f"space.{key}: value {v!r} is invalid: {exc}") from None
     if spec.kind == "eval":
-        fn = resolve_evaluator(spec.evaluator)
+        fn = resolve_evaluator(spec.evaluator, cfg_dict.get("family"))
         accepted = evaluator_params(fn)
         for name in list(spec.param_keys()) + list(spec.params):
             if accepted is not None and name not in accepted:

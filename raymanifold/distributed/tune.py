@@ -107,7 +107,7 @@ def _eval_trial(config: dict, *, ckpt_bytes: bytes, evaluator: str, fixed_params
     overrides, params = split_trial_config(config)
     if overrides:
         cfg = replace(cfg, overrides)
-    fn = resolve_evaluator(evaluator)
+    fn = resolve_evaluator(evaluator, cfg.family)
     started = time.time()
     t0 = time.perf_counter()
     metrics = fn(model, cfg, seed=seed, **{**fixed_params, **params})
