@@ -3,8 +3,9 @@
     python -m serve.webdemo screenshots [--out reports/web] [--models reports/web/models]   (make screenshots)
     python -m serve.webdemo serve [--port 8000]     the same models, page at http://127.0.0.1:8000/ until Ctrl-C
 
-Models (seconds to a minute each on 2 CPU cores, trained once and reused from ``--models``; each is an MLflow
-run in ``<models>/mlflow.db`` served as ``runs:/<id>``, so the page links its run):
+Models, trained once and reused from ``--models`` while their config is unchanged (the times are in
+``<models>/models.json``; a few minutes each on a busy 2-core machine); each is an MLflow run in
+``<models>/mlflow.db`` served as ``runs:/<id>``, so the page links its run:
 
 * ``mnist_gridvae``: GridVAE of 28x28 MNIST (``mnist5k``), 2-D grid latent (Sec. 4.1): encode, grid cell,
   reconstruction, samples;
@@ -38,15 +39,15 @@ DEMO_MODELS = {
                       {"reference_examples": 0}),
     "digits_diffusion": ({"family": "diffusion", "name": "web_digits_diffusion", "experiment": "web-demo",
                           "data": {"name": "digits", "image_size": 8},
-                          "model": {"net": "unet", "T": 100, "image_size": 8, "channels": 16,
-                                    "channel_mult": [1, 2], "attention": False, "eval_points": 32},
-                          "train": {**TRAIN, "steps": 400, "lr": 2e-3}},
+                          "model": {"net": "unet", "T": 100, "image_size": 8, "channels": 8,
+                                    "channel_mult": [1, 2], "attention": False, "eval_points": 16},
+                          "train": {**TRAIN, "steps": 200, "batch_size": 32, "lr": 3e-3}},
                          {"reference_examples": 256, "options": {"dt": 10}}),
     "digits_flow": ({"family": "flow", "name": "web_digits_flow", "experiment": "web-demo",
                      "data": {"name": "digits", "image_size": 8},
                      "model": {"levels": 1, "latent_down": 1, "hidden": 16, "latent_channels": 2, "flow_depth": 2,
-                               "flow_hidden": 16, "eval_examples": 64},
-                     "train": {**TRAIN, "steps": 400, "lr": 2e-3}},
+                               "flow_hidden": 16, "eval_examples": 32},
+                     "train": {**TRAIN, "steps": 200, "batch_size": 32, "lr": 3e-3}},
                     {"reference_examples": 256}),
 }
 
