@@ -335,9 +335,12 @@ function buildCard(m) {
       m.ui.enc.out));
   }
   for (const route of ops.filter((r) => !KNOWN.has(r))) {  // operations added later (classify, purify, ...)
+    // deterministic ones (classify) run with every analysis; random, costly ones (purify) on their button
     m.ui[route] = {form: optionsForm(m.operations[route], {}), out: el("div", {class: "out", "data-testid": `op-${route}`})};
+    const run = el("button", {type: "button", "data-testid": `run-${route}`,
+                              onclick: () => runOther(m, route, modelX(m), rm.seq)}, route);
     body.append(el("div", {class: "op other"}, el("h4", {text: route}),
-      el("details", {}, el("summary", {text: "options"}), m.ui[route].form.node), m.ui[route].out));
+      el("details", {}, el("summary", {text: "options"}), m.ui[route].form.node), run, m.ui[route].out));
   }
   if (m.operations["sample"]) {
     const form = optionsForm(m.operations["sample"], {}, {n: {type: "int", default: 16, min: 1}});
@@ -541,7 +544,9 @@ async function analyse(reason) {
     }
     if (m.ui.ll) jobs.push(runLogLikelihood(m, x, seq));
     if (m.ui.enc) jobs.push(runEncode(m, x, seq));
-    for (const route of Object.keys(m.operations).filter((r) => !KNOWN.has(r))) jobs.push(runOther(m, route, x, seq));
+    for (const route of Object.keys(m.operations).filter((r) => !KNOWN.has(r) && !m.operations[r].random)) {
+      jobs.push(runOther(m, route, x, seq));
+    }
   }
   await Promise.all(jobs);
   if (seq !== rm.seq) return;
