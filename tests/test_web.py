@@ -1,8 +1,8 @@
 """The web page of the Serve app (serve/web.py, serve/static/), driven in a real headless Chromium.
 
 Four tiny models are trained in-process (seconds): an image diffusion model of the 8x8 digits, a flow of
-the same digits (encode/decode), a GridVAE of 28x28 MNIST logged to MLflow and served as ``runs:/<id>``, and
-a diffusion model of 2-D points. One Serve app on a local Ray serves them; Playwright (Python) drives Debian's
+the same digits (encode/decode), a GridVAE of 28x28 MNIST, and a diffusion model of 2-D points logged to
+MLflow and served as ``runs:/<id>``. One Serve app on a local Ray serves them; Playwright (Python) drives Debian's
 chromium (``apt-get install chromium``; Playwright's own browser download is not used). The page is loaded,
 a stroke drawn, a PNG uploaded, bad uploads and an empty canvas sent; every number on screen is compared with
 the JSON route's answer for the request the page sent and with a direct call of the recipe in this process.
@@ -36,18 +36,18 @@ CONFIGS = {
     "flow": {"family": "flow", "name": "flow", "data": {"name": "digits", "image_size": 8},
              "model": {"levels": 1, "latent_down": 1, "hidden": 8, "latent_channels": 2, "flow_depth": 1,
                        "flow_hidden": 8, "eval_examples": 8}, "train": {**TRAIN, "steps": 3}},
-    "grid": {"family": "gridvae", "name": "grid", "experiment": "web-test", "data": {"name": "mnist5k"},
+    "grid": {"family": "gridvae", "name": "grid", "data": {"name": "mnist5k"},
              "model": {"latent_dim": 2, "width": 4, "prior": "grid_mixture", "eval_points": 100},
              "train": {**TRAIN, "steps": 2}},
-    "points": {"family": "diffusion", "name": "points", "data": {"name": "swiss_roll", "n_train": 256, "n_test": 64},
+    "points": {"family": "diffusion", "name": "points", "experiment": "web-test", "data": {"name": "swiss_roll", "n_train": 256, "n_test": 64},
                "model": {"T": 20, "hidden": 16, "layers": 2, "eval_points": 16},
                "train": {**TRAIN, "steps": 20, "batch_size": 64}},
 }
 CARDS = {"digits": {"reference_examples": 32, "options": {"dt": 4}, "seed": 3},
          "flow": {"reference_examples": 32},
-         "grid": {"mlflow_ui": "http://mlflow.example:5000"},
-         "points": {"reference_examples": 64, "options": {"dt": 2}}}
-MLFLOW_UI = CARDS["grid"]["mlflow_ui"]
+         "grid": {},
+         "points": {"reference_examples": 64, "options": {"dt": 2}, "mlflow_ui": "http://mlflow.example:5000"}}
+MLFLOW_UI = CARDS["points"]["mlflow_ui"]
 
 
 def chromium_path():
@@ -165,7 +165,7 @@ def server(tmp_path_factory):
     direct, entries, run_ids = {}, [], {}
     for name, raw in CONFIGS.items():
         cfg = config_from_dict(raw)
-        if name == "grid":  # through MLflow: served as runs:/<id>, its card names the run
+        if name == "points":  # through MLflow: served as runs:/<id>, its card names the run
             h = runs.train(cfg, backend="local", tracking_uri=tracking, verbose=False)
             uri, run_ids[name] = h.model_uri, h.run_id
             direct[name] = ckpt.load_model(str(h.checkpoint))
@@ -259,8 +259,8 @@ def _draw_stroke(pg):
 def test_page_loads_lists_every_model_with_its_run_and_links(server, page):
     for name in CONFIGS:
         assert page.locator(f"[data-testid=model-{name}]").count() == 1
-    run_id = server["run_ids"]["grid"]
-    link = page.locator("[data-testid=model-grid] [data-testid=run-link]")
+    run_id = server["run_ids"]["points"]
+    link = page.locator("[data-testid=model-points] [data-testid=run-link]")
     assert link.get_attribute("href").startswith(f"{MLFLOW_UI}/#/experiments/") and \
         link.get_attribute("href").endswith(f"/runs/{run_id}")
     assert run_id[:8] in link.inner_text()
