@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-ray venv mlflow-ui bench serve bench-serve clean
+.PHONY: demo test test-unit test-ray venv mlflow-ui bench serve bench-serve screenshots web-demo bench-web clean
 
 SHELL  := /bin/bash
 
@@ -43,6 +43,17 @@ serve: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PY) benchmarks/serve_latency.py
+
+# the web page (docs/web.md): trains three small models once (cached in reports/web/models), serves them and
+# writes screenshots to reports/web/ (and docs/web_page.png); needs chromium (apt-get install chromium)
+screenshots: $(STAMP)
+	$(PY) -m serve.webdemo screenshots
+
+web-demo: $(STAMP)
+	$(PY) -m serve.webdemo serve --port 8000
+
+bench-web: $(STAMP)
+	$(PY) benchmarks/web_page.py
 
 clean:
 	rm -rf reports checkpoints ray_results mlflow.db mlartifacts

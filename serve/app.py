@@ -2,6 +2,7 @@
 
 Routes (OpenAPI at ``/docs``)::
 
+    GET  /                                    the web page (serve/web.py, serve/static/; docs/web.md)
     GET  /healthz                             every model replica answers and is healthy
     GET  /v1/models                           served models: family, input shape/range, operations, options
     POST /v1/models/{name}/log-likelihood     x (JSON) or PNG uploads -> log p per example, with its unit
@@ -33,7 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.requests import Request as StarletteRequest
 
-from serve import codec
+from serve import codec, web
 from serve.model import ModelServer
 from serve.operations import OPERATIONS, InputError, check_options, check_seed
 from serve.settings import Limits, SettingsError, parse_settings, resolve_model_uri
@@ -49,6 +50,9 @@ app = FastAPI(
     description="Log-likelihoods, samples and latents of trained raymanifold models. "
                 "Errors are JSON {\"detail\": {\"field\", \"message\"}} with a 4xx status naming the field.",
 )
+
+
+web.mount(app)  # the web page at / (serve/web.py)
 
 
 @app.exception_handler(InputError)

@@ -34,6 +34,7 @@ import torch
 from ray import serve
 
 from raymanifold.recipes import input_spec
+from serve.card import build_card
 from serve.operations import OPERATIONS, Operation, is_random, option_specs, recipe_function
 from serve.settings import Limits, ModelEntry, resolve_model_uri
 
@@ -88,6 +89,9 @@ class ModelServer:
         self.dtype = next(self.model.parameters()).dtype
         self.spec = describe(self.entry.name, self.entry.uri, self.model, self.cfg, self.recipe, self.entry,
                              self.limits)
+        self.spec["card"] = build_card(self.model, self.cfg, self.recipe, uri=self.entry.uri,
+                                       settings=self.entry.card, limits=self.limits.model_dump(),
+                                       tracking_uri=tracking_uri)
         self._checksum = _checksum(self.model)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{self.entry.name}")
         self._busy_since: Optional[float] = None
