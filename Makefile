@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-ray venv mlflow-ui bench serve bench-serve clean
+.PHONY: demo test test-unit test-ray venv mlflow-ui bench serve bench-serve screenshots web-demo bench-web clean
 
 SHELL  := /bin/bash
 
@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing raymanifold and its dependencies into $(VENV) (pip) ..."
 	@set -o pipefail; $(PY) -m pip install --quiet -e '.[test]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@set -o pipefail; $(PY) -m pip install --quiet --no-deps 'torchattacks==3.5.1' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -42,6 +43,17 @@ serve: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PY) benchmarks/serve_latency.py
+
+# the web page (docs/web.md): trains three small models once (cached in reports/web/models), serves them and
+# writes screenshots to reports/web/ (and docs/web_page.png); needs chromium (apt-get install chromium)
+screenshots: $(STAMP)
+	$(PY) -m serve.webdemo screenshots
+
+web-demo: $(STAMP)
+	$(PY) -m serve.webdemo serve --port 8000
+
+bench-web: $(STAMP)
+	$(PY) benchmarks/web_page.py
 
 clean:
 	rm -rf reports checkpoints ray_results mlflow.db mlartifacts

@@ -24,6 +24,11 @@ reference; ``cfg`` is an :class:`~raymanifold.config.ExperimentConfig`::
     counterfactual(model, x, cfg, **opts) -> Tensor (2P, *input_shape(cfg))   optional; edits of image pairs
                                    (x[2i], x[2i+1]): out[2i] is x[2i] moved towards x[2i+1], out[2i+1] the reverse
     validate(cfg)                  optional; cross-section checks, raise ConfigError naming the field
+    classify(model, x, cfg) -> {"label": Tensor (B,) int64, "probs": Tensor (B, K)}       optional; classifiers
+    purify(model, x, cfg, *, generator, **opts) -> {"x": Tensor (B, *input_shape(cfg)), ...}   optional; test-time
+                                   purification: the purified inputs plus per-example extras (Tensors (B, ...))
+    score_columns(model, x, cfg, *, generator) -> {column: Tensor (B,)}   optional; further per-example columns
+                                   of ``raymanifold score`` (numbers or booleans)
     evaluators: {short name: fn(model, cfg, *, seed, **params) -> {name: float}}   eval-time sweep evaluators
     log_prob_unit: str = "nats"
 
@@ -38,8 +43,8 @@ or images, and the value range) for callers that validate inputs.
 Families register here by module path and are imported lazily, so importing
 raymanifold stays cheap and adding a family touches no Ray code: a new family
 is one package defining ``RECIPE``, one line in :data:`FAMILIES` and its YAML
-files. Later operations (classify, purify, ...) are added as further optional
-fields defaulting to ``None``.
+files. Further operations (``classify``, ``purify``) are optional fields defaulting to ``None``;
+an operation returning a dict of Tensors names its primary result first (Serve returns every key).
 """
 from __future__ import annotations
 
@@ -54,11 +59,13 @@ FAMILIES = {
     "diffusion": "raymanifold.diffusion.recipe",
     "flow": "raymanifold.flows.recipe",
     "glow": "raymanifold.flows.glow_recipe",
+    "vae_classifier": "raymanifold.adversarial.recipe",
+    "recognition": "raymanifold.recognition.recipe",
     "diffsiam": "raymanifold.ssl.recipe",
 }
 
 #: optional operations a model may offer (Recipe fields taking a model), in a stable order
-OPERATIONS = ("log_prob", "sample", "encode", "decode", "counterfactual")
+OPERATIONS = ("log_prob", "sample", "encode", "decode", "classify", "purify", "counterfactual")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,9 @@ class Recipe:
     decode: Optional[Callable] = None
     latent_shape: Optional[Callable] = None
     validate: Optional[Callable] = None
+    classify: Optional[Callable] = None
+    purify: Optional[Callable] = None
+    score_columns: Optional[Callable] = None
     counterfactual: Optional[Callable] = None
     evaluators: Mapping[str, Callable] = field(default_factory=dict)
     #: unit of ``log_prob`` values, e.g. "nats"
@@ -87,7 +97,7 @@ class Recipe:
             if not callable(getattr(self, key)):
                 raise TypeError(f"Recipe({self.name!r}).{key}: a function is required")
         for key in ("evaluate", "log_prob", "sample", "cost", "encode", "decode", "latent_shape", "validate",
-                    "counterfactual"):
+                    "classify", "purify", "score_columns", "counterfactual"):
             v = getattr(self, key)
             if v is not None and not callable(v):
                 raise TypeError(f"Recipe({self.name!r}).{key}: expected a function or None, got {type(v).__name__}")

@@ -10,6 +10,9 @@
   option schemas read from their signatures.
 * :mod:`serve.codec`: JSON arrays and PNG in and out (numpy and Pillow only).
 * :mod:`serve.settings`: the validated ``args`` of the application.
+* :mod:`serve.web`, ``serve/static/``: the web page at ``/`` (docs/web.md);
+  :mod:`serve.card`: each model's card in ``GET /v1/models`` (MLflow run, training-set
+  log-likelihood histogram, latent grid); :mod:`serve.webdemo`: demo models and screenshots.
 
 Start it locally with ``raymanifold serve``; deploy it to a cluster with
 ``serve deploy serve/config.yaml`` (see docs/serve.md).

@@ -34,6 +34,7 @@ import torch
 from ray import serve
 
 from raymanifold.recipes import input_spec
+from serve.card import build_card
 from serve.operations import OPERATIONS, Operation, is_random, option_specs, recipe_function
 from serve.settings import Limits, ModelEntry, resolve_model_uri
 
@@ -88,6 +89,9 @@ class ModelServer:
         self.dtype = next(self.model.parameters()).dtype
         self.spec = describe(self.entry.name, self.entry.uri, self.model, self.cfg, self.recipe, self.entry,
                              self.limits)
+        self.spec["card"] = build_card(self.model, self.cfg, self.recipe, uri=self.entry.uri,
+                                       settings=self.entry.card, limits=self.limits.model_dump(),
+                                       tracking_uri=tracking_uri)
         self._checksum = _checksum(self.model)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{self.entry.name}")
         self._busy_since: Optional[float] = None
@@ -149,7 +153,7 @@ class ModelServer:
             start = 0
             for i in idx:
                 k = len(items[i]["x"])
-                out[i] = {**res, "values": res["values"][start:start + k], "seed": None,
+                out[i] = {**res, "values": _rows(res["values"], start, start + k), "seed": None,
                           "batch": {"requests": len(idx), "examples": len(x)}}
                 start += k
         self.stats["pooled_batches"] += 1
@@ -180,7 +184,9 @@ class ModelServer:
             return _failure(500, "model", f"internal error in {op.attr}: {exc.__class__.__name__}: {exc}"[:500])
         finally:
             self._busy_since = None
-        return {"values": out.detach().cpu().numpy(), "seed": seed, "batch": None, "cost": cost}
+        values = ({k: v.detach().cpu().numpy() for k, v in out.items()} if isinstance(out, dict)
+                  else out.detach().cpu().numpy())
+        return {"values": values, "seed": seed, "batch": None, "cost": cost}
 
     # ------------------------------------------------------------------ Serve health check
     def check_health(self):
@@ -192,6 +198,13 @@ class ModelServer:
         if not math.isfinite(s) or s != self._checksum:
             raise RuntimeError(f"model {self.entry.name!r}: weights changed since loading "
                                f"(checksum {s!r} != {self._checksum!r})")
+
+
+def _rows(values, start: int, stop: int):
+    """Rows [start, stop) of a result: an array, or a dict of per-example arrays."""
+    if isinstance(values, dict):
+        return {k: v[start:stop] for k, v in values.items()}
+    return values[start:stop]
 
 
 def _failure(status: int, field: str, message: str) -> dict:

@@ -48,6 +48,20 @@ class Batching(_Strict):
     wait_timeout_s: float = Field(0.005, ge=0, le=10, description="wait for more requests after the first")
 
 
+class CardSettings(_Strict):
+    """What ``GET /v1/models`` tells about a model beyond its operations (:mod:`serve.card`, the web page)."""
+    reference_examples: int = Field(256, ge=0, le=100_000,
+                                    description="training examples scored at start-up for the log-likelihood "
+                                                "histogram and the off-manifold threshold (0 = none)")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="log-likelihood options of the reference scores (e.g. {dt: 10}); "
+                                                "the page uses them as its defaults")
+    seed: int = Field(0, ge=0, description="seed of the reference scores and of the page's estimates")
+    threshold_quantile: float = Field(0.05, gt=0, lt=1, description="off-manifold below this quantile")
+    mlflow_ui: Optional[str] = Field(None, description="base URL of an MLflow UI on the model's tracking store "
+                                                        "(the page links the run)")
+
+
 class ModelEntry(_Strict):
     name: str = Field(description="URL name: /v1/models/<name>/...")
     uri: str = Field(description="checkpoint file/folder (relative to the repo root) or runs:/<run_id>")
@@ -56,6 +70,7 @@ class ModelEntry(_Strict):
     input_shape: Optional[list[int]] = Field(None, description="override the per-example input shape")
     batching: Batching = Batching()
     deployment: dict[str, Any] = Field(default_factory=dict, description="Serve deployment options")
+    card: CardSettings = CardSettings()
 
     @field_validator("name")
     @classmethod
