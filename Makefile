@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing raymanifold and its dependencies into $(VENV) (pip) ..."
 	@set -o pipefail; $(PY) -m pip install --quiet -e '.[test]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@set -o pipefail; $(PY) -m pip install --quiet --no-deps 'torchattacks==3.5.1' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@touch $(STAMP)
 
 venv: $(STAMP)

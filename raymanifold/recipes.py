@@ -21,7 +21,14 @@ reference; ``cfg`` is an :class:`~raymanifold.config.ExperimentConfig`::
     encode(model, x, cfg) -> Tensor (B, *latent_shape(cfg))                optional
     decode(model, z, cfg) -> Tensor (B, *input_shape(cfg)), data space     optional
     latent_shape(cfg) -> tuple     optional; per-example shape of ``encode``'s output (no probe pass needed)
+    counterfactual(model, x, cfg, **opts) -> Tensor (2P, *input_shape(cfg))   optional; edits of image pairs
+                                   (x[2i], x[2i+1]): out[2i] is x[2i] moved towards x[2i+1], out[2i+1] the reverse
     validate(cfg)                  optional; cross-section checks, raise ConfigError naming the field
+    classify(model, x, cfg) -> {"label": Tensor (B,) int64, "probs": Tensor (B, K)}       optional; classifiers
+    purify(model, x, cfg, *, generator, **opts) -> {"x": Tensor (B, *input_shape(cfg)), ...}   optional; test-time
+                                   purification: the purified inputs plus per-example extras (Tensors (B, ...))
+    score_columns(model, x, cfg, *, generator) -> {column: Tensor (B,)}   optional; further per-example columns
+                                   of ``raymanifold score`` (numbers or booleans)
     evaluators: {short name: fn(model, cfg, *, seed, **params) -> {name: float}}   eval-time sweep evaluators
     log_prob_unit: str = "nats"
 
@@ -36,8 +43,8 @@ or images, and the value range) for callers that validate inputs.
 Families register here by module path and are imported lazily, so importing
 raymanifold stays cheap and adding a family touches no Ray code: a new family
 is one package defining ``RECIPE``, one line in :data:`FAMILIES` and its YAML
-files. Later operations (classify, purify, ...) are added as further optional
-fields defaulting to ``None``.
+files. Further operations (``classify``, ``purify``) are optional fields defaulting to ``None``;
+an operation returning a dict of Tensors names its primary result first (Serve returns every key).
 """
 from __future__ import annotations
 
@@ -52,10 +59,13 @@ FAMILIES = {
     "diffusion": "raymanifold.diffusion.recipe",
     "flow": "raymanifold.flows.recipe",
     "glow": "raymanifold.flows.glow_recipe",
+    "vae_classifier": "raymanifold.adversarial.recipe",
+    "recognition": "raymanifold.recognition.recipe",
+    "diffsiam": "raymanifold.ssl.recipe",
 }
 
 #: optional operations a model may offer (Recipe fields taking a model), in a stable order
-OPERATIONS = ("log_prob", "sample", "encode", "decode")
+OPERATIONS = ("log_prob", "sample", "encode", "decode", "classify", "purify", "counterfactual")
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,10 @@ class Recipe:
     decode: Optional[Callable] = None
     latent_shape: Optional[Callable] = None
     validate: Optional[Callable] = None
+    classify: Optional[Callable] = None
+    purify: Optional[Callable] = None
+    score_columns: Optional[Callable] = None
+    counterfactual: Optional[Callable] = None
     evaluators: Mapping[str, Callable] = field(default_factory=dict)
     #: unit of ``log_prob`` values, e.g. "nats"
     log_prob_unit: str = "nats"
@@ -82,7 +96,8 @@ class Recipe:
         for key in ("build", "input_shape", "loss"):
             if not callable(getattr(self, key)):
                 raise TypeError(f"Recipe({self.name!r}).{key}: a function is required")
-        for key in ("evaluate", "log_prob", "sample", "cost", "encode", "decode", "latent_shape", "validate"):
+        for key in ("evaluate", "log_prob", "sample", "cost", "encode", "decode", "latent_shape", "validate",
+                    "classify", "purify", "score_columns", "counterfactual"):
             v = getattr(self, key)
             if v is not None and not callable(v):
                 raise TypeError(f"Recipe({self.name!r}).{key}: expected a function or None, got {type(v).__name__}")

@@ -110,7 +110,10 @@ def train(cfg, *, backend: str = "ray", tracking_uri: Optional[str] = None, fres
                 path, step, start, storage, final = Path(tmp) / ckpt.FILENAME, int(info["step"]), 0, None, {}
             tracking.log_checkpoint(path)
             model, _, recipe = ckpt.load_model(str(path))
-            metrics = recipe.evaluate(model, cfg) if recipe.evaluate else {}
+            from raymanifold.training import torch_threads, train_threads
+
+            with torch_threads(train_threads(cfg)):  # as a Tune trial evaluates: the same numbers
+                metrics = recipe.evaluate(model, cfg) if recipe.evaluate else {}
             metrics.update({"train_wall_s": wall, "final_step": step})
             if backend == "ray":
                 metrics["resumed_from_step"] = start

@@ -6,6 +6,7 @@ only the batch stream, the model wrapper (DDP) and the reporting hook differ.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -25,6 +26,29 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device: 'cuda' requested but no CUDA device is available")
     return torch.device(name)
+
+
+def train_threads(cfg) -> int:
+    """Torch intra-op threads of a training process: the Ray Train worker's CPU share,
+    ``max(1, int(ray.cpus_per_worker))``, used by Ray Train workers, Tune trials and the in-process loop alike.
+
+    CPU kernels (convolutions, matrix products) split their reductions by thread, so another thread count
+    rounds differently; over thousands of steps a clustering run then lands elsewhere (measured on
+    GridVAE two-digit, docs/recognition.md "Reproducibility"). One rule everywhere makes a config and seed
+    give the same weights in-process, alone on Ray Train and two at a time under Ray Tune.
+    """
+    return max(1, int(cfg.ray.cpus_per_worker))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``torch.set_num_threads(n)``; the previous setting is restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def batch_stream(dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -120,7 +144,14 @@ def train_inprocess(cfg, *, checkpoint_dir=None, log: Optional[Callable[[int, di
     ``checkpoint_dir/checkpoint.pt``. ``stop_after`` interrupts (raises
     KeyboardInterrupt) after that many steps of this call, to test resumption.
     Returns ``(model, ema_or_None, info)`` with ``info = {"start_step", "step", "metrics", "steps_per_s"}``.
+    Runs with :func:`train_threads` torch threads (as a Ray Train worker of the same config), so the
+    weights equal those of the same config and seed on Ray Train.
     """
+    with torch_threads(train_threads(cfg)):
+        return _train_inprocess(cfg, checkpoint_dir=checkpoint_dir, log=log, stop_after=stop_after)
+
+
+def _train_inprocess(cfg, *, checkpoint_dir, log, stop_after):
     recipe = get_recipe(cfg.family)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)

@@ -9,6 +9,8 @@ Routes (OpenAPI at ``/docs``)::
     POST /v1/models/{name}/sample             n, seed, options -> arrays, or a PNG grid (format=png)
     POST /v1/models/{name}/encode             x -> latent z (latent models)
     POST /v1/models/{name}/decode             z -> x, or a PNG grid
+    POST /v1/models/{name}/classify           x -> predicted label and class probabilities (classifiers)
+    POST /v1/models/{name}/purify             x -> purified x (or PNG), label, ELBO before / after (Eq. 22)
 
 The ingress validates every request against the model's description (shape,
 channels, finiteness, range, sizes, option names/types/bounds/choices) and
@@ -89,6 +91,17 @@ DOCS = {
     "encode": _body_doc({"x": {**_ARRAY, "description": "examples, shape (B, *input.shape)"}}, ["x"], True),
     "decode": _body_doc({"z": {**_ARRAY, "description": "latents, shape (B, *latent.shape)"},
                          "format": {"type": "string", "enum": list(FORMATS)}}, ["z"], False),
+    "classify": _body_doc({"x": {**_ARRAY, "description": "images, shape (B, *input.shape)"}}, ["x"], True),
+    "purify": _body_doc({"x": {**_ARRAY, "description": "images, shape (B, *input.shape)"},
+                         "seed": {"type": "integer", "description": "reproducible restarts / z samples"},
+                         "iterations": {"type": "integer", "description": "Eq. 22 sign-gradient steps"},
+                         "step": {"type": "number"}, "restarts": {"type": "integer"},
+                         "eps": {"type": "number", "description": "L-inf bound of the perturbation (0 = none)"},
+                         "format": {"type": "string", "enum": list(FORMATS)}}, ["x"], True),
+    "counterfactual": _body_doc({"x": {**_ARRAY, "description": "image pairs, shape (2P, *input.shape)"},
+                                 "segments": {"type": "string", "description": "segments of z to swap, e.g. 1-2"},
+                                 "scale": {"type": "number"}, "dt": {"type": "integer"},
+                                 "format": {"type": "string", "enum": list(FORMATS)}}, ["x"], True),
 }
 
 
@@ -220,12 +233,18 @@ class Ingress:
         if "error" in res:
             e = res["error"]
             raise InputError(e["status"], e["field"], e["message"].partition(": ")[2] or e["message"])
-        values = res["values"]
+        values, extras = res["values"], {}
+        if isinstance(values, dict):  # e.g. purify: the purified x plus prediction and ELBO before / after
+            extras = {k: v for k, v in values.items() if k != op.result}
+            values = values[op.result]
         if fmt == "png":
             return Response(codec.png_grid(np.clip(values, 0, 1)), media_type="image/png")
         data, non_finite = codec.to_json(values)
         out = {"model": name, "family": spec["family"], op.result: data, "shape": list(values.shape),
                "options": {**{k: v["default"] for k, v in ospec["options"].items()}, **options}}
+        for k, v in extras.items():
+            out[k], bad = codec.to_json(v)
+            non_finite = non_finite or bad
         if route == "log-likelihood":
             out["unit"] = spec["unit"]
         if ospec["random"]:
@@ -273,9 +292,22 @@ class Ingress:
     async def encode(self, name: str, request: Request):
         return await self._operate(name, "encode", request)
 
+    @app.post("/v1/models/{name}/counterfactual", summary=OPERATIONS["counterfactual"].summary,
+              openapi_extra=DOCS["counterfactual"])
+    async def counterfactual(self, name: str, request: Request):
+        return await self._operate(name, "counterfactual", request)
+
     @app.post("/v1/models/{name}/decode", summary=OPERATIONS["decode"].summary, openapi_extra=DOCS["decode"])
     async def decode(self, name: str, request: Request):
         return await self._operate(name, "decode", request)
+
+    @app.post("/v1/models/{name}/classify", summary=OPERATIONS["classify"].summary, openapi_extra=DOCS["classify"])
+    async def classify(self, name: str, request: Request):
+        return await self._operate(name, "classify", request)
+
+    @app.post("/v1/models/{name}/purify", summary=OPERATIONS["purify"].summary, openapi_extra=DOCS["purify"])
+    async def purify(self, name: str, request: Request):
+        return await self._operate(name, "purify", request)
 
 
 IngressDeployment = serve.deployment(name="Ingress")(Ingress)

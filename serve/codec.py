@@ -108,7 +108,10 @@ def png_bytes(x: np.ndarray) -> bytes:
 
 
 def to_json(arr: np.ndarray) -> tuple[list, int]:
-    """Nested lists with non-finite values replaced by null; also their count."""
+    """Nested lists with non-finite values replaced by null; also their count (integer and boolean arrays,
+    e.g. class labels, stay integers / booleans)."""
+    if np.asarray(arr).dtype.kind in "biu":
+        return np.asarray(arr).tolist(), 0
     a = np.asarray(arr, dtype=np.float64)
     bad = ~np.isfinite(a)
     if bad.any():

@@ -153,7 +153,7 @@ class ModelServer:
             start = 0
             for i in idx:
                 k = len(items[i]["x"])
-                out[i] = {**res, "values": res["values"][start:start + k], "seed": None,
+                out[i] = {**res, "values": _rows(res["values"], start, start + k), "seed": None,
                           "batch": {"requests": len(idx), "examples": len(x)}}
                 start += k
         self.stats["pooled_batches"] += 1
@@ -184,7 +184,9 @@ class ModelServer:
             return _failure(500, "model", f"internal error in {op.attr}: {exc.__class__.__name__}: {exc}"[:500])
         finally:
             self._busy_since = None
-        return {"values": out.detach().cpu().numpy(), "seed": seed, "batch": None, "cost": cost}
+        values = ({k: v.detach().cpu().numpy() for k, v in out.items()} if isinstance(out, dict)
+                  else out.detach().cpu().numpy())
+        return {"values": values, "seed": seed, "batch": None, "cost": cost}
 
     # ------------------------------------------------------------------ Serve health check
     def check_health(self):
@@ -196,6 +198,13 @@ class ModelServer:
         if not math.isfinite(s) or s != self._checksum:
             raise RuntimeError(f"model {self.entry.name!r}: weights changed since loading "
                                f"(checksum {s!r} != {self._checksum!r})")
+
+
+def _rows(values, start: int, stop: int):
+    """Rows [start, stop) of a result: an array, or a dict of per-example arrays."""
+    if isinstance(values, dict):
+        return {k: v[start:stop] for k, v in values.items()}
+    return values[start:stop]
 
 
 def _failure(status: int, field: str, message: str) -> dict:

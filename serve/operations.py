@@ -2,9 +2,10 @@
 
 An :class:`Operation` maps a route (``POST /v1/models/{name}/<route>``) to a
 recipe's optional function (``Recipe.log_prob``, ``.sample``, ``.encode``,
-``.decode``). A model offers exactly the operations whose function its recipe
-defines. A later family adds a row here (e.g. ``purify`` -> ``recipe.purify``)
-and a four-line route in :mod:`serve.app`; nothing else changes.
+``.decode``, ``.classify``, ``.purify``). A model offers exactly the operations whose function its
+recipe defines. A function may return a dict of Tensors: ``result`` names the primary one (PNG output
+and pooling use it) and every other key is returned beside it. A later family adds a row here and a
+four-line route in :mod:`serve.app`; nothing else changes.
 
 Request options are the function's keyword-only parameters with scalar
 defaults (``dt``, ``rounds``, ``sampler``, ``estimator`` for diffusion;
@@ -56,6 +57,12 @@ OPERATIONS: dict[str, Operation] = {op.route: op for op in (
     Operation("encode", "encode", "data", True, "z", "latent codes z of x"),
     Operation("decode", "decode", "latent", False, "x", "data-space reconstructions of latents z",
               data_out=True),
+    Operation("classify", "classify", "data", True, "label", "predicted class and class probabilities of x"),
+    Operation("purify", "purify", "data", False, "x", "test-time purification of x (e.g. Eq. 22 ELBO ascent): "
+              "purified x, prediction, ELBO before / after", data_out=True),
+    Operation("counterfactual", "counterfactual", "data", False, "x",
+              "counterfactuals of image pairs (x[2i], x[2i+1]) (DiffSiam Alg. 2): out[2i] takes x[2i+1]'s "
+              "chosen segments, out[2i+1] the reverse", data_out=True),
 )}
 
 
@@ -98,7 +105,8 @@ def option_specs(fn: Callable, cfg, *, max_rounds: int) -> dict[str, dict]:
     """
     module = sys.modules.get(fn.__module__)
     T = getattr(getattr(cfg, "model", None), "T", None)
-    bounds = {"rounds": (1, max_rounds), "temperature": (0.0, None), "eta": (0.0, None)}
+    bounds = {"rounds": (1, max_rounds), "temperature": (0.0, None), "eta": (0.0, None),
+              "iterations": (1, 4096), "restarts": (1, 64), "step": (0.0, 1.0), "eps": (0.0, 1.0)}
     if isinstance(T, int):
         bounds.update(dt=(1, T), K=(1, max(1, T - 1)))
     out = {}

@@ -89,7 +89,7 @@ def test_shipped_configs_load(tmp_path):
     for f in files:
         raw = yaml.safe_load(f.read_text())
         if isinstance(raw, dict) and "family" in raw:  # sweep and serve configs have other schemas
-            on_disk = raw.get("data", {}).get("name") == "celeba"
+            on_disk = raw.get("data", {}).get("name") in ("celeba", "celeba_identity")
             assert not set(raw.get("train") or {}) & {k.split(".")[1] for k in MOVED_KEYS}, \
                 f"{f.name}: uses deprecated train.* Ray keys"
             load_config(f, [f"data.root={tmp_path}"] if on_disk else [])

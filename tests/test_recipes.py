@@ -35,13 +35,26 @@ CASES = {
                     "model": {"channels": 2, "levels": 1, "depth": 1, "hidden": 8, "eval_examples": 4}},
     "gridvae": {"family": "gridvae", "data": {"name": "two_digit", "n_train": 32, "n_test": 16},
                 "model": {"latent_dim": 2, "width": 4, "eval_points": 100}},
+    "diffsiam": {"family": "diffsiam", "data": {"name": "shapes", "n_train": 32, "n_test": 40, "image_size": 16},
+                 "model": {"ddpm": "<tiny ddpm>", "d": 16, "segments": 4, "width": 8, "image_size": 16,
+                           "eval_points": 40}},
     "gridvae_shapes": {"family": "gridvae", "data": {"name": "shapes", "n_train": 32, "n_test": 16, "image_size": 16},
                        "model": {"latent_dim": 2, "width": 4, "prior": "nearest", "eval_points": 100}},
+    "vae_classifier": {"family": "vae_classifier", "data": {"name": "mnist5k"},
+                       "model": {"latent_dim": 2, "width": 4, "eval_points": 16}},
+    "recognition": {"family": "recognition", "data": {"name": "shapes", "n_train": 32, "n_test": 16, "image_size": 12},
+                    "model": {"identity": ["shape", "colour", "scale"], "embed_dim": 4, "width": 4, "eval_points": 16}},
 }
+#: families without a sampler (an embedding, not a generative model): encode is their operation
+NO_SAMPLER = {"recognition"}
 
 
 def _cfg(case: str):
     raw = CASES[case]
+    if raw.get("model", {}).get("ddpm") == "<tiny ddpm>":  # DiffSiam's frozen DDPM: an untrained tiny U-Net
+        from diffsiam_fixtures import tiny_ddpm
+
+        raw = {**raw, "model": {**raw["model"], "ddpm": tiny_ddpm()}}
     return config_from_dict({"name": f"t_{case}", **raw, "train": {**TRAIN, **raw.get("train", {})}})
 
 
@@ -71,13 +84,16 @@ def test_protocol_conformance(case):
     assert metrics and all(isinstance(v, float) for v in metrics.values())
 
     model.eval()
-    assert recipe.sample is not None
-    s = recipe.sample(model, 3, cfg, torch.Generator().manual_seed(1))
-    assert isinstance(s, torch.Tensor) and tuple(s.shape) == (3, *shape)
-    again = recipe.sample(model, 3, cfg, torch.Generator().manual_seed(1))
-    assert torch.equal(s, again)  # the generator is the only source of randomness
-    cost = recipe.cost_of(cfg, "sample")
-    assert isinstance(cost, dict) and cost.get("nfe", 0) >= 1
+    if cfg.family in NO_SAMPLER:
+        assert recipe.sample is None and recipe.encode is not None and recipe.cost_of(cfg, "encode")["nfe"] >= 1
+    else:
+        assert recipe.sample is not None
+        s = recipe.sample(model, 3, cfg, torch.Generator().manual_seed(1))
+        assert isinstance(s, torch.Tensor) and tuple(s.shape) == (3, *shape)
+        again = recipe.sample(model, 3, cfg, torch.Generator().manual_seed(1))
+        assert torch.equal(s, again)  # the generator is the only source of randomness
+        cost = recipe.cost_of(cfg, "sample")
+        assert isinstance(cost, dict) and cost.get("nfe", 0) >= 1
     if recipe.log_prob is not None:
         with torch.no_grad():
             lp = recipe.log_prob(model, x[:3], cfg, generator=torch.Generator().manual_seed(2))
@@ -98,8 +114,8 @@ def test_diffusion_cost_counts_network_evaluations():
     r = get_recipe("diffusion")
     assert r.cost_of(cfg, "sample", dt=5) == {"nfe": 2}
     assert r.cost_of(cfg, "sample")["nfe"] == cfg.model.T
-    with pytest.raises(ValueError, match="op: unknown operation 'purify'"):
-        r.cost_of(cfg, "purify")
+    with pytest.raises(ValueError, match="op: unknown operation 'teleport'"):
+        r.cost_of(cfg, "teleport")
 
 
 def test_recipe_fields_are_checked():
@@ -127,7 +143,8 @@ def _train(case: str, tmp_path: Path) -> tuple[Path, object]:
     return folder, cfg
 
 
-@pytest.mark.parametrize("case", ["flow", "glow", "glow_points", "gridvae", "diffusion_points", "diffusion_unet"])
+@pytest.mark.parametrize("case", ["flow", "glow", "glow_points", "gridvae", "diffusion_points", "diffusion_unet",
+                                  "vae_classifier"])
 def test_sample_command_on_every_family(case, tmp_path, capsys):
     folder, cfg = _train(case, tmp_path)
     out = tmp_path / "out"
@@ -146,3 +163,19 @@ def test_sample_command_on_every_family(case, tmp_path, capsys):
         capsys.readouterr()
         assert main(["sample", "--model", str(folder), "--n", "2", "--dt", "5", "--out", str(out)]) == 2
         assert "--dt" in capsys.readouterr().err
+
+
+def test_recognition_trains_encodes_and_refuses_sample(tmp_path, capsys):
+    """The recognition family through the generic machinery: in-process training, a checkpoint that rebuilds
+    with its config, deterministic unit-norm embeddings, and `raymanifold sample` refused with a clear error."""
+    from raymanifold.checkpoint import load_model
+
+    folder, cfg = _train("recognition", tmp_path)
+    model, cfg2, recipe = load_model(str(folder))
+    assert cfg2 == cfg
+    x = rdata.load_split(cfg.data, "test").x[:5]
+    z = recipe.encode(model, x, cfg)
+    assert torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-5) and torch.equal(z, recipe.encode(model, x, cfg))
+    capsys.readouterr()
+    assert main(["sample", "--model", str(folder), "--n", "2", "--out", str(tmp_path / "s")]) == 2
+    assert "recognition" in capsys.readouterr().err

@@ -46,6 +46,8 @@ CONFIGS = {
                                                                  "image_size": 16},
                 "model": {"latent_dim": 2, "width": 4, "prior": "grid_mixture", "eval_points": 100},
                 "train": {**TRAIN, "steps": 2}, "ray": RAY},
+    "clf": {"family": "vae_classifier", "name": "clf", "data": {"name": "mnist5k"},
+            "model": {"latent_dim": 2, "width": 4, "eval_points": 16}, "train": {**TRAIN, "steps": 2}, "ray": RAY},
 }
 
 
@@ -221,7 +223,11 @@ def test_models_listing_and_docs(server):
     r = requests.get(server["url"] + "/v1/models", timeout=60)
     assert r.status_code == 200
     models = {m["name"]: m for m in r.json()["models"]}
-    assert set(models) == {"points", "digits", "flow", "gridvae"}
+    assert set(models) == {"points", "digits", "flow", "gridvae", "clf"}
+    assert sorted(models["clf"]["operations"]) == ["classify", "decode", "encode", "log-likelihood", "purify",
+                                                   "sample"]
+    assert models["clf"]["operations"]["purify"]["options"]["iterations"] == {
+        "type": "int", "default": 64, "nullable": False, "min": 1, "max": 4096}
     p, g, f = models["points"], models["digits"], models["flow"]
     assert p["family"] == "diffusion" and p["input"] == {"kind": "points", "data": "swiss_roll", "shape": [2],
                                                           "range": None}
@@ -237,7 +243,7 @@ def test_models_listing_and_docs(server):
     assert p["operations"]["sample"]["options"]["sampler"]["choices"][:2] == ["ddpm", "ddim"]
     assert p["unit"] == "nats"
     spec = requests.get(server["url"] + "/openapi.json", timeout=60).json()
-    for route in ("log-likelihood", "sample", "encode", "decode"):
+    for route in ("log-likelihood", "sample", "encode", "decode", "classify", "purify"):
         assert f"/v1/models/{{name}}/{route}" in spec["paths"]
     assert requests.get(server["url"] + "/docs", timeout=60).status_code == 200
     h = requests.get(server["url"] + "/healthz", timeout=60)
@@ -444,6 +450,39 @@ def _fuzz_value(rng: random.Random, depth=0):
     if kind == 3:
         return {rng.choice(["x", "z", "n", "dt", "seed", "format", "a"]): _fuzz_value(rng, depth + 1)}
     return [[rng.uniform(-5, 5) for _ in range(rng.choice([1, 2, 3]))] for _ in range(rng.randrange(0, 4))]
+
+
+@pytest.mark.ray
+def test_classify_and_purify_match_direct_calls_and_refuse_bad_input(server):
+    from raymanifold import data as rdata
+
+    model, cfg, recipe = server["direct"]["clf"]
+    x = rdata.load("mnist5k", "test").x[::400][:3].numpy()
+    r = _post(server, "/v1/models/clf/classify", json={"x": x.tolist()})
+    assert r.status_code == 200, r.text
+    want = recipe.classify(model, torch.as_tensor(x), cfg)
+    assert r.json()["label"] == want["label"].tolist()
+    np.testing.assert_allclose(r.json()["probs"], want["probs"].numpy(), atol=1e-5)
+    opts = {"iterations": 3, "step": 0.02, "restarts": 2, "eps": 0.0}
+    r = _post(server, "/v1/models/clf/purify", json={"x": x.tolist(), "seed": 7, **opts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    direct = recipe.purify(model, torch.as_tensor(x), cfg, generator=torch.Generator().manual_seed(7), **opts)
+    np.testing.assert_allclose(body["x"], direct["x"].numpy(), atol=1e-5)
+    assert body["label"] == direct["label"].tolist() and body["shape"] == [3, 1, 28, 28]
+    np.testing.assert_allclose(body["elbo_after"], direct["elbo_after"].numpy(), rtol=1e-4)
+    assert body["nfe"] == 3 * 2 + 2 + 2 and body["options"]["iterations"] == 3
+    png = _post(server, "/v1/models/clf/purify", json={"x": x.tolist(), "seed": 7, "format": "png", **opts})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    for kw, status, field in [({"x": x.tolist(), "iterations": 0}, 422, "iterations"),   # bounds at the ingress
+                              ({"x": x.tolist(), "step": 0.0}, 422, "step"),           # refused by the recipe
+                              ({"x": x.tolist(), "restarts": 100}, 422, "restarts"),
+                              ({"x": x.tolist(), "label": [1, 2, 3]}, 422, "label"),  # purification reads no label
+                              ({"x": x[:, :, :27].tolist()}, 422, "x")]:
+        r = _post(server, "/v1/models/clf/purify", json=kw)
+        assert r.status_code == status and r.json()["detail"]["field"] == field, (kw.keys(), r.text)
+    r = _post(server, "/v1/models/gridvae/classify", json={"x": [[[[0.0]]]]})
+    assert r.status_code == 404 and r.json()["detail"]["field"] == "name"
 
 
 @pytest.mark.ray

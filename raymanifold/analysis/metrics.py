@@ -67,3 +67,24 @@ def sliced_wasserstein_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int = 512,
     pa, _ = torch.sort(a @ d, dim=0)
     pb, _ = torch.sort(b @ d, dim=0)
     return float(((pa - pb) ** 2).mean().sqrt())
+
+
+def pareto_front(points, modes) -> np.ndarray:
+    """Boolean mask (N,) of the non-dominated rows of ``points`` (N, M), objective j maximised when
+    ``modes[j] == "max"`` and minimised when ``"min"``. Row a dominates row b when a is at least as good in
+    every objective and strictly better in one; equal rows are all kept. Rows with a NaN are never on it."""
+    p = np.asarray(points, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != len(modes):
+        raise ValueError(f"points: expected shape (N, {len(modes)}), got {p.shape}")
+    bad = [m for m in modes if m not in ("min", "max")]
+    if bad:
+        raise ValueError(f"modes: {bad[0]!r} is not allowed; use 'min' or 'max'")
+    sign = np.array([1.0 if m == "max" else -1.0 for m in modes])
+    q = p * sign                                       # every objective maximised
+    ok = ~np.isnan(q).any(axis=1)
+    front = ok.copy()
+    for i in np.flatnonzero(ok):
+        others = q[ok]
+        dominated = (others >= q[i]).all(axis=1) & (others > q[i]).any(axis=1)
+        front[i] = not dominated.any()
+    return front

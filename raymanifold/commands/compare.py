@@ -63,6 +63,13 @@ FAMILY_METRICS = {
                           key=("test_log_px_level1_nats", "train_wall_s")),
     # Glow: bits/dim on images, else the mean test log-likelihood
     "glow": FamilyMetrics(primary=(("test_bpd", "min"), ("test_log_p_nats", "max")), key=("train_wall_s",)),
+    # VAE-classifier (Eq. 21): clean test accuracy; the test ELBO beside it
+    "vae_classifier": FamilyMetrics(primary=(("clean_accuracy", "max"),), key=("test_neg_elbo_nats", "train_wall_s")),
+    # contrastive recognition manifold: nearest-neighbour identity accuracy on the test split
+    "recognition": FamilyMetrics(primary=(("nn_identity_accuracy", "max"), ("test_loss_nats", "min")),
+                                 key=("test_loss_nats", "train_wall_s")),
+    # DiffSiam / SimSiam: quick in-domain linear-probe accuracy (mean over label columns) after training
+    "diffsiam": FamilyMetrics(primary=(("probe_acc_mean", "max"),), key=("final_diffusion", "train_wall_s")),
 }
 
 #: default caps on the param / metric columns (``--all-columns`` lifts them)

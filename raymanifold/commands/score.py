@@ -4,7 +4,8 @@ Argument parsing and the report; the data specs, checks, scorer and summary are
 in :mod:`raymanifold.scoring`, the Ray Data pipeline in
 :mod:`raymanifold.distributed.scoring`.
 
-Writes ``OUT/scores/*.parquet`` (id, label, log_prob [nats], bits_per_dim, node),
+Writes ``OUT/scores/*.parquet`` (id, label, log_prob [nats], bits_per_dim, node, and the family's
+``score_columns``, e.g. elbo / label_pred / purified_label / changed for the VAE-classifier),
 ``OUT/ood_scores/*.parquet`` with ``--ood``, and ``OUT/summary.json``,
 ``summary.md``, ``histogram.png``; the summary and histogram are logged to
 MLflow. OUT appears complete or not at all (written to a temporary sibling,
@@ -92,6 +93,7 @@ def cmd_score(args) -> int:
             lp = scoring.read_scores(d / "scores")
             lp_ood = scoring.read_scores(d / "ood_scores") if ood else None
             summary = scoring.summarize(lp, lp_ood)
+            summary.update(scoring.column_means(d / "scores"))  # the family's score_columns, if any
             summary.update({"unit": "nats per example", "model": args.model, "data": args.data, "ood": args.ood,
                             "opts": opts, "rows_per_s": res.rows_out / res.wall_s, "wall_s": res.wall_s,
                             "actors": res.actors, "nodes": res.nodes, "rows_in": res.rows_in,
@@ -105,6 +107,9 @@ def cmd_score(args) -> int:
                                                                   "std [nats]"], rows), ""]
             if ood:
                 md.append(f"AUROC of log p ({args.data} positive vs {args.ood}): **{summary['auroc']:.4f}**\n")
+            extra = {k: v for k, v in summary.items() if k.startswith("mean_")}
+            if extra:
+                md.append(markdown_table(["column", "mean over rows"], [[k[5:], v] for k, v in extra.items()]) + "\n")
             md.append(f"{res.rows_out} rows in {res.wall_s:.1f} s ({summary['rows_per_s']:.0f} rows/s) on "
                       f"{res.actors} actor(s), {len(res.nodes)} node(s).\n\n![histogram](histogram.png)\n")
             (d / "summary.md").write_text("\n".join(md))

@@ -130,14 +130,17 @@ def write_report(result, child_ids: dict, parent_id: str, out=None) -> dict:
     rows = ranked(result.rows, spec.metric, spec.mode)
     metric_names = [spec.metric] + sorted({k for r in rows for k in r.metrics}
                                           - {spec.metric, "step", "dt", "started_at"} - {k for k in spec.space})
+    front = pareto_rows(rows, spec.pareto)
     table = []
     for rank, r in enumerate(rows, 1):
         table.append({"rank": rank, "trial_id": r.trial_id, "run_id": child_ids.get(r.trial_id), "status": r.status,
                       **{k: r.config.get(k) for k in spec.space}, **{k: r.metrics.get(k) for k in metric_names},
+                      **({"pareto": r.trial_id in front} if spec.pareto else {}),
                       **({"error": r.error} if r.error else {})})
-    headers = ["rank", "trial", "status"] + list(spec.space) + metric_names
+    headers = ["rank", "trial", "status"] + list(spec.space) + metric_names + (["pareto"] if spec.pareto else [])
     md_rows = [[t["rank"], t["trial_id"], t["status"]] + [t[k] for k in spec.space]
-               + ["" if t[k] is None else t[k] for k in metric_names] for t in table]
+               + ["" if t[k] is None else t[k] for k in metric_names]
+               + (["**front**" if t["pareto"] else ""] if spec.pareto else []) for t in table]
     best = result.best
     md = "\n".join([
         f"# Sweep `{spec.name}` ({spec.kind}-time)\n",
@@ -145,15 +148,20 @@ def write_report(result, child_ids: dict, parent_id: str, out=None) -> dict:
         f"{result.wall_s:.1f} s{' (resumed)' if result.resumed else ''}. Metric: `{spec.metric}` ({spec.mode}). "
         + (f"Best: trial `{best.trial_id}` with {', '.join(f'{k}={v}' for k, v in best.config.items())} -> "
            f"{spec.metric} = {best.metrics[spec.metric]:.4g}." if best else "No trial reported the metric.") + "\n",
-        markdown_table(headers, md_rows), ""])
+        markdown_table(headers, md_rows), ""]
+        + ([f"Pareto front over {', '.join(f'{m} ({d})' for m, d in spec.pareto)}: "
+            f"{len(front)} trial(s), marked **front** above; plot `pareto.png`.\n"] if spec.pareto else []))
     summary = {"sweep": spec.name, "kind": spec.kind, "metric": spec.metric, "mode": spec.mode,
                "n_trials": len(result.rows), "n_done": len(result.completed), "concurrency": result.concurrency,
                "wall_s": result.wall_s, "resumed": result.resumed, "tune_path": result.path,
-               "parent_run_id": parent_id, "best": table[0] if best else None, "trials": table}
+               "parent_run_id": parent_id, "best": table[0] if best else None, "trials": table,
+               **({"pareto": [list(p) for p in spec.pareto], "pareto_front": sorted(front)} if spec.pareto else {})}
     with report_dir(Path(out) if out else Path("reports") / spec.name) as d:
         write_json(d / "best_trials.json", summary)
         (d / "best_trials.md").write_text(md)
         _plot(result, d / "metric_vs_param.png")
+        if spec.pareto:
+            _plot_pareto(rows, spec.pareto, front, d / "pareto.png")
         tracking.log_artifacts(d)
     tracking.log_metrics({"n_trials": len(result.rows), "n_done": len(result.completed), "wall_s": result.wall_s,
                           "concurrency": result.concurrency,
@@ -183,6 +191,37 @@ def _plot(result, path):
             ax.set_xlabel(k)
         ax.set_ylabel(spec.metric)
         ax.set_title(f"{spec.name}: {spec.metric} ({spec.mode})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pareto_rows(rows, pareto) -> set:
+    """Trial ids of the finished trials on the Pareto front of the ``pareto`` metrics (empty without any)."""
+    from raymanifold.analysis.metrics import pareto_front
+
+    done = [r for r in rows if r.status == "DONE" and all(m in r.metrics for m, _ in pareto)]
+    if not pareto or not done:
+        return set()
+    mask = pareto_front([[float(r.metrics[m]) for m, _ in pareto] for r in done], [d for _, d in pareto])
+    return {r.trial_id for r, on in zip(done, mask) if on}
+
+
+def _plot_pareto(rows, pareto, front: set, path):
+    """The first two Pareto metrics of every finished trial, the front joined and marked."""
+    from raymanifold.analysis.plotting import pyplot
+
+    plt = pyplot()
+    (mx, _), (my, _) = pareto[0], pareto[1]
+    pts = [(r.metrics[mx], r.metrics[my], r.trial_id in front) for r in rows
+           if r.status == "DONE" and mx in r.metrics and my in r.metrics]
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    ax.scatter([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], c="0.6", label="trial")
+    on = sorted((p[0], p[1]) for p in pts if p[2])
+    ax.plot([p[0] for p in on], [p[1] for p in on], "o-", c="C3", label="Pareto front")
+    ax.set_xlabel(mx)
+    ax.set_ylabel(my)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

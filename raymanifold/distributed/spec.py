@@ -25,6 +25,7 @@ turns it into a Ray Tune experiment. Two kinds::
       params.dt: {grid: [1, 2, 5, 10, 20]}
     metric: auroc_mean
     mode: max
+    pareto: {clean_accuracy: max, robust_accuracy: max}   # optional: the report marks the Pareto front
 
 Search-space domains: ``{grid: [v, ...]}`` (every value, times ``num_samples``),
 ``{choice: [v, ...]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``
@@ -56,7 +57,7 @@ FIXED_PER_TRIAL = ("name", "experiment", "family", "ray.address", "ray.num_cpus"
 DOMAINS = ("grid", "choice", "uniform", "loguniform")
 SCHEDULERS = ("none", "asha")
 TOP_KEYS = ("kind", "name", "experiment", "base", "set", "model", "evaluator", "params", "space", "metric",
-            "mode", "num_samples", "scheduler", "cpus_per_trial", "max_concurrent", "storage_path", "seed")
+            "mode", "num_samples", "scheduler", "cpus_per_trial", "max_concurrent", "storage_path", "seed", "pareto")
 
 #: short names of the evaluators every family has (module:function); a family's own
 #: evaluators are named in its recipe's ``evaluators`` table (e.g. diffusion's ``diffusion_dt``)
@@ -112,6 +113,7 @@ class SweepSpec:
     max_concurrent: int = 0          # 0 = sized from the cluster's free resources
     storage_path: str = "ray_results/sweeps"
     seed: int = 0
+    pareto: tuple = ()               # ((metric, "min"|"max"), ...): the report marks the Pareto front
 
     @property
     def n_trials(self) -> int:
@@ -218,6 +220,8 @@ def parse_spec(raw: dict, *, source: str = "sweep") -> SweepSpec:
         cpus_per_trial=_number(raw, "cpus_per_trial", 1.0, 0.01), max_concurrent=_number(raw, "max_concurrent", 0, 0, int),
         storage_path=str(raw.get("storage_path", "ray_results/sweeps")), seed=_number(raw, "seed", 0, 0, int),
     )
+    if raw.get("pareto") is not None:
+        spec = _with_pareto(spec, raw["pareto"])
     if spec.kind == "train":
         if not spec.base:
             raise ConfigError("base: a train-time sweep needs the config YAML to train (base: jobs/configs/X.yaml)")
@@ -238,6 +242,21 @@ def parse_spec(raw: dict, *, source: str = "sweep") -> SweepSpec:
         if k in FIXED_PER_TRIAL or MOVED_KEYS.get(k) in FIXED_PER_TRIAL:
             raise ConfigError(f"space.{k}: cannot be swept (set per trial by the sweep)")
     return spec
+
+
+def _with_pareto(spec: SweepSpec, raw) -> SweepSpec:
+    """``pareto: {metric: max, other: min, ...}`` (at least two metrics): the trade-off the report marks."""
+    from dataclasses import replace
+
+    if not isinstance(raw, dict) or len(raw) < 2:
+        raise ConfigError(f"pareto: expected a mapping of at least two metrics to 'min' or 'max', "
+                          f"e.g. {{clean_accuracy: max, robust_accuracy: max}}, got {raw!r}")
+    for k, v in raw.items():
+        if not isinstance(k, str) or not k:
+            raise ConfigError(f"pareto: metric names must be non-empty strings, got {k!r}")
+        if v not in ("min", "max"):
+            raise ConfigError(f"pareto.{k}: {v!r} is not allowed; choose one of ['max', 'min']")
+    return replace(spec, pareto=tuple((str(k), str(v)) for k, v in raw.items()))
 
 
 def load_spec(path, overrides=()) -> SweepSpec:

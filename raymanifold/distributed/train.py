@@ -44,7 +44,7 @@ from raymanifold import data as rdata
 from raymanifold.config import config_from_dict, to_dict
 from raymanifold.distributed.runtime import ensure_ray
 from raymanifold.recipes import get_recipe
-from raymanifold.training import EMA, batch_stream, make_optimizer, run_steps
+from raymanifold.training import EMA, batch_stream, make_optimizer, run_steps, train_threads
 
 FAULT_MARKER = ".fault_injected"
 
@@ -84,7 +84,7 @@ def train_loop_per_worker(loop_cfg: dict):
     run_id, uri = loop_cfg.get("run_id"), loop_cfg.get("tracking_uri")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    torch.set_num_threads(train_threads(cfg))  # the in-process loop uses the same count (same weights)
     device = ray.train.torch.get_device()
     recipe = get_recipe(cfg.family)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker

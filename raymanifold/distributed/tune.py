@@ -125,6 +125,7 @@ def _train_trial(config: dict, *, base: dict, sweep: str, storage: str):
     from raymanifold import checkpoint as ckpt
     from raymanifold.distributed.train import trainer_for
     from raymanifold.recipes import get_recipe
+    from raymanifold.training import train_threads
     from raymanifold.uris import install_uri_resolver
 
     install_uri_resolver()  # a trial's config may name a tracked checkpoint (model.ae_checkpoint=runs:/...)
@@ -143,7 +144,7 @@ def _train_trial(config: dict, *, base: dict, sweep: str, storage: str):
     train_s = time.perf_counter() - t0
     with result.checkpoint.as_directory() as d:
         model, _, recipe = ckpt.load_model(str(Path(d) / ckpt.FILENAME))
-    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    torch.set_num_threads(train_threads(cfg))
     metrics = dict(get_recipe(cfg.family).evaluate(model, cfg)) if recipe.evaluate else {}
     ckpt_file = f"{result.checkpoint.path.rstrip('/')}/{ckpt.FILENAME}"
     last = {k: float(v) for k, v in (result.metrics or {}).items()   # the scheduler's metric (e.g. loss) too

@@ -13,9 +13,9 @@ Everything here runs without Ray; :mod:`raymanifold.distributed.scoring`
 runs :class:`Scorer` in a Ray Data ``ActorPoolStrategy`` pool.
 """
 from raymanifold.scoring.prepared import Prepared, prepare
-from raymanifold.scoring.results import plot_histogram, read_scores, summarize
+from raymanifold.scoring.results import column_means, plot_histogram, read_scores, summarize
 from raymanifold.scoring.scorer import Scorer, dataset_rows, score_inprocess
 from raymanifold.scoring.spec import DataSpec, load_spec_dataset, parse_data_spec
 
-__all__ = ["DataSpec", "Prepared", "Scorer", "dataset_rows", "load_spec_dataset", "parse_data_spec",
+__all__ = ["column_means", "DataSpec", "Prepared", "Scorer", "dataset_rows", "load_spec_dataset", "parse_data_spec",
            "plot_histogram", "prepare", "read_scores", "score_inprocess", "summarize"]

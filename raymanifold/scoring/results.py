@@ -44,3 +44,23 @@ def plot_histogram(in_lp: np.ndarray, ood_lp: Optional[np.ndarray], path, labels
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+#: columns every score file has (not summarised by :func:`column_means`)
+STANDARD_COLUMNS = ("id", "label", "log_prob", "bits_per_dim", "node")
+
+
+def column_means(folder) -> dict:
+    """``{"mean_<column>": mean}`` of the numeric / boolean columns beyond :data:`STANDARD_COLUMNS`
+    (a family's ``score_columns``; e.g. ``mean_changed`` is the fraction of rows whose prediction changed)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(str(folder))
+    out = {}
+    for name in table.column_names:
+        if name in STANDARD_COLUMNS:
+            continue
+        a = np.asarray(table.column(name).to_numpy())
+        if a.dtype.kind in "biuf":
+            out[f"mean_{name}"] = float(np.mean(a.astype(np.float64)))
+    return out

@@ -2,7 +2,8 @@
 
 :class:`Scorer` is built once per worker (it loads the model from checkpoint
 bytes) and maps a batch ``{column: array}`` to ``{"id", "label", "log_prob",
-"bits_per_dim"}``. The Ray Data pipeline (:mod:`raymanifold.distributed.scoring`)
+"bits_per_dim"}`` plus the columns of the recipe's optional ``score_columns`` (e.g. the
+VAE-classifier's ELBO, prediction, purified prediction and ``changed``). The Ray Data pipeline (:mod:`raymanifold.distributed.scoring`)
 runs it in an actor pool; :func:`score_inprocess` runs the same class in a
 plain loop (the baseline, and the reference the Ray scores are tested against).
 
@@ -96,6 +97,12 @@ class Scorer:
         lp = lp.detach().double().cpu().numpy()
         dims = int(np.prod(x.shape[1:]))
         out = {"id": ids, "label": labels, "log_prob": lp, "bits_per_dim": -lp / (dims * math.log(2))}
+        if self.recipe.score_columns is not None:  # the family's further per-example columns
+            extra = self.recipe.score_columns(self.model, x.to(p.device), self.cfg, generator=g)
+            for k, v in extra.items():
+                if k in out:
+                    raise ValueError(f"score_columns: column {k!r} clashes with a standard column")
+                out[k] = v.detach().cpu().numpy()
         if self.node is not None:
             out["node"] = np.full(len(ids), self.node)
         return out

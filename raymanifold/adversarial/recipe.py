@@ -1,0 +1,178 @@
+"""The ``vae_classifier`` family's recipe (see :mod:`raymanifold.recipes`): Eq. 21 and Eq. 22.
+
+Model: :class:`raymanifold.vae.classifier.VAEClassifier` (encoder q(z|x), Bernoulli decoder p(x|z),
+linear head on z). Training loss: Eq. 21, mean over the batch of -ELBO + lambda * CE (nats), with one
+reparameterised z. The label is column ``model.label_column`` of the data set's labels (``mnist5k``:
+the digit; ``mnist5k_pair``: column 0 = the left digit).
+
+Operations: ``log_prob`` = the ELBO (a lower bound of log p(x) under the Bernoulli decoder, nats; one
+z ~ q with a generator, z = mu without), ``sample``, ``encode`` / ``decode``, ``classify`` (h(mu(x))),
+``purify`` (Eq. 22 with a budget given as options; returns the purified x, the prediction on it and the
+ELBO before / after, both at z = mu) and ``score_columns`` (per-example ELBO, prediction, purified
+prediction, whether purification changed it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raymanifold.adversarial.budgets import PurifyBudget, from_dict
+from raymanifold.adversarial.evaluation import eval_set, labels_of, purification_budget
+from raymanifold.adversarial.purify import elbo_at_mean, purify as purify_batch
+from raymanifold.recipes import Recipe
+from raymanifold.schema import ConfigError, param
+from raymanifold.vae.classifier import VAEClassifier, eq21_loss
+
+
+@dataclass(frozen=True)
+class VAEClassifierConfig:
+    latent_dim: int = param(16, lo=1, hi=4096, help="latent size m")
+    width: int = param(16, lo=4, hi=1024, help="base channel width of the ResNet encoder/decoder")
+    lam: float = param(8.0, lo=0.0, help="lambda of Eq. 21: weight of the cross-entropy per example")
+    label_column: int = param(0, lo=0, help="label column classified (data sets with several label columns)")
+    eval_points: int = param(1000, lo=1, help="test examples scored by evaluate()")
+
+
+def input_shape(cfg) -> tuple:
+    from raymanifold import data as rdata
+
+    return rdata.example_shape(cfg.data)
+
+
+def num_classes(cfg) -> int:
+    """Number of classes K of the classified label column (from the data set's metadata)."""
+    from raymanifold import data as rdata
+
+    names, card = rdata.label_columns(cfg.data.name, cfg.data.root)
+    return int(card[cfg.model.label_column])
+
+
+def validate(cfg):
+    from raymanifold import data as rdata
+
+    if rdata.kind_of(cfg.data.name) != "image":
+        raise ConfigError(f"data.name: vae_classifier needs an image data set, got {cfg.data.name!r}")
+    try:
+        shape = input_shape(cfg)
+    except rdata.DataError as exc:
+        raise ConfigError(str(exc)) from None
+    if len(shape) != 3 or shape[1] % 4 or shape[2] % 4:
+        raise ConfigError(f"data.image_size: vae_classifier needs (C, H, W) images with H and W divisible by 4; "
+                          f"{cfg.data.name!r} gives {shape}")
+    names, card = rdata.label_columns(cfg.data.name, cfg.data.root)
+    if not names:
+        raise ConfigError(f"data.name: vae_classifier needs class labels; {cfg.data.name!r} has no label columns")
+    if cfg.model.label_column >= len(names):
+        raise ConfigError(f"model.label_column: {cfg.model.label_column} is out of range; {cfg.data.name!r} has "
+                          f"label columns {list(names)} (0..{len(names) - 1})")
+
+
+def build(cfg) -> torch.nn.Module:
+    return VAEClassifier(input_shape(cfg), cfg.model.latent_dim, num_classes(cfg), cfg.model.width)
+
+
+def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
+    """Eq. 21, mean over the batch (nats); ``step`` is unused (no schedule)."""
+    if len(batch) < 2:
+        raise ConfigError(f"data.name: vae_classifier trains on labelled data; {cfg.data.name!r} gave no labels")
+    x, y = batch[0], labels_of(batch[1], cfg)
+    eps = torch.randn((x.shape[0], cfg.model.latent_dim), generator=generator).to(x.device, x.dtype)
+    return eq21_loss(model, x, y, cfg.model.lam, eps)
+
+
+def latent_shape(cfg) -> tuple:
+    return (cfg.model.latent_dim,)
+
+
+@torch.no_grad()
+def encode(model, x, cfg) -> torch.Tensor:
+    """Posterior means mu(x), (B, m)."""
+    return model.encode(x)[0]
+
+
+@torch.no_grad()
+def decode(model, z, cfg) -> torch.Tensor:
+    """Bernoulli means (B, C, H, W) in [0, 1] of p(x|z)."""
+    return torch.sigmoid(model.decoder(z))
+
+
+@torch.no_grad()
+def sample(model, n: int, cfg, generator) -> torch.Tensor:
+    """``n`` images decoded from z ~ N(0, I), (n, C, H, W) in [0, 1]."""
+    p = next(model.parameters())
+    z = torch.randn((n, cfg.model.latent_dim), generator=generator).to(p.device, p.dtype)
+    return decode(model, z, cfg)
+
+
+@torch.no_grad()
+def log_prob(model, x, cfg, *, generator=None) -> torch.Tensor:
+    """ELBO(x), (B,) nats: one z ~ q(z|x) drawn with ``generator``, or z = mu without one."""
+    eps = None
+    if generator is not None:
+        eps = torch.randn((x.shape[0], cfg.model.latent_dim), generator=generator).to(x.device, x.dtype)
+    return model.elbo(x, eps)
+
+
+@torch.no_grad()
+def classify(model, x, cfg) -> dict:
+    """{"label": (B,) int64, "probs": (B, K)}: the head on the posterior mean, softmax probabilities."""
+    logits = model.classify_logits(x)
+    return {"label": logits.argmax(1), "probs": torch.softmax(logits, 1)}
+
+
+def purify(model, x, cfg, *, generator, iterations: int = 64, step: float = 1 / 255, restarts: int = 1,
+           eps: float = 0.0) -> dict:
+    """Eq. 22 with the given budget (``eps`` = 0: unconstrained; x + delta stays in [0, 1]).
+
+    Returns {"x": purified (B, C, H, W), "label": prediction on it (B,), "label_before": prediction on x,
+    "elbo_before": ELBO(x), "elbo_after": ELBO(x_pfy)} (ELBO at z = mu, nats). Never reads a label."""
+    budget = from_dict(PurifyBudget, {"iterations": iterations, "step": step, "restarts": restarts, "eps": eps},
+                       "")
+    if iterations > 4096 or restarts > 64:
+        raise ConfigError(f"{'iterations' if iterations > 4096 else 'restarts'}: at most 4096 iterations and "
+                          f"64 restarts per call, got {iterations} and {restarts}")
+    x = x.detach()
+    xp, after = purify_batch(model, x, budget, generator)
+    with torch.no_grad():
+        return {"x": xp, "label": model.classify_logits(xp).argmax(1), "label_before": model.classify_logits(x).argmax(1),
+                "elbo_before": elbo_at_mean(model, x), "elbo_after": after}
+
+
+#: purification budget of ``raymanifold score`` (columns purified_label / changed)
+SCORE_PURIFY = {"iterations": 64, "step": 1 / 255, "restarts": 1, "eps": 0.0}
+
+
+def score_columns(model, x, cfg, *, generator) -> dict:
+    """Per-example columns of ``raymanifold score``: ``elbo`` (z = mu, nats), ``label_pred`` (h(mu(x))),
+    ``purified_label`` (after Eq. 22 with :data:`SCORE_PURIFY`), ``elbo_purified`` and ``changed``."""
+    out = purify(model, x, cfg, generator=generator, **SCORE_PURIFY)
+    return {"elbo": out["elbo_before"], "label_pred": out["label_before"], "purified_label": out["label"],
+            "elbo_purified": out["elbo_after"], "changed": out["label"] != out["label_before"]}
+
+
+def cost(cfg, op: str, **opts) -> dict:
+    """Network passes per example: purify = iterations * restarts gradient steps (+ one ELBO per restart)."""
+    if op == "purify":
+        it, r = int(opts.get("iterations", 64)), int(opts.get("restarts", 1))
+        return {"nfe": it * r + r + 2}
+    return {"nfe": 1} if op in ("sample", "encode", "decode", "classify", "log_prob") else {}
+
+
+@torch.no_grad()
+def evaluate(model, cfg) -> dict:
+    """Clean test accuracy and ELBO (z = mu, nats) on ``eval_points`` test examples (a fixed random subset)."""
+    model.eval()
+    p = next(model.parameters())
+    x, y = eval_set(cfg, cfg.model.eval_points, device=p.device)
+    x = x.to(p.dtype)
+    pred = torch.cat([model.classify_logits(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)])
+    elbo = elbo_at_mean(model, x)
+    return {"clean_accuracy": float((pred == y).float().mean()), "test_elbo_nats": float(elbo.mean()),
+            "test_neg_elbo_nats": float(-elbo.mean()), "eval_points": float(len(x))}
+
+
+RECIPE = Recipe(name="vae_classifier", model_config=VAEClassifierConfig, build=build, input_shape=input_shape,
+                loss=loss, evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, encode=encode,
+                decode=decode, latent_shape=latent_shape, validate=validate, classify=classify, purify=purify,
+                score_columns=score_columns, evaluators={"purification": purification_budget})

@@ -1,0 +1,175 @@
+"""``raymanifold study table1``: Table 1 of the main paper (Sec. 3) on mnist5k, with the adaptive column.
+
+Argument parsing only: models are loaded (``--model-<setting>``: path or runs:/<id>) or trained through
+the run service (Ray Train + MLflow), measured by :mod:`raymanifold.adversarial.study` and written by
+:mod:`raymanifold.adversarial.report` to ``reports/table1/`` (atomically) and to an MLflow run
+(experiment ``adversarial``).
+"""
+from __future__ import annotations
+
+import time
+
+from raymanifold.commands import UsageError, apply_common, find_config, stage
+
+
+def register(sub, study_sub):
+    from raymanifold.adversarial.study import DEFAULT_SETTINGS, SETTINGS, StudyBudgets
+
+    d = StudyBudgets()
+    p = study_sub.add_parser("table1", help="VAE-classifier: clean / patch-PGD / patch-NAG / adaptive accuracy, "
+                                            "without and with ELBO purification (Table 1)")
+    p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help=f"settings to run, of {list(SETTINGS)}")
+    for s in SETTINGS:
+        p.add_argument(f"--model-{s}", default=None, help=f"trained vae_classifier for setting {s!r} "
+                                                          f"(path or runs:/<id>); default: train {SETTINGS[s][0]}")
+    p.add_argument("--n", type=int, default=d.n, help="test examples attacked and purified")
+    p.add_argument("--attack-iterations", type=int, default=d.attack_iterations,
+                   help="patch-PGD / patch-NAG iterations (paper: 2048)")
+    p.add_argument("--attack-step", type=float, default=d.attack_step, help="attack step inside the patch")
+    p.add_argument("--purify-iterations", type=int, default=d.purify.iterations, help="Eq. 22 steps (paper: 256)")
+    p.add_argument("--purify-step", type=float, default=d.purify.step, help="Eq. 22 step size (paper: 1/255)")
+    p.add_argument("--purify-restarts", type=int, default=d.purify.restarts, help="Eq. 22 restarts")
+    p.add_argument("--adaptive-n", type=int, default=d.adaptive_n, help="examples attacked adaptively")
+    p.add_argument("--adaptive-iterations", type=int, default=d.adaptive_iterations)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override config values of models trained here (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = leave as is)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    p.add_argument("--out", default="reports/table1")
+    p.set_defaults(func=cmd_table1)
+
+    p = study_sub.add_parser("fig9", help="VAE-classifier with a 2-D latent: clean -> attacked -> purified "
+                                          "trajectories (Fig. 9)")
+    p.add_argument("--model", default=None, help="trained 2-D-latent vae_classifier (path or runs:/<id>); "
+                                                 "default: train jobs/configs/vae_classifier_mnist5k_latent2.yaml")
+    p.add_argument("--config", default="jobs/configs/vae_classifier_mnist5k_latent2.yaml")
+    p.add_argument("--paths", type=int, default=12, help="examples drawn as trajectories")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--address", default=None)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--out", default="reports/fig9")
+    p.set_defaults(func=cmd_fig9)
+
+
+def _budgets(args):
+    from raymanifold.adversarial.budgets import PurifyBudget
+    from raymanifold.adversarial.study import StudyBudgets
+
+    for k in ("n", "attack_iterations", "adaptive_n", "adaptive_iterations"):
+        if getattr(args, k) < 1:
+            raise UsageError(f"--{k.replace('_', '-')}: must be >= 1, got {getattr(args, k)}")
+    if not 0 < args.attack_step <= 1:
+        raise UsageError(f"--attack-step: must be in (0, 1], got {args.attack_step}")
+    pb = PurifyBudget(iterations=args.purify_iterations, step=args.purify_step, restarts=args.purify_restarts)
+    d = StudyBudgets()
+    return StudyBudgets(n=args.n, attack_iterations=args.attack_iterations, attack_step=args.attack_step,
+                        purify=pb, adaptive_n=args.adaptive_n, adaptive_iterations=args.adaptive_iterations,
+                        adaptive_step=max(d.adaptive_step, 1.0 / args.adaptive_iterations))
+
+
+def cmd_table1(args) -> int:
+    import torch
+
+    from raymanifold import runs
+    from raymanifold.adversarial import report
+    from raymanifold.adversarial.study import SETTINGS, metrics_of, run_setting
+    from raymanifold.config import load_config
+    from raymanifold.reports import report_dir
+
+    if args.threads < 0:
+        raise UsageError(f"--threads: must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    bad = [s for s in settings if s not in SETTINGS]
+    if bad or not settings:
+        raise UsageError(f"--settings: unknown {bad}; choose from {list(SETTINGS)}")
+    budgets = _budgets(args)
+    sets = apply_common(args)
+    # every config / model is resolved before any work
+    configs = {s: load_config(find_config(SETTINGS[s][0]), sets) for s in settings
+               if getattr(args, f"model_{s}") is None}
+    n = 2 * len(settings) + 1
+    i = 0
+    models, info = {}, {}
+    for s in settings:
+        i += 1
+        uri = getattr(args, f"model_{s}")
+        if uri:
+            stage(i, n, f"{s}: loading {uri}")
+            model, cfg, recipe = runs.load(uri)
+            info[f"{s}_model"] = uri
+        else:
+            cfg = configs[s]
+            stage(i, n, f"{s}: training {cfg.name} ({cfg.train.steps} steps, Ray Train)")
+            h = runs.train(cfg, tracking_uri=args.tracking_uri, tags={"study": "table1"})
+            model, cfg, recipe = runs.load(str(h.checkpoint))
+            info[f"{s}_model"] = h.model_uri
+            info[f"{s}_train_wall_s"] = round(h.wall_s, 1)
+        if cfg.family != "vae_classifier":
+            raise UsageError(f"--model-{s}: a {cfg.family} model; table1 needs a vae_classifier")
+        models[s] = (model, cfg)
+    results = {}
+    t0 = time.perf_counter()
+    for s in settings:
+        i += 1
+        stage(i, n, f"{s}: attacks, purification, adaptive attacks, patch sizes")
+        model, cfg = models[s]
+        results[s] = run_setting(model, cfg, s, budgets, seed=args.seed)
+    info["study_wall_s"] = round(time.perf_counter() - t0, 1)
+    info["torch_threads"] = torch.get_num_threads()
+    stage(n, n, f"writing {args.out}")
+    with report_dir(args.out) as tmp:
+        report.write(tmp, results, budgets.as_dict(), info)
+    summary = {**metrics_of(results), "study_wall_s": info["study_wall_s"]}
+    runs.log_study("study_table1", "adversarial", {"budgets": budgets.as_dict(), **info}, summary, args.out,
+                   tracking_uri=args.tracking_uri, tags={"family": "vae_classifier", "study": "table1"})
+    print("\n".join(l for l in open(f"{args.out}/table1.md").read().splitlines()[:12]))
+    print(f"study wall time {info['study_wall_s']} s")
+    return 0
+
+
+def cmd_fig9(args) -> int:
+    import torch
+
+    from raymanifold import runs
+    from raymanifold.adversarial import fig9
+    from raymanifold.adversarial.study import SETTINGS
+    from raymanifold.config import load_config
+    from raymanifold.reports import report_dir, write_json
+
+    if args.paths < 1:
+        raise UsageError(f"--paths: must be >= 1, got {args.paths}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        stage(1, 3, f"loading {args.model}")
+        model, cfg, _ = runs.load(args.model)
+        source = args.model
+    else:
+        cfg = load_config(find_config(args.config), apply_common(args))
+        stage(1, 3, f"training {cfg.name} ({cfg.train.steps} steps, Ray Train)")
+        h = runs.train(cfg, tracking_uri=args.tracking_uri, tags={"study": "fig9"})
+        model, cfg, _ = runs.load(str(h.checkpoint))
+        source = h.model_uri
+    if cfg.family != "vae_classifier" or cfg.model.latent_dim != 2:
+        raise UsageError(f"--model: Fig. 9 needs a vae_classifier with a 2-D latent, got {cfg.family} "
+                         f"with latent_dim {getattr(cfg.model, 'latent_dim', None)}")
+    stage(2, 3, "attacking and purifying; recording the latent path")
+    t = fig9.trajectories(model, cfg, patch=SETTINGS["mnist5k"][1], n_paths=args.paths, seed=args.seed)
+    acc = {k: float((t[f"pred_{k}"] == t["label"]).float().mean()) for k in ("clean", "attacked", "purified")}
+    stage(3, 3, f"writing {args.out}")
+    with report_dir(args.out) as tmp:
+        fig9.plot(tmp / "fig9.png", t)
+        write_json(tmp / "fig9.json", {"model": source, "accuracy_on_paths": acc, "n_paths": args.paths,
+                                        "mu_clean": t["mu_clean"], "path": t["path"], "label": t["label"],
+                                        "pred_clean": t["pred_clean"], "pred_attacked": t["pred_attacked"],
+                                        "pred_purified": t["pred_purified"], "every": t["every"]})
+    runs.log_study("study_fig9", "adversarial", {"model": source}, acc, args.out, tracking_uri=args.tracking_uri,
+                   tags={"family": "vae_classifier", "study": "fig9"})
+    print(f"accuracy on the {args.paths} paths: {acc}; {args.out}/fig9.png")
+    return 0

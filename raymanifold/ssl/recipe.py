@@ -1,0 +1,284 @@
+"""The DiffSiam family's recipe (thesis 004, Sec. 3.2, Algorithm 1; see :mod:`raymanifold.recipes`).
+
+One family, five variants (``model.variant``):
+
+============  ===============================================================  ===========
+variant       diffusion term (Eq. 3.11) with z_bar_k                           SimSiam term
+============  ===============================================================  ===========
+hierarchical  [z_1 .. z_k, 0 ..], x_{t+k}, t ~ U(1, T - n), k ~ U(1, n)          Eq. 3.9
+sequential    [0 .. z_k .. 0]                                                  Eq. 3.9
+detach        [sg(z_1 .. z_{k-1}), z_k, 0 ..]                                  Eq. 3.9
+pdae          full z, x_t with t ~ U(1, T) (PDAE)                              none
+simsiam       none (no DDPM needed)                                            Eq. 3.9
+============  ===============================================================  ===========
+
+Choices the seed leaves open (docs/diffsiam.md):
+
+* **lambda_t, w_t** ("follow PDAE"): PDAE's eps-space weighting rewritten in x_0 space,
+  lambda_t = SNR_t^1.1 / (1 + SNR_t), w_t = (1 - alpha_bar_{t-1}) / sqrt(alpha_bar_{t-1})
+  (:func:`objectives.pdae_weights`); ``weighting: uniform`` sets both to 1.
+* **t vs t + k in Eq. 3.11**: as printed by default (``time_label: t``): the frozen network gets
+  x_{t+k} but is told time t, and u = (x_{t+k} - sqrt(1 - ab_t) eps_theta(x_{t+k}, t)) / sqrt(ab_t)
+  (the x_0-predictor of a network that believes it is at t); lambda_t, w_t and g use t as well.
+  ``time_label: t+k`` tells the network the true time instead. ``k_stride`` s > 1 uses x_{t+ks}.
+* the frozen DDPM is one of this project's diffusion runs (an eps U-Net): u is its x_0 prediction (Eq. 3.4).
+
+Data: images in [0, 1] (the encoder's input); the DDPM works on 2x - 1.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from raymanifold import checkpoint as ckpt
+from raymanifold.config import ConfigError, param
+from raymanifold.recipes import Recipe
+from raymanifold.ssl import augment, editing, objectives
+from raymanifold.ssl.frozen import ddpm_config, ddpm_state, diffusion, weights  # noqa: F401 (re-exported)
+from raymanifold.ssl.nets import DiffSiam
+from raymanifold.ssl.objectives import TIME_LABELS, VARIANTS, WEIGHTINGS
+
+BACKBONES = ("conv", "resnet10", "resnet18")
+AUGMENTS = augment.POLICIES
+
+
+@dataclass(frozen=True)
+class DiffSiamModelConfig:
+    variant: str = param("hierarchical", choices=VARIANTS, help="DiffSiam variant or baseline (see module doc)")
+    ddpm: str = param("", help="frozen DDPM: checkpoint path/folder or runs:/<id> of a diffusion run with "
+                               "net=unet (not used by variant=simsiam)")
+    d: int = param(64, lo=1, help="representation size (z in R^d)")
+    segments: int = param(8, lo=1, help="n: segments of z (must divide d)")
+    k_stride: int = param(1, lo=1, help="s: the noisy image is x_{t + k s} (1 as printed)")
+    time_label: str = param("t", choices=TIME_LABELS, help="time given to the frozen net for x_{t+k}")
+    weighting: str = param("pdae", choices=WEIGHTINGS, help="lambda_t, w_t of Eq. 3.11")
+    gamma: float = param(0.1, lo=0.0, help="PDAE's SNR exponent in lambda_t")
+    simsiam_weight: float = param(1.0, lo=0.0, help="weight of Eq. 3.9 in Eq. 3.12 (1 as printed)")
+    backbone: str = param("conv", choices=BACKBONES, help="encoder backbone (thesis: ResNet-10)")
+    width: int = param(32, lo=1, help="conv backbone: base channels")
+    in_channels: int = param(3, lo=1)
+    image_size: int = param(24, lo=8, help="image height = width")
+    augment: str = param("simsiam", choices=AUGMENTS, help="SimSiam view policy (raymanifold.ssl.augment)")
+    eval_points: int = param(1000, lo=20, help="test examples of the quick linear probe after training")
+
+
+def uses_ddpm(cfg) -> bool:
+    return cfg.model.variant != "simsiam"
+
+
+def validate(cfg):
+    m = cfg.model
+    if m.d % m.segments:
+        raise ConfigError(f"model.segments: {m.segments} does not divide model.d={m.d}; choose a divisor of d")
+    from raymanifold import data as rdata
+
+    if rdata.kind_of(cfg.data.name) != "image":
+        raise ConfigError(f"data.name: DiffSiam needs an image set, got {cfg.data.name!r}")
+    shape = tuple(rdata.shape_of(cfg.data.name, cfg.data.image_size))
+    want = (m.in_channels, m.image_size, m.image_size)
+    if len(shape) == 3 and shape != want:
+        raise ConfigError(f"data.image_size: {cfg.data.name!r} gives {shape} images but the model takes {want}; "
+                          f"set data.image_size / model.image_size / model.in_channels to agree")
+    if not uses_ddpm(cfg):
+        return
+    if not m.ddpm:
+        raise ConfigError(f"model.ddpm: variant {m.variant!r} needs a frozen DDPM (checkpoint path or runs:/<id> "
+                          "of a diffusion run with net=unet); only variant=simsiam trains without one")
+    try:
+        dcfg = ddpm_config(cfg)
+    except (ckpt.CheckpointError, ConfigError) as exc:
+        raise ConfigError(f"model.ddpm: {exc}") from None
+    if dcfg.family != "diffusion" or dcfg.model.net != "unet":
+        raise ConfigError(f"model.ddpm: {m.ddpm!r} is a {dcfg.family!r} run"
+                          f"{'' if dcfg.family != 'diffusion' else ' with net=' + dcfg.model.net}; "
+                          "need family diffusion with net=unet")
+    dshape = (dcfg.model.in_channels, dcfg.model.image_size, dcfg.model.image_size)
+    if dshape != want:
+        raise ConfigError(f"model.ddpm: the frozen DDPM takes {dshape} images but this model takes {want}")
+    T = dcfg.model.T
+    if m.variant != "pdae" and T - m.segments * m.k_stride < 1:
+        raise ConfigError(f"model.segments: t ~ U(1, T - n s) is empty (T={T}, segments={m.segments}, "
+                          f"k_stride={m.k_stride}); t and t + k s must stay in [1, T]")
+
+
+# ----------------------------------------------------------------------------- build
+def build(cfg) -> DiffSiam:
+    m = cfg.model
+    unet, kw = None, None
+    if uses_ddpm(cfg):
+        from raymanifold.diffusion.recipe import build as build_ddpm
+
+        state = ddpm_state(m.ddpm)
+        dcfg = ddpm_config(cfg)
+        unet = build_ddpm(dcfg)
+        unet.load_state_dict(state.get("ema") or state["model"])
+        dm = dcfg.model
+        kw = dict(in_channels=dm.in_channels, image_size=dm.image_size, channels=dm.channels,
+                  channel_mult=tuple(dm.channel_mult), num_res_blocks=dm.num_res_blocks,
+                  attention=dm.attention, dropout=0.0)
+    return DiffSiam(m.in_channels, m.d, backbone=m.backbone, width=m.width, unet=unet, unet_kwargs=kw,
+                    predictor=m.variant != "pdae", segments=m.segments, variant=m.variant)
+
+
+def input_shape(cfg) -> tuple[int, ...]:
+    m = cfg.model
+    return (m.in_channels, m.image_size, m.image_size)
+
+
+def latent_shape(cfg) -> tuple[int, ...]:
+    return (cfg.model.d,)
+
+
+@functools.lru_cache(maxsize=8)
+def _policy(name: str, size: int, channels: int):
+    return augment.make_policy(name, size, channels)
+
+
+# ----------------------------------------------------------------------------- loss
+def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
+    """Eq. 3.12 = Eq. 3.11 (diffusion, unless simsiam) + simsiam_weight * Eq. 3.9 (unless pdae), one batch.
+
+    Draws from ``generator`` (CPU), in order: the two views (per example), t and k (Algorithm 1), eps.
+    ``step`` is unused. Metrics: ``loss``, ``simsiam`` (in [-1, 1]), ``diffusion`` (Eq. 3.11) and
+    ``diffusion_frozen`` (the same without g: what the decoder has to compensate), ``z_std`` (std of
+    the l2-normalised z per dimension times sqrt(d): about 1 without collapse, 0 when collapsed).
+    """
+    m = cfg.model
+    x = batch[0]
+    dev = x.device
+    views = None
+    if m.variant != "pdae" and m.simsiam_weight > 0:
+        pol = _policy(m.augment, m.image_size, m.in_channels)
+        views = (augment.views(x.cpu(), pol, generator).to(dev), augment.views(x.cpu(), pol, generator).to(dev))
+    kw = {}
+    if uses_ddpm(cfg):
+        diff = diffusion(cfg)
+        t, k = objectives.draw_t_k(x.shape[0], diff.T, m.segments, generator, k_stride=m.k_stride,
+                                   variant=m.variant)
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(dev)
+        t_noise = (t + k * m.k_stride).to(dev)
+        label = t.to(dev) if m.time_label == "t" else t_noise
+        x0 = x * 2 - 1
+        x_t = diff.q_sample(x0, t_noise, eps).to(x.dtype)
+        kw = dict(x_t=x_t, t=label, k=k.to(dev))
+    out = model(x, views=views, **kw)
+    total = torch.zeros((), device=dev)
+    metrics = {}
+    if views is not None:
+        ss = objectives.simsiam_loss(out["p1"], out["p2"], out["z1"], out["z2"])
+        total = total + m.simsiam_weight * ss
+        metrics["simsiam"] = float(ss.detach())
+    if kw:
+        ab = diff.alpha_bar_on(dev)[label]
+        lam, w = (v.to(dev)[label] for v in weights(cfg))
+        u = objectives.x0_from_eps(x_t, out["eps"], ab)
+        dl = objectives.diffusion_loss(x0, u, out["g"], lam, w)
+        total = total + dl
+        metrics["diffusion"] = float(dl.detach())
+        with torch.no_grad():
+            metrics["diffusion_frozen"] = float(objectives.diffusion_loss(x0, u, torch.zeros_like(u), lam, w))
+    with torch.no_grad():
+        zn = torch.nn.functional.normalize(out["z"].detach(), dim=1)
+        metrics["z_std"] = float(zn.std(0).mean() * m.d ** 0.5) if x.shape[0] > 1 else 0.0
+    metrics["loss"] = float(total.detach())
+    return total, metrics
+
+
+# ----------------------------------------------------------------------------- operations
+def check_input(x: torch.Tensor, cfg, what: str = "x"):
+    want = input_shape(cfg)
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+        raise ValueError(f"{what}: expected shape (B, {', '.join(map(str, want))}), got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()) or float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6:
+        raise ValueError(f"{what}: image values must be finite and lie in [0, 1]")
+
+
+@torch.no_grad()
+def encode(model, x, cfg) -> torch.Tensor:
+    """z = f(x) (B, d), segments are consecutive blocks of d / n dimensions; ``x`` in [0, 1]."""
+    check_input(x, cfg)
+    return model(x.to(next(model.parameters()).device))["z"]
+
+
+def _need_ddpm(model, op: str):
+    if model.unet is None:
+        raise ValueError(f"{op}: this model is variant=simsiam (no frozen DDPM, no decoder); "
+                         "train a DiffSiam or pdae variant")
+
+
+def sample(model, n: int, cfg, generator, *, dt: int = 20, eta: float = 0.0) -> torch.Tensor:
+    """``n`` images (n, C, H, W) in [0, 1]: DDIM from x_T ~ N(0, I) guided by g(z = 0, t).
+
+    DiffSiam has no prior over z (PDAE trains a latent DDPM for that; not implemented here), so this
+    is the frozen DDPM's DDIM sample with the decoder's z-independent part added (a check of the
+    decoder, not a generative model of z). Network evaluations: ``cost(cfg, "sample", dt=dt)``.
+    """
+    _need_ddpm(model, "sample")
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n}")
+    z = torch.zeros(n, cfg.model.d, device=next(model.parameters()).device)
+    return editing.guided_sample(model, z, cfg, generator=generator, dt=dt, eta=eta)
+
+
+def counterfactual(model, x, cfg, *, segments: str = "1-2", scale: float = 1.0, dt: int = 20) -> torch.Tensor:
+    """Algorithm 2 on image pairs (x[0], x[1]), (x[2], x[3]), ...: out[2i] is x[2i]'s counterfactual with
+    the segments ``segments`` of z (1-based, e.g. "1-2" or "1,3-4") moved towards x[2i+1]'s by ``scale``
+    and x_T slerped by ``scale``; out[2i+1] the same from x[2i+1] towards x[2i]. ``x`` (2P, C, H, W) in
+    [0, 1] -> (2P, C, H, W) in [0, 1]; DDIM inversion and guided DDIM on the plan of step ``dt``.
+    ``scale = 0`` reconstructs each image (guided DDIM inversion and decoding)."""
+    _need_ddpm(model, "counterfactual")
+    check_input(x, cfg)
+    if len(x) % 2:
+        raise ValueError(f"x: counterfactuals take image pairs (x[2i], x[2i+1]); got an odd count {len(x)}")
+    sel = editing.parse_segments(segments, cfg.model.segments)
+    x = x.to(next(model.parameters()).device)
+    xa, xb = x[0::2], x[1::2]
+    za, zb = model(xa)["z"], model(xb)["z"]
+    ta, tb = editing.invert(model, xa, cfg, z=za, dt=dt), editing.invert(model, xb, cfg, z=zb, dt=dt)
+    out = torch.empty_like(x)
+    out[0::2] = editing.counterfactual(model, xa, xb, sel, scale, cfg, dt=dt, x_T=ta, x_T_other=tb)
+    out[1::2] = editing.counterfactual(model, xb, xa, sel, scale, cfg, dt=dt, x_T=tb, x_T_other=ta)
+    return out
+
+
+def cost(cfg, op: str, **opts) -> dict:
+    """Network evaluations per example: ``sample`` T/dt steps; ``counterfactual`` one DDIM inversion and one
+    guided DDIM (2 T/dt; each evaluation is one frozen U-Net + decoder pass); {} for other operations."""
+    if op not in ("sample", "counterfactual") or not uses_ddpm(cfg):
+        return {}
+    steps = diffusion(cfg).nfe("sample", sampler="ddim", dt=int(opts.get("dt", 20)))
+    return {"nfe": steps if op == "sample" else 2 * steps}
+
+
+def evaluate(model, cfg) -> dict:
+    """Quick in-domain linear probe (:func:`raymanifold.ssl.probes.linear_probe`) on the test split:
+    z of ``eval_points`` examples, half to fit, half to score, per label column (factor); accuracy."""
+    from raymanifold import data as rdata
+    from raymanifold.ssl.probes import linear_probe
+
+    d = cfg.data
+    ds = rdata.load(d.name, "test", n=min(d.n_test, cfg.model.eval_points), seed=d.seed, root=d.root,
+                    image_size=d.image_size)
+    if ds.y is None:
+        return {}
+    x = ds.x[: cfg.model.eval_points]
+    y = ds.y[: cfg.model.eval_points]
+    model.eval()
+    z = torch.cat([encode(model, x[i:i + 256], cfg) for i in range(0, len(x), 256)]).cpu().numpy()
+    y = y.numpy().reshape(len(x), -1)
+    names = list((ds.info or {}).get("factor_names") or (ds.info or {}).get("label_names") or [])
+    cols = range(min(y.shape[1], len(names) or 1))
+    half = len(x) // 2
+    out = {}
+    for c in cols:
+        name = names[c] if names else "label"
+        out[f"probe_acc_{name}"] = linear_probe(z[:half], y[:half, c], z[half:], y[half:, c])
+    out["probe_acc_mean"] = float(sum(out.values()) / len(out))
+    return out
+
+
+RECIPE = Recipe(name="diffsiam", model_config=DiffSiamModelConfig, build=build, input_shape=input_shape,
+                loss=loss, evaluate=evaluate, sample=sample, cost=cost, encode=encode,
+                latent_shape=latent_shape, validate=validate, counterfactual=counterfactual)
