@@ -282,7 +282,8 @@ def test_celeba_identity_index_matches_the_loader(tmp_path):
 @pytest.mark.ray
 def test_celeba_study_on_ray_data_matches_in_process(tmp_path, tracking_uri, capsys, local_ray):
     """The cluster configuration (on-disk CelebA, identity = the person, Ray Data embedding and search) on a
-    native-format fixture: a 2-step model, then the study file with embedding ray and local; same table."""
+    native-format fixture: a 2-step model, the study file through the CLI on Ray Data, and the same steps in
+    this process (same neighbours, same table)."""
     from raymanifold.config import load_config
     from raymanifold.training import train_inprocess
 
