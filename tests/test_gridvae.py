@@ -364,3 +364,16 @@ def test_two_digit_study_restarts_on_ray_tune_keep_the_best_elbo(tmp_path, monke
     assert rep["metrics"]["cluster_accuracy"] == pytest.approx(chosen[0]["cluster_accuracy"])
     assert rows[0]["train_loss_nats"] != rows[1]["train_loss_nats"]  # two different models
     assert "## Restarts" in (out / "two_digit.md").read_text()
+
+
+def test_guided_kl_without_labels_names_the_field():
+    """A guided GridVAE asked for its KL on a batch without labels: ConfigError naming model.guidance."""
+    from raymanifold.config import load_config
+    from raymanifold.schema import ConfigError
+    from raymanifold.vae.elbo import kl_terms
+
+    cfg = load_config("jobs/configs/gridvae_shapes_guided.yaml")
+    d = cfg.model.latent_dim
+    mu, logvar = torch.zeros(3, d), torch.zeros(3, d)
+    with pytest.raises(ConfigError, match="model.guidance: .* needs labels"):
+        kl_terms(cfg, mu, logvar, mu, y=None)

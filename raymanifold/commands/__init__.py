@@ -40,6 +40,17 @@ def apply_common(args) -> list[str]:
     return sets
 
 
+def set_threads(args) -> None:
+    """``--threads N``: torch threads of this process (0 = leave as is); refused when negative."""
+    n = getattr(args, "threads", 0) or 0
+    if n < 0:
+        raise UsageError(f"--threads: must be >= 0, got {n}")
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def find_config(path: str) -> Path:
     """``path`` as given, else relative to the repository (for ``jobs/configs/...``)."""
     p = Path(path)

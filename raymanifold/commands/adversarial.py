@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from raymanifold.commands import UsageError, apply_common, find_config, stage
+from raymanifold.commands import UsageError, apply_common, find_config, set_threads, stage
 
 
 def register(sub, study_sub):
@@ -80,10 +80,7 @@ def cmd_table1(args) -> int:
     from raymanifold.config import load_config
     from raymanifold.reports import report_dir
 
-    if args.threads < 0:
-        raise UsageError(f"--threads: must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     bad = [s for s in settings if s not in SETTINGS]
     if bad or not settings:
@@ -134,8 +131,6 @@ def cmd_table1(args) -> int:
 
 
 def cmd_fig9(args) -> int:
-    import torch
-
     from raymanifold import runs
     from raymanifold.adversarial import fig9
     from raymanifold.adversarial.study import SETTINGS
@@ -144,8 +139,7 @@ def cmd_fig9(args) -> int:
 
     if args.paths < 1:
         raise UsageError(f"--paths: must be >= 1, got {args.paths}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     if args.model:
         stage(1, 3, f"loading {args.model}")
         model, cfg, _ = runs.load(args.model)

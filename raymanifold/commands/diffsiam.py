@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-from raymanifold.commands import UsageError, apply_common, find_config, stage
+from raymanifold.commands import UsageError, apply_common, find_config, set_threads, stage
 
 
 def register(sub, study_sub):
@@ -67,15 +67,6 @@ def _ints(text: str, what: str) -> list[int]:
     return out
 
 
-def _threads(args):
-    import torch
-
-    if args.threads < 0:
-        raise UsageError(f"--threads: must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-
 def cmd_probes(args) -> int:
     from raymanifold import runs
     from raymanifold.config import load_config, to_dict
@@ -83,7 +74,7 @@ def cmd_probes(args) -> int:
     from raymanifold.ssl import study as S
     from raymanifold.ssl import study_report
 
-    _threads(args)
+    set_threads(args)
     seeds = _ints(args.seeds, "--seeds")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for name, val in (("--steps", args.steps), ("--episodes", args.episodes), ("--n-eval", args.n_eval)):
@@ -116,7 +107,7 @@ def cmd_edits(args) -> int:
     from raymanifold.ssl import study as S
     from raymanifold.ssl import study_report
 
-    _threads(args)
+    set_threads(args)
     apply_common(args)
     for name, val in (("--pairs", args.pairs), ("--dt", args.dt), ("--d-sparse", args.d_sparse)):
         if val < 1:

@@ -7,9 +7,7 @@ report folder to MLflow (:func:`raymanifold.runs.log_study`).
 """
 from __future__ import annotations
 
-import torch
-
-from raymanifold.commands import UsageError
+from raymanifold.commands import UsageError, set_threads
 
 SAMPLING_DTS = "1,2,5,10,20,100"
 
@@ -104,8 +102,7 @@ def cmd_sampling(args) -> int:
     from raymanifold.diffusion.samplers import SAMPLERS
     from raymanifold.reports import report_dir
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     bad = [s for s in samplers if s not in SAMPLERS]
     if bad or not samplers:
@@ -138,8 +135,7 @@ def cmd_likelihood(args) -> int:
     from raymanifold.diffusion import study_reports
     from raymanifold.reports import report_dir
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     if args.rounds < 2:
         raise UsageError(f"--rounds: need >= 2 to measure per-example variance, got {args.rounds}")
     model, cfg = _load_diffusion(args.model)

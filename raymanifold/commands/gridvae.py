@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from raymanifold.commands import UsageError, apply_common, find_config, stage
+from raymanifold.commands import UsageError, apply_common, find_config, set_threads, stage
 from raymanifold.vae.gridvae_study import DEFAULT_RESTARTS, SHAPES_VARIANTS
 
 
@@ -74,22 +74,13 @@ def _backend(args) -> str:
     return "local" if args.no_ray else "ray"
 
 
-def _setup(args):
-    import torch
-
-    if args.threads < 0:
-        raise UsageError(f"--threads: must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-
 # ----------------------------------------------------------------------------- two digits
 def cmd_two_digit(args) -> int:
     from raymanifold import runs
     from raymanifold.reports import report_dir
     from raymanifold.vae import gridvae_report, gridvae_study as S
 
-    _setup(args)
+    set_threads(args)
     if args.restarts is not None and args.restarts < 1:
         raise UsageError(f"--restarts: must be >= 1, got {args.restarts}")
     if args.model and (args.restarts or 1) > 1:
@@ -135,7 +126,7 @@ def cmd_shapes(args) -> int:
     from raymanifold.reports import report_dir
     from raymanifold.vae import gridvae_report, gridvae_study as S
 
-    _setup(args)
+    set_threads(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in SHAPES_VARIANTS]
     if bad or not variants:

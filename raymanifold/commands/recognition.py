@@ -8,7 +8,7 @@ atomically, and the report is logged to MLflow (:func:`raymanifold.runs.study_ru
 """
 from __future__ import annotations
 
-from raymanifold.commands import UsageError, apply_common, find_config, stage
+from raymanifold.commands import apply_common, find_config, set_threads, stage
 
 
 def register(sub, study_sub):
@@ -28,16 +28,11 @@ def register(sub, study_sub):
 
 
 def cmd_attribute_kl(args) -> int:
-    import torch
-
     from raymanifold import runs
     from raymanifold.recognition import report, study as S
     from raymanifold.reports import report_dir
 
-    if args.threads < 0:
-        raise UsageError(f"--threads: must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     sets = apply_common(args)
     model_cfg = None
     if args.model:

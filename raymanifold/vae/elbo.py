@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from raymanifold.schema import ConfigError
 from raymanifold.vae import priors
 
 @functools.lru_cache(maxsize=32)
