@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -66,13 +65,6 @@ class RunHandle:
     def source(self) -> str:
         """How reports name the model, e.g. ``runs:/<id> (Ray Train)``."""
         return f"{self.model_uri} ({'Ray Train' if self.backend == 'ray' else 'in-process'})"
-
-
-def _keep(path: Path) -> Path:
-    """Copy a checkpoint out of a temporary folder."""
-    saved = Path(tempfile.mkdtemp(prefix="rm-ckpt-")) / ckpt.FILENAME
-    shutil.copy2(path, saved)
-    return saved
 
 
 def train(cfg, *, backend: str = "ray", tracking_uri: Optional[str] = None, fresh: bool = False,
@@ -119,7 +111,7 @@ def train(cfg, *, backend: str = "ray", tracking_uri: Optional[str] = None, fres
                 metrics["resumed_from_step"] = start
             metrics.update(final)
             tracking.log_metrics(metrics)
-            saved = _keep(path)
+            saved = tracking.cache_checkpoint(path, run_id, tracking_uri)  # outlives the temporary folder
     return RunHandle(run_id=run_id, model_uri=f"runs:/{run_id}", checkpoint=saved, metrics=metrics, step=step,
                      start_step=start, wall_s=wall, backend=backend, storage_dir=storage)
 

@@ -5,7 +5,7 @@ its answers, built once when a replica loads its model. No Ray, no FastAPI here.
 
     {"source":    {"uri", "run_id", "run_name", "experiment_id", "status", "link", "step",
                    "params": {key: value}, "metrics": {name: float}},
-     "reference": {"split": "train", "examples", "options", "seed", "unit", "dims",
+     "reference": {"split": "train", "examples", "options", "nfe_per_example", "seed", "unit", "dims",
                    "threshold_quantile", "threshold", "quantiles": {"0.01", ...},
                    "histogram": {"edges": [...], "counts": [...]}}        (log_prob models)
                   or {"error": "..."} when the training set cannot be scored here,
@@ -83,14 +83,19 @@ def _finite(v: float) -> Optional[float]:
 
 
 def reference_scores(model, cfg, recipe, *, examples: int, options: dict, seed: int, threshold_quantile: float,
-                     batch_size: int = 64) -> dict:
+                     max_nfe: int = 20_000, batch_size: int = 64) -> dict:
     """log p of ``examples`` training examples (recipe default options overridden by ``options``; seeded), as a
     histogram, quantiles and the off-manifold threshold (the ``threshold_quantile`` quantile), in the recipe's unit.
+    Fewer examples (at least 16) when they would cost more than ``max_nfe`` network evaluations in all
+    (``recipe.cost``), so a large model's replica still starts in bounded time.
     """
     from raymanifold import data as rdata
 
     ds = rdata.load_split(cfg.data, "train")
+    nfe = recipe.cost_of(cfg, "log_prob", **options).get("nfe")
     n = min(int(examples), len(ds))
+    if nfe:
+        n = min(n, max(16, int(max_nfe // nfe)))
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     x = ds.x[idx]
     dtype = next(model.parameters()).dtype
@@ -108,6 +113,7 @@ def reference_scores(model, cfg, recipe, *, examples: int, options: dict, seed: 
         return {"error": "no finite training-set scores"}
     counts, edges = np.histogram(s, bins=HIST_BINS)
     return {"split": "train", "data": cfg.data.name, "examples": int(len(s)), "options": dict(options),
+            "nfe_per_example": nfe,
             "seed": int(seed), "unit": recipe.log_prob_unit, "dims": int(np.prod(x.shape[1:])),
             "threshold_quantile": float(threshold_quantile),
             "threshold": float(np.quantile(s, threshold_quantile)),
@@ -150,7 +156,8 @@ def build_card(model, cfg, recipe, *, uri: str, settings, limits: dict, tracking
         try:
             card["reference"] = reference_scores(model, cfg, recipe, examples=settings.reference_examples,
                                                  options=dict(settings.options), seed=settings.seed,
-                                                 threshold_quantile=settings.threshold_quantile)
+                                                 threshold_quantile=settings.threshold_quantile,
+                                                 max_nfe=settings.max_nfe)
         except Exception as exc:  # e.g. an on-disk data set missing on this node: the model still serves
             card["reference"] = {"error": f"training set not scored: {exc.__class__.__name__}: {exc}"[:300]}
     return card

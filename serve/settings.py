@@ -58,6 +58,8 @@ class CardSettings(_Strict):
                                                 "the page uses them as its defaults")
     seed: int = Field(0, ge=0, description="seed of the reference scores and of the page's estimates")
     threshold_quantile: float = Field(0.05, gt=0, lt=1, description="off-manifold below this quantile")
+    max_nfe: int = Field(20_000, ge=1, description="budget of network evaluations for the reference: fewer "
+                                                   "examples (at least 16) when the options cost more per example")
     mlflow_ui: Optional[str] = Field(None, description="base URL of an MLflow UI on the model's tracking store "
                                                         "(the page links the run)")
 

@@ -192,3 +192,14 @@ def test_eq21_loss_is_neg_elbo_plus_lambda_ce():
     assert torch.allclose(loss, ref, rtol=1e-5)
     assert torch.allclose(neg_elbo_terms(logits, x, mu, logvar).sum(0), vae.neg_elbo(x, eps), rtol=1e-5)
     assert torch.allclose(vae.elbo(x), -vae.neg_elbo(x))
+
+
+def test_patch_attack_warm_start_keeps_x_outside_the_patch():
+    net = TinyNet()
+    x, y = _data(4)
+    patch = Patch(height=3, width=3, top=1, left=1)
+    other = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    b = AttackBudget(method="patch_pgd", eps=1.0, step=1e-6, iterations=1, patch=patch)
+    adv = attack(net, x, y, b, start=other)
+    mask = patch.mask((1, 8, 8)).bool().expand_as(x)
+    assert torch.equal(adv[~mask], x[~mask]) and torch.allclose(adv[mask], other[mask], atol=2e-6)

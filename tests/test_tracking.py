@@ -114,3 +114,24 @@ def test_log_study_logs_config_finite_metrics_and_report(tracking_uri, tmp_path)
     assert run.data.params == {"study.n": "3"} and run.data.tags["study"] == "x"
     arts = [f.path for f in MlflowClient(tracking_uri).list_artifacts(rid, "report")]
     assert arts == ["report/r.md"]
+
+
+def test_runs_uri_is_downloaded_once_per_machine(tracking_uri, tmp_path, monkeypatch):
+    """Resolving the same runs:/ URI again (every replica, actor or trial does) reuses one cached file
+    instead of leaving a new temporary copy behind each time; the run service's handle points at it too."""
+    from raymanifold import runs
+
+    monkeypatch.setenv("RAYMANIFOLD_CACHE", str(tmp_path / "cache"))
+    h = runs.train(_tiny(), backend="local", tracking_uri=tracking_uri, verbose=False)
+    assert h.checkpoint.is_relative_to(tmp_path / "cache") and h.checkpoint.is_file()
+    first = tracking.download_checkpoint(h.model_uri, tracking_uri)
+    assert first == h.checkpoint  # the trained file is already in the run's slot: no download
+    first.unlink()  # gone from the cache: downloaded again, to the same place, nothing else left over
+    again = tracking.download_checkpoint(h.model_uri, tracking_uri)
+    assert again == first and again.is_file()
+    assert tracking.download_checkpoint(h.model_uri, tracking_uri) == again
+    assert sorted(p.name for p in again.parent.iterdir()) == [ckpt.FILENAME]
+    a, _, _ = ckpt.load_model(str(again))
+    b, _, _ = runs.load(h.model_uri)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)

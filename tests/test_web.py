@@ -103,6 +103,10 @@ def test_card_reference_is_the_training_set_quantile_and_names_its_source(tmp_pa
     assert src["run_id"] is None and src["step"] == 20 and src["metrics"] == {"loss": 1.5}
     assert src["params"]["model.T"] == 20 and src["params"]["family"] == "diffusion"
     assert card["grid"] is None and card["limits"]["max_body_bytes"] == LIMITS["max_body_bytes"]
+    # the start-up budget: at dt = 1 (20 network evaluations per point) 400 evaluations allow 20 points
+    few = build_card(model, cfg, recipe, uri=str(path), limits=LIMITS,
+                     settings=CardSettings(reference_examples=40, options={"dt": 1}, max_nfe=400))["reference"]
+    assert few["examples"] == 20 and few["nfe_per_example"] == 20
     with pytest.raises(ValueError, match=r"card\.options\.dt"):  # a config mistake names the key
         build_card(model, cfg, recipe, uri=str(path), settings=CardSettings(options={"dt": 99}), limits=LIMITS)
     with pytest.raises(ValueError, match=r"card\.options\.bogus"):

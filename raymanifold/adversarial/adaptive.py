@@ -59,11 +59,16 @@ def full_backprop_model_fn(model, budget: PurifyBudget, generator, *, iterations
 
 def adaptive_attacks(model, x: torch.Tensor, y: torch.Tensor, attack_budget: AttackBudget,
                      purify_budget: PurifyBudget, generator, *, purify_iterations: int = 8, eot: int = 4,
-                     backprop_iterations: int = 4) -> dict:
-    """{name: x_adv} of the three adaptive attacks (``bpda``, ``bpda_eot``, ``full_backprop``), each with
+                     backprop_iterations: int = 4, warm_start: Optional[torch.Tensor] = None) -> dict:
+    """{name: x_adv} of the adaptive attacks (``bpda``, ``bpda_eot``, ``full_backprop``, and with
+    ``warm_start`` ``bpda_eot_warm``: BPDA + EOT continued from a non-adaptive x_adv), each with
     ``attack_budget``; the purifier inside the attack loop is shortened to ``purify_iterations``
     (BPDA) / ``backprop_iterations`` (full back-propagation) steps."""
-    return {
+    out = {}
+    if warm_start is not None:
+        out["bpda_eot_warm"] = attack(bpda_model_fn(model, purify_budget, generator, iterations=purify_iterations,
+                                                    eot=eot), x, y, attack_budget, generator, start=warm_start)
+    return out | {
         "bpda": attack(bpda_model_fn(model, purify_budget, generator, iterations=purify_iterations), x, y,
                        attack_budget, generator),
         "bpda_eot": attack(bpda_model_fn(model, purify_budget, generator, iterations=purify_iterations, eot=eot),

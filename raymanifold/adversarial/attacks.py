@@ -61,10 +61,13 @@ def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 
 def attack(model_fn: Callable, x: torch.Tensor, y: torch.Tensor, budget: AttackBudget,
            generator: Optional[torch.Generator] = None,
-           trace: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+           trace: Optional[Callable[[int, torch.Tensor], None]] = None,
+           start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Adversarial examples (B, C, H, W) in [0, 1] for ``x`` with labels ``y`` (B,) within ``budget``.
 
-    ``trace(i, x_adv)`` (optional) is called after iteration i = 1..iterations (convergence curves)."""
+    ``trace(i, x_adv)`` (optional) is called after iteration i = 1..iterations (convergence curves).
+    ``start`` (patch attacks, optional): begin from this image's patch instead of x's (a warm start, e.g.
+    an earlier attack's x_adv); outside the patch x is kept."""
     if not isinstance(budget, AttackBudget):
         raise TypeError(f"budget: expected an AttackBudget, got {type(budget).__name__}")
     mask = budget.patch.mask(tuple(x.shape[1:]), x.device, x.dtype) if budget.patch is not None else None
@@ -99,6 +102,8 @@ def attack(model_fn: Callable, x: torch.Tensor, y: torch.Tensor, budget: AttackB
     lo = (x - budget.eps).clamp(min=0) if budget.eps < 1 else torch.zeros_like(x)
     hi = (x + budget.eps).clamp(max=1) if budget.eps < 1 else torch.ones_like(x)
     adv, g_acc = x.clone(), torch.zeros_like(x)
+    if start is not None:
+        adv = torch.maximum(torch.minimum(x * (1 - mask) + start.detach().to(x) * mask, hi), lo)
     for i in range(1, budget.iterations + 1):
         if m == "patch_pgd":
             direction = input_grad(model_fn, adv, y).sign()

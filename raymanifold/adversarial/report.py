@@ -29,7 +29,8 @@ def write(folder, results: dict, budgets: dict, info: dict):
     """Write the study's report into ``folder`` (a :func:`raymanifold.reports.report_dir`)."""
     folder = Path(folder)
     lines = ["# Table 1: VAE-classifier with and without ELBO purification (Eq. 22)\n",
-             "Accuracy % (adaptive: strongest per example of patch-PGD, patch-NAG, BPDA, BPDA+EOT and full "
+             "Accuracy % (adaptive: strongest per example of patch-PGD, patch-NAG, BPDA, BPDA+EOT (from x and "
+             "warm-started from the patch-PGD x_adv) and full "
              "back-propagation through a shortened purifier, judged by the full defence; first `adaptive n` "
              "examples).\n",
              markdown_table(["setting", "row", *COLUMNS], table_rows(results)), ""]

@@ -51,8 +51,9 @@ STANDARD_COLUMNS = ("id", "label", "log_prob", "bits_per_dim", "node")
 
 
 def column_means(folder) -> dict:
-    """``{"mean_<column>": mean}`` of the numeric / boolean columns beyond :data:`STANDARD_COLUMNS`
-    (a family's ``score_columns``; e.g. ``mean_changed`` is the fraction of rows whose prediction changed)."""
+    """``{"mean_<column>": mean}`` of the floating-point / boolean columns beyond :data:`STANDARD_COLUMNS`
+    (a family's ``score_columns``; e.g. ``mean_changed`` is the fraction of rows whose prediction changed).
+    Integer columns (class labels) are not averaged."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(str(folder))
@@ -61,6 +62,6 @@ def column_means(folder) -> dict:
         if name in STANDARD_COLUMNS:
             continue
         a = np.asarray(table.column(name).to_numpy())
-        if a.dtype.kind in "biuf":
+        if a.dtype.kind in "bf":
             out[f"mean_{name}"] = float(np.mean(a.astype(np.float64)))
     return out

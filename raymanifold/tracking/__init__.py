@@ -12,6 +12,7 @@ Workers (Ray Train rank 0) log into an existing run with :func:`log_metrics`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -148,29 +149,70 @@ def log_checkpoint(path, *, run_id: Optional[str] = None):
     log_artifact(path, "model", run_id=run_id)
 
 
+def cache_dir() -> Path:
+    """Where run checkpoints are kept on this machine: ``RAYMANIFOLD_CACHE``, else ``<tmp>/raymanifold-runs``.
+    One file per (tracking store, run, artifact path): resolving the same ``runs:/`` URI again (every Serve
+    replica, Ray Data actor or sweep trial does) reuses it instead of downloading another copy."""
+    return Path(os.environ.get("RAYMANIFOLD_CACHE") or Path(tempfile.gettempdir()) / "raymanifold-runs")
+
+
+def _cache_slot(store: str, run_id: str, sub: str) -> Path:
+    return cache_dir() / hashlib.sha1(store.encode()).hexdigest()[:12] / run_id / sub.strip("/").replace("/", "__")
+
+
+def cache_checkpoint(path, run_id: str, tracking_uri: Optional[str] = None) -> Path:
+    """Copy a just-logged checkpoint file into the cache slot of ``runs:/<run_id>`` (atomic rename)."""
+    import shutil
+
+    from raymanifold.checkpoint import FILENAME
+
+    slot = _cache_slot(resolve_uri(tracking_uri), run_id, CHECKPOINT_ARTIFACT)
+    slot.mkdir(parents=True, exist_ok=True)
+    part = slot / f".{FILENAME}.{os.getpid()}.part"
+    shutil.copy2(path, part)
+    os.replace(part, slot / FILENAME)
+    return slot / FILENAME
+
+
 def download_checkpoint(uri: str, tracking_uri: Optional[str] = None) -> Path:
     """Resolve ``runs:/<id>`` (or ``runs:/<id>/path``) to a local checkpoint file (tracking store:
-    ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the local default)."""
+    ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the local default). A run's checkpoint is
+    downloaded once per machine into :func:`cache_dir` (concurrent callers each download to a private
+    folder and rename atomically); other URIs (``models:/``) are downloaded to a fresh temporary folder."""
+    import shutil
+
     from raymanifold.checkpoint import CheckpointError, FILENAME
 
     store = configure(tracking_uri)
+    slot = None
     if uri.startswith("runs:/"):
         rest = uri[len("runs:/"):].strip("/")
         run_id, _, sub = rest.partition("/")
+        slot = _cache_slot(store, run_id, sub or CHECKPOINT_ARTIFACT)
+        if (slot / FILENAME).is_file():
+            return slot / FILENAME
         try:
             MlflowClient(store).get_run(run_id)
         except Exception:
             raise CheckpointError(f"model: MLflow run {run_id!r} not found in {store}") from None
         uri = f"runs:/{run_id}/{sub or CHECKPOINT_ARTIFACT}"
+        slot.mkdir(parents=True, exist_ok=True)
+        dst = Path(tempfile.mkdtemp(prefix=".download-", dir=slot))
+    else:
+        dst = Path(tempfile.mkdtemp(prefix="rm-ckpt-"))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="rm-ckpt-")))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except Exception as exc:
         raise CheckpointError(f"model: cannot download {uri!r}: {exc}") from None
     if local.is_dir():
         local = local / FILENAME
     if not local.is_file():
         raise CheckpointError(f"model: {uri!r} holds no {FILENAME}")
-    return local
+    if slot is None:
+        return local
+    os.replace(local, slot / FILENAME)
+    shutil.rmtree(dst, ignore_errors=True)
+    return slot / FILENAME
 
 
 def search_runs(experiment: str, *, filter_string: str = "", order_by=None, uri: Optional[str] = None,

@@ -335,7 +335,8 @@ function buildCard(m) {
       m.ui.enc.out));
   }
   for (const route of ops.filter((r) => !KNOWN.has(r))) {  // operations added later (classify, purify, ...)
-    // deterministic ones (classify) run with every analysis; random, costly ones (purify) on their button
+    // ones without options or seed (classify) run with every analysis; the others (purify, counterfactual:
+    // costlier, with settings to choose) on their button
     m.ui[route] = {form: optionsForm(m.operations[route], {}), out: el("div", {class: "out", "data-testid": `op-${route}`})};
     const run = el("button", {type: "button", "data-testid": `run-${route}`,
                               onclick: () => runOther(m, route, modelX(m), rm.seq)}, route);
@@ -503,6 +504,7 @@ async function runOther(m, route, x, seq) {  // a later operation: show its answ
   }
   out.replaceChildren(...kids);
 }
+function autoRun(ospec) { return !ospec.random && Object.keys(ospec.options || {}).length === 0; }
 function shapeOf(a) { const s = []; while (Array.isArray(a)) { s.push(a.length); a = a[0]; } return s; }
 
 async function runSample(m) {
@@ -544,7 +546,7 @@ async function analyse(reason) {
     }
     if (m.ui.ll) jobs.push(runLogLikelihood(m, x, seq));
     if (m.ui.enc) jobs.push(runEncode(m, x, seq));
-    for (const route of Object.keys(m.operations).filter((r) => !KNOWN.has(r) && !m.operations[r].random)) {
+    for (const route of Object.keys(m.operations).filter((r) => !KNOWN.has(r) && autoRun(m.operations[r]))) {
       jobs.push(runOther(m, route, x, seq));
     }
   }
