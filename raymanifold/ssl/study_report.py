@@ -62,7 +62,7 @@ def edits_markdown(res: dict, source: str = "") -> str:
            markdown_table(["segments", "scale", *names, "MSE to x"],
                           [[r["segments"], f"{r['scale']:.2f}", *(f"{r['changed_' + n]:.2f}" for n in names),
                             f"{r['mse_to_x']:.4f}"] for r in res["counterfactuals"]]),
-           "\n## Counterfactuals: fraction of differing pairs where the result took x''s factor value\n",
+           "\n## Counterfactuals: fraction of differing pairs where the result took x′'s factor value\n",
            markdown_table(["segments", "scale", *names],
                           [[r["segments"], f"{r['scale']:.2f}", *(f"{r['took_' + n]:.2f}" for n in names)]
                            for r in res["counterfactuals"] if r["scale"] > 0]),
