@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-from raymanifold.commands import UsageError, apply_common, find_config, set_threads, stage
+from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, set_threads, stage
 
 
 def register(sub, study_sub):
@@ -23,7 +23,7 @@ def register(sub, study_sub):
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the config's)")
     p.add_argument("--episodes", type=int, default=200, help="few-shot episodes per set, shot and seed")
     p.add_argument("--n-eval", type=int, default=2000, help="examples per probe set")
-    _common(p)
+    add_training_options(p)
     p.add_argument("--out", default="reports/diffsiam_probes")
     p.set_defaults(func=cmd_probes)
 
@@ -34,17 +34,9 @@ def register(sub, study_sub):
     p.add_argument("--dt", type=int, default=50, help="DDIM step (T/dt network passes per inversion or decode)")
     p.add_argument("--classifier-steps", type=int, default=600)
     p.add_argument("--d-sparse", type=int, default=8, help="non-zero weights of each attribute direction")
-    _common(p)
+    add_training_options(p)
     p.add_argument("--out", default="reports/diffsiam_edits")
     p.set_defaults(func=cmd_edits)
-
-
-def _common(p):
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides (repeatable)")
-    p.add_argument("--no-ray", action="store_true", help="train in this process instead of on Ray Train")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
 
 
 @contextlib.contextmanager

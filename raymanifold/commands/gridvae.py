@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from raymanifold.commands import UsageError, apply_common, find_config, set_threads, stage
+from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, set_threads, stage
 from raymanifold.vae.gridvae_study import DEFAULT_RESTARTS, SHAPES_VARIANTS
 
 
@@ -26,7 +26,7 @@ def register(sub, study_sub):
                         f"one after another with --no-ray) and keep the one with the best unsupervised train ELBO "
                         f"(lowest train_loss_nats; labels are not used), as KMeans(n_init=K) keeps its lowest "
                         f"inertia. Every restart's accuracies are reported (default {DEFAULT_RESTARTS}; 1 = one run)")
-    _add_training_options(p)
+    add_training_options(p)
     p.add_argument("--out", default="reports/gridvae_two_digit")
     p.set_defaults(func=cmd_two_digit)
 
@@ -38,19 +38,9 @@ def register(sub, study_sub):
                         "Variants without one are trained from jobs/configs/gridvae_shapes_<variant>.yaml")
     p.add_argument("--variants", default=",".join(SHAPES_VARIANTS), help="variants to compare")
     p.add_argument("--config-dir", default="jobs/configs", help="folder of gridvae_shapes_<variant>.yaml")
-    _add_training_options(p)
+    add_training_options(p)
     p.add_argument("--out", default="reports/gridvae_shapes")
     p.set_defaults(func=cmd_shapes)
-
-
-def _add_training_options(p):
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override config values of models trained here (repeatable)")
-    p.add_argument("--no-ray", action="store_true",
-                   help="train in this process (raymanifold.training) instead of on Ray Train; still logs to MLflow")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
 
 
 # ----------------------------------------------------------------------------- helpers
