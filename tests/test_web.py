@@ -1,8 +1,8 @@
 """The web page of the Serve app (serve/web.py, serve/static/), driven in a real headless Chromium.
 
-Four tiny models are trained in-process (seconds): an image diffusion model of the 8x8 digits, a flow of
-the same digits (encode/decode), a GridVAE of 28x28 MNIST, and a diffusion model of 2-D points logged to
-MLflow and served as ``runs:/<id>``. One Serve app on a local Ray serves them; Playwright (Python) drives Debian's
+Five tiny models are trained in-process (seconds): an image diffusion model of the 8x8 digits, a flow of
+the same digits (encode/decode), a GridVAE of 28x28 MNIST, a VAE-classifier of MNIST resized to 8x8
+(classify/purify), and a diffusion model of 2-D points logged to MLflow and served as ``runs:/<id>``. One Serve app on a local Ray serves them; Playwright (Python) drives Debian's
 chromium (``apt-get install chromium``; Playwright's own browser download is not used). The page is loaded,
 a stroke drawn, a PNG uploaded, bad uploads and an empty canvas sent; every number on screen is compared with
 the JSON route's answer for the request the page sent and with a direct call of the recipe in this process.
@@ -39,6 +39,8 @@ CONFIGS = {
     "grid": {"family": "gridvae", "name": "grid", "data": {"name": "mnist5k"},
              "model": {"latent_dim": 2, "width": 4, "prior": "grid_mixture", "eval_points": 100},
              "train": {**TRAIN, "steps": 2}},
+    "clf": {"family": "vae_classifier", "name": "clf", "data": {"name": "mnist5k", "image_size": 8},
+            "model": {"latent_dim": 4, "width": 4, "eval_points": 16}, "train": {**TRAIN, "steps": 40}},
     "points": {"family": "diffusion", "name": "points", "experiment": "web-test", "data": {"name": "swiss_roll", "n_train": 256, "n_test": 64},
                "model": {"T": 20, "hidden": 16, "layers": 2, "eval_points": 16},
                "train": {**TRAIN, "steps": 20, "batch_size": 64}},
@@ -46,6 +48,7 @@ CONFIGS = {
 CARDS = {"digits": {"reference_examples": 32, "options": {"dt": 4}, "seed": 3},
          "flow": {"reference_examples": 32},
          "grid": {},
+         "clf": {"reference_examples": 32},
          "points": {"reference_examples": 64, "options": {"dt": 2}, "mlflow_ui": "http://mlflow.example:5000"}}
 MLFLOW_UI = CARDS["points"]["mlflow_ui"]
 
@@ -441,3 +444,45 @@ def test_samples_switching_models_and_a_model_that_went_away(server, page):
     err = page.inner_text("[data-testid=model-flow] [data-testid=ll] [data-testid=op-error]")
     assert "HTTP 404: name: unknown model 'gone'" in err
     assert "reload models" in page.inner_text("[data-testid=model-flow]")
+
+
+@needs_browser
+@pytest.mark.ray
+def test_classifier_verdict_and_purification_match_the_json_routes(server, page):
+    card = "[data-testid=model-clf]"
+    _draw_stroke(page)
+    _wait_analysed(page, 0)
+    # classify runs with every analysis: the label and probabilities shown == the JSON route == a direct call
+    body = _last(page, "clf", "classify")["request"]
+    assert np.asarray(body["x"]).shape == (1, 1, 8, 8)
+    again = requests.post(server["url"] + "/v1/models/clf/classify", json=body, timeout=60).json()
+    label = json.loads(page.locator(f"{card} [data-testid=op-classify] [data-testid=value-label]").get_attribute("data-value"))
+    probs = json.loads(page.locator(f"{card} [data-testid=op-classify] [data-testid=value-probs]").get_attribute("data-value"))
+    assert label == again["label"][0] and probs == again["probs"][0] and len(probs) == 10
+    assert label == int(np.argmax(probs))
+    model, cfg, recipe = server["direct"]["clf"]
+    direct = recipe.classify(model, torch.as_tensor(np.asarray(body["x"]), dtype=torch.float32), cfg)
+    assert label == int(direct["label"][0])
+    assert "predicted label" in page.inner_text(f"{card} [data-testid=op-classify]")
+
+    # purify (Eq. 22) on its button with a chosen seed and budget: image and labels/ELBO before/after == JSON route
+    box = page.locator(f"{card} .op.other", has=page.locator("[data-testid=run-purify]"))
+    box.locator("details summary").click()
+    box.locator("input[data-option=seed]").fill("5")
+    box.locator("input[data-option=iterations]").fill("8")
+    box.locator("input[data-option=step]").fill("0.05")
+    box.locator("[data-testid=run-purify]").click()
+    page.wait_for_selector(f"{card} [data-testid=op-purify] [data-testid=image-x]", timeout=60_000)
+    pb = _last(page, "clf", "purify")["request"]
+    assert pb["seed"] == 5 and pb["iterations"] == 8 and pb["x"] == body["x"]
+    want = requests.post(server["url"] + "/v1/models/clf/purify", json=pb, timeout=60).json()
+    out = f"{card} [data-testid=op-purify]"
+    for k in ("label_before", "label", "elbo_before", "elbo_after"):
+        assert json.loads(page.locator(f"{out} [data-testid=value-{k}]").get_attribute("data-value")) == want[k][0], k
+    assert want["label_before"][0] == label  # the prediction before purification is classify's
+    # the purified image is drawn as pixels: each 8x8 cell's colour is round(255 * x) of the route's answer
+    drawn = np.array(page.evaluate("""(sel) => { const c = document.querySelector(sel), s = c.width / 8;
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, out = [];
+        for (let i = 0; i < 8; i++) for (let j = 0; j < 8; j++) out.push(d[4 * ((i * s) * c.width + j * s)]);
+        return out; }""", f"{out} [data-testid=image-x]")).reshape(8, 8)
+    assert np.array_equal(drawn, np.round(255 * np.asarray(want["x"][0][0])).astype(int))

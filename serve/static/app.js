@@ -489,15 +489,36 @@ async function runOther(m, route, x, seq) {  // a later operation: show its answ
   record(m, route, body, res);
   const out = m.ui[route].out;
   if (!res.ok) return opError(out, res);
-  const kids = [];
-  for (const [k, v] of Object.entries(res.data)) {
-    if (["model", "family", "options", "shape", "batch"].includes(k)) continue;
+  const d = res.data, kids = [], done = new Set(["model", "family", "options", "shape", "batch"]);
+  const show = (k, v) => el("span", {class: "value", "data-testid": `value-${k}`, "data-value": JSON.stringify(v),
+                                     text: Number.isInteger(v) ? String(v) : fmt(v, 5)});
+  // a prediction and its score before and after (purify): "label 3 → 5 (changed)", "elbo_before → elbo_after"
+  for (const [b, a, name] of [["label_before", "label", "label"], ["elbo_before", "elbo_after", "ELBO"]]) {
+    if (!(b in d && a in d)) continue;
+    const vb = d[b][0], va = d[a][0], same = JSON.stringify(vb) === JSON.stringify(va);
+    kids.push(el("div", {class: "big", "data-field": name}, `${name}: before `, show(b, vb), " → after ", show(a, va),
+      name === "label" ? el("span", {class: "info", text: same ? " (unchanged)" : " (changed)"}) : null,
+      name === "ELBO" ? " nats" : null));
+    done.add(b).add(a);
+  }
+  for (const [k, v] of Object.entries(d)) {
+    if (done.has(k)) continue;
     const first = Array.isArray(v) ? v[0] : v;
     const isImage = Array.isArray(first) && JSON.stringify(shapeOf(first)) === JSON.stringify(m.input.shape);
     if (isImage) {
-      const c = el("canvas", {class: "view"});
+      const c = el("canvas", {class: "view", "data-testid": `image-${k}`, title: `${route}: ${k}`});
       drawImageArray(c, first, Math.max(1, Math.floor(112 / m.input.shape[1])));
-      kids.push(el("div", {}, `${k}: `, c));
+      kids.push(el("div", {}, el("div", {class: "info", text: route === "purify" && k === "x" ? "purified image" : k}), c));
+    } else if (Array.isArray(first) && first.length <= 32 && first.every((t) => typeof t === "number")) {
+      // a short vector per example (class probabilities): one row per entry, the largest in bold
+      const top = first.indexOf(Math.max(...first));
+      kids.push(el("table", {class: "latent", "data-testid": `value-${k}`, "data-value": JSON.stringify(first)},
+        el("thead", {}, el("tr", {}, el("th", {text: "class"}), el("th", {text: k}))),
+        el("tbody", {}, first.map((t, j) => el("tr", {class: j === top ? "value" : null},
+          el("td", {text: String(j)}), el("td", {text: fmt(t, 4)}))))));
+    } else if (typeof first === "number" || typeof first === "string") {
+      kids.push(el("div", {class: k === "label" ? "big" : null, "data-field": k},
+        k === "label" ? "predicted label " : `${k}: `, show(k, first)));
     } else {
       kids.push(el("div", {"data-field": k}, `${k}: `, el("code", {text: JSON.stringify(first).slice(0, 300)})));
     }
