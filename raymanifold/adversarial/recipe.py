@@ -20,6 +20,7 @@ import torch
 from raymanifold.adversarial.budgets import PurifyBudget, from_dict
 from raymanifold.adversarial.evaluation import eval_set, labels_of, purification_budget
 from raymanifold.adversarial.purify import elbo_at_mean, purify as purify_batch
+from raymanifold.adversarial.training import adversarial_eq21_loss, check_budget, inner_max, train_budget
 from raymanifold.recipes import Recipe
 from raymanifold.schema import ConfigError, param
 from raymanifold.vae.classifier import VAEClassifier, eq21_loss
@@ -32,6 +33,12 @@ class VAEClassifierConfig:
     lam: float = param(8.0, lo=0.0, help="lambda of Eq. 21: weight of the cross-entropy per example")
     label_column: int = param(0, lo=0, help="label column classified (data sets with several label columns)")
     eval_points: int = param(1000, lo=1, help="test examples scored by evaluate()")
+    # adversarial training (slides 003; raymanifold/adversarial/training.py): PGD-k inner maximiser
+    adv_norm: str = param("none", choices=("none", "linf", "l2"),
+                          help="adversarial training: none | linf | l2 (PGD-k inner loop on the CE term)")
+    adv_eps: float = param(0.0, lo=0.0, help="adversarial training radius (pixel units; linf <= 1, l2 <= sqrt(D))")
+    adv_step: float = param(0.01, lo=0.0, lo_open=True, help="PGD step of the inner loop (pixel units)")
+    adv_iterations: int = param(7, lo=1, hi=1000, help="PGD iterations k of the inner loop")
 
 
 def input_shape(cfg) -> tuple:
@@ -66,6 +73,7 @@ def validate(cfg):
     if cfg.model.label_column >= len(names):
         raise ConfigError(f"model.label_column: {cfg.model.label_column} is out of range; {cfg.data.name!r} has "
                           f"label columns {list(names)} (0..{len(names) - 1})")
+    check_budget(cfg.model, shape)
 
 
 def build(cfg) -> torch.nn.Module:
@@ -73,11 +81,15 @@ def build(cfg) -> torch.nn.Module:
 
 
 def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
-    """Eq. 21, mean over the batch (nats); ``step`` is unused (no schedule)."""
+    """Eq. 21, mean over the batch (nats); ``step`` is unused (no schedule). With ``model.adv_norm`` linf / l2:
+    adversarial training (slides 003), the CE term at x + delta* from PGD-k (:mod:`.training`)."""
     if len(batch) < 2:
         raise ConfigError(f"data.name: vae_classifier trains on labelled data; {cfg.data.name!r} gave no labels")
     x, y = batch[0], labels_of(batch[1], cfg)
     eps = torch.randn((x.shape[0], cfg.model.latent_dim), generator=generator).to(x.device, x.dtype)
+    if cfg.model.adv_norm != "none":  # adversarial training: PGD-k inner maximiser, CE at x + delta*
+        x_adv = inner_max(model, x, y, train_budget(cfg.model), generator)
+        return adversarial_eq21_loss(model, x, x_adv, y, cfg.model.lam, eps)
     return eq21_loss(model, x, y, cfg.model.lam, eps)
 
 

@@ -1,0 +1,166 @@
+"""Adversarial family II: adversarial training, diffusion purification, the defence table (tiny models)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from raymanifold.adversarial.budgets import AttackBudget
+from raymanifold.adversarial.diffpure import DiffPurifyBudget, ddim_purify_differentiable, diffusion_purify, \
+    purify_nfe
+from raymanifold.adversarial.training import adversarial_eq21_loss, check_budget, inner_max, train_budget
+from raymanifold.diffusion.schedules import linear_alpha_bar
+from raymanifold.schema import ConfigError
+from raymanifold.vae.classifier import VAEClassifier, eq21_loss
+
+
+def _clf(seed=0):
+    torch.manual_seed(seed)
+    return VAEClassifier((1, 8, 8), 4, 3, width=4)
+
+
+def _data(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+class _M:
+    """Stand-in for the model config's adv_* fields."""
+    def __init__(self, norm, eps, step=0.05, k=3):
+        self.adv_norm, self.adv_eps, self.adv_step, self.adv_iterations = norm, eps, step, k
+
+
+# ----------------------------------------------------------------------------- adversarial training
+@pytest.mark.parametrize("norm, eps, field", [("linf", 1.2, "model.adv_eps"), ("l2", 8.5, "model.adv_eps"),
+                                              ("linf", 0.0, "model.adv_eps"), ("l2", 1.0, None)])
+def test_adv_training_budget_larger_than_data_range_is_refused(norm, eps, field):
+    # 8x8 images in [0, 1]: L-inf radius <= 1, L2 radius <= sqrt(64) = 8
+    if field is None:
+        check_budget(_M(norm, eps), (1, 8, 8))
+        return
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_budget(_M(norm, eps), (1, 8, 8))
+
+
+def test_adv_training_config_error_names_the_field():
+    from raymanifold.config import load_config
+    from raymanifold.recipes import get_recipe
+
+    with pytest.raises(ConfigError, match=r"model\.adv_eps.*larger than the data range"):
+        load_config("jobs/configs/vae_classifier_mnist5k_at_linf.yaml", ["model.adv_eps=1.5"])
+    get_recipe("vae_classifier").validate(load_config("jobs/configs/vae_classifier_mnist5k_at_l2.yaml"))
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.7)])
+def test_adv_training_inner_max_respects_budget_and_raises_loss(norm, eps):
+    model, (x, y) = _clf(), _data()
+    budget = train_budget(_M(norm, eps, step=2.5 * eps / 5, k=5))
+    x_adv = inner_max(model, x, y, budget, torch.Generator().manual_seed(0))
+    d = (x_adv - x).flatten(1)
+    bound = d.abs().max(1).values if norm == "linf" else d.norm(dim=1)
+    assert bool((bound <= eps + 1e-5).all()) and float(bound.max()) > 0.5 * eps
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert float(ce(model.classify_logits(x_adv), y)) > float(ce(model.classify_logits(x), y))
+
+
+def test_adversarial_loss_at_zero_perturbation_is_eq21():
+    model, (x, y) = _clf(), _data()
+    eps = torch.randn(len(x), 4, generator=torch.Generator().manual_seed(3))
+    a, _ = adversarial_eq21_loss(model, x, x.clone(), y, 8.0, eps)
+    b, _ = eq21_loss(model, x, y, 8.0, eps)
+    assert torch.allclose(a, b, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- diffusion purification
+class OracleEps(nn.Module):
+    """The exact eps-predictor for data concentrated at one point c (model space): eps = (u - sqrt(ab) c) / sqrt(1-ab)."""
+    def __init__(self, c, alpha_bar):
+        super().__init__()
+        self.c, self.ab = c, alpha_bar
+
+    def forward(self, u, t):
+        ab = self.ab[t].to(u.dtype).view(-1, 1, 1, 1)
+        return (u - ab.sqrt() * self.c) / (1 - ab).sqrt()
+
+
+def test_diffusion_purify_t_star_zero_is_identity_and_bad_t_star_is_refused():
+    ab = linear_alpha_bar(50)
+    x, _ = _data(4)
+    net = OracleEps(torch.zeros(1, 1, 8, 8), ab)
+    out = diffusion_purify(net, x, ab, DiffPurifyBudget(t_star=0), torch.Generator().manual_seed(0))
+    assert torch.equal(out, x)
+    assert purify_nfe(DiffPurifyBudget(t_star=0)) == 0
+    with pytest.raises(ConfigError, match=r"purify\.t_star"):
+        DiffPurifyBudget(t_star=-1)
+    with pytest.raises(ConfigError, match=r"purify\.t_star.*\[0, 50\]"):
+        diffusion_purify(net, x, ab, DiffPurifyBudget(t_star=51), torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("sampler, dt", [("ddpm", 1), ("ddpm", 7), ("ddim", 3), ("rk4_ddim", 5), ("ddim", 20)])
+def test_diffusion_purify_with_the_exact_denoiser_returns_the_data_point(sampler, dt):
+    # data = a single image c: the exact eps-network's x0_hat is c from any x_t, so every sampler ends at c
+    ab = linear_alpha_bar(50)
+    c = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    net = OracleEps(c * 2 - 1, ab)
+    x, _ = _data(3)
+    b = DiffPurifyBudget(t_star=20, sampler=sampler, dt=dt)
+    out = diffusion_purify(net, x, ab, b, torch.Generator().manual_seed(1), clip=None)
+    if sampler.startswith("rk4"):  # RK4 averages eps from different points: close to c, not exact
+        assert float((out - c).abs().mean()) < 0.25 * float((x - c).abs().mean())
+    else:
+        assert torch.allclose(out, c.expand_as(x), atol=1e-4)
+    xd = ddim_purify_differentiable(net, x.clone().requires_grad_(True), ab, 20, 3, torch.Generator().manual_seed(1),
+                                    clip=None)
+    assert torch.allclose(xd, c.expand_as(x), atol=1e-4)
+
+
+def test_diffusion_purify_nfe_matches_the_samplers_and_gradients_flow():
+    from raymanifold.diffusion import samplers as S
+    from raymanifold.diffusion.unet import UNet
+
+    ab = linear_alpha_bar(40)
+    for sampler, dt in (("ddpm", 1), ("ddpm", 4), ("rk4_ddim", 5)):
+        b = DiffPurifyBudget(t_star=12, sampler=sampler, dt=dt)
+        plan = b.plan()
+        assert plan[0] == 0 and plan[-1] == 12
+        assert purify_nfe(b) == S.sampler_nfe(sampler, plan)
+    torch.manual_seed(0)
+    net = UNet(1, 8, channels=8, channel_mult=(1, 2), attention=False)
+    x = _data(2)[0].requires_grad_(True)
+    out = ddim_purify_differentiable(net, x, ab, 12, 2, torch.Generator().manual_seed(0))
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert g.shape == x.shape and bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0
+
+
+# ----------------------------------------------------------------------------- the defence table
+def test_defence_evaluation_adaptive_is_the_per_example_strongest():
+    from raymanifold.adversarial.defences import DefenceBudgets, Defence, diffusion_defence, elbo_defence, \
+        evaluate_defence
+    from raymanifold.adversarial.budgets import PurifyBudget
+    from raymanifold.diffusion.unet import UNet
+
+    clf = _clf()
+    for p in clf.parameters():
+        p.requires_grad_(False)
+    x, y = _data(6)
+    with torch.no_grad():
+        y = clf.classify_logits(x).argmax(1)  # all correct when clean (undefended)
+    b = DefenceBudgets(n=6, adaptive_n=6, pgd_iterations=2, patch_iterations=2, adaptive_iterations=2,
+                       patch={"height": 2, "width": 4, "top": 1, "left": 1},
+                       elbo=PurifyBudget(iterations=2, step=0.02), ddim_steps=2, eot=2, adaptive_purify_iterations=1,
+                       backprop_iterations=1)
+    torch.manual_seed(0)
+    net = UNet(1, 8, channels=8, channel_mult=(1, 2), attention=False)
+    ab = linear_alpha_bar(40)
+    g = torch.Generator().manual_seed(0)
+    for d in (Defence("undefended", clf, nfe={"vae_passes": 1}), elbo_defence(clf, b),
+              diffusion_defence(clf, net, ab, DiffPurifyBudget(t_star=5, dt=2), b)):
+        r = evaluate_defence(d, x, y, b, g, log=lambda *_: None)
+        acc = r["accuracy"]
+        assert set(acc) == {"clean", "fgsm", "pgd_linf", "pgd_l2", "patch_pgd", "adaptive"}
+        assert all(acc["adaptive"] <= acc[c] + 1e-9 for c in acc)
+        assert all(acc["adaptive"] <= v + 1e-9 for v in r["adaptive_attacks"].values())
+        assert r["cost"]["s_per_example"] > 0
+    assert r["cost"]["unet_passes"] == 3  # t* = 5, dt = 2: steps 5->3->1->0
