@@ -164,3 +164,54 @@ def test_defence_evaluation_adaptive_is_the_per_example_strongest():
         assert all(acc["adaptive"] <= v + 1e-9 for v in r["adaptive_attacks"].values())
         assert r["cost"]["s_per_example"] > 0
     assert r["cost"]["unet_passes"] == 3  # t* = 5, dt = 2: steps 5->3->1->0
+
+
+# ----------------------------------------------------------------------------- latent attack and HMC defence
+def test_hmc_bad_settings_are_refused():
+    from raymanifold.adversarial.hmc import HMCConfig
+
+    for kw, field in (({"step_size": 0.0}, "hmc.step_size"), ({"step_size": -0.1}, "hmc.step_size"),
+                      ({"steps": 0}, "hmc.steps"), ({"leapfrog": 0}, "hmc.leapfrog")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            HMCConfig(**kw)
+
+
+def test_hmc_recovers_an_analytic_gaussian_posterior():
+    # p(z|x) ∝ N(z; 0, I) N(x; z, s^2 I) has mean x / (1 + s^2) and variance s^2 / (1 + s^2) per dimension
+    from raymanifold.adversarial.hmc import HMCConfig, hmc
+
+    s2 = torch.tensor([0.25, 1.0, 4.0])
+    xobs = torch.tensor([2.0, -1.0, 3.0])
+    logp = lambda z: -0.5 * (z ** 2).sum(1) - 0.5 * ((xobs - z) ** 2 / s2).sum(1)
+    z0 = torch.full((2000, 3), 5.0)  # far from the posterior, as an attacked encoder's z
+    z, info = hmc(logp, z0, HMCConfig(steps=150, leapfrog=5, step_size=0.5, target_accept=0.8, adapt_steps=50),
+                  torch.Generator().manual_seed(0))
+    mean, var = xobs / (1 + s2), s2 / (1 + s2)
+    assert torch.allclose(z.mean(0), mean, atol=0.08)
+    assert torch.allclose(z.var(0), var, rtol=0.1)
+    assert 0.6 < info["accept_rate"] < 0.98
+
+
+def test_latent_attack_respects_budget_and_moves_the_posterior():
+    from raymanifold.adversarial.hmc import latent_attack, symmetric_kl
+
+    model, (x, _) = _clf(), _data()
+    for norm, eps in (("linf", 0.1), ("l2", 1.0)):
+        b = AttackBudget(method="pgd", eps=eps, step=2.5 * eps / 5, iterations=5, norm=norm)
+        xa = latent_attack(model, x, b, torch.Generator().manual_seed(0))
+        d = (xa - x).flatten(1)
+        assert bool(((d.abs().max(1).values if norm == "linf" else d.norm(dim=1)) <= eps + 1e-5).all())
+        assert float(xa.min()) >= 0 and float(xa.max()) <= 1
+        with torch.no_grad():
+            mu0, lv0 = model.encode(x)
+            skl_attack = symmetric_kl(*model.encode(xa), mu0, lv0)
+            noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+            xr = (x + _project_like(noise, eps, norm)).clamp(0, 1)
+            skl_random = symmetric_kl(*model.encode(xr), mu0, lv0)
+        assert float(skl_attack.mean()) > 2 * float(skl_random.mean())
+
+
+def _project_like(noise, eps, norm):
+    if norm == "linf":
+        return noise * eps
+    return noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
