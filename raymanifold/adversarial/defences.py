@@ -28,7 +28,7 @@ from raymanifold.adversarial.adaptive import adaptive_attacks, bpda_model_fn
 from raymanifold.adversarial.attacks import attack, predict
 from raymanifold.adversarial.budgets import AttackBudget, Patch, PurifyBudget
 from raymanifold.adversarial.diffpure import DiffPurifyBudget, ddim_purify_differentiable, diffusion_purify, \
-    purify_nfe
+    purify_nfe, schedule_of
 from raymanifold.adversarial.evaluation import batched, eval_set, purified
 
 COLUMNS = ("clean", "fgsm", "pgd_linf", "pgd_l2", "patch_pgd", "adaptive")
@@ -225,19 +225,16 @@ def run_study(models: dict, ddpm, ddpm_cfg, cfg, budgets: DefenceBudgets, *, see
             defences.append(Defence(name, models[name], nfe={"vae_passes": 1}))
     defences.append(elbo_defence(clf, budgets))
     if ddpm is not None:
-        from raymanifold.diffusion.recipe import diffusion_of
-
-        diff = diffusion_of(ddpm_cfg)
+        alpha_bar, clip, last_var = schedule_of(ddpm_cfg)
         t = time.perf_counter()
-        t_star, grid = choose_t_star(clf, _freeze(ddpm), diff.alpha_bar, cfg, budgets, g, clip=diff.clip,
-                                     last_step_var=diff.last_step_var, log=log)
+        t_star, grid = choose_t_star(clf, _freeze(ddpm), alpha_bar, cfg, budgets, g, clip=clip,
+                                     last_step_var=last_var, log=log)
         info["t_star_grid"] = grid
         info["t_star"] = t_star
         info["T"] = ddpm_cfg.model.T
         info["t_star_select_s"] = time.perf_counter() - t
         dcfg = DiffPurifyBudget(t_star=t_star, sampler=budgets.diffusion_sampler, dt=budgets.diffusion_dt)
-        defences.append(diffusion_defence(clf, ddpm, diff.alpha_bar, dcfg, budgets, clip=diff.clip,
-                                          last_step_var=diff.last_step_var))
+        defences.append(diffusion_defence(clf, ddpm, alpha_bar, dcfg, budgets, clip=clip, last_step_var=last_var))
     for d in defences:
         rows[d.name] = evaluate_defence(d, x, y, budgets, g, log=log)
     return {"rows": rows, "info": info}

@@ -51,6 +51,29 @@ def register(sub, study_sub):
     p.add_argument("--out", default="reports/defences")
     p.set_defaults(func=cmd_defences)
 
+    from raymanifold.adversarial.hmc_study import HMCStudyBudgets
+
+    h = HMCStudyBudgets()
+    p = study_sub.add_parser("hmc", help="VAE latent attack (symmetric KL) and the HMC defence against T (slides 002)")
+    p.add_argument("--model", default=None, help="trained vae_classifier (path or runs:/<id>); default: train "
+                                                 "jobs/configs/vae_classifier_mnist5k.yaml")
+    p.add_argument("--n", type=int, default=h.n, help="test examples")
+    p.add_argument("--chains", type=int, default=h.chains, help="HMC chains per example")
+    p.add_argument("--eps", default=",".join(f"{e:g}" for e in h.eps), help="L-inf radii of the latent attack")
+    p.add_argument("--attack-iterations", type=int, default=h.attack_iterations)
+    p.add_argument("--T", default=",".join(map(str, h.checkpoints)), help="HMC steps T reported")
+    p.add_argument("--leapfrog", type=int, default=h.hmc.leapfrog)
+    p.add_argument("--step-size", type=float, default=h.hmc.step_size, help="initial leapfrog step size")
+    p.add_argument("--target-accept", type=float, default=h.hmc.target_accept)
+    p.add_argument("--adapt-steps", type=int, default=h.hmc.adapt_steps)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--address", default=None)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--out", default="reports/hmc")
+    p.set_defaults(func=cmd_hmc)
+
 
 def _budgets(args):
     from dataclasses import replace
@@ -142,4 +165,76 @@ def cmd_defences(args) -> int:
                    tracking_uri=args.tracking_uri, tags={"family": "vae_classifier", "study": "defences"})
     print("\n".join(open(f"{args.out}/defences.md").read().splitlines()[:12]))
     print(f"study wall time {info['study_wall_s']} s")
+    return 0
+
+
+def cmd_hmc(args) -> int:
+    import torch
+
+    from raymanifold import runs
+    from raymanifold.adversarial import hmc_study
+    from raymanifold.adversarial.hmc import HMCConfig
+    from raymanifold.config import load_config
+    from raymanifold.reports import markdown_table, report_dir, write_json
+    from raymanifold.schema import ConfigError
+
+    set_threads(args)
+    try:
+        cps = tuple(int(t) for t in args.T.split(",") if t.strip())
+        eps = tuple(float(e) for e in args.eps.split(",") if e.strip())
+        hcfg = HMCConfig(steps=max(1, max(cps)), leapfrog=args.leapfrog, step_size=args.step_size,
+                         target_accept=args.target_accept, adapt_steps=args.adapt_steps)
+    except (ValueError, ConfigError) as exc:
+        raise UsageError(f"--T / --eps / HMC options: {exc}") from None
+    if not cps or min(cps) < 0 or max(cps) < 1:
+        raise UsageError(f"--T: give HMC step counts >= 0 with at least one > 0, got {args.T}")
+    if not eps or any(not 0 < e <= 1 for e in eps):
+        raise UsageError(f"--eps: L-inf radii in (0, 1], got {args.eps}")
+    for k in ("n", "chains", "attack_iterations"):
+        if getattr(args, k) < 1:
+            raise UsageError(f"--{k.replace('_', '-')}: must be >= 1")
+    budgets = hmc_study.HMCStudyBudgets(n=args.n, chains=args.chains, eps=eps, attack_iterations=args.attack_iterations,
+                                        checkpoints=cps, hmc=hcfg)
+    info = {}
+    if args.model:
+        stage(1, 3, f"loading {args.model}")
+        model, cfg, _ = runs.load(args.model)
+        info["model"] = args.model
+    else:
+        cfg = load_config(find_config(ROLES["undefended"][1]), apply_common(args))
+        stage(1, 3, f"training {cfg.name} ({cfg.train.steps} steps, Ray Train)")
+        h = runs.train(cfg, tracking_uri=args.tracking_uri, tags={"study": "hmc"})
+        model, cfg, _ = runs.load(str(h.checkpoint))
+        info["model"] = h.model_uri
+    if cfg.family != "vae_classifier":
+        raise UsageError(f"--model: a {cfg.family} model; the HMC study needs a vae_classifier")
+    stage(2, 3, "latent attacks and HMC chains")
+    t0 = time.perf_counter()
+    result = hmc_study.run(model, cfg, budgets, seed=args.seed)
+    info["study_wall_s"] = round(time.perf_counter() - t0, 1)
+    info["torch_threads"] = torch.get_num_threads()
+    stage(3, 3, f"writing {args.out}")
+
+    def f(v, k=3):
+        return "" if v is None else f"{v:.{k}f}"
+    rows = [[name, t, f(r["skl"], 2), f(r["skl_median"], 2), f(r["mean_mahalanobis2"], 2), f(100 * r["probe_accuracy"], 1), f(r["recon_error"], 2),
+             f(r["accept_rate"]), f(r["wall_s"], 1)]
+            for name, per_t in result["rows"].items() for t, r in sorted(per_t.items())]
+    md = ["# The HMC defence against T (slides 002)\n",
+          f"{result['n']} test digits x {result['chains']} chains; latent attack: PGD on SKL[q(z|x+eps), q(z|x)], "
+          f"{budgets.attack_iterations} iterations (mean SKL of the attacked encoder to the clean one: "
+          + ", ".join(f"{k} {v:.2f} nats" for k, v in result["attack_skl"].items()) + "). HMC: "
+          + ", ".join(f"{k} {v}" for k, v in vars(hcfg).items()) + ".\n",
+          markdown_table(["input", "T", "SKL to q(z|x_r) (nats, mean)", "median", "chain mean: Mahalanobis^2 to mu(x_r)", "probe accuracy %",
+                          "recon. error vs clean recon.", "acceptance", "wall s"], rows), "",
+          "## Run\n", *(f"- {k}: {v}" for k, v in info.items()), ""]
+    with report_dir(args.out) as tmp:
+        (tmp / "hmc.md").write_text("\n".join(md))
+        write_json(tmp / "hmc.json", {"budgets": budgets.as_dict(), "info": info, "result": result})
+    summary = {f"{name}.T{t}.{k}": v for name, per_t in result["rows"].items() for t, r in per_t.items()
+               for k, v in r.items() if isinstance(v, (int, float))}
+    runs.log_study("study_hmc", "adversarial", {"budgets": budgets.as_dict(), **info},
+                   {**summary, "study_wall_s": info["study_wall_s"]}, args.out, tracking_uri=args.tracking_uri,
+                   tags={"family": "vae_classifier", "study": "hmc"})
+    print("\n".join(md[:4]))
     return 0
