@@ -215,3 +215,44 @@ def _project_like(noise, eps, norm):
     if norm == "linf":
         return noise * eps
     return noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
+
+
+# ----------------------------------------------------------------------------- /purify methods (recipe layer)
+def test_purify_methods_through_the_recipe(tmp_path):
+    """vae_classifier.purify with method elbo (default) / hmc / diffusion on tiny trained models: shapes,
+    the Serve option schema (choices, default elbo), t* = 0 is the identity, t* > T refused, costs."""
+    from raymanifold.checkpoint import load_model
+    from raymanifold.config import config_from_dict
+    from raymanifold.training import train_inprocess
+    from serve.operations import option_specs
+
+    train = {"steps": 1, "batch_size": 8, "checkpoint_every": 1000, "log_every": 1000}
+    ccfg = config_from_dict({"name": "t_clf", "family": "vae_classifier", "data": {"name": "mnist5k"},
+                             "model": {"latent_dim": 2, "width": 4, "eval_points": 8}, "train": train})
+    dcfg = config_from_dict({"name": "t_ddpm", "family": "diffusion", "data": {"name": "mnist5k"},
+                             "model": {"net": "unet", "T": 10, "image_size": 28, "channels": 4, "channel_mult": [1, 2],
+                                       "attention": False, "levels": 256, "clip_x0": 1.0, "eval_dt": 5,
+                                       "eval_points": 4}, "train": train})
+    train_inprocess(ccfg, checkpoint_dir=tmp_path / "clf")
+    train_inprocess(dcfg, checkpoint_dir=tmp_path / "ddpm")
+    model, cfg, recipe = load_model(str(tmp_path / "clf"))
+    spec = option_specs(recipe.purify, cfg, max_rounds=8)
+    assert spec["method"]["default"] == "elbo" and set(spec["method"]["choices"]) == {"elbo", "hmc", "diffusion"}
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    g = lambda: torch.Generator().manual_seed(1)
+    a = recipe.purify(model, x, cfg, generator=g(), iterations=2)
+    b = recipe.purify(model, x, cfg, generator=g(), method="elbo", iterations=2)
+    assert torch.equal(a["x"], b["x"])  # the default is the family-I behaviour
+    h = recipe.purify(model, x, cfg, generator=g(), method="hmc", hmc_steps=2, leapfrog=2)
+    assert h["x"].shape == x.shape and h["accept_rate"].shape == (3,) and h["label"].shape == (3,)
+    ddpm = str(tmp_path / "ddpm")
+    d0 = recipe.purify(model, x, cfg, generator=g(), method="diffusion", ddpm=ddpm, t_star=0)
+    assert torch.equal(d0["x"], x)
+    d = recipe.purify(model, x, cfg, generator=g(), method="diffusion", ddpm=ddpm, t_star=4, dt=2, sampler="ddim")
+    assert d["x"].shape == x.shape and float(d["x"].min()) >= 0 and float(d["x"].max()) <= 1
+    with pytest.raises(ConfigError, match=r"purify\.t_star"):
+        recipe.purify(model, x, cfg, generator=g(), method="diffusion", ddpm=ddpm, t_star=11)
+    with pytest.raises(ConfigError, match=r"hmc\.step_size"):
+        recipe.purify(model, x, cfg, generator=g(), method="hmc", hmc_step_size=0.0)
+    assert recipe.cost_of(cfg, "purify", method="diffusion", t_star=4, dt=2, sampler="ddim")["unet_nfe"] == 2
+    assert recipe.cost_of(cfg, "purify", method="hmc", hmc_steps=10, leapfrog=5)["nfe"] == 54

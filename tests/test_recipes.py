@@ -42,6 +42,9 @@ CASES = {
                        "model": {"latent_dim": 2, "width": 4, "prior": "nearest", "eval_points": 100}},
     "vae_classifier": {"family": "vae_classifier", "data": {"name": "mnist5k"},
                        "model": {"latent_dim": 2, "width": 4, "eval_points": 16}},
+    "vae_classifier_adv": {"family": "vae_classifier", "data": {"name": "mnist5k"},  # adversarial training (#17)
+                           "model": {"latent_dim": 2, "width": 4, "eval_points": 16, "adv_norm": "linf",
+                                     "adv_eps": 0.1, "adv_step": 0.05, "adv_iterations": 1}},
     "recognition": {"family": "recognition", "data": {"name": "shapes", "n_train": 32, "n_test": 16, "image_size": 12},
                     "model": {"identity": ["shape", "colour", "scale"], "embed_dim": 4, "width": 4, "eval_points": 16}},
 }
