@@ -54,7 +54,7 @@ class DefenceBudgets:
     patch_iterations: int = 128        # Table 1 uses 256 (convergence: 5% vs 1% undefended)
     patch_step: float = 4 / 255
     elbo: PurifyBudget = field(default_factory=lambda: PurifyBudget(iterations=64, step=4 / 255, restarts=1))
-    t_star_grid: tuple = (10, 20, 30, 45)  # diffusion t* candidates (integer steps of the DDPM's T)
+    t_star_grid: tuple = (10, 20, 40, 70)  # diffusion t* candidates (integer steps of the DDPM's T = 200)
     t_star_select_n: int = 100         # held-out test examples (after the first n) that choose t*
     diffusion_sampler: str = "ddpm"    # the Def. 2.1 sampler
     diffusion_dt: int = 1
