@@ -155,7 +155,7 @@ def test_defence_evaluation_adaptive_is_the_per_example_strongest():
     net = UNet(1, 8, channels=8, channel_mult=(1, 2), attention=False)
     ab = linear_alpha_bar(40)
     g = torch.Generator().manual_seed(0)
-    for d in (Defence("undefended", clf, nfe={"vae_passes": 1}), elbo_defence(clf, b),
+    for d in (Defence("undefended", clf, nfe={"classifier_passes": 1}), elbo_defence(clf, b),
               diffusion_defence(clf, net, ab, DiffPurifyBudget(t_star=5, dt=2), b)):
         r = evaluate_defence(d, x, y, b, g, log=lambda *_: None)
         acc = r["accuracy"]

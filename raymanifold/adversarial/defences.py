@@ -13,8 +13,10 @@ defence. "Adaptive": per example, the strongest of every column's attack and the
 (purification rows: BPDA and BPDA + EOT through a shortened purifier; ELBO also full back-propagation;
 diffusion also EOT with gradients through a few-step DDIM purifier), each with the PGD L-inf budget.
 
-Cost per defence: network evaluations per example (``nfe``: classifier / VAE / U-Net passes) and the
-measured seconds per example of the clean forward pass of the whole defence.
+Cost per defence: network evaluations per example (``classifier_passes``: encoder + head of the
+classifier; ``vae_grad_steps``: forward + backward passes of the whole VAE (Eq. 22 steps); ``vae_passes``:
+ELBO evaluations choosing the restart; ``unet_passes``: U-Net evaluations of the DDPM) and the measured
+seconds per example of the clean forward pass of the whole defence.
 """
 from __future__ import annotations
 
@@ -118,7 +120,8 @@ def elbo_defence(clf, budgets: DefenceBudgets) -> Defence:
         return adaptive_attacks(clf, x, y, ab, pb, g, purify_iterations=budgets.adaptive_purify_iterations,
                                 eot=budgets.eot, backprop_iterations=budgets.backprop_iterations)
     return Defence("elbo_purification", clf, purify=lambda x, g: purified(clf, x, pb, g),
-                   nfe={"vae_passes": pb.iterations * pb.restarts + pb.restarts + 1},
+                   nfe={"vae_grad_steps": pb.iterations * pb.restarts, "vae_passes": pb.restarts,
+                        "classifier_passes": 1},
                    adaptive=adaptive, settings={"purify": asdict(pb)})
 
 
@@ -149,7 +152,7 @@ def diffusion_defence(clf, ddpm, alpha_bar, dcfg: DiffPurifyBudget, budgets: Def
                 "bpda_eot": attack(lambda xx: bpda(xx, budgets.eot), x, y, ab, g),
                 "eot_ddim_backprop": attack(eot_grad, x, y, ab, g)}
     return Defence("diffusion_purification", clf, purify=pur, nfe={"unet_passes": purify_nfe(dcfg),
-                                                                   "vae_passes": 1},
+                                                                   "classifier_passes": 1},
                    adaptive=adaptive, settings={"purify": asdict(dcfg)})
 
 
@@ -219,10 +222,10 @@ def run_study(models: dict, ddpm, ddpm_cfg, cfg, budgets: DefenceBudgets, *, see
     clf = models["undefended"]
     x, y = eval_set(cfg, budgets.n)
     rows, info = {}, {}
-    defences = [Defence("undefended", clf, nfe={"vae_passes": 1})]
+    defences = [Defence("undefended", clf, nfe={"classifier_passes": 1})]
     for name in ("adv_training_linf", "adv_training_l2"):
         if name in models:
-            defences.append(Defence(name, models[name], nfe={"vae_passes": 1}))
+            defences.append(Defence(name, models[name], nfe={"classifier_passes": 1}))
     defences.append(elbo_defence(clf, budgets))
     if ddpm is not None:
         alpha_bar, clip, last_var = schedule_of(ddpm_cfg)
