@@ -159,7 +159,8 @@ def test_defence_evaluation_adaptive_is_the_per_example_strongest():
               diffusion_defence(clf, net, ab, DiffPurifyBudget(t_star=5, dt=2), b)):
         r = evaluate_defence(d, x, y, b, g, log=lambda *_: None)
         acc = r["accuracy"]
-        assert set(acc) == {"clean", "fgsm", "pgd_linf", "pgd_l2", "patch_pgd", "adaptive"}
+        assert set(acc) == {"clean", "fgsm", "pgd_linf", "pgd_l2", "patch_pgd", "adaptive_linf", "adaptive"}
+        assert acc["adaptive"] <= acc["adaptive_linf"] + 1e-9
         assert all(acc["adaptive"] <= acc[c] + 1e-9 for c in acc)
         assert all(acc["adaptive"] <= v + 1e-9 for v in r["adaptive_attacks"].values())
         assert r["cost"]["s_per_example"] > 0
