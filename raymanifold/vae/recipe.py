@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from raymanifold.schema import ConfigError, param
-from raymanifold.data.augment import random_affine
+from raymanifold.data.augment import random_affine, random_thickness
 from raymanifold.recipes import Recipe
 from raymanifold.vae.elbo import (  # noqa: F401  (re-exported: the objective's terms)
     beta_at, guided_centres, guided_columns, kl_per_example, kl_terms, label_columns, recon_nats, sigma0_at)
@@ -70,10 +70,13 @@ class EncoderAugmentConfig:
     shear: float = param(0.0, lo=0.0, hi=60.0, help="max x-shear angle (degrees)")
     tiles: int = param(1, lo=1, hi=64, help="equal-width tiles along the image width deformed independently "
                                            "(2 for two_digit: one transform per digit)")
+    thickness: float = param(0.0, lo=0.0, hi=1.0,
+                             help="max blend weight of a 3x3 dilation (thicker) or erosion (thinner) stroke change, "
+                                  "drawn in [-thickness, thickness] per example and tile (0 = off)")
 
     @property
     def active(self) -> bool:
-        return any(v > 0 for v in (self.degrees, self.translate, self.scale, self.shear))
+        return any(v > 0 for v in (self.degrees, self.translate, self.scale, self.shear, self.thickness))
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,8 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
     if model.training and aug.active:  # augmented inference: encode T(x), reconstruct x
         x_in = random_affine(x, generator, degrees=aug.degrees, translate=aug.translate, scale=aug.scale,
                              shear=aug.shear, tiles=aug.tiles)
+        if aug.thickness > 0:  # drawn after the affine parameters: configs without it keep their draws
+            x_in = random_thickness(x_in, generator, aug.thickness, aug.tiles)
     else:
         x_in = x
     logits, mu, logvar, z = model(x_in, eps)
