@@ -105,7 +105,12 @@ def image_study(model, cfg, schedule, classifier, *, t_s_list, n_samples: int = 
     shape = (model.ddpm.in_channels, model.ddpm.image_size, model.ddpm.image_size)
     size = shape[-1]
     d = cfg.data
-    ref = rdata.load(d.name, "test", n=n_ref, seed=d.seed, image_size=d.image_size).x[:n_ref].float()
+
+    def subset(split, n):  # a fixed random subset: the bundled splits are stored sorted by class
+        xs = rdata.load(d.name, split, seed=d.seed, image_size=d.image_size).x
+        return xs[torch.randperm(len(xs), generator=torch.Generator().manual_seed(1234))[:n]].float()
+
+    ref = subset("test", n_ref)
 
     def feats(x01):
         mu = torch.cat([classifier.encode(x01[i:i + 250])[0] for i in range(0, len(x01), 250)])
@@ -123,14 +128,13 @@ def image_study(model, cfg, schedule, classifier, *, t_s_list, n_samples: int = 
         f, conf = feats(x01)
         quality[_key(k)] = {"nfe": res["nfe"][k], "classifier_confidence": conf, "frechet_distance": frechet_distance(f, f_ref)}
         examples[_key(k)] = x01[:16]
-    f_half, conf_half = feats(rdata.load(d.name, "train", n=n_samples, seed=d.seed,
-                                         image_size=d.image_size).x[:n_samples].float())
+    f_half, conf_half = feats(subset("train", n_samples))
     quality["heldout_train_images"] = {"nfe": 0, "classifier_confidence": conf_half,
                                        "frechet_distance": frechet_distance(f_half, f_ref)}
     log(f"  [images] " + ", ".join(f"{k}: conf {v['classifier_confidence']:.3f} FD {v['frechet_distance']:.2f}"
                                    for k, v in quality.items()) + f" ({wall:.0f} s)")
     denoise = {}
-    sets = {d.name: rdata.load(d.name, "test", n=n_ood, seed=d.seed, image_size=d.image_size).x[:n_ood].float()}
+    sets = {d.name: subset("test", n_ood)}
     o = rdata.load(ood_set, "test", n=n_ood, seed=0, image_size=size).x[:n_ood].float()
     sets[f"{ood_set} (grey)"] = o.mean(1, keepdim=True) if o.shape[1] != shape[0] else o
     for name, x in sets.items():
