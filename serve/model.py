@@ -6,7 +6,7 @@ Model calls run on one worker thread, so the replica's event loop stays free
 to accept requests while the model computes; that is what lets
 ``@serve.batch`` pool the requests that arrive meanwhile.
 
-Pooling (log-likelihood, encode): requests with equal options are
+Pooling (every batchable operation: log-likelihood, encode, classify, purify): requests with equal options are
 concatenated into one model call and the result is split back, at most
 ``batching.max_batch_examples`` examples per call. Deterministic functions
 (encode) give the same numbers pooled or not. Random ones (the Eq. 15
