@@ -156,11 +156,12 @@ def paired_overhead(uri: str, port: int, dt: int, n: int) -> dict:
     xn = xt.numpy()
     handle = serve.get_deployment_handle("model_unbatched", app_name="bench_split")
     body = {"x": xn.tolist(), "dt": dt, "seed": 0}
-    urls = {t: f"http://127.0.0.1:{port}/{t}/v1/models/unbatched/log-likelihood" for t in ("split", "fused")}
+    urls = {t: f"http://127.0.0.1:{port}/{t}/v1/models/unbatched/log-likelihood" for t in ("split", "fused", "sameloop")}
     calls = {"direct": lambda: recipe.log_prob(model, xt, cfg, dt=dt, generator=torch.Generator().manual_seed(0)),
              "handle": lambda: handle.run.remote("log-likelihood", x=xn, options={"dt": dt}, seed=0).result(),
              "http_split": lambda: session.post(urls["split"], json=body).raise_for_status(),
-             "http_fused": lambda: session.post(urls["fused"], json=body).raise_for_status()}
+             "http_fused": lambda: session.post(urls["fused"], json=body).raise_for_status(),
+             "http_sameloop": lambda: session.post(urls["sameloop"], json=body).raise_for_status()}
     times = {k: [] for k in calls}
     names = list(calls)
     with requests.Session() as session:
@@ -179,6 +180,7 @@ def paired_overhead(uri: str, port: int, dt: int, n: int) -> dict:
             "split_http_minus_direct_ms": float(np.median(t["http_split"] - t["direct"])),
             "fused_http_minus_direct_ms": float(np.median(t["http_fused"] - t["direct"])),
             "fused_http_over_direct_ratio": float(np.median(t["http_fused"] / t["direct"])),
+            "sameloop_http_minus_direct_ms": float(np.median(t["http_sameloop"] - t["direct"])),
             "split_http_over_direct_ratio": float(np.median(t["http_split"] / t["direct"]))}
 
 
@@ -218,12 +220,16 @@ def main():
     # both up at once under their own route prefix, so every cell of the table is measured in this run
     serving.run(build_app(split), name="bench_split", route_prefix="/split")
     serving.run(build_app(fused), name="bench_fused", route_prefix="/fused")
+    # the fused replica with Serve's user code on the replica's own event loop (no hand-off between threads)
+    same_loop = {**fused, "ingress": {"deployment": {**fused["ingress"]["deployment"], "ray_actor_options": {
+        "num_cpus": 0.5, "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}}}}
+    serving.run(build_app(same_loop), name="bench_sameloop", route_prefix="/sameloop")
     print(f"Serve up in {time.perf_counter() - t0:.1f} s on port {port}", flush=True)
     from ray import serve
 
     rows = []
     load = {"start": os.getloadavg()[0]}
-    paths = ("fused", "split", "handle")
+    paths = ("fused", "sameloop", "split", "handle")
     try:
         for c in levels:
             for path in paths:
@@ -260,7 +266,8 @@ def main():
         runtime.shutdown()
 
     by = {(r["path"], r["mode"], r["concurrency"]): r for r in rows}
-    label = {"fused": "HTTP, fused (after)", "split": "HTTP, split (before)", "handle": "handle to the model (split)"}
+    label = {"fused": "HTTP, fused (after)", "sameloop": "HTTP, fused, user code on the replica's loop",
+             "split": "HTTP, split (before)", "handle": "handle to the model (split)"}
     table = ["| clients | path | unbatched req/s | batched req/s | batched / unbatched | unbatched p50 / p99 ms | "
              "batched p50 / p99 ms | requests per pooled call | errors |", "|---|---|---|---|---|---|---|---|---|"]
     for c in levels:
@@ -272,6 +279,7 @@ def main():
                          f"{u['errors'] + b['errors']} |")
     c_max = max(levels)
     gain = {p: by[(p, "batched", c_max)]["req_per_s"] / by[(p, "unbatched", c_max)]["req_per_s"] for p in paths}
+    pooled_at_max = {p: by[(p, "batched", c_max)]["mean_pooled"] for p in paths}
     fused_vs_split = by[("fused", "batched", c_max)]["req_per_s"] / by[("split", "batched", c_max)]["req_per_s"]
     best = max(rows, key=lambda r: r["req_per_s"])
     lines = ["# Serve latency: log-likelihood of one 2-D point per request", "",
@@ -280,13 +288,17 @@ def main():
              "`fused` (the new default topology): client -> proxy -> one replica holding HTTP, validation and the "
              "models; `split` (the design before): client -> proxy -> ingress replica -> model replica; `handle`: "
              "a DeploymentHandle straight to the split model replica (no HTTP, no ingress).", "", *table, "",
-             f"At {c_max} clients batched / unbatched: fused {gain['fused']:.2f}x, split {gain['split']:.2f}x, "
-             f"handle {gain['handle']:.2f}x; fused batched / split batched = {fused_vs_split:.2f}x.",
+             f"At {c_max} clients batched / unbatched: fused {gain['fused']:.2f}x ({pooled_at_max['fused']:.1f} "
+             f"requests per model call), fused on one loop {gain['sameloop']:.2f}x, split {gain['split']:.2f}x "
+             f"({pooled_at_max['split']:.1f}), handle {gain['handle']:.2f}x; fused batched / split batched = "
+             f"{fused_vs_split:.2f}x.",
              f"Overhead, one client, {pair['rounds']} paired rounds (direct, handle, HTTP split, HTTP fused in "
              f"rotation; medians): direct in-process call {pair['direct_p50_ms']:.2f} ms, DeploymentHandle "
              f"{pair['handle_p50_ms']:.2f} ms, HTTP split {pair['http_split_p50_ms']:.2f} ms, HTTP fused "
              f"{pair['http_fused_p50_ms']:.2f} ms. Per round, HTTP fused - direct = "
-             f"{pair['fused_http_minus_direct_ms']:+.2f} ms ({pair['fused_http_over_direct_ratio']:.2f}x); HTTP split "
+             f"{pair['fused_http_minus_direct_ms']:+.2f} ms ({pair['fused_http_over_direct_ratio']:.2f}x); fused with "
+             f"user code on the replica's loop {pair['http_sameloop_p50_ms']:.2f} ms, "
+             f"{pair['sameloop_http_minus_direct_ms']:+.2f} ms over direct; HTTP split "
              f"- direct = {pair['split_http_minus_direct_ms']:+.2f} ms ({pair['split_http_over_direct_ratio']:.2f}x), "
              f"of which proxy + ingress (split HTTP - handle) = {pair['split_http_minus_handle_ms']:+.2f} ms and "
              f"the handle hop (handle - direct) = {pair['handle_minus_direct_ms']:+.2f} ms.",

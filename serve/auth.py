@@ -30,7 +30,6 @@ DEFAULT_ENV = "RAYMANIFOLD_API_KEYS"
 MIN_KEY_CHARS = 16
 #: paths (below the app's route prefix) that never need a key
 OPEN_PATHS = ("/healthz", "/")
-OPEN_PREFIXES = ("/static/",)
 _SPLIT = re.compile(r"[\s,]+")
 
 
@@ -100,8 +99,12 @@ def key_matches(given: str, allowed: tuple[bytes, ...]) -> bool:
     return ok
 
 
+_STATIC_FILE = re.compile(r"^/static/[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
 def is_open_path(path: str) -> bool:
-    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+    """``/healthz``, ``/`` and ``/static/<file>`` (one plain segment: no ``..``, no further ``/``)."""
+    return path in OPEN_PATHS or (bool(_STATIC_FILE.match(path)) and ".." not in path)
 
 
 def bearer(headers: list) -> Optional[str]:

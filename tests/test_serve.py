@@ -119,7 +119,7 @@ def server(tmp_path_factory):
     serving.run(app, name=APP, route_prefix="/")
     print(f"\nset-up: models trained {t_train:.0f} s, Ray + Serve HTTP up {t_ray:.0f} s, "
           f"app deployed {time.perf_counter() - t0:.0f} s (load average {__import__('os').getloadavg()[0]:.1f})")
-    yield {"url": f"http://127.0.0.1:{port}", "direct": direct}
+    yield {"url": f"http://127.0.0.1:{port}", "direct": direct, "entries": entries}
     serving.shutdown()
     runtime.shutdown()
 
@@ -279,8 +279,11 @@ def test_api_keys_read_checked_and_compared_without_leaking(tmp_path):
 
 
 def _check_keyed_app(c, key_a, key_b):
+    from serve import auth
     for p in ("/healthz", "/", "/static/app.js"):
         assert c.get(p).status_code == 200, p
+    for p in ("/static/../v1/models", "/static/a/../../v1/models", "/static/", "/healthz/x"):
+        assert not auth.is_open_path(p), p
     for headers in ({}, {"authorization": "Bearer"}, {"authorization": f"Basic {key_a}"},
                     {"authorization": f"Bearer {key_a}x"}, {"authorization": f"Bearer {key_a[:-1]}"}):
         r = c.get("/v1/models", headers=headers)
@@ -585,8 +588,8 @@ def _fuzz_case(rng: random.Random, pngs: dict) -> tuple[str, str, dict]:
         dims = [rng.randrange(1, 5) for _ in range(rng.randrange(0, 5))]
         if route == "sample":
             return "POST", path, {"json": {"n": np.zeros(dims).tolist()}}
-        if dims == [1, *shape] or dims == [1, 32]:
-            dims = [1, 3, 3]
+        if dims[1:] == (shape if key == "x" else [32]):  # happens to be valid: spoil it
+            dims.append(3)
         return "POST", path, {"json": {key: np.zeros(dims).tolist()}}
     if kind == 2:  # NaN / inf (JSON extensions Python's json accepts)
         bad = rng.choice(["NaN", "Infinity", "-Infinity", "1e999"])
@@ -755,6 +758,37 @@ def test_concurrent_burst_returns_every_response_to_its_caller(server):
                                        rtol=1e-5, atol=1e-5)
             pooled_sizes.append(body["batch"]["requests"])
     assert max(pooled_sizes) > 1  # @serve.batch did pool concurrent requests
+
+
+@pytest.mark.ray
+def test_split_topology_without_keys_gives_the_same_answers(server):
+    """topology 'split' (the ingress calls a model_<name> deployment through a handle), open (no keys),
+    deployed beside the fused app under /split: same numbers, same refusals."""
+    from raymanifold.distributed import serving
+    from serve.app import build_application
+
+    entry = {**next(e for e in server["entries"] if e["name"] == "points"),
+             "deployment": {"ray_actor_options": {"num_cpus": 0.2}, "num_replicas": 1}}
+    app = build_application({"topology": "split", "models": [entry], "limits": LIMITS,
+                             "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.1}}},
+                             "auth": {"keys_env": "RM_SERVE_TEST_NO_KEYS"}})
+    serving.run(app, name="rm_serve_split", route_prefix="/split")
+    try:
+        url = server["url"] + "/split"
+        x = np.array([[0.2, -0.4], [1.5, 0.5]], dtype=np.float32)
+        r = requests.post(url + "/v1/models/points/log-likelihood", json={"x": x.tolist(), "seed": 5, "dt": 4},
+                          timeout=60)  # no key needed: this app has none
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["log_prob"], _direct_log_prob(server, "points", x, 5, dt=4),
+                                   rtol=1e-6, atol=1e-6)
+        bad = requests.post(url + "/v1/models/points/log-likelihood", data='{"x": [[NaN, 0]]}', timeout=60,
+                            headers={"content-type": "application/json"})
+        assert bad.status_code == 422 and bad.json()["detail"]["field"] == "x"
+        assert requests.get(url + "/v1/models/nope/x", timeout=60).status_code in (404, 405)
+        assert requests.get(url + "/healthz", timeout=60).json()["status"] == "ok"
+    finally:
+        from ray import serve
+        serve.delete("rm_serve_split")
 
 
 # ----------------------------------------------------------------------------- health
