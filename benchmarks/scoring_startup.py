@@ -106,7 +106,15 @@ def main():
                   f" (of which polling for free CPUs {row['free_cpu_poll_s']:.2f} s)",
                   flush=True)
     finally:
-        dscoring.RayScorer, dscoring._free_cpus = original, free_cpus
+        dscoring.RayScorer = original
+        tasks = []  # the same small jobs with compute="tasks" (Ray's pooled workers keep imports and model)
+        for j in range(args.jobs + 1):
+            t0 = time.time()
+            dscoring.score_to_parquet(prep, spec, str(tmp / f"tasks{j}"), batch_size=args.batch_size, compute="tasks")
+            tasks.append(time.time() - t0)
+            print(f"compute=tasks job {j}{' (warm-up)' if j == 0 else ''}: wall {tasks[-1]:.2f} s "
+                  f"(polling for free CPUs {waited[-1]:.2f} s)", flush=True)
+        dscoring._free_cpus = free_cpus
         shutdown()
     timed = [r for r in rows if not r["warm_up"]]
     m = {k: statistics.median(r[k] for r in timed) for k in timed[0] if k.endswith("_s")}
@@ -122,7 +130,9 @@ def main():
     print(f"| after the last batch (output, shutdown of the pool) | {m['tail_s']:.2f} |")
     print(f"| (within the first line: polling for free CPUs) | {m['free_cpu_poll_s']:.2f} |")
     print(f"| **total ({args.rows} rows)** | **{m['wall_s']:.2f}** |")
-    print(json.dumps(rows, indent=2))
+    print(f"| **compute=tasks: total ({args.rows} rows), median of jobs 1..n** | "
+          f"**{statistics.median(tasks[1:]):.2f}** (warm-up job {tasks[0]:.2f}) |")
+    print(json.dumps({"actors": rows, "tasks_wall_s": tasks}, indent=2))
 
 
 if __name__ == "__main__":
