@@ -1,4 +1,5 @@
-"""The Serve application: a FastAPI ingress in front of one deployment per model.
+"""The Serve application: a FastAPI ingress that runs the models in its own replica (topology ``fused``, the
+default: proxy -> one replica) or calls one deployment per model (topology ``split``).
 
 Routes (OpenAPI at ``/docs``)::
 
@@ -14,7 +15,8 @@ Routes (OpenAPI at ``/docs``)::
 
 The ingress validates every request against the model's description (shape,
 channels, finiteness, range, sizes, option names/types/bounds/choices) and
-answers 4xx naming the field before a model replica sees it. Routes are
+answers 4xx naming the field before a model sees it. Optional API keys
+(:mod:`serve.auth`) guard every route except ``/healthz`` and the page's files. Routes are
 thin: each names an operation of :data:`serve.operations.OPERATIONS` and
 calls :meth:`Ingress._operate`; a model offers the operations its recipe
 defines, so a new family (or a new operation such as ``purify``) adds a row
