@@ -98,8 +98,11 @@ class ModelServer:
         self._rng = random.Random()
         self.stats = {"requests": 0, "model_calls": 0, "pooled_batches": 0, "pooled_requests": 0, "errors": 0}
         b = self.entry.batching
-        self._pooled.set_max_batch_size(b.max_batch_examples)
-        self._pooled.set_batch_wait_timeout_s(b.wait_timeout_s)
+        # One batch queue per served model: @serve.batch on the method would give every ModelServer of a
+        # process one shared queue (topology "fused" holds several models in one replica, and a pooled call
+        # would then run another model's requests through the first request's model).
+        self._pooled = serve.batch(max_batch_size=b.max_batch_examples, batch_wait_timeout_s=b.wait_timeout_s,
+                                   batch_size_fn=_n_examples)(self._pool_requests)
 
     # ------------------------------------------------------------------ called by the ingress
     def info(self) -> dict:
@@ -131,8 +134,7 @@ class ModelServer:
         return await loop.run_in_executor(self._pool, self._call, op, x, n, options, seed)
 
     # ------------------------------------------------------------------ pooling
-    @serve.batch(max_batch_size=2048, batch_wait_timeout_s=0.005, batch_size_fn=_n_examples)
-    async def _pooled(self, items: list[dict]) -> list[dict]:
+    async def _pool_requests(self, items: list[dict]) -> list[dict]:
         """Concatenate requests with equal (operation, options); one model call per group."""
         groups: dict = defaultdict(list)
         for i, it in enumerate(items):
