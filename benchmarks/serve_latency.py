@@ -210,26 +210,30 @@ def main():
     models = [{"name": "batched", "uri": uri, "batching": {"enabled": True, "wait_timeout_s": args.wait}},
               {"name": "unbatched", "uri": uri, "batching": {"enabled": False}}]
     dep = {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "max_ongoing_requests": 64}
-    split = {"topology": "split", "models": [{**m, "deployment": dep} for m in models]}
+    split = {"topology": "split", "models": [{**m, "deployment": dep} for m in models],  # the design before
+             "gil_switch_interval_s": None}
     fused = {"topology": "fused", "models": models,
-             "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1,
+             "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.3}, "num_replicas": 1,
                                         "max_ongoing_requests": 256}}}
     t0 = time.perf_counter()
     serving.start_http(port, num_cpus=2)
+    # logical CPUs (all apps at once must fit 2): split 0.1 + 2 x 0.5, three fused variants 0.3 each
     # the design before (split: proxy -> ingress -> model replica) and after (fused: proxy -> one replica),
     # both up at once under their own route prefix, so every cell of the table is measured in this run
     serving.run(build_app(split), name="bench_split", route_prefix="/split")
     serving.run(build_app(fused), name="bench_fused", route_prefix="/fused")
     # the fused replica with Serve's user code on the replica's own event loop (no hand-off between threads)
     same_loop = {**fused, "ingress": {"deployment": {**fused["ingress"]["deployment"], "ray_actor_options": {
-        "num_cpus": 0.5, "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}}}}
+        "num_cpus": 0.3, "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}}}}
     serving.run(build_app(same_loop), name="bench_sameloop", route_prefix="/sameloop")
+    # the fused replica with Python's default 5 ms GIL switch interval (the new default is 0.2 ms)
+    serving.run(build_app({**fused, "gil_switch_interval_s": None}), name="bench_gil5ms", route_prefix="/gil5ms")
     print(f"Serve up in {time.perf_counter() - t0:.1f} s on port {port}", flush=True)
     from ray import serve
 
     rows = []
     load = {"start": os.getloadavg()[0]}
-    paths = ("fused", "sameloop", "split", "handle")
+    paths = ("fused", "gil5ms", "sameloop", "split", "handle")
     try:
         for c in levels:
             for path in paths:
@@ -266,7 +270,8 @@ def main():
         runtime.shutdown()
 
     by = {(r["path"], r["mode"], r["concurrency"]): r for r in rows}
-    label = {"fused": "HTTP, fused (after)", "sameloop": "HTTP, fused, user code on the replica's loop",
+    label = {"fused": "HTTP, fused (after)", "gil5ms": "HTTP, fused, Python's 5 ms GIL switch interval",
+             "sameloop": "HTTP, fused, user code on the replica's loop",
              "split": "HTTP, split (before)", "handle": "handle to the model (split)"}
     table = ["| clients | path | unbatched req/s | batched req/s | batched / unbatched | unbatched p50 / p99 ms | "
              "batched p50 / p99 ms | requests per pooled call | errors |", "|---|---|---|---|---|---|---|---|---|"]
@@ -289,7 +294,8 @@ def main():
              "models; `split` (the design before): client -> proxy -> ingress replica -> model replica; `handle`: "
              "a DeploymentHandle straight to the split model replica (no HTTP, no ingress).", "", *table, "",
              f"At {c_max} clients batched / unbatched: fused {gain['fused']:.2f}x ({pooled_at_max['fused']:.1f} "
-             f"requests per model call), fused on one loop {gain['sameloop']:.2f}x, split {gain['split']:.2f}x "
+             f"requests per model call), fused with a 5 ms GIL switch interval {gain['gil5ms']:.2f}x "
+             f"({pooled_at_max['gil5ms']:.1f}), fused on one loop {gain['sameloop']:.2f}x, split {gain['split']:.2f}x "
              f"({pooled_at_max['split']:.1f}), handle {gain['handle']:.2f}x; fused batched / split batched = "
              f"{fused_vs_split:.2f}x.",
              f"Overhead, one client, {pair['rounds']} paired rounds (direct, handle, HTTP split, HTTP fused in "

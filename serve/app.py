@@ -29,6 +29,7 @@ and a route, not a new structure.
 import asyncio
 import inspect
 import json
+import sys
 from typing import Optional
 
 import numpy as np
@@ -116,12 +117,15 @@ DOCS = {
 class Ingress:
     """HTTP front: validation, routing to ``model_<name>`` deployments, JSON/PNG encoding."""
 
-    def __init__(self, models: dict, limits: dict, key_digests: tuple = (), local: Optional[dict] = None):
+    def __init__(self, models: dict, limits: dict, key_digests: tuple = (), local: Optional[dict] = None,
+                 switch_interval_s: Optional[float] = None):
         """``models``: name -> DeploymentHandle of a ``model_<name>`` deployment (topology ``split``), or
         ``local = {"cls", "entries", "tracking_uri"}``: every model is built in this replica and called
         in-process (topology ``fused``: no handle hop, no second serialisation)."""
         self.limits = Limits.model_validate(limits)
         auth.configure(key_digests)  # SHA-256 of the API keys, checked by auth.ApiKeyMiddleware
+        if switch_interval_s:  # see serve.settings.AppSettings.gil_switch_interval_s
+            sys.setswitchinterval(switch_interval_s)
         self.fused = local is not None
         if self.fused:
             self.handles = {e["name"]: local["cls"](e, limits, local["tracking_uri"]) for e in local["entries"]}
@@ -430,11 +434,11 @@ def build_application(args: dict, model_cls: type = ModelServer, ingress_cls: ty
             **_merge(FUSED_DEFAULTS, settings.ingress.deployment))
         local = {"cls": model_cls, "entries": [m.model_dump() for m in settings.models],
                  "tracking_uri": settings.tracking_uri}
-        return ingress.bind({}, limits, digests, local)
+        return ingress.bind({}, limits, digests, local, settings.gil_switch_interval_s)
     handles = {}
     for m in settings.models:
         dep = serve.deployment(model_cls, name=f"model_{m.name}").options(**_merge(MODEL_DEFAULTS, m.deployment))
-        handles[m.name] = dep.bind(m.model_dump(), limits, settings.tracking_uri)
+        handles[m.name] = dep.bind(m.model_dump(), limits, settings.tracking_uri, settings.gil_switch_interval_s)
     ingress = serve.deployment(ingress_cls, name="Ingress").options(**_merge(INGRESS_DEFAULTS,
                                                                              settings.ingress.deployment))
-    return ingress.bind(handles, limits, digests)
+    return ingress.bind(handles, limits, digests, None, settings.gil_switch_interval_s)

@@ -24,6 +24,7 @@ import asyncio
 import math
 import os
 import random
+import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +72,10 @@ def describe(name: str, uri: str, model, cfg, recipe, entry: ModelEntry, limits:
 class ModelServer:
     """Serves one checkpoint. Public methods are called by the ingress through a DeploymentHandle."""
 
-    def __init__(self, entry: dict, limits: dict, tracking_uri: Optional[str] = None):
+    def __init__(self, entry: dict, limits: dict, tracking_uri: Optional[str] = None,
+                 switch_interval_s: Optional[float] = None):
+        if switch_interval_s:  # its own replica (topology split): see AppSettings.gil_switch_interval_s
+            sys.setswitchinterval(switch_interval_s)
         self.entry = ModelEntry.model_validate(entry)
         self.limits = Limits.model_validate(limits)
         if tracking_uri:

@@ -109,6 +109,10 @@ class AppSettings(_Strict):
     topology: Literal["fused", "split"] = Field("fused", description="fused: the models run inside the ingress "
                                                 "replica (fewest hops); split: one deployment per model")
     models: list[ModelEntry] = Field(min_length=1)
+    gil_switch_interval_s: Optional[float] = Field(
+        0.0002, gt=0, le=0.1, description="sys.setswitchinterval of each replica (None: Python's 5 ms). A "
+        "model call holds the GIL in small torch ops; a short interval lets the replica's event loop take "
+        "requests in meanwhile, so they queue for the next pooled call instead of waiting behind it")
     limits: Limits = Limits()
     ingress: IngressSettings = IngressSettings()
     auth: AuthSettings = AuthSettings()
