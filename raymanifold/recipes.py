@@ -62,6 +62,7 @@ FAMILIES = {
     "vae_classifier": "raymanifold.adversarial.recipe",
     "recognition": "raymanifold.recognition.recipe",
     "diffsiam": "raymanifold.ssl.recipe",
+    "daed": "raymanifold.diffusion.daed_recipe",
 }
 
 #: optional operations a model may offer (Recipe fields taking a model), in a stable order

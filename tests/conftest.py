@@ -24,3 +24,22 @@ def local_ray():
     ensure_ray(None, 2, quiet=True)
     yield
     shutdown()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _isolated_tracking_uri():
+    """Each test module starts with the ``MLFLOW_TRACKING_URI`` and ``runs:/`` resolvers that were there before it.
+    ``mlflow.set_tracking_uri`` and the CLI's ``--tracking-uri`` export the URI to the environment (so Ray workers
+    inherit it); left behind by a module (e.g. test_compare's ``mlflow server``, stopped afterwards) it would send the
+    next modules' ``runs:/`` lookups to a dead server, to wait out MLflow's HTTP retries (8 minutes of the suite)."""
+    from raymanifold import checkpoint
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved = dict(checkpoint._RESOLVERS)
+    yield
+    if env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env
+    checkpoint._RESOLVERS.clear()
+    checkpoint._RESOLVERS.update(saved)

@@ -127,3 +127,27 @@ def test_augment_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"model.encoder_augment.tiles.*not divisible into 3"):
         _cfg({"degrees": 10, "tiles": 3})  # two_digit is 16 pixels wide
     assert not _cfg().model.encoder_augment.active and _cfg({"shear": 5}).model.encoder_augment.active
+
+
+def test_random_thickness_blends_dilation_or_erosion_per_tile_and_stays_in_its_tile():
+    from raymanifold.data.augment import random_thickness
+
+    x = torch.zeros(4, 1, 8, 16)
+    x[:, :, 2:6, 6:8] = 1.0        # a 2-pixel-wide stroke touching the border of tile 0 (columns 0-7)
+    x[:, :, 3:5, 10:13] = 0.5
+    out = random_thickness(x, torch.Generator().manual_seed(3), 0.8, tiles=2)
+    a = (2 * torch.rand(8, generator=torch.Generator().manual_seed(3)) - 1) * 0.8   # the same draws, replayed
+    assert a.min() < 0 < a.max()
+    for i in range(4):
+        for k in range(2):
+            t, o = x[i, 0, :, 8 * k:8 * k + 8], out[i, 0, :, 8 * k:8 * k + 8]
+            dil = torch.nn.functional.max_pool2d(t[None, None], 3, 1, 1)[0, 0]
+            ero = -torch.nn.functional.max_pool2d(-t[None, None], 3, 1, 1)[0, 0]
+            w = float(a[2 * i + k])
+            expect = t + w * (dil - t) if w >= 0 else t + (-w) * (ero - t)
+            assert torch.allclose(o, expect, atol=1e-6)   # the tile's own filter: nothing crosses the border
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.equal(random_thickness(x, torch.Generator().manual_seed(3), 0.0, tiles=2), x)
+    assert _cfg({"thickness": 0.5}).model.encoder_augment.active
+    with pytest.raises(ConfigError, match=r"model.encoder_augment.thickness"):
+        _cfg({"thickness": 1.5})

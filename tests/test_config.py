@@ -99,6 +99,8 @@ def test_shipped_configs_load(tmp_path):
                 # until then (checked with a DDPM fixture in tests/test_diffsiam.py); the rest validates without it
                 with pytest.raises(ConfigError, match="model.ddpm"):
                     load_config(f, overrides)
+                if raw["family"] != "diffsiam":  # e.g. daed: nothing validates without its DDPM
+                    continue
                 overrides.append("model.variant=simsiam")
             load_config(f, overrides)
 

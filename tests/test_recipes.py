@@ -42,6 +42,11 @@ CASES = {
                        "model": {"latent_dim": 2, "width": 4, "prior": "nearest", "eval_points": 100}},
     "vae_classifier": {"family": "vae_classifier", "data": {"name": "mnist5k"},
                        "model": {"latent_dim": 2, "width": 4, "eval_points": 16}},
+    "vae_classifier_adv": {"family": "vae_classifier", "data": {"name": "mnist5k"},  # adversarial training (#17)
+                           "model": {"latent_dim": 2, "width": 4, "eval_points": 16, "adv_norm": "linf",
+                                     "adv_eps": 0.1, "adv_step": 0.05, "adv_iterations": 1}},
+    "daed": {"family": "daed", "data": {"name": "swiss_roll", "n_train": 64, "n_test": 16},  # #17: DDPM + one-step DAE
+             "model": {"ddpm": "<tiny mlp ddpm>", "t_s": 5, "hidden": 8, "layers": 1, "eval_points": 16}},
     "recognition": {"family": "recognition", "data": {"name": "shapes", "n_train": 32, "n_test": 16, "image_size": 12},
                     "model": {"identity": ["shape", "colour", "scale"], "embed_dim": 4, "width": 4, "eval_points": 16}},
 }
@@ -55,6 +60,10 @@ def _cfg(case: str):
         from diffsiam_fixtures import tiny_ddpm
 
         raw = {**raw, "model": {**raw["model"], "ddpm": tiny_ddpm()}}
+    if raw.get("model", {}).get("ddpm") == "<tiny mlp ddpm>":  # DAED's frozen DDPM: an untrained 2-D eps-MLP
+        from diffsiam_fixtures import tiny_ddpm
+
+        raw = {**raw, "model": {**raw["model"], "ddpm": tiny_ddpm("mlp")}}
     return config_from_dict({"name": f"t_{case}", **raw, "train": {**TRAIN, **raw.get("train", {})}})
 
 

@@ -1,6 +1,7 @@
 """two_digit_mnist: two real 28x28 MNIST digits 0-5 (mnist5k) side by side, the GridVAE two-digit study's
 28x28 source."""
 import numpy as np
+import pytest
 import torch
 
 from raymanifold import data as rdata
@@ -31,3 +32,75 @@ def test_study_accepts_the_28x28_config():
     cfg = load_config("jobs/configs/gridvae_two_digit_mnist.yaml")
     check_two_digit(cfg)
     assert cfg.data.name == "two_digit_mnist" and cfg.model.grid_min == (-2,) and cfg.model.grid_max == (3,)
+
+
+# ----------------------------------------------------------------------------- the 28x28 network and study
+def _mnist_cfg(**model):
+    from raymanifold.config import load_config, replace
+
+    cfg = load_config("jobs/configs/gridvae_two_digit_mnist.yaml")
+    return replace(cfg, [("model.width", 4), ("model.eval_points", 144), ("data.n_train", 144),
+                         ("data.n_test", 144)] + [(f"model.{k}", v) for k, v in model.items()])
+
+
+def test_stem_stride_2_resnet_shapes_and_every_parameter_gets_a_gradient():
+    from raymanifold.vae.models import GridVAE
+
+    torch.manual_seed(0)
+    model = GridVAE((1, 28, 56), 2, width=4, stem_stride=2, channel_mult=(1, 2, 2, 2))
+    x = torch.rand(3, 1, 28, 56)
+    feats = model.encoder.blocks[0](model.encoder.stem(x))
+    assert tuple(feats.shape) == (3, 4, 14, 28)                     # stride-2 stem: blocks start at H/2
+    assert tuple(model.encoder.blocks(model.encoder.stem(x)).shape) == (3, 8, 7, 14)  # and end at H/4
+    logits, mu, logvar, z = model(x, torch.randn(3, 2))
+    assert tuple(logits.shape) == (3, 1, 28, 56) and tuple(mu.shape) == tuple(logvar.shape) == (3, 2)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, x).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    # the defaults keep the original network (blocks at H, H/2, H/4, H/4): old checkpoints still load
+    default = GridVAE((1, 28, 56), 2, width=4)
+    assert default.encoder.stem.stride == (1, 1) and default.encoder.blocks[2].c1.stride == (2, 2)
+    assert not default.decoder.final_upsample
+    assert [tuple(p.shape) for p in GridVAE((1, 28, 56), 2, width=4, channel_mult=(1, 2, 4, 4)).parameters()] == \
+        [tuple(p.shape) for p in default.parameters()]
+
+
+def test_28x28_config_builds_the_small_resnet_and_round_trips_through_a_checkpoint(tmp_path):
+    from raymanifold import checkpoint
+    from raymanifold.vae import recipe as R
+
+    cfg = _mnist_cfg()
+    assert cfg.model.stem_stride == 2 and len(cfg.model.channel_mult) == 4
+    torch.manual_seed(0)
+    model = R.build(cfg)
+    x = rdata.load("two_digit_mnist", "test", n=4).x
+    path = checkpoint.save(tmp_path / "checkpoint.pt", model, cfg, 1)
+    again, cfg2, _ = checkpoint.load_model(str(path))
+    assert cfg2.model.stem_stride == cfg.model.stem_stride and cfg2.model.channel_mult == cfg.model.channel_mult
+    assert torch.equal(R.encode(again, x, cfg2), R.encode(model, x, cfg))
+    assert torch.equal(R.decode(again, R.encode(again, x, cfg2), cfg2), R.decode(model, R.encode(model, x, cfg), cfg))
+
+
+@pytest.mark.parametrize("key, value, match", [("model.channel_mult", (1, 2, 4), "model.channel_mult"),
+                                               ("model.channel_mult", (1, 0, 2, 2), "model.channel_mult"),
+                                               ("model.stem_stride", 3, "model.stem_stride")])
+def test_bad_network_fields_name_the_field(key, value, match):
+    from raymanifold.config import ConfigError, load_config, replace
+
+    with pytest.raises(ConfigError, match=match):
+        replace(load_config("jobs/configs/gridvae_two_digit_mnist.yaml"), [(key, value)])
+
+
+def test_study_scores_the_28x28_source_against_its_own_targets():
+    from raymanifold.vae import gridvae_study as S
+    from raymanifold.vae import recipe as R
+
+    cfg = _mnist_cfg()
+    torch.manual_seed(0)
+    res = S.two_digit(R.build(cfg), cfg, {"source": "untrained", "train_wall_s": None}, [])
+    assert res["config"]["data"]["name"] == "two_digit_mnist"
+    assert {k: v["target"] for k, v in res["targets"].items()} == {"cluster_accuracy": 0.95,
+                                                                   "per_dim_accuracy_min": 0.97}
+    assert res["arrays"]["mu_test"].shape == (144, 2) and 0 <= res["metrics"]["cluster_accuracy"] <= 1
+    # an untrained network does not meet them: the check can fail
+    assert not res["targets"]["cluster_accuracy"]["met"]

@@ -13,6 +13,7 @@ prediction, whether purification changed it).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from raymanifold.adversarial.budgets import PurifyBudget, from_dict
 from raymanifold.adversarial.evaluation import eval_set, labels_of, purification_budget
 from raymanifold.adversarial.purify import elbo_at_mean, purify as purify_batch
+from raymanifold.adversarial.training import adversarial_eq21_loss, check_budget, inner_max, train_budget
 from raymanifold.recipes import Recipe
 from raymanifold.schema import ConfigError, param
 from raymanifold.vae.classifier import VAEClassifier, eq21_loss
@@ -32,6 +34,12 @@ class VAEClassifierConfig:
     lam: float = param(8.0, lo=0.0, help="lambda of Eq. 21: weight of the cross-entropy per example")
     label_column: int = param(0, lo=0, help="label column classified (data sets with several label columns)")
     eval_points: int = param(1000, lo=1, help="test examples scored by evaluate()")
+    # adversarial training (slides 003; raymanifold/adversarial/training.py): PGD-k inner maximiser
+    adv_norm: str = param("none", choices=("none", "linf", "l2"),
+                          help="adversarial training: none | linf | l2 (PGD-k inner loop on the CE term)")
+    adv_eps: float = param(0.0, lo=0.0, help="adversarial training radius (pixel units; linf <= 1, l2 <= sqrt(D))")
+    adv_step: float = param(0.01, lo=0.0, lo_open=True, help="PGD step of the inner loop (pixel units)")
+    adv_iterations: int = param(7, lo=1, hi=1000, help="PGD iterations k of the inner loop")
 
 
 def input_shape(cfg) -> tuple:
@@ -66,6 +74,7 @@ def validate(cfg):
     if cfg.model.label_column >= len(names):
         raise ConfigError(f"model.label_column: {cfg.model.label_column} is out of range; {cfg.data.name!r} has "
                           f"label columns {list(names)} (0..{len(names) - 1})")
+    check_budget(cfg.model, shape)
 
 
 def build(cfg) -> torch.nn.Module:
@@ -73,11 +82,15 @@ def build(cfg) -> torch.nn.Module:
 
 
 def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
-    """Eq. 21, mean over the batch (nats); ``step`` is unused (no schedule)."""
+    """Eq. 21, mean over the batch (nats); ``step`` is unused (no schedule). With ``model.adv_norm`` linf / l2:
+    adversarial training (slides 003), the CE term at x + delta* from PGD-k (:mod:`.training`)."""
     if len(batch) < 2:
         raise ConfigError(f"data.name: vae_classifier trains on labelled data; {cfg.data.name!r} gave no labels")
     x, y = batch[0], labels_of(batch[1], cfg)
     eps = torch.randn((x.shape[0], cfg.model.latent_dim), generator=generator).to(x.device, x.dtype)
+    if cfg.model.adv_norm != "none":  # adversarial training: PGD-k inner maximiser, CE at x + delta*
+        x_adv = inner_max(model, x, y, train_budget(cfg.model), generator)
+        return adversarial_eq21_loss(model, x, x_adv, y, cfg.model.lam, eps)
     return eq21_loss(model, x, y, cfg.model.lam, eps)
 
 
@@ -121,22 +134,89 @@ def classify(model, x, cfg) -> dict:
     return {"label": logits.argmax(1), "probs": torch.softmax(logits, 1)}
 
 
-def purify(model, x, cfg, *, generator, iterations: int = 64, step: float = 1 / 255, restarts: int = 1,
-           eps: float = 0.0) -> dict:
-    """Eq. 22 with the given budget (``eps`` = 0: unconstrained; x + delta stays in [0, 1]).
+#: purification methods of :func:`purify` (Serve lists them as the choices of the ``method`` option)
+METHODS = ("elbo", "hmc", "diffusion")
+#: reverse samplers of ``method="diffusion"``
+SAMPLERS = ("ddpm", "ddim", "rk4_ddpm", "rk4_ddim")
+
+
+@functools.lru_cache(maxsize=4)
+def _ddpm(uri: str):
+    """(eps-network, config) of a trained ``diffusion`` model (checkpoint path or runs:/<id>), cached."""
+    from raymanifold import checkpoint as ckpt
+
+    net, dcfg, _ = ckpt.load_model(uri)
+    if dcfg.family != "diffusion":
+        raise ConfigError(f"ddpm: {uri!r} is a {dcfg.family} model; method 'diffusion' needs a diffusion model")
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, dcfg
+
+
+def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 64, step: float = 1 / 255,
+           restarts: int = 1, eps: float = 0.0, hmc_steps: int = 50, leapfrog: int = 5, hmc_step_size: float = 0.1,
+           target_accept: float = 0.9, ddpm: str = "", t_star: int = 20, sampler: str = "ddpm",
+           dt: int = 1) -> dict:
+    """Test-time purification of x, by ``method`` (the label is never read):
+
+    * ``"elbo"`` (default): Eq. 22 with the budget ``iterations``, ``step``, ``restarts``, ``eps`` (0 =
+      unconstrained; x + delta stays in [0, 1]);
+    * ``"hmc"`` (slides 002): ``hmc_steps`` HMC steps (``leapfrog`` steps of ``hmc_step_size``, adapted
+      toward ``target_accept`` in the first half) on p(z|x) from z ~ q(z|x); x = E[x|z^(T)], label = h(z^(T));
+      extra ``accept_rate`` (B,);
+    * ``"diffusion"`` (DiffPure, slides 003): the DDPM ``ddpm`` (checkpoint path or runs:/<id> of a
+      ``diffusion`` model on the same images) forward-diffuses x to ``t_star`` and reverses it with
+      ``sampler`` at step ``dt``.
 
     Returns {"x": purified (B, C, H, W), "label": prediction on it (B,), "label_before": prediction on x,
-    "elbo_before": ELBO(x), "elbo_after": ELBO(x_pfy)} (ELBO at z = mu, nats). Never reads a label."""
-    budget = from_dict(PurifyBudget, {"iterations": iterations, "step": step, "restarts": restarts, "eps": eps},
-                       "")
-    if iterations > 4096 or restarts > 64:
-        raise ConfigError(f"{'iterations' if iterations > 4096 else 'restarts'}: at most 4096 iterations and "
-                          f"64 restarts per call, got {iterations} and {restarts}")
+    "elbo_before": ELBO(x), "elbo_after": ELBO(x_pfy)} (ELBO at z = mu, nats)."""
+    if method not in METHODS:
+        raise ConfigError(f"method: unknown {method!r}; allowed: {list(METHODS)}")
     x = x.detach()
-    xp, after = purify_batch(model, x, budget, generator)
+    extra = {}
+    if method == "elbo":
+        budget = from_dict(PurifyBudget, {"iterations": iterations, "step": step, "restarts": restarts, "eps": eps},
+                           "")
+        if iterations > 4096 or restarts > 64:
+            raise ConfigError(f"{'iterations' if iterations > 4096 else 'restarts'}: at most 4096 iterations and "
+                              f"64 restarts per call, got {iterations} and {restarts}")
+        xp, after = purify_batch(model, x, budget, generator)
+        label = None
+    elif method == "hmc":
+        from raymanifold.adversarial.hmc import HMCConfig, hmc_defence
+
+        if hmc_steps > 5000:
+            raise ConfigError(f"hmc_steps: at most 5000 per call, got {hmc_steps}")
+        hcfg = from_dict(HMCConfig, {"steps": hmc_steps, "leapfrog": leapfrog, "step_size": hmc_step_size,
+                                     "target_accept": target_accept, "adapt_steps": hmc_steps // 2}, "hmc")
+        z, info = hmc_defence(model, x, hcfg, generator)
+        with torch.no_grad():
+            xp = torch.sigmoid(model.decoder(z))
+            label = model.head(z).argmax(1)
+        after = elbo_at_mean(model, xp)
+        extra["accept_rate"] = torch.full((len(x),), float(info["accept_rate"]))
+    else:
+        from raymanifold.adversarial.diffpure import DiffPurifyBudget, diffusion_purify, schedule_of
+
+        if not ddpm:
+            raise ConfigError("ddpm: method 'diffusion' needs the DDPM (checkpoint path or runs:/<id>)")
+        net, dcfg = _ddpm(ddpm)
+        want = tuple(x.shape[1:])
+        have = (dcfg.model.in_channels, dcfg.model.image_size, dcfg.model.image_size)
+        if want != have:
+            raise ConfigError(f"ddpm: the DDPM takes {have} images, this classifier {want}")
+        budget = from_dict(DiffPurifyBudget, {"t_star": t_star, "sampler": sampler, "dt": dt}, "purify")
+        alpha_bar, clip, last_var = schedule_of(dcfg)
+        budget.check(dcfg.model.T, "purify")
+        xp = diffusion_purify(net, x, alpha_bar, budget, generator, clip=clip, last_step_var=last_var)
+        after = elbo_at_mean(model, xp)
+        label = None
     with torch.no_grad():
-        return {"x": xp, "label": model.classify_logits(xp).argmax(1), "label_before": model.classify_logits(x).argmax(1),
-                "elbo_before": elbo_at_mean(model, x), "elbo_after": after}
+        if label is None:
+            label = model.classify_logits(xp).argmax(1)
+        return {"x": xp, "label": label, "label_before": model.classify_logits(x).argmax(1),
+                "elbo_before": elbo_at_mean(model, x), "elbo_after": after, **extra}
 
 
 #: purification budget of ``raymanifold score`` (columns purified_label / changed)
@@ -152,8 +232,19 @@ def score_columns(model, x, cfg, *, generator) -> dict:
 
 
 def cost(cfg, op: str, **opts) -> dict:
-    """Network passes per example: purify = iterations * restarts gradient steps (+ one ELBO per restart)."""
+    """Network passes per example: purify ``elbo`` = iterations * restarts gradient steps (+ one ELBO per
+    restart); ``hmc`` = hmc_steps * leapfrog decoder gradients (+ encoder, decoder, head); ``diffusion``:
+    ``{"nfe": VAE passes, "unet_nfe": U-Net evaluations}``."""
     if op == "purify":
+        method = opts.get("method", "elbo")
+        if method == "hmc":
+            return {"nfe": int(opts.get("hmc_steps", 50)) * int(opts.get("leapfrog", 5)) + 4}
+        if method == "diffusion":
+            from raymanifold.adversarial.diffpure import DiffPurifyBudget, purify_nfe
+
+            b = DiffPurifyBudget(t_star=int(opts.get("t_star", 20)), sampler=opts.get("sampler", "ddpm"),
+                                 dt=int(opts.get("dt", 1)))
+            return {"nfe": 4, "unet_nfe": purify_nfe(b)}
         it, r = int(opts.get("iterations", 64)), int(opts.get("restarts", 1))
         return {"nfe": it * r + r + 2}
     return {"nfe": 1} if op in ("sample", "encode", "decode", "classify", "log_prob") else {}

@@ -70,6 +70,8 @@ FAMILY_METRICS = {
                                  key=("test_loss_nats", "train_wall_s")),
     # DiffSiam / SimSiam: quick in-domain linear-probe accuracy (mean over label columns) after training
     "diffsiam": FamilyMetrics(primary=(("probe_acc_mean", "max"),), key=("final_diffusion", "train_wall_s")),
+    # DAED: the one-step denoiser's squared error at t_s on the test split (the DDPM's own x0_hat beside it)
+    "daed": FamilyMetrics(primary=(("mse_dae_t*", "min"),), key=("mse_ddpm_x0_t*", "train_wall_s")),
 }
 
 #: default caps on the param / metric columns (``--all-columns`` lifts them)

@@ -76,3 +76,31 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, *, degrees: float
     b = x.shape[0]
     theta = sample_theta(b * tiles, generator, degrees=degrees, translate=translate, scale=scale, shear=shear)
     return apply_affine(x, theta.reshape(b, tiles, 2, 3).to(x.device), tiles)
+
+
+def _tiles(x: torch.Tensor, tiles: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B * tiles, C, H, W / tiles), tile k = columns [k W/tiles, (k+1) W/tiles)."""
+    b, ch, h, w = x.shape
+    if w % tiles:
+        raise ValueError(f"random_thickness: width {w} is not divisible into {tiles} tiles")
+    return x.reshape(b, ch, h, tiles, w // tiles).permute(0, 3, 1, 2, 4).reshape(b * tiles, ch, h, w // tiles)
+
+
+def _untile(parts: torch.Tensor, b: int, tiles: int) -> torch.Tensor:
+    n, ch, h, tw = parts.shape
+    return parts.reshape(b, tiles, ch, h, tw).permute(0, 2, 3, 1, 4).reshape(b, ch, h, tiles * tw)
+
+
+def random_thickness(x: torch.Tensor, generator: torch.Generator, amount: float, tiles: int = 1) -> torch.Tensor:
+    """Random stroke thickness per example and tile: grey-level dilation or erosion (3x3 max / min filter,
+    within the tile), blended in by a weight a drawn uniformly in [-amount, amount]:
+    ``x + a (dilate(x) - x)`` for a >= 0 (thicker), ``x + |a| (erode(x) - x)`` for a < 0 (thinner).
+    A convex combination of x and a filtered x, so values stay in the input's range; amount 0 is the identity.
+    ``x`` (B, C, H, W) -> (B, C, H, W)."""
+    b = x.shape[0]
+    a = ((2 * torch.rand(b * tiles, generator=generator) - 1) * amount).to(x)[:, None, None, None]
+    parts = _tiles(x, tiles)
+    dil = F.max_pool2d(parts, 3, stride=1, padding=1)
+    ero = -F.max_pool2d(-parts, 3, stride=1, padding=1)
+    out = torch.where(a >= 0, parts + a * (dil - parts), parts - a * (ero - parts))
+    return _untile(out, b, tiles)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 import time
 
-TWO_DIGIT_TARGETS = {"cluster_accuracy": 0.90, "per_dim_accuracy_min": 0.95}
+#: test-split targets per data source: the 8x8 fast path, and the paper's 28x28 MNIST setting (issue #18 item 5)
+TWO_DIGIT_TARGETS = {"two_digit": {"cluster_accuracy": 0.90, "per_dim_accuracy_min": 0.95},
+                     "two_digit_mnist": {"cluster_accuracy": 0.95, "per_dim_accuracy_min": 0.97}}
 #: restarts of the two-digit study: an unsupervised clustering can end in a poor local optimum (two digits
 #: sharing cells); those runs have a clearly worse ELBO (about 1 nat per example, docs/gridvae.md), so the best
 #: of two removes them, and on two CPUs the two Ray Train runs take the wall time of one
@@ -159,7 +161,8 @@ def two_digit(model, cfg, info: dict, restarts: list) -> dict:
     m["eval_wall_s"] = time.perf_counter() - t0
     if info["train_wall_s"] is not None:
         m["train_wall_s"] = info["train_wall_s"]
-    targets = {k: {"target": v, "measured": m[k], "met": bool(m[k] >= v)} for k, v in TWO_DIGIT_TARGETS.items()}
+    targets = {k: {"target": v, "measured": m[k], "met": bool(m[k] >= v)}
+               for k, v in TWO_DIGIT_TARGETS[cfg.data.name].items()}
     return {"metrics": m, "targets": targets, "model": info["source"], "config": to_dict(cfg),
             "restarts": restarts, "arrays": res["arrays"]}
 

@@ -7,6 +7,14 @@ Decoder (mirror): linear to (4c, H/4, W/4), residual blocks (4c, 4c),
 x2 nearest upsampling + block (2c), x2 upsampling + block (c), 3x3 conv to
 Bernoulli logits of p(x|z). Image height and width must be divisible by 4.
 
+Two knobs make the same 4-block network cheap enough for 28x28 digits on a
+CPU (``model.stem_stride``, ``model.channel_mult``; the defaults give the
+network above): ``stem_stride=2`` makes the stem conv stride 2 and the third
+block stride 1 (the blocks then run at H/2 and H/4 instead of H, H/2 and
+H/4; the total reduction stays 4), and the decoder mirrors it (the third
+block does not upsample; a x2 upsample precedes the output conv);
+``channel_mult=(m1, m2, m3, m4)`` sets the block widths to (m1 c, .., m4 c).
+
 ``forward(x, eps)`` returns ``(logits, mu, logvar, z)`` with the
 reparameterised ``z = mu + exp(logvar / 2) * eps`` (``eps=None``: z = mu), so
 losses run through ``forward`` (DDP synchronises gradients only there) and
@@ -45,14 +53,32 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+#: block widths as multiples of the base width c (the network of Sec. 4.1.2 as implemented here)
+CHANNEL_MULT = (1, 2, 4, 4)
+STEM_STRIDES = (1, 2)
+
+
+def _check_arch(stem_stride: int, channel_mult) -> tuple:
+    if stem_stride not in STEM_STRIDES:
+        raise ValueError(f"stem_stride: must be one of {STEM_STRIDES}, got {stem_stride}")
+    mult = tuple(int(m) for m in channel_mult)
+    if len(mult) != 4 or min(mult) < 1:
+        raise ValueError(f"channel_mult: needs 4 positive integers (one per residual block), got {channel_mult}")
+    return mult
+
+
 class Encoder(nn.Module):
-    def __init__(self, in_ch: int, height: int, width: int, latent_dim: int, width_mult: int):
+    """x (B, C, H, W) -> (mu, logvar), each (B, n)."""
+
+    def __init__(self, in_ch: int, height: int, width: int, latent_dim: int, width_mult: int,
+                 stem_stride: int = 1, channel_mult=CHANNEL_MULT):
         super().__init__()
-        c = width_mult
-        self.stem = nn.Conv2d(in_ch, c, 3, padding=1)
-        self.blocks = nn.Sequential(ResBlock(c, c), ResBlock(c, 2 * c, stride=2),
-                                    ResBlock(2 * c, 4 * c, stride=2), ResBlock(4 * c, 4 * c))
-        self.out = nn.Linear(4 * c * (height // 4) * (width // 4), 2 * latent_dim)
+        m = [k * width_mult for k in _check_arch(stem_stride, channel_mult)]
+        s3 = 2 if stem_stride == 1 else 1  # total reduction 4 either way
+        self.stem = nn.Conv2d(in_ch, m[0], 3, stride=stem_stride, padding=1)
+        self.blocks = nn.Sequential(ResBlock(m[0], m[0]), ResBlock(m[0], m[1], stride=2),
+                                    ResBlock(m[1], m[2], stride=s3), ResBlock(m[2], m[3]))
+        self.out = nn.Linear(m[3] * (height // 4) * (width // 4), 2 * latent_dim)
 
     def forward(self, x):
         h = F.silu(self.blocks(self.stem(x)))
@@ -61,32 +87,39 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, out_ch: int, height: int, width: int, latent_dim: int, width_mult: int):
+    """z (B, n) -> Bernoulli logits (B, C, H, W); the mirror of :class:`Encoder`."""
+
+    def __init__(self, out_ch: int, height: int, width: int, latent_dim: int, width_mult: int,
+                 stem_stride: int = 1, channel_mult=CHANNEL_MULT):
         super().__init__()
-        c = width_mult
-        self.shape = (4 * c, height // 4, width // 4)
-        self.inp = nn.Linear(latent_dim, 4 * c * (height // 4) * (width // 4))
-        self.blocks = nn.Sequential(ResBlock(4 * c, 4 * c), ResBlock(4 * c, 2 * c, upsample=True),
-                                    ResBlock(2 * c, c, upsample=True), ResBlock(c, c))
-        self.out = nn.Conv2d(c, out_ch, 3, padding=1)
+        m = [k * width_mult for k in _check_arch(stem_stride, channel_mult)]
+        self.shape = (m[3], height // 4, width // 4)
+        self.inp = nn.Linear(latent_dim, m[3] * (height // 4) * (width // 4))
+        self.blocks = nn.Sequential(ResBlock(m[3], m[2]), ResBlock(m[2], m[1], upsample=stem_stride == 1),
+                                    ResBlock(m[1], m[0], upsample=True), ResBlock(m[0], m[0]))
+        self.final_upsample = stem_stride == 2
+        self.out = nn.Conv2d(m[0], out_ch, 3, padding=1)
 
     def forward(self, z):
-        h = self.inp(z).view(-1, *self.shape)
-        return self.out(F.silu(self.blocks(h)))
+        h = F.silu(self.blocks(self.inp(z).view(-1, *self.shape)))
+        if self.final_upsample:
+            h = F.interpolate(h, scale_factor=2, mode="nearest")
+        return self.out(h)
 
 
 class GridVAE(nn.Module):
     """VAE with a Gaussian posterior; the prior (standard normal / grid) lives in the loss (see priors)."""
 
-    def __init__(self, image_shape: tuple, latent_dim: int, width: int = 32):
+    def __init__(self, image_shape: tuple, latent_dim: int, width: int = 32, stem_stride: int = 1,
+                 channel_mult=CHANNEL_MULT):
         super().__init__()
         ch, h, w = image_shape
         if h % 4 or w % 4:
             raise ValueError(f"image shape {tuple(image_shape)}: height and width must be divisible by 4")
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
-        self.encoder = Encoder(ch, h, w, latent_dim, width)
-        self.decoder = Decoder(ch, h, w, latent_dim, width)
+        self.encoder = Encoder(ch, h, w, latent_dim, width, stem_stride, channel_mult)
+        self.decoder = Decoder(ch, h, w, latent_dim, width, stem_stride, channel_mult)
 
     #: state-dict keys of older checkpoints that are ignored on load
     LEGACY_KEYS = ("train_steps",)
