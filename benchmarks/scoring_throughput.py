@@ -152,6 +152,9 @@ def main():
     ap.add_argument("--mem-rows", type=int, default=100_000, help="1x rows of the memory test (10x is also run)")
     ap.add_argument("--mem-dt", type=int, default=50)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: local,nodes,memory")
+    ap.add_argument("--compute", default="actors,tasks",
+                    help="Ray Data strategies of part 1: actors (a new actor pool per job), tasks (Ray's pooled "
+                         "workers keep imports and the model between jobs; score_to_parquet(compute='tasks'))")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -175,10 +178,11 @@ def main():
             preps[n] = (scoring.prepare(model, spec, {"dt": args.dt}), spec)
         return preps[n]
 
-    def ray_job(tag, n_nodes=0):
+    def ray_job(tag, n_nodes=0, compute="actors"):
         def run(n):
             prep, spec = prepared(n)
-            r = score_to_parquet(prep, spec, str(tmp / f"{tag}_{n}_{time.time_ns()}"), batch_size=args.batch_size)
+            r = score_to_parquet(prep, spec, str(tmp / f"{tag}_{n}_{time.time_ns()}"), batch_size=args.batch_size,
+                                 compute=compute)
             assert r.rows_out == r.unique_ids == n and (not n_nodes or len(r.nodes) == n_nodes)
             res[f"{tag}_actors"] = r.actors
             return r.wall_s
@@ -200,17 +204,28 @@ def main():
     if "local" not in skip:
         torch.set_num_threads(cpus)
         ensure_ray(None, cpus, quiet=True)
-        ray_job("local")(min(2000, args.small_rows))    # warm the object store and the worker pool once
-        base, other = _paired(inprocess, ray_job("local"), args.small_rows, args.rows)
+        computes = [c for c in args.compute.split(",") if c]
+        for c in computes:
+            ray_job("local", compute=c)(min(2000, args.small_rows))  # warm the object store and the worker pool
+        jobs = {"inprocess": inprocess, **{c: ray_job(f"local_{c}", compute=c) for c in computes}}
+        timed = {k: {} for k in jobs}
+        for n in (args.small_rows, args.rows):  # interleaved: in-process, actors, tasks at each size
+            for k, f in jobs.items():
+                timed[k][n] = f(n)
         shutdown()
-        report("local", base, other, "in-process loop", f"Ray Data ({res['local_actors']} actors)",
-               args.small_rows, args.rows)
-        n90 = _rows_for_ratio(0.9, base["steady_rows_per_s"], other["steady_rows_per_s"], other["fixed_s"])
-        res["local_rows_for_0.9"] = n90
-        print(f"[1] Ray Data / in-process: {res['local_large_ratio']:.2f} at {args.rows} rows "
-              f"({base['large_s']:.0f} s of in-process work), {res['local_small_ratio']:.2f} at {args.small_rows} rows; "
-              f"steady state {res['local_steady_ratio']:.2f}; Ray Data start-up {other['fixed_s']:.1f} s per job; "
-              f"0.9 is reached from {n90:,.0f} rows", flush=True)
+        base = _two_sizes(timed["inprocess"][args.small_rows], timed["inprocess"][args.rows], args.small_rows, args.rows)
+        for c in computes:
+            other = _two_sizes(timed[c][args.small_rows], timed[c][args.rows], args.small_rows, args.rows)
+            tag = "local" if c == "actors" else f"local_{c}"
+            res[f"{tag}_actors"] = res.get(f"local_{c}_actors")
+            report(tag, base, other, "in-process loop", f"Ray Data, compute={c} ({res[f'{tag}_actors']} workers)",
+                   args.small_rows, args.rows)
+            n90 = _rows_for_ratio(0.9, base["steady_rows_per_s"], other["steady_rows_per_s"], other["fixed_s"])
+            res[f"{tag}_rows_for_0.9"] = n90
+            print(f"[1] Ray Data (compute={c}) / in-process: {res[f'{tag}_large_ratio']:.2f} at {args.rows} rows "
+                  f"({base['large_s']:.0f} s of in-process work), {res[f'{tag}_small_ratio']:.2f} at "
+                  f"{args.small_rows} rows; steady state {res[f'{tag}_steady_ratio']:.2f}; Ray Data start-up "
+                  f"{other['fixed_s']:.1f} s per job; 0.9 is reached from {n90:,.0f} rows", flush=True)
 
     if "nodes" not in skip:
         from ray.cluster_utils import Cluster

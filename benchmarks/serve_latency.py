@@ -89,27 +89,31 @@ def _summary(lat, pooled, codes, total, wall) -> dict:
             "mean_pooled": statistics.mean(pooled) if pooled else 0.0}
 
 
-async def http_load(url: str, concurrency: int, total: int, dt: int) -> dict:
-    """``concurrency`` keep-alive HTTP clients send ``total`` requests between them."""
-    import httpx
+async def http_load(url: str, concurrency: int, total: int, dt: int, headers: dict | None = None) -> dict:
+    """``concurrency`` keep-alive HTTP clients (aiohttp: a light client, so the machine's 2 cores go to the
+    server) send ``total`` requests between them."""
+    import aiohttp
 
-    body = {"x": [[0.5, 0.3]], "dt": dt}
+    body = json.dumps({"x": [[0.5, 0.3]], "dt": dt}).encode()
+    hdrs = {"content-type": "application/json", **(headers or {})}
     lat, pooled, codes = [], [], []
     left = [total]
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=300) as client:
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=300)) as client:
         for _ in range(min(concurrency, 4)):  # warm the connections and the replica
-            await client.post(url, json=body)
+            async with client.post(url, data=body, headers=hdrs) as r:
+                await r.read()
 
         async def worker():
             while left[0] > 0:
                 left[0] -= 1
                 t0 = time.perf_counter()
-                r = await client.post(url, json=body)
+                async with client.post(url, data=body, headers=hdrs) as r:
+                    data = await r.read()
                 lat.append(time.perf_counter() - t0)
-                codes.append(r.status_code)
-                if r.status_code == 200:
-                    pooled.append((r.json().get("batch") or {}).get("requests", 1))
+                codes.append(r.status)
+                if r.status == 200:
+                    pooled.append((json.loads(data).get("batch") or {}).get("requests", 1))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -137,9 +141,10 @@ async def handle_load(handle, concurrency: int, total: int, dt: int) -> dict:
 
 
 def paired_overhead(uri: str, port: int, dt: int, n: int) -> dict:
-    """One client, sequential: a direct in-process call, a handle call and an HTTP call of the same point
-    (unbatched replica), in rotating order, ``n`` times. Medians of each and of the per-round differences,
-    so a change in machine load affects all three alike."""
+    """One client, sequential: a direct in-process call, a handle call (split topology), an HTTP call through
+    the split topology (proxy -> ingress -> model replica) and one through the fused topology (proxy -> one
+    replica) of the same point (unbatched models), in rotating order, ``n`` times. Medians of each and of
+    the per-round differences, so a change in machine load affects all alike."""
     import requests
     from ray import serve
 
@@ -149,18 +154,21 @@ def paired_overhead(uri: str, port: int, dt: int, n: int) -> dict:
     model, cfg, recipe = load_model(uri)
     xt = torch.tensor([[0.5, 0.3]])
     xn = xt.numpy()
-    handle = serve.get_deployment_handle("model_unbatched", app_name="serve_bench")
-    url = f"http://127.0.0.1:{port}/v1/models/unbatched/log-likelihood"
+    handle = serve.get_deployment_handle("model_unbatched", app_name="bench_split")
     body = {"x": xn.tolist(), "dt": dt, "seed": 0}
+    urls = {t: f"http://127.0.0.1:{port}/{t}/v1/models/unbatched/log-likelihood" for t in ("split", "fused", "sameloop")}
     calls = {"direct": lambda: recipe.log_prob(model, xt, cfg, dt=dt, generator=torch.Generator().manual_seed(0)),
              "handle": lambda: handle.run.remote("log-likelihood", x=xn, options={"dt": dt}, seed=0).result(),
-             "http": lambda: session.post(url, json=body).raise_for_status()}
+             "http_split": lambda: session.post(urls["split"], json=body).raise_for_status(),
+             "http_fused": lambda: session.post(urls["fused"], json=body).raise_for_status(),
+             "http_sameloop": lambda: session.post(urls["sameloop"], json=body).raise_for_status()}
     times = {k: [] for k in calls}
+    names = list(calls)
     with requests.Session() as session:
         for f in calls.values():
             f()
         for i in range(n):
-            order = list(calls)[i % 3:] + list(calls)[:i % 3]
+            order = names[i % len(names):] + names[:i % len(names)]
             for k in order:
                 t0 = time.perf_counter()
                 calls[k]()
@@ -168,9 +176,12 @@ def paired_overhead(uri: str, port: int, dt: int, n: int) -> dict:
     t = {k: np.asarray(v) * 1e3 for k, v in times.items()}
     return {"rounds": n, **{f"{k}_p50_ms": float(np.median(v)) for k, v in t.items()},
             "handle_minus_direct_ms": float(np.median(t["handle"] - t["direct"])),
-            "http_minus_handle_ms": float(np.median(t["http"] - t["handle"])),
-            "http_minus_direct_ms": float(np.median(t["http"] - t["direct"])),
-            "http_over_direct_ratio": float(np.median(t["http"] / t["direct"]))}
+            "split_http_minus_handle_ms": float(np.median(t["http_split"] - t["handle"])),
+            "split_http_minus_direct_ms": float(np.median(t["http_split"] - t["direct"])),
+            "fused_http_minus_direct_ms": float(np.median(t["http_fused"] - t["direct"])),
+            "fused_http_over_direct_ratio": float(np.median(t["http_fused"] / t["direct"])),
+            "sameloop_http_minus_direct_ms": float(np.median(t["http_sameloop"] - t["direct"])),
+            "split_http_over_direct_ratio": float(np.median(t["http_split"] / t["direct"]))}
 
 
 def main():
@@ -180,6 +191,7 @@ def main():
     ap.add_argument("--dt", type=int, default=1, help="diffusion step size of each log-likelihood (NFE = T/dt)")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--overhead-rounds", type=int, default=100, help="rounds of the paired direct/handle/HTTP test")
+    ap.add_argument("--wait", type=float, default=0.005, help="batch_wait_timeout_s of the batched model")
     ap.add_argument("--out", default=None, help="also write serve_latency.json + .md to this folder")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -195,32 +207,48 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    models = [{"name": "batched", "uri": uri, "batching": {"enabled": True, "wait_timeout_s": args.wait}},
+              {"name": "unbatched", "uri": uri, "batching": {"enabled": False}}]
     dep = {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "max_ongoing_requests": 64}
-    models = [{"name": "batched", "uri": uri, "batching": {"enabled": True, "wait_timeout_s": 0.002}, "deployment": dep},
-              {"name": "unbatched", "uri": uri, "batching": {"enabled": False}, "deployment": dep}]
+    split = {"topology": "split", "models": [{**m, "deployment": dep} for m in models],  # the design before
+             "gil_switch_interval_s": None}
+    fused = {"topology": "fused", "models": models,
+             "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.3}, "num_replicas": 1,
+                                        "max_ongoing_requests": 256}}}
     t0 = time.perf_counter()
     serving.start_http(port, num_cpus=2)
-    serving.run(build_app({"models": models}), name="serve_bench")
+    # logical CPUs (all apps at once must fit 2): split 0.1 + 2 x 0.5, three fused variants 0.3 each
+    # the design before (split: proxy -> ingress -> model replica) and after (fused: proxy -> one replica),
+    # both up at once under their own route prefix, so every cell of the table is measured in this run
+    serving.run(build_app(split), name="bench_split", route_prefix="/split")
+    serving.run(build_app(fused), name="bench_fused", route_prefix="/fused")
+    # the fused replica with Serve's user code on the replica's own event loop (no hand-off between threads)
+    same_loop = {**fused, "ingress": {"deployment": {**fused["ingress"]["deployment"], "ray_actor_options": {
+        "num_cpus": 0.3, "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}}}}
+    serving.run(build_app(same_loop), name="bench_sameloop", route_prefix="/sameloop")
+    # the fused replica with a 0.2 ms GIL switch interval (the default keeps Python's 5 ms)
+    serving.run(build_app({**fused, "gil_switch_interval_s": 0.0002}), name="bench_gil5ms", route_prefix="/gil5ms")
     print(f"Serve up in {time.perf_counter() - t0:.1f} s on port {port}", flush=True)
     from ray import serve
 
     rows = []
     load = {"start": os.getloadavg()[0]}
+    paths = ("fused", "gil5ms", "sameloop", "split", "handle")
     try:
         for c in levels:
-            for path in ("http", "handle"):
+            for path in paths:
                 # interleave the two modes in chunks so a change in machine load hits both alike
                 acc = {m: {"lat": [], "pooled": [], "codes": [], "wall": 0.0} for m in ("unbatched", "batched")}
                 chunks = max(1, min(4, args.requests // max(c, 8)))
                 for k in range(chunks):
                     n = args.requests // chunks + (k < args.requests % chunks)
                     for mode in ("unbatched", "batched"):
-                        if path == "http":
-                            url = f"http://127.0.0.1:{port}/v1/models/{mode}/log-likelihood"
-                            part = asyncio.run(http_load(url, c, n, args.dt))
-                        else:
-                            h = serve.get_deployment_handle(f"model_{mode}", app_name="serve_bench")
+                        if path == "handle":
+                            h = serve.get_deployment_handle(f"model_{mode}", app_name="bench_split")
                             part = asyncio.run(handle_load(h, c, n, args.dt))
+                        else:
+                            url = f"http://127.0.0.1:{port}/{path}/v1/models/{mode}/log-likelihood"
+                            part = asyncio.run(http_load(url, c, n, args.dt))
                         for key in ("lat", "pooled", "codes"):
                             acc[mode][key] += part[key]
                         acc[mode]["wall"] += part["wall"]
@@ -234,33 +262,52 @@ def main():
                           flush=True)
         pair = paired_overhead(uri, port, args.dt, n=args.overhead_rounds)
         print(f"  paired, 1 client: direct {pair['direct_p50_ms']:.2f} ms, handle {pair['handle_p50_ms']:.2f} ms, "
-              f"HTTP {pair['http_p50_ms']:.2f} ms (medians)", flush=True)
+              f"HTTP split {pair['http_split_p50_ms']:.2f} ms, HTTP fused {pair['http_fused_p50_ms']:.2f} ms "
+              "(medians)", flush=True)
         load["end"] = os.getloadavg()[0]
     finally:
         serving.shutdown()
         runtime.shutdown()
 
     by = {(r["path"], r["mode"], r["concurrency"]): r for r in rows}
+    label = {"fused": "HTTP, fused (after)", "gil5ms": "HTTP, fused, 0.2 ms GIL switch interval",
+             "sameloop": "HTTP, fused, user code on the replica's loop",
+             "split": "HTTP, split (before)", "handle": "handle to the model (split)"}
     table = ["| clients | path | unbatched req/s | batched req/s | batched / unbatched | unbatched p50 / p99 ms | "
-             "batched p50 / p99 ms | requests per pooled call |", "|---|---|---|---|---|---|---|---|"]
+             "batched p50 / p99 ms | requests per pooled call | errors |", "|---|---|---|---|---|---|---|---|---|"]
     for c in levels:
-        for path in ("http", "handle"):
+        for path in paths:
             u, b = by[(path, "unbatched", c)], by[(path, "batched", c)]
-            table.append(f"| {c} | {path} | {u['req_per_s']:.1f} | {b['req_per_s']:.1f} | "
+            table.append(f"| {c} | {label[path]} | {u['req_per_s']:.1f} | {b['req_per_s']:.1f} | "
                          f"{b['req_per_s'] / u['req_per_s']:.2f}x | {u['p50_ms']:.1f} / {u['p99_ms']:.1f} | "
-                         f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {b['mean_pooled']:.1f} |")
-    overhead = pair
+                         f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {b['mean_pooled']:.1f} | "
+                         f"{u['errors'] + b['errors']} |")
+    c_max = max(levels)
+    gain = {p: by[(p, "batched", c_max)]["req_per_s"] / by[(p, "unbatched", c_max)]["req_per_s"] for p in paths}
+    pooled_at_max = {p: by[(p, "batched", c_max)]["mean_pooled"] for p in paths}
+    fused_vs_split = by[("fused", "batched", c_max)]["req_per_s"] / by[("split", "batched", c_max)]["req_per_s"]
     best = max(rows, key=lambda r: r["req_per_s"])
     lines = ["# Serve latency: log-likelihood of one 2-D point per request", "",
-             f"Model `{uri}`, dt = {args.dt}, {args.requests} requests per cell, loopback; one replica "
-             "(0.5 CPU, 1 torch thread) per mode. `http`: client -> proxy -> ingress -> model replica; "
-             "`handle`: a DeploymentHandle straight to the model replica (no HTTP, no ingress).", "", *table, "",
-             f"Overhead, one client, {pair['rounds']} paired rounds (direct, handle, HTTP in rotation; medians): "
-             f"direct in-process call {pair['direct_p50_ms']:.2f} ms, DeploymentHandle {pair['handle_p50_ms']:.2f} ms, "
-             f"HTTP {pair['http_p50_ms']:.2f} ms. Per round, HTTP - direct = {pair['http_minus_direct_ms']:+.2f} ms "
-             f"(HTTP / direct = {pair['http_over_direct_ratio']:.2f}x), of which proxy + ingress (HTTP - handle) = "
-             f"{pair['http_minus_handle_ms']:+.2f} ms and the Serve handle hop (handle - direct) = "
-             f"{pair['handle_minus_direct_ms']:+.2f} ms.",
+             f"Model `{uri}`, dt = {args.dt}, {args.requests} requests per cell, loopback, aiohttp keep-alive "
+             f"clients; batching wait {args.wait * 1e3:g} ms. Each model: one replica of 0.5 CPU, 1 torch thread. "
+             "`fused` (the new default topology): client -> proxy -> one replica holding HTTP, validation and the "
+             "models; `split` (the design before): client -> proxy -> ingress replica -> model replica; `handle`: "
+             "a DeploymentHandle straight to the split model replica (no HTTP, no ingress).", "", *table, "",
+             f"At {c_max} clients batched / unbatched: fused {gain['fused']:.2f}x ({pooled_at_max['fused']:.1f} "
+             f"requests per model call), fused with a 0.2 ms GIL switch interval {gain['gil5ms']:.2f}x "
+             f"({pooled_at_max['gil5ms']:.1f}), fused on one loop {gain['sameloop']:.2f}x, split {gain['split']:.2f}x "
+             f"({pooled_at_max['split']:.1f}), handle {gain['handle']:.2f}x; fused batched / split batched = "
+             f"{fused_vs_split:.2f}x.",
+             f"Overhead, one client, {pair['rounds']} paired rounds (direct, handle, HTTP split, HTTP fused in "
+             f"rotation; medians): direct in-process call {pair['direct_p50_ms']:.2f} ms, DeploymentHandle "
+             f"{pair['handle_p50_ms']:.2f} ms, HTTP split {pair['http_split_p50_ms']:.2f} ms, HTTP fused "
+             f"{pair['http_fused_p50_ms']:.2f} ms. Per round, HTTP fused - direct = "
+             f"{pair['fused_http_minus_direct_ms']:+.2f} ms ({pair['fused_http_over_direct_ratio']:.2f}x); fused with "
+             f"user code on the replica's loop {pair['http_sameloop_p50_ms']:.2f} ms, "
+             f"{pair['sameloop_http_minus_direct_ms']:+.2f} ms over direct; HTTP split "
+             f"- direct = {pair['split_http_minus_direct_ms']:+.2f} ms ({pair['split_http_over_direct_ratio']:.2f}x), "
+             f"of which proxy + ingress (split HTTP - handle) = {pair['split_http_minus_handle_ms']:+.2f} ms and "
+             f"the handle hop (handle - direct) = {pair['handle_minus_direct_ms']:+.2f} ms.",
              f"Best throughput {best['req_per_s']:.0f} req/s ({best['path']}, {best['mode']}, {best['concurrency']} "
              f"clients) vs {base['per_s']:.0f} direct calls/s of one point and {base['batch32_points_per_s']:.0f} "
              "points/s in direct 32-point calls.",
@@ -268,14 +315,14 @@ def main():
              f"at the end, on {os.cpu_count()} CPUs: absolute times are only comparable within this run.", ""]
     print("\n" + "\n".join(lines))
     result = {"model": uri, "dt": args.dt, "requests_per_cell": args.requests, "direct": base, "rows": rows,
-              "overhead": overhead, "load_average": load}
+              "overhead": pair, "gain_at_max_clients": gain, "load_average": load}
     if args.out:
         from raymanifold.reports import report_dir
 
         with report_dir(Path(args.out)) as out:  # written to a temp dir, then renamed
             (out / "serve_latency.json").write_text(json.dumps(result, indent=2))
             (out / "serve_latency.md").write_text("\n".join(lines))
-    print(json.dumps({"overhead": overhead}, indent=2))
+    print(json.dumps({"overhead": pair, "gain_at_max_clients": gain}, indent=2))
 
 
 if __name__ == "__main__":

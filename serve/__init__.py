@@ -3,8 +3,9 @@
 
 * :mod:`serve.app`: the FastAPI ingress and ``build_app(args)``, the builder
   named by ``import_path: serve.app:build_app`` in ``serve/config.yaml``.
-* :mod:`serve.model`: one deployment per served model (``model_<name>``),
-  with ``@serve.batch`` pooling and ``check_health``.
+* :mod:`serve.model`: one served model: ``@serve.batch`` pooling and ``check_health``; built inside
+  the ingress replica (topology ``fused``) or as its own deployment ``model_<name>`` (``split``).
+* :mod:`serve.auth`: optional API keys (``Authorization: Bearer``; SHA-256 digests, constant-time compare).
 * :mod:`serve.operations`: the table of operations (log-likelihood, sample,
   encode, decode) dispatched on a recipe's optional functions, and the
   option schemas read from their signatures.

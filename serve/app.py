@@ -1,4 +1,5 @@
-"""The Serve application: a FastAPI ingress in front of one deployment per model.
+"""The Serve application: a FastAPI ingress that runs the models in its own replica (topology ``fused``, the
+default: proxy -> one replica) or calls one deployment per model (topology ``split``).
 
 Routes (OpenAPI at ``/docs``)::
 
@@ -14,7 +15,8 @@ Routes (OpenAPI at ``/docs``)::
 
 The ingress validates every request against the model's description (shape,
 channels, finiteness, range, sizes, option names/types/bounds/choices) and
-answers 4xx naming the field before a model replica sees it. Routes are
+answers 4xx naming the field before a model sees it. Optional API keys
+(:mod:`serve.auth`) guard every route except ``/healthz`` and the page's files. Routes are
 thin: each names an operation of :data:`serve.operations.OPERATIONS` and
 calls :meth:`Ingress._operate`; a model offers the operations its recipe
 defines, so a new family (or a new operation such as ``purify``) adds a row
@@ -25,7 +27,9 @@ and a route, not a new structure.
 :mod:`serve.settings`.
 """
 import asyncio
+import inspect
 import json
+import sys
 from typing import Optional
 
 import numpy as np
@@ -34,14 +38,17 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.requests import Request as StarletteRequest
 
-from serve import codec, web
+from serve import auth, codec, web
 from serve.model import ModelServer
 from serve.operations import OPERATIONS, InputError, check_options, check_seed
-from serve.settings import Limits, SettingsError, parse_settings, resolve_model_uri
+from serve.settings import REPO_ROOT, Limits, SettingsError, parse_settings, resolve_model_uri
 
 MODEL_DEFAULTS = {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64,
                   "health_check_period_s": 10.0, "health_check_timeout_s": 30.0}
 INGRESS_DEFAULTS = {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 256}
+#: the one deployment of the fused topology: HTTP, validation and every model's calls in one replica
+FUSED_DEFAULTS = {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 256,
+                  "health_check_period_s": 10.0, "health_check_timeout_s": 30.0}
 FORMATS = ("json", "png")
 
 app = FastAPI(
@@ -53,6 +60,7 @@ app = FastAPI(
 
 
 web.mount(app)  # the web page at / (serve/web.py)
+app.add_middleware(auth.ApiKeyMiddleware)  # optional API keys (serve/auth.py); open when none are configured
 
 
 @app.exception_handler(InputError)
@@ -109,13 +117,26 @@ DOCS = {
 class Ingress:
     """HTTP front: validation, routing to ``model_<name>`` deployments, JSON/PNG encoding."""
 
-    def __init__(self, models: dict, limits: dict):
-        self.handles = models  # name -> DeploymentHandle of ModelServer
+    def __init__(self, models: dict, limits: dict, key_digests: tuple = (), local: Optional[dict] = None,
+                 switch_interval_s: Optional[float] = None):
+        """``models``: name -> DeploymentHandle of a ``model_<name>`` deployment (topology ``split``), or
+        ``local = {"cls", "entries", "tracking_uri"}``: every model is built in this replica and called
+        in-process (topology ``fused``: no handle hop, no second serialisation)."""
         self.limits = Limits.model_validate(limits)
+        auth.configure(key_digests)  # SHA-256 of the API keys, checked by auth.ApiKeyMiddleware
+        if switch_interval_s:  # see serve.settings.AppSettings.gil_switch_interval_s
+            sys.setswitchinterval(switch_interval_s)
+        self.fused = local is not None
+        if self.fused:
+            self.handles = {e["name"]: local["cls"](e, limits, local["tracking_uri"]) for e in local["entries"]}
+        else:
+            self.handles = models
         self._specs: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ plumbing
     async def _call(self, name: str, method: str, *args, timeout: Optional[float] = None, **kwargs):
+        if self.fused:
+            return await self._call_local(name, method, *args, timeout=timeout, **kwargs)
         handle = getattr(self.handles[name], method)
         try:
             return await asyncio.wait_for(handle.remote(*args, **kwargs), timeout or self.limits.timeout_s)
@@ -125,6 +146,27 @@ class Ingress:
         except Exception as exc:  # replica died / restarting / unschedulable
             raise InputError(503, "name", f"model {name!r} is unavailable ({exc.__class__.__name__}); "
                                           "retry shortly") from None
+
+    async def _call_local(self, name: str, method: str, *args, timeout: Optional[float] = None, **kwargs):
+        """``_call`` of the fused topology: the model object lives in this replica."""
+        try:
+            res = getattr(self.handles[name], method)(*args, **kwargs)
+            if inspect.isawaitable(res):
+                res = await asyncio.wait_for(res, timeout or self.limits.timeout_s)
+            return res
+        except asyncio.TimeoutError:
+            raise InputError(504, "name", f"model {name!r} did not answer within "
+                                          f"{timeout or self.limits.timeout_s:g} s") from None
+        except Exception as exc:  # unhealthy (health) or broken
+            raise InputError(503, "name", f"model {name!r} is unavailable ({exc.__class__.__name__}: {exc})"[:300]
+                             ) from None
+
+    def check_health(self):
+        """Serve's health check: in the fused topology, every in-process model's (raises when one is broken,
+        and the controller replaces this replica)."""
+        if self.fused:
+            for model in self.handles.values():
+                model.check_health()
 
     async def _spec(self, name: str) -> dict:
         if name not in self.handles:
@@ -177,6 +219,8 @@ class Ingress:
             fields = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InputError(400, "body", f"not valid JSON ({exc})"[:300]) from None
+        except RecursionError:
+            raise InputError(400, "body", "JSON nested too deeply") from None
         if not isinstance(fields, dict):
             raise InputError(422, "body", f"expected a JSON object, got {type(fields).__name__}")
         return fields, [], False
@@ -334,22 +378,67 @@ def _check_local_checkpoints(settings):
                                     "checkpoint file/folder or runs:/<run_id>") from None
 
 
+def configured_keys(args: dict) -> list[str]:
+    """The API keys ``args`` configure (env var / key file), for a local client such as ``raymanifold serve
+    --check``; [] when the app is open."""
+    a = parse_settings(args).auth
+    try:
+        return auth.read_keys(a.keys_env, a.keys_file, repo_root=REPO_ROOT)
+    except auth.KeysError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def api_key_digests(settings) -> tuple:
+    """Digests of the configured API keys (``args.auth``); prints whether the app is open or keyed
+    (never a key). Raises SettingsError for unusable keys or ``auth.required`` without any."""
+    a = settings.auth
+    try:
+        keys = auth.read_keys(a.keys_env, a.keys_file, repo_root=REPO_ROOT)
+    except auth.KeysError as exc:
+        raise SettingsError(str(exc)) from None
+    if not keys and a.required:
+        raise SettingsError(f"args.auth.required: no API key found (set ${a.keys_env} or args.auth.keys_file)")
+    if keys:
+        print(f"raymanifold serve: API keys on ({len(keys)} key(s)); every route except /healthz and the web "
+              "page's files needs 'Authorization: Bearer <key>'", flush=True)
+    else:
+        print(f"raymanifold serve: no API keys (${a.keys_env} unset, no args.auth.keys_file): every route is "
+              "open to any caller that reaches the port; keep http_options.host at 127.0.0.1 (loopback only)",
+              flush=True)
+    return auth.digests(keys)
+
+
 def build_app(args: dict):
     """The Serve application builder (``import_path: serve.app:build_app``; Serve passes the ``args`` dict)."""
     return build_application(args)
 
 
-def build_application(args: dict, model_cls: type = ModelServer):
+def build_application(args: dict, model_cls: type = ModelServer, ingress_cls: type = Ingress):
     """Ingress + one ``model_<name>`` deployment per entry of ``args.models`` (see serve/config.yaml).
 
-    ``model_cls`` lets tests serve a subclass of :class:`ModelServer`.
+    ``args.topology``: ``fused`` (default) runs every model inside the ingress replica (one hop: proxy ->
+    replica); ``split`` gives each model its own deployment behind the ingress (scales models apart).
+    ``model_cls`` / ``ingress_cls`` let tests serve subclasses with probes.
     """
     settings = parse_settings(args)
     _check_local_checkpoints(settings)
+    digests = api_key_digests(settings)
     limits = settings.limits.model_dump()
+    if settings.topology == "fused":
+        ignored = [m.name for m in settings.models if m.deployment]
+        if ignored:
+            print(f"raymanifold serve: topology 'fused' runs every model inside the ingress replica; the "
+                  f"per-model deployment options of {ignored} apply to topology 'split' only (set "
+                  "args.ingress.deployment)", flush=True)
+        ingress = serve.deployment(ingress_cls, name="Ingress").options(
+            **_merge(FUSED_DEFAULTS, settings.ingress.deployment))
+        local = {"cls": model_cls, "entries": [m.model_dump() for m in settings.models],
+                 "tracking_uri": settings.tracking_uri}
+        return ingress.bind({}, limits, digests, local, settings.gil_switch_interval_s)
     handles = {}
     for m in settings.models:
         dep = serve.deployment(model_cls, name=f"model_{m.name}").options(**_merge(MODEL_DEFAULTS, m.deployment))
-        handles[m.name] = dep.bind(m.model_dump(), limits, settings.tracking_uri)
-    ingress = IngressDeployment.options(**_merge(INGRESS_DEFAULTS, settings.ingress.deployment))
-    return ingress.bind(handles, limits)
+        handles[m.name] = dep.bind(m.model_dump(), limits, settings.tracking_uri, settings.gil_switch_interval_s)
+    ingress = serve.deployment(ingress_cls, name="Ingress").options(**_merge(INGRESS_DEFAULTS,
+                                                                             settings.ingress.deployment))
+    return ingress.bind(handles, limits, digests, None, settings.gil_switch_interval_s)

@@ -16,6 +16,8 @@ from serve.operations import InputError
 
 #: Pillow modes accepted per channel count, and their full-scale value
 PNG_MODES = {1: {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0}, 3: {"RGB": 255.0}}
+#: the last 12 bytes of every complete PNG file: the empty IEND chunk and its CRC
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 def as_array(value, field: str, shape: Sequence[int], *, max_examples: int,
@@ -66,6 +68,12 @@ def decode_png(data: bytes, field: str, shape: Sequence[int]) -> np.ndarray:
         raise InputError(422, field, "not a readable image; upload PNG files") from None
     if fmt != "PNG":
         raise InputError(415, field, f"is {fmt or 'unknown'}, not PNG; upload PNG files")
+    if not data.endswith(PNG_END):  # a truncated file (Pillow would decode what is there)
+        raise InputError(422, field, "truncated PNG (no IEND chunk at the end of the file)")
+    try:
+        Image.open(io.BytesIO(data)).verify()  # every chunk's CRC, up to IEND
+    except Exception:
+        raise InputError(422, field, "corrupt PNG data (chunk checksum)") from None
     if img.size != (W, H):  # checked from the header, before decoding pixels
         raise InputError(422, field, f"image is {img.size[0]}x{img.size[1]} (WxH); this model takes {W}x{H}")
     modes = PNG_MODES.get(C)

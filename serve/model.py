@@ -6,7 +6,7 @@ Model calls run on one worker thread, so the replica's event loop stays free
 to accept requests while the model computes; that is what lets
 ``@serve.batch`` pool the requests that arrive meanwhile.
 
-Pooling (log-likelihood, encode): requests with equal options are
+Pooling (every batchable operation: log-likelihood, encode, classify, purify): requests with equal options are
 concatenated into one model call and the result is split back, at most
 ``batching.max_batch_examples`` examples per call. Deterministic functions
 (encode) give the same numbers pooled or not. Random ones (the Eq. 15
@@ -24,6 +24,7 @@ import asyncio
 import math
 import os
 import random
+import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +72,10 @@ def describe(name: str, uri: str, model, cfg, recipe, entry: ModelEntry, limits:
 class ModelServer:
     """Serves one checkpoint. Public methods are called by the ingress through a DeploymentHandle."""
 
-    def __init__(self, entry: dict, limits: dict, tracking_uri: Optional[str] = None):
+    def __init__(self, entry: dict, limits: dict, tracking_uri: Optional[str] = None,
+                 switch_interval_s: Optional[float] = None):
+        if switch_interval_s:  # its own replica (topology split): see AppSettings.gil_switch_interval_s
+            sys.setswitchinterval(switch_interval_s)
         self.entry = ModelEntry.model_validate(entry)
         self.limits = Limits.model_validate(limits)
         if tracking_uri:
@@ -98,8 +102,11 @@ class ModelServer:
         self._rng = random.Random()
         self.stats = {"requests": 0, "model_calls": 0, "pooled_batches": 0, "pooled_requests": 0, "errors": 0}
         b = self.entry.batching
-        self._pooled.set_max_batch_size(b.max_batch_examples)
-        self._pooled.set_batch_wait_timeout_s(b.wait_timeout_s)
+        # One batch queue per served model: @serve.batch on the method would give every ModelServer of a
+        # process one shared queue (topology "fused" holds several models in one replica, and a pooled call
+        # would then run another model's requests through the first request's model).
+        self._pooled = serve.batch(max_batch_size=b.max_batch_examples, batch_wait_timeout_s=b.wait_timeout_s,
+                                   batch_size_fn=_n_examples)(self._pool_requests)
 
     # ------------------------------------------------------------------ called by the ingress
     def info(self) -> dict:
@@ -131,8 +138,7 @@ class ModelServer:
         return await loop.run_in_executor(self._pool, self._call, op, x, n, options, seed)
 
     # ------------------------------------------------------------------ pooling
-    @serve.batch(max_batch_size=2048, batch_wait_timeout_s=0.005, batch_size_fn=_n_examples)
-    async def _pooled(self, items: list[dict]) -> list[dict]:
+    async def _pool_requests(self, items: list[dict]) -> list[dict]:
         """Concatenate requests with equal (operation, options); one model call per group."""
         groups: dict = defaultdict(list)
         for i, it in enumerate(items):

@@ -58,7 +58,7 @@ OPERATIONS: dict[str, Operation] = {op.route: op for op in (
     Operation("decode", "decode", "latent", False, "x", "data-space reconstructions of latents z",
               data_out=True),
     Operation("classify", "classify", "data", True, "label", "predicted class and class probabilities of x"),
-    Operation("purify", "purify", "data", False, "x", "test-time purification of x (e.g. Eq. 22 ELBO ascent): "
+    Operation("purify", "purify", "data", True, "x", "test-time purification of x (e.g. Eq. 22 ELBO ascent): "
               "purified x, prediction, ELBO before / after", data_out=True),
     Operation("counterfactual", "counterfactual", "data", False, "x",
               "counterfactuals of image pairs (x[2i], x[2i+1]) (DiffSiam Alg. 2): out[2i] takes x[2i+1]'s "

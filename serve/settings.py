@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -96,10 +96,26 @@ class IngressSettings(_Strict):
         return _check_deployment(v)
 
 
+class AuthSettings(_Strict):
+    """Optional API keys (:mod:`serve.auth`): from the environment variable ``keys_env`` and/or the file
+    ``keys_file`` (absolute path outside the repository); none found = every route open (serve on loopback)."""
+    keys_env: Optional[str] = Field("RAYMANIFOLD_API_KEYS", description="environment variable holding keys "
+                                                                         "(comma or space separated)")
+    keys_file: Optional[str] = Field(None, description="file of keys, one per line (absolute path, outside the repo)")
+    required: bool = Field(False, description="refuse to start when no key is found")
+
+
 class AppSettings(_Strict):
+    topology: Literal["fused", "split"] = Field("fused", description="fused: the models run inside the ingress "
+                                                "replica (fewest hops); split: one deployment per model")
     models: list[ModelEntry] = Field(min_length=1)
+    gil_switch_interval_s: Optional[float] = Field(
+        None, gt=0, le=0.1, description="sys.setswitchinterval of each replica (None: Python's 5 ms). A "
+        "model call holds the GIL in small torch ops; a shorter interval lets the replica's event loop take "
+        "requests meanwhile. Measured (docs/serve.md): 0.2 ms gave no gain over 5 ms, hence the default")
     limits: Limits = Limits()
     ingress: IngressSettings = IngressSettings()
+    auth: AuthSettings = AuthSettings()
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI for runs:/ model URIs")
 
     @model_validator(mode="after")

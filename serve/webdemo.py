@@ -110,7 +110,7 @@ def app_args(models: dict) -> dict:
     entries = [{"name": n, "uri": m["uri"], "card": m["card"], "torch_threads": 1,
                 "deployment": {"ray_actor_options": {"num_cpus": 0.4}, "num_replicas": 1}}
                for n, m in models.items() if not n.startswith("_")]
-    return {"models": entries, "tracking_uri": models["_tracking"]}
+    return {"topology": "split", "models": entries, "tracking_uri": models["_tracking"]}
 
 
 def start(models: dict, port: int) -> str:

@@ -263,6 +263,26 @@ def test_ray_scores_match_inprocess_and_survive_a_killed_actor(local_ray, tiny_m
 
 
 @pytest.mark.ray
+def test_tasks_compute_matches_inprocess_survives_a_killed_worker_and_reuses_it(local_ray, tiny_model, tmp_path):
+    """compute="tasks": Ray's pooled workers score (a worker dies at its 2nd batch, once): every row once,
+    equal to the in-process loop; a second job on the same driver gives the same numbers."""
+    from raymanifold.distributed import scoring as dscoring
+
+    spec = scoring.parse_data_spec("swiss_roll?n=1200")
+    prep = scoring.prepare(str(tiny_model), spec, {"dt": 10})
+    ref, _ = scoring.score_inprocess(prep, spec, batch_size=128)
+    for i, fail in enumerate((2, -1)):
+        out = tmp_path / f"tasks{i}"
+        res = score_to_parquet(prep, spec, str(out), batch_size=128, compute="tasks", fail_at_batch=fail, actors=2)
+        assert res.rows_out == res.unique_ids == 1200
+        got = pq.read_table(out).to_pandas().sort_values("id")["log_prob"].to_numpy()
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
+    assert (tmp_path / ".tasks0.fault").exists()  # the fault really fired
+    with pytest.raises(ValueError, match="compute"):
+        dscoring.score_to_parquet(prep, spec, str(tmp_path / "x"), compute="threads")
+
+
+@pytest.mark.ray
 def test_parquet_and_image_folder_inputs(local_ray, tmp_path):
     """Parquet (ids and labels pass through) and an image folder (<class>/ labels) with a digits model."""
     from raymanifold import checkpoint as ckpt

@@ -25,9 +25,13 @@ import torch
 from PIL import Image
 
 from serve import codec  # the Serve application package, installed with raymanifold (pyproject.toml)
+from serve.app import Ingress
 from serve.model import ModelServer
 
 APP = "rm_serve_test"
+#: the app under test requires an API key (serve/auth.py); _post/_get send it
+KEY_ENV, KEY = "RM_SERVE_TEST_API_KEYS", "serve-test-key-0123456789abcdef"
+AUTH = {"authorization": f"Bearer {KEY}"}
 LIMITS = {"max_examples": 64, "max_body_bytes": 200_000, "max_samples": 32, "max_rounds": 8, "max_abs": 100.0,
           "timeout_s": 60}
 TRAIN = {"checkpoint_every": 1000, "log_every": 1000, "batch_size": 16}
@@ -64,6 +68,13 @@ class ProbedModelServer(ModelServer):
                 p.fill_(float("nan"))
 
 
+class ProbedIngress(Ingress):
+    """The fused ingress (models in-process) plus a probe reaching one model's test methods."""
+
+    def probe(self, name: str, what: str):
+        return getattr(self.handles[name], what)()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,31 +100,43 @@ def server(tmp_path_factory):
         model, ema, info = train_inprocess(cfg)
         path = ckpt.save(d / f"{name}.pt", model, cfg, info["step"], ema=ema.module if ema else None)
         direct[name] = ckpt.load_model(str(path))
-        entries.append({"name": name, "uri": str(path), "batching": {"wait_timeout_s": 0.02},
-                        "deployment": {"ray_actor_options": {"num_cpus": 0.2}, "num_replicas": 1,
-                                       "health_check_period_s": 1.0 if name == "points" else 10.0}})
+        entries.append({"name": name, "uri": str(path), "batching": {"wait_timeout_s": 0.02}})
     t_train = time.perf_counter() - t0
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ship ProbedModelServer by value
     runtime.shutdown()
     port = _free_port()
     serving.start_http(port, num_cpus=2)
     t_ray = time.perf_counter() - t0
-    app = build_application({"models": entries, "limits": LIMITS}, model_cls=ProbedModelServer)
+    ingress = {"deployment": {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "health_check_period_s": 1.0}}
+    import os
+    os.environ[KEY_ENV] = KEY
+    try:
+        app = build_application({"models": entries, "limits": LIMITS, "ingress": ingress,
+                                 "auth": {"keys_env": KEY_ENV, "required": True}},
+                                model_cls=ProbedModelServer, ingress_cls=ProbedIngress)
+    finally:
+        del os.environ[KEY_ENV]
     serving.run(app, name=APP, route_prefix="/")
     print(f"\nset-up: models trained {t_train:.0f} s, Ray + Serve HTTP up {t_ray:.0f} s, "
           f"app deployed {time.perf_counter() - t0:.0f} s (load average {__import__('os').getloadavg()[0]:.1f})")
-    yield {"url": f"http://127.0.0.1:{port}", "direct": direct}
+    yield {"url": f"http://127.0.0.1:{port}", "direct": direct, "entries": entries}
     serving.shutdown()
     runtime.shutdown()
 
 
 def _post(server, path, **kw):
+    kw["headers"] = {**AUTH, **kw.get("headers", {})}
     return requests.post(server["url"] + path, timeout=120, **kw)
 
 
-def _handle(name):
+def _get(server, path, **kw):
+    return requests.get(server["url"] + path, timeout=60, headers=AUTH, **kw)
+
+
+def _probe(name, what, timeout_s=60):
+    """A test method of model ``name`` inside the fused ingress replica (through a DeploymentHandle)."""
     from ray import serve
-    return serve.get_deployment_handle(f"model_{name}", app_name=APP)
+    return serve.get_deployment_handle("Ingress", app_name=APP).probe.remote(name, what).result(timeout_s=timeout_s)
 
 
 def _direct_log_prob(server, name, x, seed, **opts):
@@ -203,8 +226,8 @@ def test_serve_config_file_is_valid_and_bad_files_are_refused(tmp_path):
     app = cfg["applications"][0]
     assert app["import_path"] == "serve.app:build_app"
     s = parse_settings(app["args"])
-    assert s.models[0].deployment["ray_actor_options"]["num_cpus"] < 1  # fractional CPUs
-    assert "autoscaling_config" in s.models[0].deployment
+    assert s.topology == "fused" and s.ingress.deployment["ray_actor_options"]["num_cpus"] < 1  # fractional CPUs
+    assert "autoscaling_config" in s.ingress.deployment
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications:\n  - name: a\n    import_path: serve.app:build_app\n    foo: 1\n")
     with pytest.raises(ConfigError, match="foo"):
@@ -217,10 +240,78 @@ def test_serve_config_file_is_valid_and_bad_files_are_refused(tmp_path):
         serving.load_config(tmp_path / "missing.yaml")
 
 
+def test_api_keys_read_checked_and_compared_without_leaking(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve import auth
+    from serve.settings import REPO_ROOT
+
+    key_a, key_b = "k" * 16 + "-first", "second-key-0123456789"
+    f = tmp_path / "keys"
+    f.write_text(f"# comment\n{key_b}  # trailing comment\n\n")
+    env = {"RM_KEYS": f" {key_a}, "}
+    assert auth.read_keys("RM_KEYS", str(f), repo_root=REPO_ROOT, environ=env) == [key_a, key_b]
+    assert auth.read_keys("RM_KEYS", None, repo_root=REPO_ROOT, environ={}) == []
+    inside = REPO_ROOT / "serve" / "config.yaml"
+    for kw, match in [({"keys_file": str(inside)}, "inside the repository"), ({"keys_file": "keys"}, "absolute"),
+                      ({"keys_file": str(tmp_path / "none")}, "does not exist"),
+                      ({"environ": {"RM_KEYS": "short"}}, "shorter than 16")]:
+        kw = {"keys_file": None, "environ": {}, **kw}
+        with pytest.raises(auth.KeysError, match=match) as e:
+            auth.read_keys("RM_KEYS", kw["keys_file"], repo_root=REPO_ROOT, environ=kw["environ"])
+        assert "short" not in str(e.value).replace("shorter", "")  # a key is never echoed
+
+    app = FastAPI()
+    app.add_middleware(auth.ApiKeyMiddleware)
+    for path in ("/healthz", "/", "/static/app.js", "/v1/models", "/openapi2.json"):
+        app.get(path)(lambda: {"ok": True})
+    c = TestClient(app)
+    auth.configure(())
+    assert all(c.get(p).status_code == 200 for p in ("/healthz", "/v1/models"))  # no keys configured: all open
+    allowed = auth.digests([key_a, key_b])
+    auth.configure(allowed)
+    try:
+        _check_keyed_app(c, key_a, key_b)
+    finally:
+        auth.configure(())
+    assert auth.key_matches(key_a, allowed) and not auth.key_matches("", allowed)
+
+
+def _check_keyed_app(c, key_a, key_b):
+    from serve import auth
+    for p in ("/healthz", "/", "/static/app.js"):
+        assert c.get(p).status_code == 200, p
+    for p in ("/static/../v1/models", "/static/a/../../v1/models", "/static/", "/healthz/x"):
+        assert not auth.is_open_path(p), p
+    for headers in ({}, {"authorization": "Bearer"}, {"authorization": f"Basic {key_a}"},
+                    {"authorization": f"Bearer {key_a}x"}, {"authorization": f"Bearer {key_a[:-1]}"}):
+        r = c.get("/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["detail"]["field"] == "authorization", headers
+        assert key_a not in r.text and r.headers["www-authenticate"].startswith("Bearer")
+    for k in (key_a, key_b):
+        assert c.get("/v1/models", headers={"authorization": f"bearer  {k}"}).status_code == 200
+    assert c.get("/openapi2.json", headers={"authorization": f"Bearer {key_b}"}).status_code == 200
+
+
+def test_an_app_without_keys_is_refused_off_loopback(tmp_path, monkeypatch):
+    from raymanifold.config import ConfigError
+    from raymanifold.distributed import serving
+
+    monkeypatch.delenv("RAYMANIFOLD_API_KEYS", raising=False)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("applications:\n  - name: a\n    import_path: serve.app:build_app\n"
+                   "    args: {models: [{name: a, uri: 'runs:/abc'}]}\n")
+    with pytest.raises(ConfigError, match="without API keys"):
+        serving.start(cfg, host="0.0.0.0")  # refused before Ray starts
+    monkeypatch.setenv("RAYMANIFOLD_API_KEYS", "a-key-of-enough-length")
+    assert serving.api_keys(serving.load_config(cfg)["applications"][0]) == ["a-key-of-enough-length"]
+
+
 # ----------------------------------------------------------------------------- happy paths
 @pytest.mark.ray
 def test_models_listing_and_docs(server):
-    r = requests.get(server["url"] + "/v1/models", timeout=60)
+    r = _get(server, "/v1/models")
     assert r.status_code == 200
     models = {m["name"]: m for m in r.json()["models"]}
     assert set(models) == {"points", "digits", "flow", "gridvae", "clf"}
@@ -242,10 +333,10 @@ def test_models_listing_and_docs(server):
     assert opts["dt"]["max"] == 20 and opts["rounds"]["max"] == LIMITS["max_rounds"]
     assert p["operations"]["sample"]["options"]["sampler"]["choices"][:2] == ["ddpm", "ddim"]
     assert p["unit"] == "nats"
-    spec = requests.get(server["url"] + "/openapi.json", timeout=60).json()
+    spec = _get(server, "/openapi.json").json()
     for route in ("log-likelihood", "sample", "encode", "decode", "classify", "purify"):
         assert f"/v1/models/{{name}}/{route}" in spec["paths"]
-    assert requests.get(server["url"] + "/docs", timeout=60).status_code == 200
+    assert _get(server, "/docs").status_code == 200
     h = requests.get(server["url"] + "/healthz", timeout=60)
     assert h.status_code == 200 and h.json()["status"] == "ok"
 
@@ -418,7 +509,7 @@ def _bad_cases():
 
 
 def _pids():
-    return {n: _handle(n).pid.remote().result(timeout_s=60) for n in CONFIGS}
+    return {n: _probe(n, "pid") for n in CONFIGS}
 
 
 @pytest.mark.ray
@@ -433,23 +524,10 @@ def test_bad_inputs_get_4xx_naming_the_field_and_replicas_survive(server):
             wrong.append((path, str(kw)[:80], r.status_code, r.text[:200]))
     assert not wrong, wrong
     print(f"\nbad-input table: {len(cases)} malformed requests, all 4xx with the field named")
-    assert requests.get(server["url"] + "/healthz", timeout=60).status_code == 200
+    assert _get(server, "/healthz").status_code == 200
     assert _pids() == pids  # no replica died or restarted
     ok = _post(server, "/v1/models/points/log-likelihood", json={"x": [[0.0, 0.0]], "seed": 1})
     assert ok.status_code == 200
-
-
-def _fuzz_value(rng: random.Random, depth=0):
-    kind = rng.randrange(9)
-    if kind == 0 or depth > 3:
-        return rng.choice([None, True, "x", "", -1, 0, 1e308, -1e-300, 2 ** 70, float("nan")])
-    if kind == 1:
-        return rng.uniform(-1e3, 1e3)
-    if kind == 2:
-        return [_fuzz_value(rng, depth + 1) for _ in range(rng.randrange(4))]
-    if kind == 3:
-        return {rng.choice(["x", "z", "n", "dt", "seed", "format", "a"]): _fuzz_value(rng, depth + 1)}
-    return [[rng.uniform(-5, 5) for _ in range(rng.choice([1, 2, 3]))] for _ in range(rng.randrange(0, 4))]
 
 
 @pytest.mark.ray
@@ -485,34 +563,154 @@ def test_classify_and_purify_match_direct_calls_and_refuse_bad_input(server):
     assert r.status_code == 404 and r.json()["detail"]["field"] == "name"
 
 
+FUZZ_REQUESTS, FUZZ_SECONDS = 1200, 150  # bounded in count and in time
+
+
+def _fuzz_case(rng: random.Random, pngs: dict) -> tuple[str, str, dict]:
+    """(method, path, requests kwargs) of one generated malformed or hostile request; every one is invalid."""
+    J = {"content-type": "application/json"}
+    model = rng.choice(["points", "digits", "flow", "clf"])
+    shape = {"points": [2], "digits": [1, 8, 8], "flow": [1, 8, 8], "clf": [1, 28, 28]}[model]
+    route = rng.choice({"points": ["log-likelihood", "sample"], "digits": ["log-likelihood", "sample"],
+                        "flow": ["log-likelihood", "encode", "decode", "sample"],
+                        "clf": ["classify", "purify", "encode", "log-likelihood"]}[model])
+    path = f"/v1/models/{model}/{route}"
+    key = "z" if route == "decode" else "n" if route == "sample" else "x"
+
+    def good_x(b=1):  # a valid example batch, spoiled below
+        return np.clip(np.random.default_rng(rng.randrange(2 ** 32)).uniform(0, 1, (b, *shape)), 0, 1).tolist()
+
+    kind = rng.randrange(14)
+    if kind == 0:  # wrong types
+        val = rng.choice(["text", 3.5, True, None, {"a": 1}, [["a", "b"]], [[None] * 2], [[{"x": 1}]], [[[]]], []])
+        return "POST", path, {"json": {key: val}}
+    if kind == 1:  # wrong shapes
+        dims = [rng.randrange(1, 5) for _ in range(rng.randrange(0, 5))]
+        if route == "sample":
+            return "POST", path, {"json": {"n": np.zeros(dims).tolist()}}
+        if dims[1:] == (shape if key == "x" else [32]):  # happens to be valid: spoil it
+            dims.append(3)
+        return "POST", path, {"json": {key: np.zeros(dims).tolist()}}
+    if kind == 2:  # NaN / inf (JSON extensions Python's json accepts)
+        bad = rng.choice(["NaN", "Infinity", "-Infinity", "1e999"])
+        body = json.dumps({key: good_x(2) if key == "x" else 3}).replace("0.", bad + ", 0.", 1) if key == "x" \
+            else f'{{"{key}": {bad}}}'
+        if key == "x" and bad not in body:
+            body = f'{{"x": [[{bad}, 0.0]]}}'
+        return "POST", path, {"data": body, "headers": J}
+    if kind == 3:  # huge numbers
+        v = rng.choice([1e308, -1e300, 2 ** 70, 10 ** 40, 1e6])
+        if key == "n":
+            return "POST", path, {"json": {"n": rng.choice([2 ** 70, 10 ** 9, -5])}}
+        x = good_x(1) if key == "x" else [[0.0] * 32]
+        flat = x[0]
+        while isinstance(flat[0], list):
+            flat = flat[0]
+        flat[0] = v
+        return "POST", path, {"json": {key: x}}
+    if kind == 4:  # deep JSON
+        depth = rng.choice([40, 100, 1000, 100_000])
+        inner = "[" * depth + "0" + "]" * depth
+        return "POST", path, {"data": f'{{"{key}": {inner}}}' if rng.random() < 0.7 else inner, "headers": J}
+    if kind == 5:  # oversized bodies (declared, and streamed in chunks without a length)
+        size = LIMITS["max_body_bytes"] + rng.randrange(1, 50_000)
+        if rng.random() < 0.5:
+            return "POST", path, {"data": b"[" + b"0," * (size // 2) + b"0]", "headers": J}
+        chunk = b" " * 16384
+        return "POST", path, {"data": (chunk for _ in range(size // len(chunk) + 1)), "headers": J}
+    if kind == 6:  # truncated / corrupt PNGs
+        png = pngs[model] if model in pngs else pngs["digits"]
+        cut = rng.choice([png[:rng.randrange(1, len(png) - 1)], png[:8] + bytes(rng.randrange(256) for _ in range(40)),
+                          png[: len(png) // 2] + png[: len(png) // 2]])
+        route_ok = route in ("log-likelihood", "encode", "classify", "purify")
+        p = path if route_ok else f"/v1/models/{model}/log-likelihood"
+        if model == "points":
+            p = "/v1/models/digits/log-likelihood"
+        return "POST", p, {"files": [("images", ("t.png", cut, "image/png"))]}
+    if kind == 7:  # wrong content types
+        ctype = rng.choice(["text/plain", "application/xml", "image/png", "application/x-www-form-urlencoded",
+                            "application/octet-stream", "application/json-patch+json", "multipart/mixed; boundary=x"])
+        return "POST", path, {"data": json.dumps({key: 1}).encode(), "headers": {"content-type": ctype}}
+    if kind == 8:  # unknown routes, unknown models, wrong methods
+        return rng.choice([("POST", f"/v1/models/{model}/{rng.choice(['fit', 'delete', 'x' * 300])}", {"json": {}}),
+                           ("POST", f"/v1/models/{'n' * rng.randrange(1, 400)}/log-likelihood", {"json": {"x": [[0, 0]]}}),
+                           ("GET", path, {}), ("DELETE", path, {}), ("PUT", "/v1/models", {"json": {}}),
+                           ("POST", "/v2/" + "/".join("ab" for _ in range(rng.randrange(1, 30))), {"json": {}}),
+                           ("GET", "/static/../serve/app.py", {}), ("GET", "/static/%2e%2e%2fapp.py", {})])
+    if kind == 9:  # missing or wrong keys
+        hdr = rng.choice([{"authorization": ""}, {"authorization": "Bearer"}, {"authorization": f"Basic {KEY}"},
+                          {"authorization": f"Bearer {KEY[:-1]}"}, {"authorization": f"Bearer {KEY}x"},
+                          {"authorization": "Bearer " + "k" * rng.randrange(1, 5000)}, None])
+        return "POST", path, {"json": {key: good_x(1) if key == "x" else 1}, "headers": hdr, "no_key": True}
+    if kind == 10:  # bad options / unknown fields
+        opt = rng.choice([("dt", -1), ("dt", 10 ** 6), ("dt", "2"), ("rounds", 1e9), ("seed", -3), ("seed", 2 ** 64),
+                          ("seed", 1.5), ("estimator", "exact"), ("format", "gif"), ("iterations", 0),
+                          ("step", float("nan")), ("bogus", 1), ("label", [1]), ("sampler", ["ddpm"])])
+        body = {key: good_x(1) if key == "x" else [[0.0] * 32] if key == "z" else 2, opt[0]: opt[1]}
+        return "POST", path, {"data": json.dumps(body, allow_nan=True), "headers": J}
+    if kind == 11:  # random bytes as JSON or multipart
+        junk = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))
+        ctype = rng.choice(["application/json", "multipart/form-data; boundary=b", "multipart/form-data"])
+        return "POST", path, {"data": junk if junk.strip() else b"\x00", "headers": {"content-type": ctype}}
+    if kind == 12:  # too many examples / samples
+        if key == "n":
+            return "POST", path, {"json": {"n": LIMITS["max_samples"] + rng.randrange(1, 10 ** 6)}}
+        return "POST", path, {"json": {key: [[0.0] * (2 if key == "x" else 32)] * (LIMITS["max_examples"] + 1)}}
+    # valid-looking JSON whose top level is not an object, or images out of range
+    if rng.random() < 0.5:
+        return "POST", path, {"json": rng.choice([[1, 2], "x", 3, None, [{"x": 1}]])}
+    x = good_x(1) if key == "x" else None
+    if x is None or model == "points":
+        return "POST", path, {"json": {key: "0"}}
+    return "POST", path, {"json": {key: (np.asarray(x) * 3 - 1.5).tolist()}}
+
+
+def _send(session, url, method, path, kw):
+    kw = dict(kw)
+    headers = kw.pop("headers", None)
+    if kw.pop("no_key", False):
+        headers = headers or {}
+    else:
+        headers = {**AUTH, **(headers or {})}
+    return session.request(method, url + path, headers=headers, timeout=60, **kw).status_code
+
+
 @pytest.mark.ray
-def test_fuzzed_requests_never_give_5xx(server):
-    rng = random.Random(0)
-    paths = [f"/v1/models/{m}/{op}" for m in ("points", "digits", "flow", "nope")
-             for op in ("log-likelihood", "sample", "encode", "decode")]
-    pids, codes = _pids(), []
-    for _ in range(150):
-        path = rng.choice(paths)
-        style = rng.randrange(4)
-        if style == 0:
-            body = {k: _fuzz_value(rng) for k in rng.sample(["x", "z", "n", "dt", "rounds", "seed", "sampler",
-                                                              "format", "estimator", "zz"], rng.randrange(1, 4))}
-            kw = {"data": json.dumps(body, allow_nan=True), "headers": {"content-type": "application/json"}}
-        elif style == 1:
-            kw = {"data": bytes(rng.randrange(256) for _ in range(rng.randrange(64))),
-                  "headers": {"content-type": rng.choice(["application/json", "multipart/form-data; boundary=b",
-                                                          "application/octet-stream"])}}
-        elif style == 2:
-            kw = {"files": [("images", ("f.png", bytes(rng.randrange(256) for _ in range(rng.randrange(100))),
-                                        "image/png"))], "data": {"dt": str(rng.randrange(-3, 30))}}
-        else:
-            kw = {"json": {"x": _fuzz_value(rng), "n": rng.randrange(-2, 40), "dt": rng.randrange(-2, 25)}}
-        codes.append(_post(server, path, **kw).status_code)
-    assert all(c < 500 for c in codes), sorted(set(codes))
-    assert sum(400 <= c < 500 for c in codes) > 100  # the fuzz is mostly malformed
-    print(f"\nfuzz: {len(codes)} requests, {sum(400 <= c < 500 for c in codes)} 4xx, "
-          f"{sum(c == 200 for c in codes)} 200, 0 5xx")
-    assert _pids() == pids and requests.get(server["url"] + "/healthz", timeout=60).status_code == 200
+def test_fuzz_1000_hostile_requests_all_4xx_and_replicas_survive(server):
+    """>= 1,000 generated malformed or hostile requests: every answer 4xx, none 5xx, no replica restart,
+    and a valid request right after gets the right numbers."""
+    rng = random.Random(15)
+    pngs = {"digits": _png(_digits(1)[0]), "clf": _png(np.zeros((1, 28, 28), np.float32))}
+    pngs["flow"] = pngs["digits"]
+    cases = [_fuzz_case(rng, pngs) for _ in range(FUZZ_REQUESTS)]
+    pids, t0 = _pids(), time.monotonic()
+
+    def run(chunk):
+        with requests.Session() as session:
+            out = []
+            for method, path, kw in chunk:
+                if time.monotonic() - t0 > FUZZ_SECONDS:
+                    break
+                out.append((path, _send(session, server["url"], method, path, kw)))
+            return out
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = [r for part in pool.map(run, [cases[i::4] for i in range(4)]) for r in part]
+    codes = [c for _, c in results]
+    wall = time.monotonic() - t0
+    assert len(codes) == FUZZ_REQUESTS, f"only {len(codes)} requests in {FUZZ_SECONDS} s"
+    bad = sorted({(c, p) for p, c in results if not 400 <= c < 500})
+    assert not bad, bad[:20]
+    hist = {c: codes.count(c) for c in sorted(set(codes))}
+    print(f"\nfuzz: {len(codes)} hostile requests in {wall:.1f} s, status counts {hist}, 0 5xx")
+    assert {401, 404, 413, 415, 422} <= set(hist)  # every kind of refusal was exercised
+    assert _pids() == pids  # no replica restarted
+    assert _get(server, "/healthz").status_code == 200
+    x = np.array([[0.4, -0.2]], dtype=np.float32)
+    ok = _post(server, "/v1/models/points/log-likelihood", json={"x": x.tolist(), "seed": 3, "dt": 2})
+    assert ok.status_code == 200
+    np.testing.assert_allclose(ok.json()["log_prob"], _direct_log_prob(server, "points", x, 3, dt=2),
+                               rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- concurrency
@@ -562,20 +760,51 @@ def test_concurrent_burst_returns_every_response_to_its_caller(server):
     assert max(pooled_sizes) > 1  # @serve.batch did pool concurrent requests
 
 
+@pytest.mark.ray
+def test_split_topology_without_keys_gives_the_same_answers(server):
+    """topology 'split' (the ingress calls a model_<name> deployment through a handle), open (no keys),
+    deployed beside the fused app under /split: same numbers, same refusals."""
+    from raymanifold.distributed import serving
+    from serve.app import build_application
+
+    entry = {**next(e for e in server["entries"] if e["name"] == "points"),
+             "deployment": {"ray_actor_options": {"num_cpus": 0.2}, "num_replicas": 1}}
+    app = build_application({"topology": "split", "models": [entry], "limits": LIMITS,
+                             "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.1}}},
+                             "auth": {"keys_env": "RM_SERVE_TEST_NO_KEYS"}})
+    serving.run(app, name="rm_serve_split", route_prefix="/split")
+    try:
+        url = server["url"] + "/split"
+        x = np.array([[0.2, -0.4], [1.5, 0.5]], dtype=np.float32)
+        r = requests.post(url + "/v1/models/points/log-likelihood", json={"x": x.tolist(), "seed": 5, "dt": 4},
+                          timeout=60)  # no key needed: this app has none
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["log_prob"], _direct_log_prob(server, "points", x, 5, dt=4),
+                                   rtol=1e-6, atol=1e-6)
+        bad = requests.post(url + "/v1/models/points/log-likelihood", data='{"x": [[NaN, 0]]}', timeout=60,
+                            headers={"content-type": "application/json"})
+        assert bad.status_code == 422 and bad.json()["detail"]["field"] == "x"
+        assert requests.get(url + "/v1/models/nope/x", timeout=60).status_code in (404, 405)
+        assert requests.get(url + "/healthz", timeout=60).json()["status"] == "ok"
+    finally:
+        from ray import serve
+        serve.delete("rm_serve_split")
+
+
 # ----------------------------------------------------------------------------- health
 @pytest.mark.ray
 def test_check_health_replaces_a_broken_replica(server):
     x = [[0.3, 0.1]]
     before = _post(server, "/v1/models/points/log-likelihood", json={"x": x, "seed": 4}).json()["log_prob"]
-    old_pid = _handle("points").pid.remote().result(timeout_s=60)
-    _handle("points").poison.remote().result(timeout_s=60)
+    old_pid = _probe("points", "pid")
+    _probe("points", "poison")
     broken = _post(server, "/v1/models/points/log-likelihood", json={"x": x, "seed": 4})
     assert broken.status_code in (200, 503) and broken.json().get("log_prob", [None]) == [None]  # NaN -> null
     deadline = time.time() + 120
     new_pid = old_pid
     while time.time() < deadline:
         try:
-            new_pid = _handle("points").pid.remote().result(timeout_s=10)
+            new_pid = _probe("points", "pid", timeout_s=10)
         except Exception:
             new_pid = old_pid
         if new_pid != old_pid and requests.get(server["url"] + "/healthz", timeout=30).status_code == 200:

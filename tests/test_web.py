@@ -51,6 +51,9 @@ CARDS = {"digits": {"reference_examples": 32, "options": {"dt": 4}, "seed": 3},
          "clf": {"reference_examples": 32},
          "points": {"reference_examples": 64, "options": {"dt": 2}, "mlflow_ui": "http://mlflow.example:5000"}}
 MLFLOW_UI = CARDS["points"]["mlflow_ui"]
+#: the app under test runs with API keys on (serve/auth.py): the page sends the key it keeps in sessionStorage
+KEY_ENV, KEY = "RM_WEB_TEST_API_KEYS", "web-test-key-0123456789abcdef"
+AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 def chromium_path():
@@ -180,12 +183,17 @@ def server(tmp_path_factory):
             model, ema, info = train_inprocess(cfg)
             uri = str(ckpt.save(d / f"{name}.pt", model, cfg, info["step"], ema=ema.module if ema else None))
             direct[name] = ckpt.load_model(uri)
-        entries.append({"name": name, "uri": uri, "card": CARDS[name], "batching": {"enabled": False},
-                        "deployment": {"ray_actor_options": {"num_cpus": 0.2}, "num_replicas": 1}})
+        entries.append({"name": name, "uri": uri, "card": CARDS[name], "batching": {"enabled": False}})
     runtime.shutdown()
     port = _free_port()
     serving.start_http(port, num_cpus=2)
-    app = build_application({"models": entries, "limits": LIMITS, "tracking_uri": tracking})
+    os.environ[KEY_ENV] = f"another-key-fedcba9876543210, {KEY}"
+    try:
+        app = build_application({"models": entries, "limits": LIMITS, "tracking_uri": tracking,
+                                 "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1}},
+                                 "auth": {"keys_env": KEY_ENV, "required": True}})
+    finally:
+        del os.environ[KEY_ENV]
     serving.run(app, name=APP, route_prefix="/")
     print(f"\nset-up: models trained and app deployed in {time.perf_counter() - t0:.0f} s")
     yield {"url": f"http://127.0.0.1:{port}", "direct": direct, "run_ids": run_ids}
@@ -212,6 +220,7 @@ def page(server, browser):
     pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     pg.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
           if msg.type == "error" and "status of 4" not in msg.text else None)
+    pg.add_init_script(f"sessionStorage.setItem('raymanifold.apiKey', {KEY!r})")  # as typed in the key form
     pg.goto(server["url"] + "/")
     pg.wait_for_selector("body[data-ready='1']", timeout=60_000)
     yield pg
@@ -275,9 +284,41 @@ def test_page_loads_lists_every_model_with_its_run_and_links(server, page):
     src.locator("summary").click()
     assert "model.T" in src.inner_text() and "checkpoint" in src.inner_text()
     assert page.locator("[data-testid=api-link]").get_attribute("href") == "api"
-    page.goto(server["url"] + "/api")
-    assert "/v1/models/{name}/log-likelihood" in page.inner_text("main")
-    assert requests.get(server["url"] + "/static/nope.js", timeout=30).status_code == 404
+    api = requests.get(server["url"] + "/api", timeout=30, headers=AUTH)
+    assert api.status_code == 200 and "/v1/models/{name}/log-likelihood" in api.text
+    assert requests.get(server["url"] + "/static/nope.js", timeout=30).status_code == 404  # the page's files: open
+
+
+@needs_browser
+@pytest.mark.ray
+def test_api_keys_page_asks_for_a_key_and_routes_refuse_without_one(server, browser):
+    url = server["url"]
+    for path in ("/v1/models", "/openapi.json", "/api", "/docs"):
+        for headers in ({}, {"authorization": "Bearer wrong-key-000000000000"}, {"authorization": f"Basic {KEY}"}):
+            r = requests.get(url + path, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["detail"]["field"] == "authorization", (path, headers)
+            assert KEY not in r.text and r.headers["www-authenticate"].startswith("Bearer")
+    r = requests.post(url + "/v1/models/points/log-likelihood", json={"x": [[0.0, 0.0]]}, timeout=30)
+    assert r.status_code == 401
+    for path in ("/healthz", "/", "/static/app.js"):  # open: load balancers and the page itself
+        assert requests.get(url + path, timeout=30).status_code == 200, path
+    assert requests.get(url + "/v1/models", headers=AUTH, timeout=30).status_code == 200
+    pg = browser.new_page()  # a fresh tab: no key stored yet
+    try:
+        pg.goto(url + "/")
+        pg.wait_for_selector("[data-testid=auth]:not([hidden])", timeout=60_000)
+        assert "needs an API key" in pg.inner_text("[data-testid=list-error]")
+        pg.fill("[data-testid=api-key]", "wrong-key-000000000000")
+        pg.press("[data-testid=api-key]", "Enter")
+        pg.wait_for_function("document.querySelector('[data-testid=list-error]').textContent.includes('refused')",
+                             timeout=60_000)
+        pg.fill("[data-testid=api-key]", KEY)
+        pg.press("[data-testid=api-key]", "Enter")
+        pg.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        assert pg.locator("[data-testid=model-points]").count() == 1 and pg.locator("[data-testid=auth]").is_hidden()
+        assert pg.evaluate("sessionStorage.getItem('raymanifold.apiKey')") == KEY
+    finally:
+        pg.close()
 
 
 @needs_browser
@@ -299,14 +340,14 @@ def test_drawn_stroke_numbers_match_the_json_route_and_a_direct_call(server, pag
     body = last["request"]
     assert body["dt"] == 4 and body["seed"] == 3  # the card's reference options are the page's defaults
     shown = float(page.locator("[data-testid=model-digits] [data-testid=ll-value]").get_attribute("data-value"))
-    again = requests.post(server["url"] + "/v1/models/digits/log-likelihood", json=body, timeout=60).json()
+    again = requests.post(server["url"] + "/v1/models/digits/log-likelihood", json=body, timeout=60, headers=AUTH).json()
     assert shown == again["log_prob"][0]
     opts = {k: v for k, v in body.items() if k not in ("x", "seed")}
     direct = _direct_ll(server, "digits", body["x"], 3, **opts)[0]
     assert shown == pytest.approx(direct, rel=1e-6, abs=1e-6)
     bpd = float(page.locator("[data-testid=model-digits] [data-testid=bpd-value]").get_attribute("data-value"))
     assert bpd == pytest.approx(-shown / (64 * math.log(2)), rel=1e-12)
-    ref = next(m for m in requests.get(server["url"] + "/v1/models", timeout=30).json()["models"]
+    ref = next(m for m in requests.get(server["url"] + "/v1/models", timeout=30, headers=AUTH).json()["models"]
                if m["name"] == "digits")["card"]["reference"]
     verdict = page.locator("[data-testid=model-digits] [data-testid=verdict]")
     assert verdict.get_attribute("data-on") == str(shown >= ref["threshold"]).lower()
@@ -315,7 +356,7 @@ def test_drawn_stroke_numbers_match_the_json_route_and_a_direct_call(server, pag
     # flow: log-likelihood and latent as the route gives them; a reconstruction is drawn
     lb = _last(page, "flow", "log-likelihood")["request"]
     shown = float(page.locator("[data-testid=model-flow] [data-testid=ll-value]").get_attribute("data-value"))
-    assert shown == requests.post(server["url"] + "/v1/models/flow/log-likelihood", json=lb,
+    assert shown == requests.post(server["url"] + "/v1/models/flow/log-likelihood", json=lb, headers=AUTH,
                                   timeout=60).json()["log_prob"][0]
     model, cfg, recipe = server["direct"]["flow"]
     z_shown = json.loads(page.locator("[data-testid=model-flow] [data-testid=z]").get_attribute("data-value"))
@@ -356,7 +397,7 @@ def test_uploaded_png_reaches_the_model_unchanged_and_points_are_scored(server, 
     want = codec.decode_png(f.read_bytes(), "f", (1, 8, 8))
     assert np.array_equal(np.asarray(body["x"], dtype=np.float32)[0], want)  # same size: passed unchanged
     shown = float(page.locator("[data-testid=model-digits] [data-testid=ll-value]").get_attribute("data-value"))
-    multipart = requests.post(server["url"] + "/v1/models/digits/log-likelihood", timeout=60,
+    multipart = requests.post(server["url"] + "/v1/models/digits/log-likelihood", timeout=60, headers=AUTH,
                               files=[("images", ("seven.png", f.read_bytes(), "image/png"))],
                               data={k: str(v) for k, v in body.items() if k != "x"}).json()
     assert shown == pytest.approx(multipart["log_prob"][0], rel=1e-9)  # as curl -F images=@seven.png gives
@@ -455,7 +496,7 @@ def test_classifier_verdict_and_purification_match_the_json_routes(server, page)
     # classify runs with every analysis: the label and probabilities shown == the JSON route == a direct call
     body = _last(page, "clf", "classify")["request"]
     assert np.asarray(body["x"]).shape == (1, 1, 8, 8)
-    again = requests.post(server["url"] + "/v1/models/clf/classify", json=body, timeout=60).json()
+    again = requests.post(server["url"] + "/v1/models/clf/classify", json=body, timeout=60, headers=AUTH).json()
     label = json.loads(page.locator(f"{card} [data-testid=op-classify] [data-testid=value-label]").get_attribute("data-value"))
     probs = json.loads(page.locator(f"{card} [data-testid=op-classify] [data-testid=value-probs]").get_attribute("data-value"))
     assert label == again["label"][0] and probs == again["probs"][0] and len(probs) == 10
@@ -475,7 +516,7 @@ def test_classifier_verdict_and_purification_match_the_json_routes(server, page)
     page.wait_for_selector(f"{card} [data-testid=op-purify] [data-testid=image-x]", timeout=60_000)
     pb = _last(page, "clf", "purify")["request"]
     assert pb["seed"] == 5 and pb["iterations"] == 8 and pb["x"] == body["x"]
-    want = requests.post(server["url"] + "/v1/models/clf/purify", json=pb, timeout=60).json()
+    want = requests.post(server["url"] + "/v1/models/clf/purify", json=pb, timeout=60, headers=AUTH).json()
     out = f"{card} [data-testid=op-purify]"
     for k in ("label_before", "label", "elbo_before", "elbo_after"):
         assert json.loads(page.locator(f"{out} [data-testid=value-{k}]").get_attribute("data-value")) == want[k][0], k

@@ -35,6 +35,9 @@ def register(sub, study_sub):
     p.add_argument("--estimator", default=None, help="diffusion: eq15 | bound | mc")
     p.add_argument("--actors", type=int, default=0, help="scoring actors (0 = free CPUs / --cpus-per-actor)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--compute", choices=("actors", "tasks"), default="actors",
+                   help="actors: a new actor pool per job; tasks: Ray's pooled workers, which keep imports and "
+                        "the model between jobs (--ood's second job starts warm; docs/ray.md)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=int, default=0, help="CPUs of an embedded Ray (0 = all)")
@@ -76,7 +79,7 @@ def cmd_score(args) -> int:
     prep_ood = scoring.prepare(args.model, ood, opts) if ood else None
     out = Path(args.out)
     kw = dict(actors=args.actors, batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor, seed=args.seed,
-              address=args.address, num_cpus=args.num_cpus, tracking_uri=uri)
+              address=args.address, num_cpus=args.num_cpus, tracking_uri=uri, compute=args.compute)
     print(f"scoring {prep.n_rows} rows of {args.data!r} with {prep.family} model {args.model!r}"
           + (f" (+ {prep_ood.n_rows} rows of {args.ood!r})" if ood else ""), flush=True)
     with tracking.start_run(args.experiment, f"score-{spec.label}", uri=uri,

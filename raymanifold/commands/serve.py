@@ -22,9 +22,10 @@ def register(sub, study_sub):
     p.set_defaults(func=cmd_serve)
 
 
-def _get(url: str) -> tuple[int, dict]:
+def _get(url: str, key: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
-        with urllib.request.urlopen(url, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
@@ -42,12 +43,14 @@ def cmd_serve(args) -> int:
     config = find_config(args.config)
     print(f"starting Ray Serve from {config} ...", flush=True)
     url = serving.start(config, port=args.port, host=args.host, address=args.address, num_cpus=args.num_cpus)
+    keys = serving.api_keys(serving.load_config(config)["applications"][0]) or []
+    key = keys[0] if keys else None  # this local client's own requests; never printed
     try:
-        code, models = _get(f"{url}/v1/models")
+        code, models = _get(f"{url}/v1/models", key)
         names = [m["name"] for m in models.get("models", [])]
         print(f"serving {names} at {url}  (OpenAPI docs: {url}/docs, health: {url}/healthz)", flush=True)
         if args.check:
-            hcode, health = _get(f"{url}/healthz")
+            hcode, health = _get(f"{url}/healthz", key)
             print(json.dumps({"models": models, "healthz": {"status_code": hcode, **health}}, indent=2, default=str))
             return 0 if code == 200 and hcode == 200 else 1
         print("press Ctrl-C to stop", flush=True)

@@ -57,6 +57,27 @@ class RayScorer(Scorer):
         return super().__call__(batch)
 
 
+#: per worker process: the last scorer built by :func:`score_batch_warm` (key -> RayScorer)
+_WARM: dict = {}
+
+
+def score_batch_warm(batch: dict, *, model_ref: list, source: dict, opts: dict, seed: int = 0, threads: int = 1,
+                     fail_at_batch: int = -1, fail_marker: Optional[str] = None,
+                     tracking_uri: Optional[str] = None) -> dict:
+    """The ``compute="tasks"`` scorer: a Ray Data task function. Ray reuses its pooled worker processes
+    across tasks and across jobs of the same driver, so the imports (torch, Ray Data) are paid once per
+    process and the model once per (model, options) - kept here - instead of once per actor per job.
+    Rows and their noise seeds are those of :class:`RayScorer` (the seed of a batch depends on its first id)."""
+    key = (model_ref[0].hex(), repr(source), repr(sorted(opts.items())), seed, threads, tracking_uri)
+    scorer = _WARM.get(key)
+    if scorer is None:
+        _WARM.clear()  # one model per process at a time
+        scorer = _WARM[key] = RayScorer(model_ref, source, opts, seed=seed, threads=threads,
+                                        tracking_uri=tracking_uri)
+    scorer.fail_at_batch, scorer.fail_marker = fail_at_batch, fail_marker
+    return scorer(batch)
+
+
 @dataclass
 class ScoreResult:
     out: str
@@ -102,9 +123,14 @@ def _dataset_blocks(prep: Prepared, batch_size: int, actors: int):
 def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 0, batch_size: int = 256,
                      cpus_per_actor: float = 1.0, seed: int = 0, fail_at_batch: int = -1,
                      address: Optional[str] = None, num_cpus: int = 0,
-                     tracking_uri: Optional[str] = None) -> ScoreResult:
+                     tracking_uri: Optional[str] = None, compute: str = "actors") -> ScoreResult:
     """Score ``spec`` with Ray Data into Parquet files under ``out``; verifies every row came out once.
-    ``tracking_uri``: the MLflow store the actors resolve ``runs:/`` URIs in the model's config from."""
+    ``tracking_uri``: the MLflow store the actors resolve ``runs:/`` URIs in the model's config from.
+    ``compute``: ``actors`` (an ActorPoolStrategy of ``actors`` new processes per job, each loading the
+    model once) or ``tasks`` (:func:`score_batch_warm` on at most ``actors`` concurrent tasks in Ray's
+    pooled workers, which keep their imports and the model between the jobs of one driver)."""
+    if compute not in ("actors", "tasks"):
+        raise ValueError(f"compute: {compute!r} is not one of ['actors', 'tasks']")
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import ray
@@ -133,12 +159,16 @@ def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 
     t0 = time.perf_counter()
     marker = str(Path(out).parent / f".{Path(out).name}.fault") if fail_at_batch > 0 else None
     ref = ray.put(prep.model_bytes)
-    scored = ds.map_batches(
-        RayScorer, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        fn_constructor_kwargs={"model_ref": [ref], "source": prep.source, "opts": prep.opts, "seed": seed,
-                               "threads": max(1, int(cpus_per_actor)), "fail_at_batch": fail_at_batch,
-                               "fail_marker": marker, "tracking_uri": tracking_uri})
+    kwargs = {"model_ref": [ref], "source": prep.source, "opts": prep.opts, "seed": seed,
+              "threads": max(1, int(cpus_per_actor)), "fail_at_batch": fail_at_batch,
+              "fail_marker": marker, "tracking_uri": tracking_uri}
+    if compute == "tasks":
+        scored = ds.map_batches(score_batch_warm, batch_size=batch_size, batch_format="numpy",
+                                num_cpus=cpus_per_actor, compute=ray.data.TaskPoolStrategy(size=actors),
+                                fn_kwargs=kwargs)
+    else:
+        scored = ds.map_batches(RayScorer, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
+                                compute=ray.data.ActorPoolStrategy(size=actors), fn_constructor_kwargs=kwargs)
     # The driver streams the (small) score rows into one Parquet file: on a cluster `out` is a path on
     # the machine that runs the command, and no write tasks compete with the actors for CPUs (Ray Data's
     # write_parquet starts a worker process per concurrent write task, which cost ~30% of the throughput

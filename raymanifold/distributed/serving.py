@@ -93,17 +93,41 @@ def run(application, *, name: str = "raymanifold", route_prefix: str = "/"):
     serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def api_keys(app_cfg: dict) -> Optional[list]:
+    """The API keys an application's args configure, through its module's ``configured_keys(args)``
+    (serve/app.py); None when the builder's module has no such function."""
+    module = app_cfg["import_path"].partition(":")[0] if ":" in app_cfg["import_path"] \
+        else app_cfg["import_path"].rpartition(".")[0]
+    fn = getattr(importlib.import_module(module), "configured_keys", None)
+    if fn is None:
+        return None
+    try:
+        return fn(app_cfg.get("args") or {})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def start(config=DEFAULT_CONFIG, *, port: Optional[int] = None, host: Optional[str] = None,
           address: Optional[str] = None, num_cpus: int = 0, **builder_kwargs) -> str:
     """Run every application of a Serve config file; returns the base URL.
 
-    ``port``/``host`` override ``http_options`` of the file (default 127.0.0.1:8000).
+    ``port``/``host`` override ``http_options`` of the file (default 127.0.0.1:8000). An application
+    without API keys (serve/auth.py) is only served on loopback: another host is refused before Ray starts.
     """
     cfg = load_config(config)
     apps = [build(a, **builder_kwargs) for a in cfg["applications"]]  # bad args fail before Ray starts
     http = cfg.get("http_options") or {}
     host = host or http.get("host") or "127.0.0.1"
     port = int(port or http.get("port") or 8000)
+    if host not in LOOPBACK:
+        open_apps = [a["name"] for a in cfg["applications"] if api_keys(a) == []]
+        if open_apps:
+            raise ConfigError(f"--host: {host!r} would expose application(s) {open_apps} without API keys to the "
+                              "network; set RAYMANIFOLD_API_KEYS or args.auth.keys_file (README, docs/serve.md), "
+                              "or serve on 127.0.0.1")
     start_http(port, host, address=address, num_cpus=num_cpus)
     for app_cfg, application in zip(cfg["applications"], apps):
         run(application, name=app_cfg["name"], route_prefix=app_cfg.get("route_prefix") or "/")

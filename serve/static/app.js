@@ -42,8 +42,14 @@ function showError(node, text) {
 
 // ------------------------------------------------------------------ HTTP
 // Every answer: {ok, status, data (JSON) | blob, error (readable, names the field)}.
+// With API keys on (serve/auth.py) every JSON route needs "Authorization: Bearer <key>": the key typed
+// in the key form is kept in sessionStorage (this tab only, gone when it closes) and sent with each call.
+const KEY_STORE = "raymanifold.apiKey";
+function apiKey() { try { return sessionStorage.getItem(KEY_STORE) || ""; } catch (exc) { return ""; } }
 async function api(path, body) {
   const init = {method: body === undefined ? "GET" : "POST", headers: {}};
+  const key = apiKey();
+  if (key) init.headers["authorization"] = `Bearer ${key}`;
   if (body instanceof FormData) init.body = body;
   else if (body !== undefined) { init.body = JSON.stringify(body); init.headers["content-type"] = "application/json"; }
   let r;
@@ -583,9 +589,12 @@ async function loadModels() {
   showError($("list-error"), "");
   const res = await api("v1/models");
   const box = $("models");
+  $("auth").hidden = res.status !== 401;
   if (!res.ok) {
     box.replaceChildren();
-    showError($("list-error"), `Cannot list the models: ${res.error}`);
+    showError($("list-error"), res.status === 401
+      ? (apiKey() ? `The API key was refused: ${res.error}` : "This server needs an API key: enter it above.")
+      : `Cannot list the models: ${res.error}`);
     return;
   }
   rm.models = res.data.models;
@@ -619,5 +628,11 @@ $("analyse").addEventListener("click", () => analyse("click"));
 $("upload").addEventListener("change", (ev) => { const f = ev.target.files[0]; ev.target.value = ""; if (f) onUpload(f); });
 $("model-filter").addEventListener("change", applyFilter);
 $("reload").addEventListener("click", loadModels);
+$("auth").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  try { sessionStorage.setItem(KEY_STORE, $("api-key").value.trim()); } catch (exc) { /* storage off */ }
+  $("api-key").value = "";
+  loadModels();
+});
 clearPad();
 loadModels();
