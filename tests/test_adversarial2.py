@@ -327,3 +327,16 @@ def test_daed_recipe_trains_and_samples(tmp_path):
     s = r.sample(m2, 5, cfg2, torch.Generator().manual_seed(0), t_s=2)
     assert s.shape == (5, 2) and bool(torch.isfinite(s).all())
     assert r.cost_of(cfg2, "sample") == {"nfe": 20 - 3 + 1} and r.cost_of(cfg2, "sample", finish="reverse") == {"nfe": 20}
+
+
+def test_purify_checks_every_option_whatever_the_method():
+    # a bad option of another method never passes silently (Serve answers 422, never 200)
+    from raymanifold.recipes import get_recipe
+
+    recipe = get_recipe("vae_classifier")
+    model, x = _clf(), torch.rand(1, 1, 8, 8)
+    for kw, field in (({"dt": -1}, r"purify\.dt"), ({"dt": 10 ** 6}, r"purify\.dt"), ({"t_star": -2}, r"purify\.t_star"),
+                      ({"hmc_steps": 0}, r"hmc\.steps"), ({"hmc_step_size": -1.0}, r"hmc\.step_size"),
+                      ({"sampler": "euler"}, r"purify\.sampler"), ({"method": "pgd"}, "method")):
+        with pytest.raises(ConfigError, match=field):
+            recipe.purify(model, x, None, generator=torch.Generator(), iterations=1, **kw)

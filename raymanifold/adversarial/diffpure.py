@@ -36,9 +36,9 @@ PURIFY_SAMPLERS = S.SAMPLERS
 class DiffPurifyBudget:
     """Diffusion purification settings: ``t_star`` (integer step in [0, T]), ``sampler``, its step ``dt``
     (clipped to t*; a dt not dividing t* puts the remainder as the first step) and DDIM's ``eta``."""
-    t_star: int = param(20, lo=0, help="diffusion step t* reached by the forward process (0 = identity)")
+    t_star: int = param(20, lo=0, hi=100_000, help="diffusion step t* reached by the forward process (0 = identity)")
     sampler: str = param("ddpm", choices=PURIFY_SAMPLERS, help="reverse sampler: ddpm (Def. 2.1) | ddim | rk4_*")
-    dt: int = param(1, lo=1, help="reverse step size (time steps per network call)")
+    dt: int = param(1, lo=1, hi=100_000, help="reverse step size (time steps per network call)")
     eta: float = param(0.0, lo=0.0, help="DDIM noise scale")
 
     def __post_init__(self):

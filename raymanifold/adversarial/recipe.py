@@ -180,6 +180,17 @@ def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 
     "elbo_before": ELBO(x), "elbo_after": ELBO(x_pfy)} (ELBO at z = mu, nats)."""
     if method not in METHODS:
         raise ConfigError(f"method: unknown {method!r}; allowed: {list(METHODS)}")
+    from raymanifold.adversarial.diffpure import DiffPurifyBudget
+    from raymanifold.adversarial.hmc import HMCConfig
+
+    # every option is checked whatever the method, so a bad value never passes silently
+    if hmc_steps > 5000:
+        raise ConfigError(f"hmc_steps: at most 5000 per call, got {hmc_steps}")
+    hcfg = from_dict(HMCConfig, {"steps": hmc_steps, "leapfrog": leapfrog, "step_size": hmc_step_size,
+                                 "target_accept": target_accept, "adapt_steps": hmc_steps // 2}, "hmc")
+    dbudget = from_dict(DiffPurifyBudget, {"t_star": t_star, "sampler": sampler, "dt": dt}, "purify")
+    if leapfrog > 100:
+        raise ConfigError(f"leapfrog: at most 100 leapfrog steps per HMC step, got {leapfrog}")
     x = x.detach()
     extra = {}
     if method == "elbo":
@@ -191,12 +202,8 @@ def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 
         xp, after = purify_batch(model, x, budget, generator)
         label = None
     elif method == "hmc":
-        from raymanifold.adversarial.hmc import HMCConfig, hmc_defence
+        from raymanifold.adversarial.hmc import hmc_defence
 
-        if hmc_steps > 5000:
-            raise ConfigError(f"hmc_steps: at most 5000 per call, got {hmc_steps}")
-        hcfg = from_dict(HMCConfig, {"steps": hmc_steps, "leapfrog": leapfrog, "step_size": hmc_step_size,
-                                     "target_accept": target_accept, "adapt_steps": hmc_steps // 2}, "hmc")
         z, info = hmc_defence(model, x, hcfg, generator)
         with torch.no_grad():
             xp = torch.sigmoid(model.decoder(z))
@@ -204,7 +211,7 @@ def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 
         after = elbo_at_mean(model, xp)
         extra["accept_rate"] = torch.full((len(x),), float(info["accept_rate"]))
     else:
-        from raymanifold.adversarial.diffpure import DiffPurifyBudget, diffusion_purify, schedule_of
+        from raymanifold.adversarial.diffpure import diffusion_purify, schedule_of
 
         if not ddpm:
             raise ConfigError("ddpm: method 'diffusion' needs the DDPM (checkpoint path or runs:/<id>)")
@@ -213,7 +220,7 @@ def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 
         have = (dcfg.model.in_channels, dcfg.model.image_size, dcfg.model.image_size)
         if want != have:
             raise ConfigError(f"ddpm: the DDPM takes {have} images, this classifier {want}")
-        budget = from_dict(DiffPurifyBudget, {"t_star": t_star, "sampler": sampler, "dt": dt}, "purify")
+        budget = dbudget
         alpha_bar, clip, last_var = schedule_of(dcfg)
         budget.check(dcfg.model.T, "purify")
         xp = diffusion_purify(net, x, alpha_bar, budget, generator, clip=clip, last_step_var=last_var)
