@@ -163,7 +163,7 @@ def _ddpm(uri: str):
 
 def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 64, step: float = 1 / 255,
            restarts: int = 1, eps: float = 0.0, hmc_steps: int = 50, leapfrog: int = 5, hmc_step_size: float = 0.1,
-           target_accept: float = 0.9, ddpm: str = "", t_star: int = 20, sampler: str = "ddpm",
+           target_accept: float = 0.9, ddpm: str | None = None, t_star: int = 20, sampler: str = "ddpm",
            dt: int = 1) -> dict:
     """Test-time purification of x, by ``method`` (the label is never read):
 
