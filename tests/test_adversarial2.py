@@ -159,7 +159,8 @@ def test_defence_evaluation_adaptive_is_the_per_example_strongest():
               diffusion_defence(clf, net, ab, DiffPurifyBudget(t_star=5, dt=2), b)):
         r = evaluate_defence(d, x, y, b, g, log=lambda *_: None)
         acc = r["accuracy"]
-        assert set(acc) == {"clean", "fgsm", "pgd_linf", "pgd_l2", "patch_pgd", "adaptive"}
+        assert set(acc) == {"clean", "fgsm", "pgd_linf", "pgd_l2", "patch_pgd", "adaptive_linf", "adaptive"}
+        assert acc["adaptive"] <= acc["adaptive_linf"] + 1e-9
         assert all(acc["adaptive"] <= acc[c] + 1e-9 for c in acc)
         assert all(acc["adaptive"] <= v + 1e-9 for v in r["adaptive_attacks"].values())
         assert r["cost"]["s_per_example"] > 0
@@ -218,7 +219,7 @@ def _project_like(noise, eps, norm):
 
 
 # ----------------------------------------------------------------------------- /purify methods (recipe layer)
-def test_purify_methods_through_the_recipe(tmp_path):
+def test_purify_methods_through_the_recipe(tmp_path, monkeypatch):
     """vae_classifier.purify with method elbo (default) / hmc / diffusion on tiny trained models: shapes,
     the Serve option schema (choices, default elbo), t* = 0 is the identity, t* > T refused, costs."""
     from raymanifold.checkpoint import load_model
@@ -245,7 +246,10 @@ def test_purify_methods_through_the_recipe(tmp_path):
     assert torch.equal(a["x"], b["x"])  # the default is the family-I behaviour
     h = recipe.purify(model, x, cfg, generator=g(), method="hmc", hmc_steps=2, leapfrog=2)
     assert h["x"].shape == x.shape and h["accept_rate"].shape == (3,) and h["label"].shape == (3,)
-    ddpm = str(tmp_path / "ddpm")
+    with pytest.raises(ConfigError, match=r"ddpm: .* inside the working directory"):
+        recipe.purify(model, x, cfg, generator=g(), method="diffusion", ddpm=str(tmp_path / "ddpm"), t_star=2)
+    monkeypatch.chdir(tmp_path)  # requests may only name checkpoints under the server's working directory
+    ddpm = "ddpm"
     d0 = recipe.purify(model, x, cfg, generator=g(), method="diffusion", ddpm=ddpm, t_star=0)
     assert torch.equal(d0["x"], x)
     d = recipe.purify(model, x, cfg, generator=g(), method="diffusion", ddpm=ddpm, t_star=4, dt=2, sampler="ddim")

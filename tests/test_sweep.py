@@ -70,7 +70,7 @@ def test_short_evaluator_names_come_from_the_family():
     assert resolve_evaluator("recipe_evaluate", "gridvae") is recipe_evaluate
     with pytest.raises(ConfigError, match="evaluator: unknown 'diffusion_dt'; family 'gridvae' has"):
         resolve_evaluator("diffusion_dt", "gridvae")
-    with pytest.raises(ConfigError, match=r"evaluator: unknown 'nope'; family 'diffusion' has \['diffusion_dt'\]"):
+    with pytest.raises(ConfigError, match=r"evaluator: unknown 'nope'; family 'diffusion' has \['diffusion_dt', 'diffusion_purification'\]"):
         check_space(parse_spec(_eval_raw(evaluator="nope")), _diffusion_cfg())
 
 

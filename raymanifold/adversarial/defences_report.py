@@ -20,8 +20,9 @@ def write(folder, result: dict, budgets: dict, info: dict):
              f"{next(iter(rows.values()))['adaptive_n']}). FGSM / PGD L-inf eps = {b['linf_eps']}, PGD L2 eps = "
              f"{b['l2_eps']} ({b['pgd_iterations']} iterations), patch-PGD {b['patch']} ({b['patch_iterations']} "
              "iterations). Non-adaptive attacks are white-box on the row's classifier (purification rows: the "
-             "undefended classifier); adaptive = per example the strongest of all columns and the defence-aware "
-             "attacks (BPDA, BPDA+EOT, gradients through a short purifier), judged by the full defence.\n",
+             "undefended classifier); adaptive_linf = per example the strongest of FGSM, PGD L-inf and the "
+             "defence-aware L-inf attacks (BPDA, BPDA+EOT, gradients through a short purifier); adaptive = the "
+             "strongest of all columns and the defence-aware attacks; all judged by the full defence.\n",
              markdown_table(["defence", *COLUMNS, "network evaluations / example", "s / example (clean)"],
                             [[name, *(_pct(r["accuracy"].get(c)) for c in COLUMNS),
                               ", ".join(f"{k} {v}" for k, v in r["cost"].items() if k != "s_per_example"),

@@ -143,8 +143,15 @@ SAMPLERS = ("ddpm", "ddim", "rk4_ddpm", "rk4_ddim")
 @functools.lru_cache(maxsize=4)
 def _ddpm(uri: str):
     """(eps-network, config) of a trained ``diffusion`` model (checkpoint path or runs:/<id>), cached."""
+    from pathlib import Path
+
     from raymanifold import checkpoint as ckpt
 
+    if not uri.startswith(ckpt.REMOTE_PREFIXES):  # a request may not name files outside the working directory
+        here = Path.cwd().resolve()
+        if here not in Path(uri).resolve().parents:
+            raise ConfigError(f"ddpm: {uri!r} must be runs:/<id> (or models:/) or a checkpoint path inside the "
+                              f"working directory {str(here)!r}")
     net, dcfg, _ = ckpt.load_model(uri)
     if dcfg.family != "diffusion":
         raise ConfigError(f"ddpm: {uri!r} is a {dcfg.family} model; method 'diffusion' needs a diffusion model")
