@@ -270,7 +270,11 @@ function optionsForm(ospec, defaults, extra) {
     for (const [name, {input, spec}] of Object.entries(inputs)) {
       if (spec.type === "bool") { out[name] = input.checked; continue; }
       const raw = input.value.trim();
-      if (raw === "") { if (!spec.nullable) out[name] = null; continue; }  // the API names the field
+      if (raw === "") {  // an empty text option is the empty string; an empty number: null (the API names the field)
+        if (spec.type === "str" && !spec.nullable) out[name] = "";
+        else if (!spec.nullable) out[name] = null;
+        continue;
+      }
       if (spec.type === "str") out[name] = raw;
       else out[name] = /^-?\d+(\.\d*)?([eE][-+]?\d+)?$/.test(raw) ? Number(raw) : raw;
     }
