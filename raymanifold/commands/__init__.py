@@ -73,3 +73,20 @@ def find_config(path: str) -> Path:
 
 def stage(i: int, n: int, text: str):
     print(f"\n[{i}/{n}] {text}", flush=True)
+
+
+def load_or_train(uri, cfg, *, name: str, i: int, n: int, tracking_uri, study: str, info: dict):
+    """A study's model ``name``: loaded from ``uri`` (checkpoint path or runs:/<id>) when given, else trained from
+    ``cfg`` on Ray Train (tagged ``study``). Records ``<name>_model`` (and ``<name>_train_wall_s``) in ``info``;
+    returns ``(model, cfg, recipe)``."""
+    from raymanifold import runs
+
+    if uri:
+        stage(i, n, f"{name}: loading {uri}")
+        info[f"{name}_model"] = uri
+        return runs.load(uri)
+    stage(i, n, f"{name}: training {cfg.name} ({cfg.train.steps} steps, Ray Train)")
+    h = runs.train(cfg, tracking_uri=tracking_uri, tags={"study": study})
+    info[f"{name}_model"] = h.model_uri
+    info[f"{name}_train_wall_s"] = round(h.wall_s, 1)
+    return runs.load(str(h.checkpoint))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from raymanifold.commands import UsageError, apply_common, find_config, set_threads, stage
+from raymanifold.commands import UsageError, apply_common, find_config, load_or_train, set_threads, stage
 
 
 def register(sub, study_sub):
@@ -95,18 +95,8 @@ def cmd_table1(args) -> int:
     models, info = {}, {}
     for s in settings:
         i += 1
-        uri = getattr(args, f"model_{s}")
-        if uri:
-            stage(i, n, f"{s}: loading {uri}")
-            model, cfg, recipe = runs.load(uri)
-            info[f"{s}_model"] = uri
-        else:
-            cfg = configs[s]
-            stage(i, n, f"{s}: training {cfg.name} ({cfg.train.steps} steps, Ray Train)")
-            h = runs.train(cfg, tracking_uri=args.tracking_uri, tags={"study": "table1"})
-            model, cfg, recipe = runs.load(str(h.checkpoint))
-            info[f"{s}_model"] = h.model_uri
-            info[f"{s}_train_wall_s"] = round(h.wall_s, 1)
+        model, cfg, recipe = load_or_train(getattr(args, f"model_{s}"), configs.get(s), name=s, i=i, n=n,
+                                           tracking_uri=args.tracking_uri, study="table1", info=info)
         if cfg.family != "vae_classifier":
             raise UsageError(f"--model-{s}: a {cfg.family} model; table1 needs a vae_classifier")
         models[s] = (model, cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from raymanifold.commands import UsageError, apply_common, find_config, set_threads, stage
+from raymanifold.commands import UsageError, apply_common, find_config, load_or_train, set_threads, stage
 
 #: role -> (option, default config trained when the option is not given)
 ROLES = {"undefended": ("--model", "jobs/configs/vae_classifier_mnist5k.yaml"),
@@ -126,18 +126,8 @@ def cmd_defences(args) -> int:
     n = len(ROLES) + 2
     loaded, info = {}, {}
     for i, role in enumerate(ROLES, 1):
-        uri = getattr(args, f"model_{role}")
-        if uri:
-            stage(i, n, f"{role}: loading {uri}")
-            model, cfg, _ = runs.load(uri)
-            info[f"{role}_model"] = uri
-        else:
-            cfg = configs[role]
-            stage(i, n, f"{role}: training {cfg.name} ({cfg.train.steps} steps, Ray Train)")
-            h = runs.train(cfg, tracking_uri=args.tracking_uri, tags={"study": "defences"})
-            model, cfg, _ = runs.load(str(h.checkpoint))
-            info[f"{role}_model"] = h.model_uri
-            info[f"{role}_train_wall_s"] = round(h.wall_s, 1)
+        model, cfg, _ = load_or_train(getattr(args, f"model_{role}"), configs.get(role), name=role, i=i, n=n,
+                                      tracking_uri=args.tracking_uri, study="defences", info=info)
         want = "diffusion" if role == "ddpm" else "vae_classifier"
         if cfg.family != want:
             raise UsageError(f"{ROLES[role][0]}: a {cfg.family} model; {role} needs a {want} model")
