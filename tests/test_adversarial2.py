@@ -340,3 +340,23 @@ def test_purify_checks_every_option_whatever_the_method():
                       ({"sampler": "euler"}, r"purify\.sampler"), ({"method": "pgd"}, "method")):
         with pytest.raises(ConfigError, match=field):
             recipe.purify(model, x, None, generator=torch.Generator(), iterations=1, **kw)
+
+
+def test_study_defences_refuses_bad_t_star_and_wrong_models_before_training(tmp_path, monkeypatch, capsys):
+    """`study defences`: t* outside [0, T] and a wrong-family model fail (exit 2, naming the option) before any model
+    is trained (runs.train is replaced by a function that fails the test if called)."""
+    from raymanifold import runs
+    from raymanifold.cli import main
+    from raymanifold.config import config_from_dict
+    from raymanifold.training import train_inprocess
+
+    monkeypatch.setattr(runs, "train", lambda *a, **k: pytest.fail("trained a model before checking the options"))
+    assert main(["study", "defences", "--t-star", "500"]) == 2  # nothing given: T of the shipped DDPM config
+    assert "--t-star: 500 is outside [0, T] = [0, 200]" in capsys.readouterr().err
+    ccfg = config_from_dict({"name": "t_clf", "family": "vae_classifier", "data": {"name": "mnist5k"},
+                             "model": {"latent_dim": 2, "width": 4, "eval_points": 8},
+                             "train": {"steps": 1, "batch_size": 8, "checkpoint_every": 1000, "log_every": 1000}})
+    train_inprocess(ccfg, checkpoint_dir=tmp_path / "clf")
+    clf = str(tmp_path / "clf")
+    assert main(["study", "defences", "--model-ddpm", clf, "--t-star", "10"]) == 2
+    assert "--model-ddpm: a vae_classifier model; ddpm needs a diffusion model" in capsys.readouterr().err

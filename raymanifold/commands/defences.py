@@ -108,13 +108,23 @@ def _budgets(args):
         raise UsageError(str(exc)) from None
 
 
+def _check_t_star(budgets, T: int):
+    """Every t* of the grid in [0, T] of the DDPM, else a UsageError naming --t-star."""
+    from raymanifold.adversarial.diffpure import DiffPurifyBudget
+
+    for t in budgets.t_star_grid:
+        try:
+            DiffPurifyBudget(t_star=t).check(T)
+        except ValueError as exc:
+            raise UsageError(f"--t-star: {str(exc).removeprefix('purify.t_star: ')}") from None
+
+
 def cmd_defences(args) -> int:
     import torch
 
     from raymanifold import runs
     from raymanifold.adversarial import defences_report
     from raymanifold.adversarial.defences import metrics_of, run_study
-    from raymanifold.adversarial.diffpure import DiffPurifyBudget
     from raymanifold.config import load_config
     from raymanifold.reports import report_dir
 
@@ -125,19 +135,21 @@ def cmd_defences(args) -> int:
                if getattr(args, f"model_{r}") is None}
     n = len(ROLES) + 2
     loaded, info = {}, {}
-    for i, role in enumerate(ROLES, 1):
+    want = {r: "diffusion" if r == "ddpm" else "vae_classifier" for r in ROLES}
+    given = [r for r in ROLES if getattr(args, f"model_{r}")]
+    # the given models are loaded (and checked, with t*) before any model is trained
+    for i, role in enumerate(given + [r for r in ROLES if r not in given], 1):
+        if i == len(given) + 1:  # the first model to train: t* against the DDPM's T before it
+            ddpm_T = (loaded["ddpm"][1] if "ddpm" in loaded else configs["ddpm"]).model.T
+            _check_t_star(budgets, ddpm_T)
         model, cfg, _ = load_or_train(getattr(args, f"model_{role}"), configs.get(role), name=role, i=i, n=n,
                                       tracking_uri=args.tracking_uri, study="defences", info=info)
-        want = "diffusion" if role == "ddpm" else "vae_classifier"
-        if cfg.family != want:
-            raise UsageError(f"{ROLES[role][0]}: a {cfg.family} model; {role} needs a {want} model")
+        if cfg.family != want[role]:
+            raise UsageError(f"{ROLES[role][0]}: a {cfg.family} model; {role} needs a {want[role]} model")
         loaded[role] = (model, cfg)
+    loaded = {r: loaded[r] for r in ROLES}  # report rows in ROLES order
     ddpm, ddpm_cfg = loaded.pop("ddpm")
-    for t in budgets.t_star_grid:  # t* outside [0, T] fails before any work
-        try:
-            DiffPurifyBudget(t_star=t).check(ddpm_cfg.model.T, "t_star")
-        except ValueError as exc:
-            raise UsageError(f"--t-star: {exc}") from None
+    _check_t_star(budgets, ddpm_cfg.model.T)
     if "adv_training" in "".join(loaded) and any(c.model.adv_norm == "none" for r, (m, c) in loaded.items()
                                                  if r.startswith("adv_training")):
         print("warning: an adversarial-training row was given a model trained without adv_norm")
