@@ -30,13 +30,15 @@ def add_common(p, *, config: bool = False, overrides: bool = True):
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
 
 
-def add_training_options(p):
-    """Options of studies that train their models: --set, --no-ray, --threads, --address, --tracking-uri."""
+def add_training_options(p, *, threads: int = 0, no_ray: bool = True):
+    """Options of studies that train their models: --set, --no-ray (when ``no_ray``), --threads (default
+    ``threads``), --address, --tracking-uri."""
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override config values of models trained here (repeatable)")
-    p.add_argument("--no-ray", action="store_true",
-                   help="train in this process (raymanifold.training) instead of on Ray Train; still logs to MLflow")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    if no_ray:
+        p.add_argument("--no-ray", action="store_true",
+                       help="train in this process (raymanifold.training) instead of on Ray Train; still logs to MLflow")
+    p.add_argument("--threads", type=int, default=threads, help="torch threads (0 = leave as is)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from raymanifold.commands import UsageError, apply_common, find_config, load_or_train, set_threads, stage
+from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, load_or_train, set_threads, stage
 
 
 def register(sub, study_sub):
@@ -32,11 +32,7 @@ def register(sub, study_sub):
     p.add_argument("--adaptive-n", type=int, default=d.adaptive_n, help="examples attacked adaptively")
     p.add_argument("--adaptive-iterations", type=int, default=d.adaptive_iterations)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override config values of models trained here (repeatable)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = leave as is)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    add_training_options(p, threads=1, no_ray=False)
     p.add_argument("--out", default="reports/table1")
     p.set_defaults(func=cmd_table1)
 
@@ -47,10 +43,7 @@ def register(sub, study_sub):
     p.add_argument("--config", default="jobs/configs/vae_classifier_mnist5k_latent2.yaml")
     p.add_argument("--paths", type=int, default=12, help="examples drawn as trajectories")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--address", default=None)
-    p.add_argument("--tracking-uri", default=None)
+    add_training_options(p, threads=1, no_ray=False)
     p.add_argument("--out", default="reports/fig9")
     p.set_defaults(func=cmd_fig9)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from raymanifold.commands import UsageError, apply_common, find_config, load_or_train, set_threads, stage
+from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, load_or_train, set_threads, stage
 
 #: role -> (option, default config trained when the option is not given)
 ROLES = {"undefended": ("--model", "jobs/configs/vae_classifier_mnist5k.yaml"),
@@ -43,11 +43,7 @@ def register(sub, study_sub):
     p.add_argument("--dt", type=int, default=d.diffusion_dt, help="reverse step size")
     p.add_argument("--eot", type=int, default=d.eot)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override config values of models trained here (repeatable)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = leave as is)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    add_training_options(p, threads=1, no_ray=False)
     p.add_argument("--out", default="reports/defences")
     p.set_defaults(func=cmd_defences)
 
@@ -67,10 +63,7 @@ def register(sub, study_sub):
     p.add_argument("--target-accept", type=float, default=h.hmc.target_accept)
     p.add_argument("--adapt-steps", type=int, default=h.hmc.adapt_steps)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--address", default=None)
-    p.add_argument("--tracking-uri", default=None)
+    add_training_options(p, threads=1, no_ray=False)
     p.add_argument("--out", default="reports/hmc")
     p.set_defaults(func=cmd_hmc)
 
