@@ -37,6 +37,13 @@ def probes_markdown(res: dict) -> str:
            "\n## Variant - SimSiam (paired by seed; mean [95% t-interval]; * = interval excludes 0)\n",
            markdown_table(["variant", *lin_cols, *fs_cols],
                           [[x, *(_diff(dif[x][c]) for c in lin_cols + fs_cols)] for x in v if x in dif])]
+    comp = res.get("compensation") or {}
+    if comp:
+        rng = [f"t {r['t_lo']}-{r['t_hi']}" for r in next(iter(comp.values()))]
+        out += ["\n## Decoder compensation: % of the frozen DDPM's x_0 error removed by w_t g(z, t) "
+                "(full z, shapes test images; mean ± std over seeds)\n",
+                markdown_table(["variant", *rng], [[x, *(_ms(r["removed"]) for r in comp[x])] for x in v
+                                                   if x in comp])]
     factors = [c for c in res["metrics"] if c.startswith("shapes/linear_")]
     if factors:
         out += ["\n## In-domain linear probe per shapes factor\n",
@@ -56,7 +63,11 @@ def edits_markdown(res: dict, source: str = "") -> str:
     out = [f"# DiffSiam edits on shapes{(' (' + source + ')') if source else ''}\n",
            f"{res['pairs']} test pairs, DDIM step dt = {res['dt']}; factor classifier test accuracy: "
            + ", ".join(f"{k} {v:.3f}" for k, v in res["classifier_accuracy"].items()) + "\n",
-           "## Counterfactuals (Alg. 2): fraction of pairs whose factor changed (x -> result)\n",
+           "## Decoder compensation (x_0 error per pixel in [-1, 1], full z, 500 test images)\n",
+           markdown_table(["t range", "frozen DDPM MSE", "with w_t g(z, t) MSE", "removed"],
+                          [[f"{r['t_lo']}-{r['t_hi']}", f"{r['mse_frozen']:.5f}", f"{r['mse_guided']:.5f}",
+                            f"{100 * r['removed']:.1f}%"] for r in res.get("compensation", [])]),
+           "\n## Counterfactuals (Alg. 2): fraction of pairs whose factor changed (x -> result)\n",
            "Scale 0 is the reconstruction (DDIM inversion and guided DDIM with the image's own z); "
            "its row is the classifier/reconstruction noise floor.\n",
            markdown_table(["segments", "scale", *names, "MSE to x"],
