@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffsiam_fixtures import diffsiam_cfg, diffsiam_raw, tiny_ddpm
+from diffsiam_fixtures import diffsiam_cfg, diffsiam_raw, tiny_ddpm, tiny_other_family
 from raymanifold.config import ConfigError, config_from_dict
 from raymanifold.recipes import get_recipe
 from raymanifold.ssl import augment, editing, objectives, probes
@@ -149,6 +149,11 @@ def test_bad_configs_name_the_field():
         diffsiam_cfg(d=64, segments=32, k_stride=2)  # T = 50 < 64
     with pytest.raises(ConfigError, match="model.ddpm: .* need family diffusion with net=unet"):
         diffsiam_cfg(ddpm=tiny_ddpm("mlp"))
+    with pytest.raises(ConfigError, match="model.ddpm: .* is a 'gridvae' run; need family diffusion"):
+        diffsiam_cfg(ddpm=tiny_other_family())
+    with pytest.raises(ConfigError, match=r"model.segments: t ~ U\(1, T - n s\) is empty \(T=50, segments=16, "
+                                          r"k_stride=4\)"):
+        diffsiam_cfg(segments=16, k_stride=4)  # t + k s would pass T = 50
     raw = diffsiam_raw()
     raw["data"]["image_size"] = 24
     raw["model"]["image_size"] = 24
