@@ -171,10 +171,16 @@ def test_settings_errors_name_the_key():
              ({"models": [{"name": "a b", "uri": "u"}]}, "args.models.0.name"),
              ({"models": [{"name": "a", "uri": "u", "deployment": {"num_gpu": 1}}]}, "args.models.0.deployment"),
              ({"models": [{"name": "a", "uri": "u"}] * 2}, "unique"),
-             ({"models": [{"name": "a", "uri": "u"}], "limits": {"max_examples": 0}}, "args.limits.max_examples")]
+             ({"models": [{"name": "a", "uri": "u"}], "limits": {"max_examples": 0}}, "args.limits.max_examples"),
+             ({"models": [{"name": "a", "uri": "u"}], "direct_ingress": {"port": 80}}, "args.direct_ingress.port")]
     for args, key in cases:
         with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
             parse_settings(args)
+    from serve.app import direct_ingress_port
+    one = [{"name": "a", "uri": "u"}]
+    assert direct_ingress_port({"models": one}, 8000) == 8001  # default: the proxy's port + 1
+    assert direct_ingress_port({"models": one, "direct_ingress": {"port": 9100}}, 8000) == 9100
+    assert direct_ingress_port({"models": one, "direct_ingress": {"enabled": False}}, 8000) is None
     assert resolve_model_uri("runs:/abc") == "runs:/abc"
     assert resolve_model_uri("ray_results/x").endswith("/ray_results/x") and resolve_model_uri("/a/b") == "/a/b"
 
