@@ -130,13 +130,30 @@ def test_affine_pose_latent_warps_each_tile_and_its_kl_enters_the_loss():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_prototype_decoder_draws_one_shared_prototype_per_grid_cell():
+    from raymanifold.vae import recipe as R
+
+    cfg = _mnist_cfg(encoder_tiles=2, decoder="prototype")
+    torch.manual_seed(0)
+    model = R.build(cfg)
+    protos = model.decoder.prototypes                                   # (6, 1, 28, 28): centres -2..3
+    assert tuple(protos.shape) == (6, 1, 28, 28)
+    logits = model.decode(torch.tensor([[-2.0, 3.0], [1.0, 1.0]]))
+    assert torch.allclose(logits[0, :, :, :28], protos[0], atol=0.2)   # centre -2 -> prototype 0 (left tile)
+    assert torch.allclose(logits[0, :, :, 28:], protos[5], atol=0.2)   # centre 3 -> prototype 5 (right tile)
+    assert torch.allclose(logits[1, :, :, :28], logits[1, :, :, 28:])  # shared by the tiles
+    mid = model.decode(torch.tensor([[0.5, 0.5]]))[0, :, :, :28]        # half way: the mean of the two neighbours
+    assert torch.allclose(mid, (protos[2] + protos[3]) / 2, atol=1e-3)
+
+
 @pytest.mark.parametrize("key, value, match", [("model.channel_mult", (1, 2, 4), "model.channel_mult"),
                                                ("model.channel_mult", (1, 0, 2, 2), "model.channel_mult"),
                                                ("model.stem_stride", 3, "model.stem_stride"),
                                                ("model.encoder_tiles", 3, "model.encoder_tiles"),
                                                ("model.encoder_tiles", 0, "model.encoder_tiles"),
                                                ("model.pose", "similarity", "model.pose"),
-                                               ("model.pose", "affine", "model.pose")])  # with affine augmentation
+                                               ("model.pose", "affine", "model.pose"),  # with affine augmentation
+                                               ("model.decoder", "prototype", "model.decoder")])  # one tile
 def test_bad_network_fields_name_the_field(key, value, match):
     from raymanifold.config import ConfigError, load_config, replace
 

@@ -33,6 +33,17 @@ pass ``model.pose_kl`` holds KL(q(u|x) || N(0, I)) per example, (B,) nats;
 canonical pose u = 0). ``forward(x, eps)`` takes eps (B, n) or (B, n + 6k);
 with n columns the pose is its posterior mean.
 
+``decoder="prototype"`` (default ``"resnet"``, the mirror above) replaces the
+mirror decoder by K learned prototype images shared by all tiles (one latent
+dimension per tile): tile j's logits are sum_k w_k(z_j) P_k with
+w(z_j) = softmax_k(-(z_j - c_k)^2 / (2 tau^2)) over the K grid centres c_k of
+the dimension (tau = the prior's sigma0). A grid cell can then only draw its
+prototype (blended towards the neighbour between cells); with ``pose`` the
+prototype is warped to the example. This is a weak decoder that cannot model
+style inside a cell, so the cells have to carry what the prototypes and the
+warps cannot: the digit (transformation-invariant clustering, Monnier et al.
+2020, in GridVAE form).
+
 ``forward(x, eps)`` returns ``(logits, mu, logvar, z)`` with the
 reparameterised ``z = mu + exp(logvar / 2) * eps`` (``eps=None``: z = mu), so
 losses run through ``forward`` (DDP synchronises gradients only there) and
@@ -147,11 +158,31 @@ class TiledEncoder(nn.Module):
         return mu.reshape(b, -1), logvar.reshape(b, -1)
 
 
+class PrototypeDecoder(nn.Module):
+    """z (B, k) -> logits (B, C, H, k W_t): K shared prototypes (K, C, H, W_t), softmax-weighted per tile."""
+
+    def __init__(self, out_ch: int, height: int, tile_width: int, centres, tau: float):
+        super().__init__()
+        self.register_buffer("centres", torch.as_tensor(centres, dtype=torch.float32), persistent=False)
+        self.tau = float(tau)
+        self.prototypes = nn.Parameter(0.5 * torch.randn(len(centres), out_ch, height, tile_width) - 1.0)
+
+    def weights(self, z):
+        """(B, k, K) softmax weights of the K prototypes for each latent dimension."""
+        return torch.softmax(-(z[..., None] - self.centres) ** 2 / (2 * self.tau ** 2), dim=-1)
+
+    def forward(self, z):
+        tiles = torch.einsum("bjk,kchw->bjchw", self.weights(z), self.prototypes)  # (B, k, C, H, W_t)
+        b, k, c, h, w = tiles.shape
+        return tiles.permute(0, 2, 3, 1, 4).reshape(b, c, h, k * w)
+
+
 class GridVAE(nn.Module):
     """VAE with a Gaussian posterior; the prior (standard normal / grid) lives in the loss (see priors)."""
 
     def __init__(self, image_shape: tuple, latent_dim: int, width: int = 32, stem_stride: int = 1,
-                 channel_mult=CHANNEL_MULT, encoder_tiles: int = 1, pose: str = "none", pose_scale: float = 0.15):
+                 channel_mult=CHANNEL_MULT, encoder_tiles: int = 1, pose: str = "none", pose_scale: float = 0.15,
+                 decoder: str = "resnet", centres=None, tau: float = 1 / 3):
         super().__init__()
         ch, h, w = image_shape
         if h % 4 or w % 4:
@@ -172,7 +203,14 @@ class GridVAE(nn.Module):
             self.encoder = Encoder(ch, h, w, enc_dim, width, stem_stride, channel_mult)
         else:
             self.encoder = TiledEncoder(ch, h, w, enc_dim, width, stem_stride, channel_mult, encoder_tiles)
-        self.decoder = Decoder(ch, h, w, latent_dim, width, stem_stride, channel_mult)
+        if decoder == "prototype":
+            if encoder_tiles != latent_dim or centres is None:
+                raise ValueError("decoder 'prototype': needs one latent dimension per encoder tile and the centres")
+            self.decoder = PrototypeDecoder(ch, h, w // encoder_tiles, centres, tau)
+        elif decoder == "resnet":
+            self.decoder = Decoder(ch, h, w, latent_dim, width, stem_stride, channel_mult)
+        else:
+            raise ValueError(f"decoder: must be 'resnet' or 'prototype', got {decoder!r}")
 
     #: state-dict keys of older checkpoints that are ignored on load
     LEGACY_KEYS = ("train_steps",)

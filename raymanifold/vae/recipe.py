@@ -57,6 +57,7 @@ PRIORS = ("normal", "grid_mixture", "nearest")
 GUIDANCE = ("none", "full", "partial")
 KL_ESTIMATES = ("sample", "batch")
 POSES = ("none", "affine")
+DECODERS = ("resnet", "prototype")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,10 @@ class GridVAEModelConfig:
                            "decoded tile by an affine map, so slant/size/shift need no grid cell; 'none': off")
     pose_scale: float = param(0.15, lo=0.0, lo_open=True, hi=1.0,
                               help="affine matrix = identity + pose_scale * u for the pose latent u (pose: affine)")
+    decoder: str = param("resnet", choices=DECODERS,
+                         help="'resnet': the encoder's mirror; 'prototype': one learned image per grid centre, "
+                              "shared by the tiles (needs encoder_tiles == latent_dim), blended by distance to the "
+                              "centres - a decoder that cannot draw style inside a cell")
     prior: str = param("grid_mixture", choices=PRIORS,
                        help="normal (standard VAE), grid_mixture (Eqs. 24-25) or nearest (Eq. 27)")
     grid_min: tuple[int, ...] = param((-2,), help="lowest grid centre per latent dimension (one value: all)")
@@ -138,6 +143,13 @@ class GridVAEModelConfig:
         if self.pose != "none" and any(v > 0 for v in (a.degrees, a.translate, a.scale, a.shear)):
             raise ConfigError("model.pose: a pose latent cannot be inferred from a randomly deformed encoder input; "
                               "set model.encoder_augment degrees/translate/scale/shear to 0 with pose 'affine'")
+        if self.decoder == "prototype":
+            if self.encoder_tiles != n:
+                raise ConfigError(f"model.decoder: 'prototype' needs one latent dimension per tile, "
+                                  f"model.encoder_tiles == model.latent_dim ({n}), got {self.encoder_tiles}")
+            if self.prior == "normal" or len(set(self.grid_min)) > 1 or len(set(self.grid_max)) > 1:
+                raise ConfigError("model.decoder: 'prototype' needs a grid prior with the same grid in every "
+                                  "dimension (one model.grid_min / model.grid_max value)")
         if n % self.encoder_tiles:
             raise ConfigError(f"model.encoder_tiles: {self.encoder_tiles} tiles must divide model.latent_dim={n} "
                               f"(each tile gets latent_dim/encoder_tiles dimensions)")
@@ -237,7 +249,7 @@ def validate(cfg):
 def build(cfg) -> torch.nn.Module:
     m = cfg.model
     return GridVAE(input_shape(cfg), m.latent_dim, m.width, m.stem_stride, m.channel_mult, m.encoder_tiles, m.pose,
-                   m.pose_scale)
+                   m.pose_scale, m.decoder, list(range(m.grid_min[0], m.grid_max[0] + 1)), m.sigma0)
 
 
 
