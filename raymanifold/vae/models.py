@@ -37,7 +37,9 @@ with n columns the pose is its posterior mean.
 mirror decoder by K learned prototype images shared by all tiles (one latent
 dimension per tile): tile j's logits are sum_k w_k(z_j) P_k with
 w(z_j) = softmax_k(-(z_j - c_k)^2 / (2 tau^2)) over the K grid centres c_k of
-the dimension (tau = the prior's sigma0). A grid cell can then only draw its
+the dimension (tau = the prior's sigma0; during training the loss sets it to the
+annealed sigma0 of the step, so early on every prototype gets gradient, as in
+deterministic annealing). A grid cell can then only draw its
 prototype (blended towards the neighbour between cells); with ``pose`` the
 prototype is warped to the example. This is a weak decoder that cannot model
 style inside a cell, so the cells have to carry what the prototypes and the

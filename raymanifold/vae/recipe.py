@@ -271,9 +271,11 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
             x_in = random_thickness(x_in, generator, aug.thickness, aug.tiles)
     else:
         x_in = x
-    logits, mu, logvar, z = model(x_in, eps)
     w = beta_at(cfg, step)
     s0 = sigma0_at(cfg, step - 1) if model.training else cfg.model.sigma0  # eval: the final prior
+    if cfg.model.decoder == "prototype":  # the prototypes' blending width follows the prior (annealing)
+        net.decoder.tau = s0
+    logits, mu, logvar, z = model(x_in, eps)
     rec = recon_nats(logits, x).mean()
     kl = kl_per_example(cfg, mu, logvar, z, y, s0)
     if cfg.model.pose != "none":  # the pose latent's KL to N(0, I), part of the same ELBO
