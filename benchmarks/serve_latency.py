@@ -5,19 +5,26 @@ One run, loopback only, bounded request counts:
     .venv/bin/python benchmarks/serve_latency.py [--model ray_results/demo_swiss_roll/step_00008000]
                                                  [--requests 160] [--dt 1] [--out reports/serve_latency]
 
-The same checkpoint is served twice in one application: ``batched``
-(``@serve.batch`` pooling on) and ``unbatched`` (pooling off), each one
-replica with 0.5 CPU and one torch thread. Each request scores one 2-D point
-(T/dt steps of the Eq. 15 estimator, no seed, so the batched replica may
-pool it). For 1, 8 and 32 concurrent clients it measures throughput
+The same checkpoint is served twice in each application: ``batched``
+(``@serve.batch`` pooling on) and ``unbatched`` (pooling off), with the same
+replica, CPU and torch-thread settings (one torch thread). Each request scores one 2-D point
+(T/dt steps of the Eq. 15 estimator, no seed, so the batched model may
+pool it). For 1, 8 and 32 concurrent clients (aiohttp keep-alive) it measures throughput
 (requests/s), p50/p99 latency and the mean number of requests pooled per
-model call, twice: over HTTP (asyncio + httpx, keep-alive; client -> proxy ->
-ingress -> model) and through a DeploymentHandle straight to the model
-deployment (isolates the model replica and its batching from the HTTP front). The baseline is the direct in-process call
-``recipe.log_prob(model, x, cfg, dt=...)`` on one point (one torch thread),
-timed in the same run; the ratios in the table are against it and against
-the unbatched replica. Without ``--model`` (or if the file is missing) a tiny
-model is trained in-process first.
+model call along four paths, all up at once in one Ray instance started with
+Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``):
+
+- ``direct``: the fused app's replica's own HTTP server (client -> replica; the default of serve/config.yaml),
+- ``fused``: the same replica through Serve's HTTP proxy (client -> proxy -> replica),
+- ``split``: the design before, client -> proxy -> ingress replica -> model replica,
+- ``handle``: a DeploymentHandle straight to the split model replica (no HTTP).
+
+Then, at one client, paired rounds of a direct in-process call
+``recipe.log_prob(model, x, cfg, dt=...)`` (one torch thread), a handle call
+and HTTP calls along each path, in rotating order: the median per-round
+difference is the HTTP overhead over the direct call. The machine's load average is
+printed with every line (absolute times only compare within one run). Without ``--model``
+(or if the file is missing) a tiny model is trained in-process first.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import json
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -140,11 +148,12 @@ async def handle_load(handle, concurrency: int, total: int, dt: int) -> dict:
     return {"lat": lat, "pooled": pooled, "codes": [200] * len(lat), "wall": time.perf_counter() - t0}
 
 
-def paired_overhead(uri: str, port: int, dt: int, n: int) -> dict:
+def paired_overhead(uri: str, port: int, direct_url: str, dt: int, n: int) -> dict:
     """One client, sequential: a direct in-process call, a handle call (split topology), an HTTP call through
-    the split topology (proxy -> ingress -> model replica) and one through the fused topology (proxy -> one
-    replica) of the same point (unbatched models), in rotating order, ``n`` times. Medians of each and of
-    the per-round differences, so a change in machine load affects all alike."""
+    the split topology (proxy -> ingress -> model replica), one through the fused topology (proxy -> one
+    replica) and one to the fused replica's own HTTP server (direct ingress) of the same point (unbatched
+    models), in rotating order, ``n`` times. Medians of each and of the per-round differences, so a change in
+    machine load affects all alike."""
     import requests
     from ray import serve
 
@@ -156,12 +165,13 @@ def paired_overhead(uri: str, port: int, dt: int, n: int) -> dict:
     xn = xt.numpy()
     handle = serve.get_deployment_handle("model_unbatched", app_name="bench_split")
     body = {"x": xn.tolist(), "dt": dt, "seed": 0}
-    urls = {t: f"http://127.0.0.1:{port}/{t}/v1/models/unbatched/log-likelihood" for t in ("split", "fused", "sameloop")}
+    urls = {t: f"http://127.0.0.1:{port}/{t}/v1/models/unbatched/log-likelihood" for t in ("split", "fused")}
+    urls["direct"] = f"{direct_url}/v1/models/unbatched/log-likelihood"
     calls = {"direct": lambda: recipe.log_prob(model, xt, cfg, dt=dt, generator=torch.Generator().manual_seed(0)),
              "handle": lambda: handle.run.remote("log-likelihood", x=xn, options={"dt": dt}, seed=0).result(),
              "http_split": lambda: session.post(urls["split"], json=body).raise_for_status(),
              "http_fused": lambda: session.post(urls["fused"], json=body).raise_for_status(),
-             "http_sameloop": lambda: session.post(urls["sameloop"], json=body).raise_for_status()}
+             "http_direct": lambda: session.post(urls["direct"], json=body).raise_for_status()}
     times = {k: [] for k in calls}
     names = list(calls)
     with requests.Session() as session:
@@ -180,8 +190,20 @@ def paired_overhead(uri: str, port: int, dt: int, n: int) -> dict:
             "split_http_minus_direct_ms": float(np.median(t["http_split"] - t["direct"])),
             "fused_http_minus_direct_ms": float(np.median(t["http_fused"] - t["direct"])),
             "fused_http_over_direct_ratio": float(np.median(t["http_fused"] / t["direct"])),
-            "sameloop_http_minus_direct_ms": float(np.median(t["http_sameloop"] - t["direct"])),
+            "direct_ingress_http_minus_direct_ms": float(np.median(t["http_direct"] - t["direct"])),
+            "direct_ingress_http_over_direct_ratio": float(np.median(t["http_direct"] / t["direct"])),
+            "direct_ingress_http_p90_minus_direct_ms": float(np.percentile(t["http_direct"] - t["direct"], 90)),
             "split_http_over_direct_ratio": float(np.median(t["http_split"] / t["direct"]))}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load() -> str:
+    return "load average {:.1f} / {:.1f} / {:.1f} (1/5/15 min) on {} CPUs".format(*os.getloadavg(), os.cpu_count())
 
 
 def main():
@@ -195,6 +217,8 @@ def main():
     ap.add_argument("--out", default=None, help="also write serve_latency.json + .md to this folder")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    print(f"benchmarks/serve_latency.py {' '.join(sys.argv[1:])}  ({_load()}; "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})", flush=True)
 
     uri = _model_path(args.model)
     base = direct_baseline(uri, args.dt, n=200)
@@ -204,36 +228,31 @@ def main():
     from raymanifold.distributed import runtime, serving
     from serve.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, direct_port = _free_port(), _free_port()
     models = [{"name": "batched", "uri": uri, "batching": {"enabled": True, "wait_timeout_s": args.wait}},
               {"name": "unbatched", "uri": uri, "batching": {"enabled": False}}]
     dep = {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "max_ongoing_requests": 64}
-    split = {"topology": "split", "models": [{**m, "deployment": dep} for m in models],  # the design before
-             "gil_switch_interval_s": None}
+    split = {"topology": "split", "models": [{**m, "deployment": dep} for m in models]}  # the design before
     fused = {"topology": "fused", "models": models,
-             "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.3}, "num_replicas": 1,
+             "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1,
                                         "max_ongoing_requests": 256}}}
     t0 = time.perf_counter()
-    serving.start_http(port, num_cpus=2)
-    # logical CPUs (all apps at once must fit 2): split 0.1 + 2 x 0.5, three fused variants 0.3 each
-    # the design before (split: proxy -> ingress -> model replica) and after (fused: proxy -> one replica),
-    # both up at once under their own route prefix, so every cell of the table is measured in this run
+    # one Ray instance with Serve's direct ingress: every ingress replica serves HTTP on its own port, and
+    # Serve's proxy (on `port`) still reaches every replica; logical CPUs: split 0.1 + 2 x 0.5, fused 0.5
+    serving.start_http(port, num_cpus=2, direct_port=direct_port)
     serving.run(build_app(split), name="bench_split", route_prefix="/split")
     serving.run(build_app(fused), name="bench_fused", route_prefix="/fused")
-    # the fused replica with Serve's user code on the replica's own event loop (no hand-off between threads)
-    same_loop = {**fused, "ingress": {"deployment": {**fused["ingress"]["deployment"], "ray_actor_options": {
-        "num_cpus": 0.3, "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}}}}
-    serving.run(build_app(same_loop), name="bench_sameloop", route_prefix="/sameloop")
-    # the fused replica with a 0.2 ms GIL switch interval (the default keeps Python's 5 ms)
-    serving.run(build_app({**fused, "gil_switch_interval_s": 0.0002}), name="bench_gil5ms", route_prefix="/gil5ms")
-    print(f"Serve up in {time.perf_counter() - t0:.1f} s on port {port}", flush=True)
+    direct_urls = serving.ingress_urls("bench_fused", proxy_port=port, route_prefix="/fused")
+    if not direct_urls:
+        raise SystemExit("Serve runs without direct ingress (a Ray was already running?): no 'direct' path")
+    direct_url = direct_urls[0]
+    print(f"Serve up in {time.perf_counter() - t0:.1f} s: proxy on port {port}, fused replica's own HTTP server "
+          f"at {direct_url}", flush=True)
     from ray import serve
 
     rows = []
     load = {"start": os.getloadavg()[0]}
-    paths = ("fused", "gil5ms", "sameloop", "split", "handle")
+    paths = ("direct", "fused", "split", "handle")
     try:
         for c in levels:
             for path in paths:
@@ -247,67 +266,70 @@ def main():
                             h = serve.get_deployment_handle(f"model_{mode}", app_name="bench_split")
                             part = asyncio.run(handle_load(h, c, n, args.dt))
                         else:
-                            url = f"http://127.0.0.1:{port}/{path}/v1/models/{mode}/log-likelihood"
-                            part = asyncio.run(http_load(url, c, n, args.dt))
+                            root = direct_url if path == "direct" else f"http://127.0.0.1:{port}/{path}"
+                            part = asyncio.run(http_load(f"{root}/v1/models/{mode}/log-likelihood", c, n, args.dt))
                         for key in ("lat", "pooled", "codes"):
                             acc[mode][key] += part[key]
                         acc[mode]["wall"] += part["wall"]
+                la = os.getloadavg()[0]
                 for mode in ("unbatched", "batched"):
                     a = acc[mode]
                     r = _summary(a["lat"], a["pooled"], a["codes"], len(a["lat"]), a["wall"])
-                    r.update(mode=mode, concurrency=c, path=path)
+                    r.update(mode=mode, concurrency=c, path=path, load_1min=la)
                     rows.append(r)
                     print(f"  c={c:<3d} {path:<6s} {mode:<9s} {r['req_per_s']:7.1f} req/s  p50 {r['p50_ms']:8.2f} ms  "
-                          f"p99 {r['p99_ms']:8.2f} ms  pooled/call {r['mean_pooled']:.1f}  errors {r['errors']}",
-                          flush=True)
-        pair = paired_overhead(uri, port, args.dt, n=args.overhead_rounds)
-        print(f"  paired, 1 client: direct {pair['direct_p50_ms']:.2f} ms, handle {pair['handle_p50_ms']:.2f} ms, "
-              f"HTTP split {pair['http_split_p50_ms']:.2f} ms, HTTP fused {pair['http_fused_p50_ms']:.2f} ms "
-              "(medians)", flush=True)
+                          f"p99 {r['p99_ms']:8.2f} ms  pooled/call {r['mean_pooled']:.1f}  errors {r['errors']}  "
+                          f"(load {la:.1f})", flush=True)
+        pair = paired_overhead(uri, port, direct_url, args.dt, n=args.overhead_rounds)
+        print(f"  paired, 1 client: direct call {pair['direct_p50_ms']:.2f} ms, handle {pair['handle_p50_ms']:.2f} ms, "
+              f"HTTP split {pair['http_split_p50_ms']:.2f} ms, HTTP fused via proxy {pair['http_fused_p50_ms']:.2f} ms, "
+              f"HTTP direct ingress {pair['http_direct_p50_ms']:.2f} ms (medians; {_load()})", flush=True)
         load["end"] = os.getloadavg()[0]
     finally:
         serving.shutdown()
         runtime.shutdown()
 
     by = {(r["path"], r["mode"], r["concurrency"]): r for r in rows}
-    label = {"fused": "HTTP, fused (after)", "gil5ms": "HTTP, fused, 0.2 ms GIL switch interval",
-             "sameloop": "HTTP, fused, user code on the replica's loop",
-             "split": "HTTP, split (before)", "handle": "handle to the model (split)"}
+    label = {"direct": "HTTP, direct ingress: client -> replica (the default)",
+             "fused": "HTTP via proxy: client -> proxy -> replica",
+             "split": "HTTP split (before): client -> proxy -> ingress -> model replica",
+             "handle": "DeploymentHandle to the split model replica (no HTTP)"}
     table = ["| clients | path | unbatched req/s | batched req/s | batched / unbatched | unbatched p50 / p99 ms | "
-             "batched p50 / p99 ms | requests per pooled call | errors |", "|---|---|---|---|---|---|---|---|---|"]
+             "batched p50 / p99 ms | requests per pooled call | errors | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in levels:
         for path in paths:
             u, b = by[(path, "unbatched", c)], by[(path, "batched", c)]
             table.append(f"| {c} | {label[path]} | {u['req_per_s']:.1f} | {b['req_per_s']:.1f} | "
                          f"{b['req_per_s'] / u['req_per_s']:.2f}x | {u['p50_ms']:.1f} / {u['p99_ms']:.1f} | "
                          f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {b['mean_pooled']:.1f} | "
-                         f"{u['errors'] + b['errors']} |")
+                         f"{u['errors'] + b['errors']} | {b['load_1min']:.1f} |")
     c_max = max(levels)
     gain = {p: by[(p, "batched", c_max)]["req_per_s"] / by[(p, "unbatched", c_max)]["req_per_s"] for p in paths}
     pooled_at_max = {p: by[(p, "batched", c_max)]["mean_pooled"] for p in paths}
-    fused_vs_split = by[("fused", "batched", c_max)]["req_per_s"] / by[("split", "batched", c_max)]["req_per_s"]
     best = max(rows, key=lambda r: r["req_per_s"])
+    goal1 = "met" if gain["direct"] >= 5 else "NOT met"
+    goal2 = "met" if pair["direct_ingress_http_minus_direct_ms"] <= 5 else "NOT met"
     lines = ["# Serve latency: log-likelihood of one 2-D point per request", "",
-             f"Model `{uri}`, dt = {args.dt}, {args.requests} requests per cell, loopback, aiohttp keep-alive "
-             f"clients; batching wait {args.wait * 1e3:g} ms. Each model: one replica of 0.5 CPU, 1 torch thread. "
-             "`fused` (the new default topology): client -> proxy -> one replica holding HTTP, validation and the "
-             "models; `split` (the design before): client -> proxy -> ingress replica -> model replica; `handle`: "
-             "a DeploymentHandle straight to the split model replica (no HTTP, no ingress).", "", *table, "",
-             f"At {c_max} clients batched / unbatched: fused {gain['fused']:.2f}x ({pooled_at_max['fused']:.1f} "
-             f"requests per model call), fused with a 0.2 ms GIL switch interval {gain['gil5ms']:.2f}x "
-             f"({pooled_at_max['gil5ms']:.1f}), fused on one loop {gain['sameloop']:.2f}x, split {gain['split']:.2f}x "
-             f"({pooled_at_max['split']:.1f}), handle {gain['handle']:.2f}x; fused batched / split batched = "
-             f"{fused_vs_split:.2f}x.",
-             f"Overhead, one client, {pair['rounds']} paired rounds (direct, handle, HTTP split, HTTP fused in "
-             f"rotation; medians): direct in-process call {pair['direct_p50_ms']:.2f} ms, DeploymentHandle "
-             f"{pair['handle_p50_ms']:.2f} ms, HTTP split {pair['http_split_p50_ms']:.2f} ms, HTTP fused "
-             f"{pair['http_fused_p50_ms']:.2f} ms. Per round, HTTP fused - direct = "
-             f"{pair['fused_http_minus_direct_ms']:+.2f} ms ({pair['fused_http_over_direct_ratio']:.2f}x); fused with "
-             f"user code on the replica's loop {pair['http_sameloop_p50_ms']:.2f} ms, "
-             f"{pair['sameloop_http_minus_direct_ms']:+.2f} ms over direct; HTTP split "
-             f"- direct = {pair['split_http_minus_direct_ms']:+.2f} ms ({pair['split_http_over_direct_ratio']:.2f}x), "
-             f"of which proxy + ingress (split HTTP - handle) = {pair['split_http_minus_handle_ms']:+.2f} ms and "
-             f"the handle hop (handle - direct) = {pair['handle_minus_direct_ms']:+.2f} ms.",
+             f"`benchmarks/serve_latency.py {' '.join(sys.argv[1:])}`. Model `{uri}`, dt = {args.dt}, "
+             f"{args.requests} requests per cell, loopback, aiohttp keep-alive clients; batching wait "
+             f"{args.wait * 1e3:g} ms. Batched and unbatched models share each replica (same CPU and 1 torch "
+             "thread). One Ray instance with Serve's direct ingress; paths: " +
+             "; ".join(f"`{p}`: {label[p]}" for p in paths) + ".", "", *table, "",
+             f"Goal 1 (batched >= 5x unbatched over HTTP at {c_max} clients): direct ingress {gain['direct']:.2f}x "
+             f"({pooled_at_max['direct']:.1f} requests per model call) -> {goal1}; via the proxy {gain['fused']:.2f}x "
+             f"({pooled_at_max['fused']:.1f}); split {gain['split']:.2f}x ({pooled_at_max['split']:.1f}); handle "
+             f"{gain['handle']:.2f}x ({pooled_at_max['handle']:.1f}).",
+             f"Goal 2 (median HTTP overhead over a direct in-process call at 1 client <= 5 ms), {pair['rounds']} "
+             f"paired rounds in rotation (medians): direct call {pair['direct_p50_ms']:.2f} ms, DeploymentHandle "
+             f"{pair['handle_p50_ms']:.2f} ms, HTTP direct ingress {pair['http_direct_p50_ms']:.2f} ms, HTTP via "
+             f"proxy {pair['http_fused_p50_ms']:.2f} ms, HTTP split {pair['http_split_p50_ms']:.2f} ms. Per round: "
+             f"direct ingress - direct = {pair['direct_ingress_http_minus_direct_ms']:+.2f} ms (90th percentile "
+             f"{pair['direct_ingress_http_p90_minus_direct_ms']:+.2f} ms) -> {goal2}; via proxy - direct = "
+             f"{pair['fused_http_minus_direct_ms']:+.2f} ms; split - direct = "
+             f"{pair['split_http_minus_direct_ms']:+.2f} ms, of which proxy + ingress (split - handle) = "
+             f"{pair['split_http_minus_handle_ms']:+.2f} ms and the handle hop (handle - direct) = "
+             f"{pair['handle_minus_direct_ms']:+.2f} ms.",
              f"Best throughput {best['req_per_s']:.0f} req/s ({best['path']}, {best['mode']}, {best['concurrency']} "
              f"clients) vs {base['per_s']:.0f} direct calls/s of one point and {base['batch32_points_per_s']:.0f} "
              "points/s in direct 32-point calls.",

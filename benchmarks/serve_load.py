@@ -1,12 +1,14 @@
 """Load test of the Serve app: N concurrent clients for a fixed duration; throughput, p50/p99, errors.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--duration 30] [--model CKPT]
+    .venv/bin/python benchmarks/serve_load.py [--clients 1,32] [--duration 30] [--paths direct,proxy] [--model CKPT]
     .venv/bin/python benchmarks/serve_load.py --url http://host:8000 --name swiss_roll   # a running app
                                                                      # (key from RAYMANIFOLD_API_KEYS, if set)
 
 Without ``--url`` the script serves the checkpoint itself on loopback the way serve/config.yaml does
-(topology ``fused``, pooling on, one 0.5-CPU replica, API keys on with a generated key, so the
-key check is part of every request's cost) and stops it afterwards. Each client loops until the
+(topology ``fused``, pooling on, one 0.5-CPU replica, Serve's direct ingress, API keys on with a
+generated key, so the key check is part of every request's cost) and stops it afterwards; ``--paths``
+loads the replica's own HTTP server (``direct``, the default of serve/config.yaml) and/or the same replica
+through Serve's proxy (``proxy``), one after the other. Each client loops until the
 duration is over, keep-alive (aiohttp), sending a mix: 80 % log-likelihood of one 2-D point without
 seed (poolable), 10 % with a seed (runs alone, reproducible), 10 % ``sample`` of 4 points (seeded).
 Reported: requests, throughput (requests/s), p50/p99 latency overall and per kind, errors (any answer
@@ -102,6 +104,8 @@ def main():
     ap.add_argument("--model", default=None, help="checkpoint to serve (default: the make-demo one, else train one)")
     ap.add_argument("--url", default=None, help="load an already running app instead of starting one")
     ap.add_argument("--name", default="swiss_roll", help="model name under /v1/models/ (with --url)")
+    ap.add_argument("--paths", default="direct,proxy",
+                    help="direct (the replica's own HTTP server) and/or proxy (via Serve's proxy); not with --url")
     ap.add_argument("--out", default=None, help="also write serve_load.json to this folder")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -126,25 +130,36 @@ def main():
         app_args = {"topology": "fused", "models": [{"name": args.name, "uri": uri}],
                     "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1}},
                     "auth": {"keys_env": "RM_LOAD_TEST_KEYS", "required": True}}
-        serving.start_http(port, num_cpus=2)
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            direct_port = sk.getsockname()[1]
+        serving.start_http(port, num_cpus=2, direct_port=direct_port)
         try:
             serving.run(build_app(app_args), name="load_test")
-            for c in levels:
-                results.append(asyncio.run(load(f"http://127.0.0.1:{port}", args.name, c, args.duration, args.dt,
-                                                key)))
+            urls = {"proxy": f"http://127.0.0.1:{port}"}
+            direct = serving.ingress_urls("load_test", proxy_port=port)
+            if direct:
+                urls["direct"] = direct[0]
+            for path in args.paths.split(","):
+                if path not in urls:
+                    raise SystemExit(f"--paths: {path!r} not available (have {sorted(urls)})")
+                for c in levels:
+                    r = asyncio.run(load(urls[path], args.name, c, args.duration, args.dt, key))
+                    r["path"], r["load_1min"] = path, os.getloadavg()[0]
+                    results.append(r)
         finally:
             serving.shutdown()
             runtime.shutdown()
-    lines = ["| clients | duration s | requests | req/s | p50 ms | p99 ms | log-lik. unseeded p50 / p99 ms | "
-             "seeded p50 / p99 ms | sample p50 / p99 ms | requests per pooled call | errors | healthz after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| path | clients | duration s | requests | req/s | p50 ms | p99 ms | log-lik. unseeded p50 / p99 ms | "
+             "seeded p50 / p99 ms | sample p50 / p99 ms | requests per pooled call | errors | healthz after | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         k = r["per_kind"]
-        lines.append(f"| {r['clients']} | {r['duration_s']:g} | {r['requests']} | {r['req_per_s']:.1f} | "
+        lines.append(f"| {r.get('path', 'url')} | {r['clients']} | {r['duration_s']:g} | {r['requests']} | {r['req_per_s']:.1f} | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {k['pooled']['p50_ms']:.1f} / {k['pooled']['p99_ms']:.1f} | "
                      f"{k['seeded']['p50_ms']:.1f} / {k['seeded']['p99_ms']:.1f} | "
                      f"{k['sample']['p50_ms']:.1f} / {k['sample']['p99_ms']:.1f} | {r['mean_pooled']:.1f} | "
-                     f"{r['errors']} | {r['healthz_after']} |")
+                     f"{r['errors']} | {r['healthz_after']} | {r.get('load_1min', os.getloadavg()[0]):.1f} |")
     lines.append(f"\nload average (1 min) at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("\n".join(lines))
     if args.out:

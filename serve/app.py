@@ -388,6 +388,13 @@ def configured_keys(args: dict) -> list[str]:
         raise SettingsError(str(exc)) from None
 
 
+def direct_ingress_port(args: dict, http_port: int) -> Optional[int]:
+    """The HTTP port of the first ingress replica under Serve's direct ingress (``args.direct_ingress``), or
+    None when it is off; read by ``raymanifold serve`` before it starts Ray."""
+    d = parse_settings(args).direct_ingress
+    return (d.port or int(http_port) + 1) if d.enabled else None
+
+
 def api_key_digests(settings) -> tuple:
     """Digests of the configured API keys (``args.auth``); prints whether the app is open or keyed
     (never a key). Raises SettingsError for unusable keys or ``auth.required`` without any."""

@@ -105,6 +105,16 @@ class AuthSettings(_Strict):
     required: bool = Field(False, description="refuse to start when no key is found")
 
 
+class DirectIngressSettings(_Strict):
+    """Ray Serve's direct ingress (Ray 2.60, ``RAY_SERVE_ENABLE_DIRECT_INGRESS``): each ingress replica runs its
+    own HTTP server, so a request skips Serve's proxy process and its Ray hop (docs/serve.md). A setting of the
+    whole Serve instance: ``raymanifold serve`` turns it on for the Ray it starts; on a cluster started with
+    ``ray start`` it follows that environment. Serve's proxy keeps answering on ``http_options.port``."""
+    enabled: bool = Field(True, description="serve HTTP from the replicas themselves as well as via the proxy")
+    port: Optional[int] = Field(None, ge=1024, le=65000, description="HTTP port of the first ingress replica (the "
+                                "next replicas take the next free ports); None: http_options.port + 1")
+
+
 class AppSettings(_Strict):
     topology: Literal["fused", "split"] = Field("fused", description="fused: the models run inside the ingress "
                                                 "replica (fewest hops); split: one deployment per model")
@@ -116,6 +126,7 @@ class AppSettings(_Strict):
     limits: Limits = Limits()
     ingress: IngressSettings = IngressSettings()
     auth: AuthSettings = AuthSettings()
+    direct_ingress: DirectIngressSettings = DirectIngressSettings()
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI for runs:/ model URIs")
 
     @model_validator(mode="after")

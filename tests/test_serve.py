@@ -52,6 +52,10 @@ CONFIGS = {
                 "train": {**TRAIN, "steps": 2}, "ray": RAY},
     "clf": {"family": "vae_classifier", "name": "clf", "data": {"name": "mnist5k"},
             "model": {"latent_dim": 2, "width": 4, "eval_points": 16}, "train": {**TRAIN, "steps": 2}, "ray": RAY},
+    # DiffSiam (thesis 004); model.ddpm is set to the digits U-Net above when the fixture trains it
+    "diffsiam": {"family": "diffsiam", "name": "diffsiam", "data": {"name": "digits", "image_size": 8},
+                 "model": {"d": 8, "segments": 4, "width": 4, "in_channels": 1, "image_size": 8, "eval_points": 20},
+                 "train": {**TRAIN, "steps": 2}, "ray": RAY},
 }
 
 
@@ -96,6 +100,8 @@ def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     direct, entries = {}, []
     for name, raw in CONFIGS.items():
+        if raw["family"] == "diffsiam":  # its frozen DDPM: the digits U-Net trained just before
+            raw = {**raw, "model": {**raw["model"], "ddpm": str(d / "digits.pt")}}
         cfg = config_from_dict(raw)
         model, ema, info = train_inprocess(cfg)
         path = ckpt.save(d / f"{name}.pt", model, cfg, info["step"], ema=ema.module if ema else None)
@@ -105,7 +111,7 @@ def server(tmp_path_factory):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ship ProbedModelServer by value
     runtime.shutdown()
     port = _free_port()
-    serving.start_http(port, num_cpus=2)
+    serving.start_http(port, num_cpus=2, direct_port=_free_port())  # Serve's direct ingress, as `raymanifold serve`
     t_ray = time.perf_counter() - t0
     ingress = {"deployment": {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "health_check_period_s": 1.0}}
     import os
@@ -117,9 +123,13 @@ def server(tmp_path_factory):
     finally:
         del os.environ[KEY_ENV]
     serving.run(app, name=APP, route_prefix="/")
+    direct_urls = serving.ingress_urls(APP, proxy_port=port)
+    assert direct_urls, "Serve's direct ingress did not start"
     print(f"\nset-up: models trained {t_train:.0f} s, Ray + Serve HTTP up {t_ray:.0f} s, "
           f"app deployed {time.perf_counter() - t0:.0f} s (load average {__import__('os').getloadavg()[0]:.1f})")
-    yield {"url": f"http://127.0.0.1:{port}", "direct": direct, "entries": entries}
+    # url: the replica's own HTTP server (direct ingress, the default path); proxy_url: through Serve's proxy
+    yield {"url": direct_urls[0], "proxy_url": f"http://127.0.0.1:{port}", "proxy_port": port, "direct": direct,
+           "entries": entries}
     serving.shutdown()
     runtime.shutdown()
 
@@ -167,10 +177,16 @@ def test_settings_errors_name_the_key():
              ({"models": [{"name": "a b", "uri": "u"}]}, "args.models.0.name"),
              ({"models": [{"name": "a", "uri": "u", "deployment": {"num_gpu": 1}}]}, "args.models.0.deployment"),
              ({"models": [{"name": "a", "uri": "u"}] * 2}, "unique"),
-             ({"models": [{"name": "a", "uri": "u"}], "limits": {"max_examples": 0}}, "args.limits.max_examples")]
+             ({"models": [{"name": "a", "uri": "u"}], "limits": {"max_examples": 0}}, "args.limits.max_examples"),
+             ({"models": [{"name": "a", "uri": "u"}], "direct_ingress": {"port": 80}}, "args.direct_ingress.port")]
     for args, key in cases:
         with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
             parse_settings(args)
+    from serve.app import direct_ingress_port
+    one = [{"name": "a", "uri": "u"}]
+    assert direct_ingress_port({"models": one}, 8000) == 8001  # default: the proxy's port + 1
+    assert direct_ingress_port({"models": one, "direct_ingress": {"port": 9100}}, 8000) == 9100
+    assert direct_ingress_port({"models": one, "direct_ingress": {"enabled": False}}, 8000) is None
     assert resolve_model_uri("runs:/abc") == "runs:/abc"
     assert resolve_model_uri("ray_results/x").endswith("/ray_results/x") and resolve_model_uri("/a/b") == "/a/b"
 
@@ -314,7 +330,7 @@ def test_models_listing_and_docs(server):
     r = _get(server, "/v1/models")
     assert r.status_code == 200
     models = {m["name"]: m for m in r.json()["models"]}
-    assert set(models) == {"points", "digits", "flow", "gridvae", "clf"}
+    assert set(models) == {"points", "digits", "flow", "gridvae", "clf", "diffsiam"}
     assert sorted(models["clf"]["operations"]) == ["classify", "decode", "encode", "log-likelihood", "purify",
                                                    "sample"]
     assert models["clf"]["operations"]["purify"]["options"]["iterations"] == {
@@ -432,6 +448,45 @@ def test_gridvae_encode_sample_decode_match_direct_call(server):
     ref = np.asarray(Image.open(io.BytesIO(codec.png_grid(recipe.decode(model, torch.tensor(z), cfg).numpy()))),
                      dtype=np.float64)
     assert got.shape == ref.shape and np.abs(got - ref).max() <= 1.0
+
+
+@pytest.mark.ray
+def test_diffsiam_segmented_encode_and_counterfactual_over_http(server):
+    """DiffSiam served: /encode returns z and its n segments; /counterfactual (Alg. 2) returns the image pairs'
+    counterfactuals: scale 0 (no segment moved) is the guided DDIM reconstruction, scale 1 on every segment
+    the partner's reconstruction; bad input -> 422 naming the field."""
+    from raymanifold.ssl import editing
+
+    model, cfg, recipe = server["direct"]["diffsiam"]
+    x = _digits(4, seed=3).astype(np.float32)
+    r = _post(server, "/v1/models/diffsiam/encode", json={"x": x.tolist(), "segmented": True})
+    assert r.status_code == 200, r.text
+    z = recipe.encode(model, torch.as_tensor(x), cfg).numpy()
+    np.testing.assert_allclose(r.json()["z"], z, rtol=1e-5, atol=1e-5)
+    seg = np.asarray(r.json()["segments"])
+    assert seg.shape == (4, 4, 2)  # (B, n, d / n)
+    np.testing.assert_allclose(seg.reshape(4, 8), z, rtol=1e-5, atol=1e-5)
+    xt = torch.as_tensor(x)
+    with torch.no_grad():  # guided DDIM reconstruction of each image (invert with its own z, decode)
+        rec = editing.guided_sample(model, model(xt)["z"], cfg, x_T=editing.invert(model, xt, cfg, dt=5), dt=5).numpy()
+    r = _post(server, "/v1/models/diffsiam/counterfactual", json={"x": x.tolist(), "segments": "1-2", "scale": 0.0,
+                                                                   "dt": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["shape"] == [4, 1, 8, 8] and r.json()["nfe"] == 2 * 20 // 5
+    np.testing.assert_allclose(r.json()["x"], rec, atol=1e-4)
+    r = _post(server, "/v1/models/diffsiam/counterfactual", json={"x": x.tolist(), "segments": "1-4", "scale": 1.0,
+                                                                   "dt": 5})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["x"], rec[[1, 0, 3, 2]], atol=1e-3)  # each took its partner's z and x_T
+    assert np.abs(rec[1] - rec[0]).max() > 0.05  # (so the check above can fail)
+    for kw, field in [({"x": x[:3].tolist()}, "x"),                       # not pairs
+                      ({"x": x[:, :, :7].tolist()}, "x"),                 # wrong resolution
+                      ({"x": x.tolist(), "segments": "0-2"}, "segments"),  # outside 1..n
+                      ({"x": x.tolist(), "segments": "5"}, "segments"),
+                      ({"x": x.tolist(), "dt": 0}, "dt"), ({"x": x.tolist(), "dt": 21}, "dt"),  # outside [1, T]
+                      ({"x": x.tolist(), "scale": 1.5}, "scale"), ({"x": x.tolist(), "k": 1}, "k")]:
+        r = _post(server, "/v1/models/diffsiam/counterfactual", json=kw)
+        assert r.status_code == 422 and r.json()["detail"]["field"] == field, (kw.keys(), r.text)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -774,21 +829,46 @@ def test_split_topology_without_keys_gives_the_same_answers(server):
                              "auth": {"keys_env": "RM_SERVE_TEST_NO_KEYS"}})
     serving.run(app, name="rm_serve_split", route_prefix="/split")
     try:
-        url = server["url"] + "/split"
-        x = np.array([[0.2, -0.4], [1.5, 0.5]], dtype=np.float32)
-        r = requests.post(url + "/v1/models/points/log-likelihood", json={"x": x.tolist(), "seed": 5, "dt": 4},
-                          timeout=60)  # no key needed: this app has none
-        assert r.status_code == 200, r.text
-        np.testing.assert_allclose(r.json()["log_prob"], _direct_log_prob(server, "points", x, 5, dt=4),
-                                   rtol=1e-6, atol=1e-6)
-        bad = requests.post(url + "/v1/models/points/log-likelihood", data='{"x": [[NaN, 0]]}', timeout=60,
-                            headers={"content-type": "application/json"})
-        assert bad.status_code == 422 and bad.json()["detail"]["field"] == "x"
-        assert requests.get(url + "/v1/models/nope/x", timeout=60).status_code in (404, 405)
-        assert requests.get(url + "/healthz", timeout=60).json()["status"] == "ok"
+        (direct_url,) = serving.ingress_urls("rm_serve_split", proxy_port=server["proxy_port"], route_prefix="/split")
+        assert direct_url.endswith("/split") and direct_url != server["url"] + "/split"
+        for url in (direct_url, server["proxy_url"] + "/split"):
+            _check_split_app(server, url)
     finally:
         from ray import serve
         serve.delete("rm_serve_split")
+
+
+def _check_split_app(server, url):
+    x = np.array([[0.2, -0.4], [1.5, 0.5]], dtype=np.float32)
+    r = requests.post(url + "/v1/models/points/log-likelihood", json={"x": x.tolist(), "seed": 5, "dt": 4},
+                      timeout=60)  # no key needed: this app has none
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["log_prob"], _direct_log_prob(server, "points", x, 5, dt=4),
+                               rtol=1e-6, atol=1e-6)
+    bad = requests.post(url + "/v1/models/points/log-likelihood", data='{"x": [[NaN, 0]]}', timeout=60,
+                        headers={"content-type": "application/json"})
+    assert bad.status_code == 422 and bad.json()["detail"]["field"] == "x"
+    assert requests.get(url + "/v1/models/nope/x", timeout=60).status_code in (404, 405)
+    assert requests.get(url + "/healthz", timeout=60).json()["status"] == "ok"
+
+
+@pytest.mark.ray
+def test_direct_ingress_and_the_proxy_give_the_same_answers_and_refusals(server):
+    """The replica's own HTTP server (Serve direct ingress, the default) and Serve's proxy in front of the same
+    replica: the same numbers as a direct call, the same 401 without a key, the same 422 for NaN."""
+    assert server["url"] != server["proxy_url"]
+    x = np.array([[0.1, 0.7]], dtype=np.float32)
+    want = _direct_log_prob(server, "points", x, 9, dt=5)
+    for base in (server["url"], server["proxy_url"]):
+        r = requests.post(base + "/v1/models/points/log-likelihood", headers=AUTH, timeout=60,
+                          json={"x": x.tolist(), "seed": 9, "dt": 5})
+        assert r.status_code == 200, (base, r.text)
+        np.testing.assert_allclose(r.json()["log_prob"], want, rtol=1e-6, atol=1e-6)
+        assert requests.get(base + "/v1/models", timeout=60).status_code == 401
+        nan = requests.post(base + "/v1/models/points/log-likelihood", data='{"x": [[NaN, 0]]}', timeout=60,
+                            headers={**AUTH, "content-type": "application/json"})
+        assert nan.status_code == 422 and nan.json()["detail"]["field"] == "x"
+        assert requests.get(base + "/healthz", timeout=60).status_code == 200
 
 
 # ----------------------------------------------------------------------------- health
@@ -807,10 +887,15 @@ def test_check_health_replaces_a_broken_replica(server):
             new_pid = _probe("points", "pid", timeout_s=10)
         except Exception:
             new_pid = old_pid
-        if new_pid != old_pid and requests.get(server["url"] + "/healthz", timeout=30).status_code == 200:
+        if new_pid != old_pid and requests.get(server["proxy_url"] + "/healthz", timeout=30).status_code == 200:
             break
         time.sleep(1.0)
     assert new_pid != old_pid, "the controller did not replace the replica that failed check_health"
+    from raymanifold.distributed import serving
+    urls = serving.ingress_urls(APP, proxy_port=server["proxy_port"])
+    print(f"\nreplaced replica serves at {urls} (before: {server['url']})")
+    assert len(urls) == 1
+    server["url"] = urls[0]  # the new replica's own HTTP server (the freed port when it was free again)
     after = _post(server, "/v1/models/points/log-likelihood", json={"x": x, "seed": 4})
     assert after.status_code == 200 and after.json()["log_prob"] == before
 

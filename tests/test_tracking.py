@@ -63,7 +63,6 @@ def test_default_uri_is_sqlite_in_cwd(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     assert tracking.resolve_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    assert tracking.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 def _tiny():
@@ -135,3 +134,31 @@ def test_runs_uri_is_downloaded_once_per_machine(tracking_uri, tmp_path, monkeyp
     b, _, _ = runs.load(h.model_uri)
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(x, y)
+
+
+def test_dead_tracking_server_fails_fast_naming_the_field(monkeypatch):
+    """A stopped `mlflow server` must give a clear error at once, not minutes of MLflow's HTTP retries."""
+    import socket
+    import time
+
+    from raymanifold.schema import ConfigError
+
+    with socket.socket() as s:  # a port nobody listens on: bind, read it, close
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="tracking_uri: .*not reachable"):
+        tracking.resolve_uri()
+    with pytest.raises(ConfigError, match="tracking_uri"):
+        tracking.download_checkpoint("runs:/0123456789abcdef")
+    assert time.monotonic() - t0 < 30  # a bound on a hang, not a speed claim
+
+    with socket.socket() as live:  # a listening socket passes the probe and is remembered
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        uri = f"http://127.0.0.1:{live.getsockname()[1]}"
+        assert tracking.resolve_uri(uri) == uri
+    assert tracking.resolve_uri(uri) == uri  # cached: no second connect needed
+    assert tracking.resolve_uri("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"

@@ -186,7 +186,7 @@ def server(tmp_path_factory):
         entries.append({"name": name, "uri": uri, "card": CARDS[name], "batching": {"enabled": False}})
     runtime.shutdown()
     port = _free_port()
-    serving.start_http(port, num_cpus=2)
+    serving.start_http(port, num_cpus=2, direct_port=_free_port())  # Serve's direct ingress, as `raymanifold serve`
     os.environ[KEY_ENV] = f"another-key-fedcba9876543210, {KEY}"
     try:
         app = build_application({"models": entries, "limits": LIMITS, "tracking_uri": tracking,
@@ -195,8 +195,9 @@ def server(tmp_path_factory):
     finally:
         del os.environ[KEY_ENV]
     serving.run(app, name=APP, route_prefix="/")
+    (url,) = serving.ingress_urls(APP, proxy_port=port)  # the replica's own HTTP server, no proxy hop
     print(f"\nset-up: models trained and app deployed in {time.perf_counter() - t0:.0f} s")
-    yield {"url": f"http://127.0.0.1:{port}", "direct": direct, "run_ids": run_ids}
+    yield {"url": url, "direct": direct, "run_ids": run_ids}
     serving.shutdown()
     runtime.shutdown()
 

@@ -42,13 +42,17 @@ def cmd_serve(args) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     config = find_config(args.config)
     print(f"starting Ray Serve from {config} ...", flush=True)
-    url = serving.start(config, port=args.port, host=args.host, address=args.address, num_cpus=args.num_cpus)
+    served = serving.start(config, port=args.port, host=args.host, address=args.address, num_cpus=args.num_cpus)
+    url = served.url
     keys = serving.api_keys(serving.load_config(config)["applications"][0]) or []
     key = keys[0] if keys else None  # this local client's own requests; never printed
     try:
         code, models = _get(f"{url}/v1/models", key)
         names = [m["name"] for m in models.get("models", [])]
         print(f"serving {names} at {url}  (OpenAPI docs: {url}/docs, health: {url}/healthz)", flush=True)
+        if url != served.proxy_url:
+            print(f"  {url} is the ingress replica's own HTTP server (Serve direct ingress: no proxy hop; "
+                  f"docs/serve.md); Serve's proxy answers at {served.proxy_url} too", flush=True)
         if args.check:
             hcode, health = _get(f"{url}/healthz", key)
             print(json.dumps({"models": models, "healthz": {"status_code": hcode, **health}}, indent=2, default=str))

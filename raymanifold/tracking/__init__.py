@@ -16,13 +16,17 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Iterator, Optional
 
 import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
+
+from raymanifold.schema import ConfigError
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -36,8 +40,35 @@ def default_uri(workdir=None) -> str:
     return f"sqlite:///{Path(workdir or os.getcwd()).resolve() / DEFAULT_DB}"
 
 
+REACH_TIMEOUT_S = 5.0
+_REACHABLE: set = set()
+
+
+def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail fast on an ``http(s)://`` tracking server that does not accept connections.
+
+    MLflow's own client retries a dead server with exponential back-off for minutes before it
+    raises; one TCP connect (``timeout`` seconds at most) answers the same question at once.
+    A server found reachable is remembered for the process. Other stores (sqlite, file) pass."""
+    if not uri.startswith(("http://", "https://")) or uri in _REACHABLE:
+        return
+    parts = urllib.parse.urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"tracking_uri: the MLflow server {uri} is not reachable ({reason}); start it "
+                          "(`mlflow server ...`) or pass another --tracking-uri / MLFLOW_TRACKING_URI") from None
+    _REACHABLE.add(uri)
+
+
 def resolve_uri(uri: Optional[str] = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    """The tracking URI to use (argument, else MLFLOW_TRACKING_URI, else the local SQLite default);
+    a remote server is probed once (:func:`check_reachable`) so a dead one fails in seconds."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    check_reachable(uri)
+    return uri
 
 
 def configure(uri: Optional[str] = None) -> str:
