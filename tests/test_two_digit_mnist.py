@@ -126,7 +126,7 @@ def test_affine_pose_latent_warps_each_tile_and_its_kl_enters_the_loss():
     eps = torch.randn((4, 14), generator=torch.Generator().manual_seed(0))  # the loss's draw
     _, mu, logvar, z = model(x, eps)
     grid_kl = R.kl_per_example(cfg, mu, logvar, z, None, R.sigma0_at(cfg, 0))
-    assert m["kl_nats"] == pytest.approx(float((grid_kl + model.pose_kl).mean()), rel=1e-5)
+    assert m["kl_nats"] == pytest.approx(float((grid_kl + model.pose_kl).mean().detach()), rel=1e-5)
     assert all(p.grad is not None for p in model.parameters())
 
 
