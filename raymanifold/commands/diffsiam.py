@@ -20,7 +20,7 @@ def register(sub, study_sub):
     p.add_argument("--ddpm", default=None, help="frozen DDPM (checkpoint path or runs:/<id>); default: the config's")
     p.add_argument("--variants", default="simsiam,hierarchical,sequential,detach,pdae")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (comma-separated)")
-    # defaults: the quick setting (measured ~QUICK min on the 2-core machine, docs/diffsiam.md); the reported
+    # defaults: the quick setting (measured 736 s = 12.3 min on the 2-core machine, docs/diffsiam.md); the reported
     # tables used --steps 500 --episodes 200 --n-eval 2000 (the larger budget)
     p.add_argument("--steps", type=int, default=60,
                    help="training steps of every run (default 60, a quick check; docs/diffsiam.md used 500)")
