@@ -35,6 +35,19 @@ def tiny_ddpm(net: str = "unet", size: int = 16, T: int = 50, data: str = "shape
     return str(path)
 
 
+@functools.lru_cache(maxsize=1)
+def tiny_other_family() -> str:
+    """Path of a checkpoint of another family (an untrained ``gridvae`` on 3 x 16 x 16 ``shapes``)."""
+    from raymanifold.recipes import get_recipe
+
+    cfg = config_from_dict({"family": "gridvae", "name": "tiny_gridvae", "data": {"name": "shapes", "image_size": 16},
+                            "model": {"latent_dim": 2, "width": 4}})
+    torch.manual_seed(0)
+    path = Path(tempfile.mkdtemp(prefix="rm-tiny-gridvae-")) / ckpt.FILENAME
+    ckpt.save(path, get_recipe("gridvae").build(cfg), cfg, 0)
+    return str(path)
+
+
 def diffsiam_raw(variant: str = "hierarchical", **model) -> dict:
     return {"family": "diffsiam", "name": f"t_diffsiam_{variant}",
             "data": {"name": "shapes", "image_size": 16, "n_train": 64, "n_test": 40},

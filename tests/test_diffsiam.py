@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffsiam_fixtures import diffsiam_cfg, diffsiam_raw, tiny_ddpm
+from diffsiam_fixtures import diffsiam_cfg, diffsiam_raw, tiny_ddpm, tiny_other_family
 from raymanifold.config import ConfigError, config_from_dict
 from raymanifold.recipes import get_recipe
 from raymanifold.ssl import augment, editing, objectives, probes
@@ -149,6 +149,11 @@ def test_bad_configs_name_the_field():
         diffsiam_cfg(d=64, segments=32, k_stride=2)  # T = 50 < 64
     with pytest.raises(ConfigError, match="model.ddpm: .* need family diffusion with net=unet"):
         diffsiam_cfg(ddpm=tiny_ddpm("mlp"))
+    with pytest.raises(ConfigError, match="model.ddpm: .* is a 'gridvae' run; need family diffusion"):
+        diffsiam_cfg(ddpm=tiny_other_family())
+    with pytest.raises(ConfigError, match=r"model.segments: t ~ U\(1, T - n s\) is empty \(T=50, segments=16, "
+                                          r"k_stride=4\)"):
+        diffsiam_cfg(segments=16, k_stride=4)  # t + k s would pass T = 50
     raw = diffsiam_raw()
     raw["data"]["image_size"] = 24
     raw["model"]["image_size"] = 24
@@ -272,3 +277,49 @@ def test_serve_exposes_counterfactual_and_encode_from_the_recipe():
     assert specs["dt"]["type"] == "int" and specs["dt"]["default"] == 20
     assert OPERATIONS["counterfactual"].takes == "data" and not OPERATIONS["counterfactual"].pooled
     assert recipe.operations() == ("sample", "encode", "counterfactual")
+
+
+def test_compensation_table_measures_the_decoders_share_of_the_frozen_error():
+    """t ranges partition [1, T]; with g = 0 (initial decoder) nothing is removed; with g set to the exact
+    residual (x_0 - u) / w_t the whole frozen error is removed, and the MSEs are the hand-computed ones."""
+    from raymanifold.ssl import study
+
+    assert study.t_ranges(1000) == [(1, 10), (11, 100), (101, 300), (301, 600), (601, 1000)]
+    cuts = study.t_ranges(50)
+    assert cuts[0][0] == 1 and cuts[-1][1] == 50 and all(a[1] + 1 == b[0] for a, b in zip(cuts, cuts[1:]))
+    cfg = diffsiam_cfg("hierarchical")
+    torch.manual_seed(0)
+    model = R.build(cfg).eval()
+    x = torch.rand(6, 3, 16, 16)
+    rows = study.compensation(model, cfg, x, seed=1)
+    assert all(r["removed"] == 0.0 and r["mse_frozen"] > 0 for r in rows)
+    # replay the draws of the first range by hand
+    g = torch.Generator().manual_seed(1)
+    a, b = cuts[0]
+    t = torch.randint(a, b + 1, (6,), generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    diff = R.diffusion(cfg)
+    x_t = diff.q_sample(x * 2 - 1, t, eps).float()
+    u = objectives.x0_from_eps(x_t, model.unet(x_t, t), diff.alpha_bar[t])
+    assert rows[0]["mse_frozen"] == pytest.approx(float(((x * 2 - 1 - u) ** 2).mean()), rel=1e-5)
+    w = R.weights(cfg)[1]
+
+    class Oracle(torch.nn.Module):  # g(z, t) = the exact residual of the frozen prediction
+        def __init__(self):
+            super().__init__()
+            self.unet = model.unet
+
+        def forward(self, xb):
+            self.x0 = xb * 2 - 1
+            return {"z": torch.zeros(len(xb), 16)}
+
+        def compensation(self, x_t, t, z):
+            eps = self.unet(x_t, t)
+            u = objectives.x0_from_eps(x_t, eps, diff.alpha_bar[t])
+            wt = w[t].float().view(-1, 1, 1, 1)
+            return eps, torch.where(wt > 0, (self.x0 - u) / wt.clamp_min(1e-12), torch.zeros(()))
+
+    rows = study.compensation(Oracle(), cfg, x, seed=1)
+    assert all(r["removed"] == pytest.approx(1.0, abs=1e-4) for r in rows[1:])
+    with pytest.raises(study.StudyError, match="simsiam"):
+        study.compensation(R.build(diffsiam_cfg("simsiam")), diffsiam_cfg("simsiam"), x)

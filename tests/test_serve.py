@@ -52,6 +52,10 @@ CONFIGS = {
                 "train": {**TRAIN, "steps": 2}, "ray": RAY},
     "clf": {"family": "vae_classifier", "name": "clf", "data": {"name": "mnist5k"},
             "model": {"latent_dim": 2, "width": 4, "eval_points": 16}, "train": {**TRAIN, "steps": 2}, "ray": RAY},
+    # DiffSiam (thesis 004); model.ddpm is set to the digits U-Net above when the fixture trains it
+    "diffsiam": {"family": "diffsiam", "name": "diffsiam", "data": {"name": "digits", "image_size": 8},
+                 "model": {"d": 8, "segments": 4, "width": 4, "in_channels": 1, "image_size": 8, "eval_points": 20},
+                 "train": {**TRAIN, "steps": 2}, "ray": RAY},
 }
 
 
@@ -96,6 +100,8 @@ def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     direct, entries = {}, []
     for name, raw in CONFIGS.items():
+        if raw["family"] == "diffsiam":  # its frozen DDPM: the digits U-Net trained just before
+            raw = {**raw, "model": {**raw["model"], "ddpm": str(d / "digits.pt")}}
         cfg = config_from_dict(raw)
         model, ema, info = train_inprocess(cfg)
         path = ckpt.save(d / f"{name}.pt", model, cfg, info["step"], ema=ema.module if ema else None)
@@ -324,7 +330,7 @@ def test_models_listing_and_docs(server):
     r = _get(server, "/v1/models")
     assert r.status_code == 200
     models = {m["name"]: m for m in r.json()["models"]}
-    assert set(models) == {"points", "digits", "flow", "gridvae", "clf"}
+    assert set(models) == {"points", "digits", "flow", "gridvae", "clf", "diffsiam"}
     assert sorted(models["clf"]["operations"]) == ["classify", "decode", "encode", "log-likelihood", "purify",
                                                    "sample"]
     assert models["clf"]["operations"]["purify"]["options"]["iterations"] == {
@@ -442,6 +448,45 @@ def test_gridvae_encode_sample_decode_match_direct_call(server):
     ref = np.asarray(Image.open(io.BytesIO(codec.png_grid(recipe.decode(model, torch.tensor(z), cfg).numpy()))),
                      dtype=np.float64)
     assert got.shape == ref.shape and np.abs(got - ref).max() <= 1.0
+
+
+@pytest.mark.ray
+def test_diffsiam_segmented_encode_and_counterfactual_over_http(server):
+    """DiffSiam served: /encode returns z and its n segments; /counterfactual (Alg. 2) returns the image pairs'
+    counterfactuals: scale 0 (no segment moved) is the guided DDIM reconstruction, scale 1 on every segment
+    the partner's reconstruction; bad input -> 422 naming the field."""
+    from raymanifold.ssl import editing
+
+    model, cfg, recipe = server["direct"]["diffsiam"]
+    x = _digits(4, seed=3).astype(np.float32)
+    r = _post(server, "/v1/models/diffsiam/encode", json={"x": x.tolist(), "segmented": True})
+    assert r.status_code == 200, r.text
+    z = recipe.encode(model, torch.as_tensor(x), cfg).numpy()
+    np.testing.assert_allclose(r.json()["z"], z, rtol=1e-5, atol=1e-5)
+    seg = np.asarray(r.json()["segments"])
+    assert seg.shape == (4, 4, 2)  # (B, n, d / n)
+    np.testing.assert_allclose(seg.reshape(4, 8), z, rtol=1e-5, atol=1e-5)
+    xt = torch.as_tensor(x)
+    with torch.no_grad():  # guided DDIM reconstruction of each image (invert with its own z, decode)
+        rec = editing.guided_sample(model, model(xt)["z"], cfg, x_T=editing.invert(model, xt, cfg, dt=5), dt=5).numpy()
+    r = _post(server, "/v1/models/diffsiam/counterfactual", json={"x": x.tolist(), "segments": "1-2", "scale": 0.0,
+                                                                   "dt": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["shape"] == [4, 1, 8, 8] and r.json()["nfe"] == 2 * 20 // 5
+    np.testing.assert_allclose(r.json()["x"], rec, atol=1e-4)
+    r = _post(server, "/v1/models/diffsiam/counterfactual", json={"x": x.tolist(), "segments": "1-4", "scale": 1.0,
+                                                                   "dt": 5})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["x"], rec[[1, 0, 3, 2]], atol=1e-3)  # each took its partner's z and x_T
+    assert np.abs(rec[1] - rec[0]).max() > 0.05  # (so the check above can fail)
+    for kw, field in [({"x": x[:3].tolist()}, "x"),                       # not pairs
+                      ({"x": x[:, :, :7].tolist()}, "x"),                 # wrong resolution
+                      ({"x": x.tolist(), "segments": "0-2"}, "segments"),  # outside 1..n
+                      ({"x": x.tolist(), "segments": "5"}, "segments"),
+                      ({"x": x.tolist(), "dt": 0}, "dt"), ({"x": x.tolist(), "dt": 21}, "dt"),  # outside [1, T]
+                      ({"x": x.tolist(), "scale": 1.5}, "scale"), ({"x": x.tolist(), "k": 1}, "k")]:
+        r = _post(server, "/v1/models/diffsiam/counterfactual", json=kw)
+        assert r.status_code == 422 and r.json()["detail"]["field"] == field, (kw.keys(), r.text)
 
 
 # ----------------------------------------------------------------------------- bad input

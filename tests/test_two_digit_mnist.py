@@ -81,9 +81,79 @@ def test_28x28_config_builds_the_small_resnet_and_round_trips_through_a_checkpoi
     assert torch.equal(R.decode(again, R.encode(again, x, cfg2), cfg2), R.decode(model, R.encode(model, x, cfg), cfg))
 
 
+def test_encoder_tiles_give_each_latent_dimension_only_its_own_digit():
+    from raymanifold.vae import recipe as R
+
+    cfg = _mnist_cfg(encoder_tiles=2)
+    torch.manual_seed(0)
+    model = R.build(cfg)
+    x = rdata.load("two_digit_mnist", "test", n=4).x
+    mu = R.encode(model, x, cfg)
+    y = x.clone()
+    y[..., 28:] = x[..., 28:].flip(0)  # other right digits
+    mu2 = R.encode(model, y, cfg)
+    assert torch.equal(mu2[:, 0], mu[:, 0]) and not torch.allclose(mu2[:, 1], mu[:, 1])
+    # one shared encoder: the right digit alone, as a 28x28 image, gives dimension 2
+    assert torch.allclose(model.encoder.net(x[..., 28:])[0][:, 0], mu[:, 1], atol=1e-6)
+    logits, _, _, _ = model(x, torch.randn(4, 2))
+    assert tuple(logits.shape) == (4, 1, 28, 56)
+
+
+def test_affine_pose_latent_warps_each_tile_and_its_kl_enters_the_loss():
+    from raymanifold.vae import recipe as R
+
+    no_affine_aug = {f"encoder_augment.{k}": 0.0 for k in ("degrees", "translate", "scale", "shear")}
+    cfg = _mnist_cfg(encoder_tiles=2, **no_affine_aug, pose="affine")
+    torch.manual_seed(0)
+    model = R.build(cfg)
+    x = rdata.load("two_digit_mnist", "test", n=4).x
+    z = R.encode(model, x, cfg)
+    assert tuple(z.shape) == (4, 2) and model.noise_dim == 2 + 12
+    canon = model.decode(z)
+    assert torch.allclose(model.decode(z, torch.zeros(4, 12)), canon, atol=1e-5)   # u = 0: identity warp
+    u = torch.zeros(4, 12)
+    u[:, 6 + 2] = 0.5 / model.pose_scale                                           # shift tile 2 only (x by 0.5)
+    warped = model.decode(z, u)
+    assert torch.allclose(warped[..., :28], canon[..., :28], atol=1e-5)
+    assert torch.allclose(warped[..., 28:35], canon[..., 35:42], atol=1e-4)        # grid_sample reads x + 0.5*14 px
+    # the pose KL is the closed-form Gaussian KL and is part of the loss's KL term
+    model.train()
+    _, mu, logvar, _ = model(x, torch.zeros(4, 14))
+    _, _, pmu, plv = model._split(*model.encoder(x))
+    assert torch.allclose(model.pose_kl, 0.5 * (pmu ** 2 + plv.exp() - 1 - plv).sum(1))
+    loss, m = R.loss(model, (x,), cfg, 1, torch.Generator().manual_seed(0))
+    loss.backward()
+    eps = torch.randn((4, 14), generator=torch.Generator().manual_seed(0))  # the loss's draw
+    _, mu, logvar, z = model(x, eps)
+    grid_kl = R.kl_per_example(cfg, mu, logvar, z, None, R.sigma0_at(cfg, 0))
+    assert m["kl_nats"] == pytest.approx(float((grid_kl + model.pose_kl).mean().detach()), rel=1e-5)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_prototype_decoder_draws_one_shared_prototype_per_grid_cell():
+    from raymanifold.vae import recipe as R
+
+    cfg = _mnist_cfg(encoder_tiles=2, decoder="prototype")
+    torch.manual_seed(0)
+    model = R.build(cfg)
+    protos = model.decoder.prototypes                                   # (6, 1, 28, 28): centres -2..3
+    assert tuple(protos.shape) == (6, 1, 28, 28)
+    logits = model.decode(torch.tensor([[-2.0, 3.0], [1.0, 1.0]]))
+    assert torch.allclose(logits[0, :, :, :28], protos[0], atol=0.2)   # centre -2 -> prototype 0 (left tile)
+    assert torch.allclose(logits[0, :, :, 28:], protos[5], atol=0.2)   # centre 3 -> prototype 5 (right tile)
+    assert torch.allclose(logits[1, :, :, :28], logits[1, :, :, 28:])  # shared by the tiles
+    mid = model.decode(torch.tensor([[0.5, 0.5]]))[0, :, :, :28]        # half way: the mean of the two neighbours
+    assert torch.allclose(mid, (protos[2] + protos[3]) / 2, atol=1e-3)
+
+
 @pytest.mark.parametrize("key, value, match", [("model.channel_mult", (1, 2, 4), "model.channel_mult"),
                                                ("model.channel_mult", (1, 0, 2, 2), "model.channel_mult"),
-                                               ("model.stem_stride", 3, "model.stem_stride")])
+                                               ("model.stem_stride", 3, "model.stem_stride"),
+                                               ("model.encoder_tiles", 3, "model.encoder_tiles"),
+                                               ("model.encoder_tiles", 0, "model.encoder_tiles"),
+                                               ("model.pose", "similarity", "model.pose"),
+                                               ("model.pose", "affine", "model.pose"),  # with affine augmentation
+                                               ("model.decoder", "prototype", "model.decoder")])  # one tile
 def test_bad_network_fields_name_the_field(key, value, match):
     from raymanifold.config import ConfigError, load_config, replace
 

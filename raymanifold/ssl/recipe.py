@@ -196,10 +196,18 @@ def check_input(x: torch.Tensor, cfg, what: str = "x"):
 
 
 @torch.no_grad()
-def encode(model, x, cfg) -> torch.Tensor:
-    """z = f(x) (B, d), segments are consecutive blocks of d / n dimensions; ``x`` in [0, 1]."""
+def encode(model, x, cfg, *, segmented: bool = False):
+    """z = f(x) (B, d); the n segments are consecutive blocks of d / n dimensions; ``x`` in [0, 1].
+
+    ``segmented=True`` returns ``{"z": (B, d), "segments": (B, n, d / n)}`` (segment i = z[:, (i-1) d/n : i d/n],
+    the order that conditions the frozen DDPM hierarchically, Alg. 1); Serve's ``/encode`` passes it through.
+    """
     check_input(x, cfg)
-    return model(x.to(next(model.parameters()).device))["z"]
+    z = model(x.to(next(model.parameters()).device))["z"]
+    if not segmented:
+        return z
+    n = cfg.model.segments
+    return {"z": z, "segments": z.reshape(len(z), n, cfg.model.d // n)}
 
 
 def _need_ddpm(model, op: str):
@@ -233,6 +241,9 @@ def counterfactual(model, x, cfg, *, segments: str = "1-2", scale: float = 1.0, 
     if len(x) % 2:
         raise ValueError(f"x: counterfactuals take image pairs (x[2i], x[2i+1]); got an odd count {len(x)}")
     sel = editing.parse_segments(segments, cfg.model.segments)
+    diffusion(cfg).plan(dt)  # "dt: must satisfy 1 <= dt <= T" before any network pass
+    if not 0.0 <= float(scale) <= 1.0:
+        raise ValueError(f"scale: the interpolation weight lambda of Alg. 2 must be in [0, 1], got {scale}")
     x = x.to(next(model.parameters()).device)
     xa, xb = x[0::2], x[1::2]
     za, zb = model(xa)["z"], model(xb)["z"]

@@ -131,6 +131,8 @@ def probes_study(base, *, variants=VARIANTS, seeds=(0, 1, 2), steps: Optional[in
                             tags={"study": "diffsiam_probes", "variant": v})
         model, _, _ = runs.load(str(handle.checkpoint))
         res = probe_model(model, sets, episodes=episodes, seed=1000 * s)
+        if model.unet is not None:  # the decoder's share of the frozen DDPM's x_0 error, per t range
+            res["compensation"] = compensation(model, cfg, sets["shapes"][0][:500], seed=s)
         res.update(train_wall_s=handle.wall_s, run_id=handle.run_id,
                    final_loss=handle.metrics.get("final_loss"), final_diffusion=handle.metrics.get("final_diffusion"),
                    final_simsiam=handle.metrics.get("final_simsiam"), final_z_std=handle.metrics.get("final_z_std"))
@@ -150,9 +152,65 @@ def summarise(per: dict, variants, seeds, base, steps: int, episodes: int) -> di
         if v != "simsiam":
             diffs[v] = {m: probes.seed_interval([per[(v, s)][m] - per[("simsiam", s)][m] for s in seeds])
                         for m in metrics}
-    return {"variants": list(variants), "seeds": list(seeds), "steps": steps, "batch_size": base.train.batch_size,
+    comp = {}
+    for v in variants:
+        rows = [per[(v, s)].get("compensation") for s in seeds]
+        if all(rows):
+            comp[v] = [{"t_lo": r0["t_lo"], "t_hi": r0["t_hi"],
+                        "removed": probes.seed_interval([100 * r[i]["removed"] for r in rows])}
+                       for i, r0 in enumerate(rows[0])]
+    return {"variants": list(variants), "seeds": list(seeds), "steps": steps, "compensation": comp, "batch_size": base.train.batch_size,
             "episodes": episodes, "metrics": metrics, "table": table, "diff_vs_simsiam": diffs,
             "per_seed": {f"{v}/s{s}": r for (v, s), r in per.items()}, "base_config": base.name}
+
+
+# ----------------------------------------------------------------------------- decoder compensation
+def t_ranges(T: int) -> list[tuple[int, int]]:
+    """Time ranges [a, b] of the compensation table: 1-1%, 1-10%, 10-30%, 30-60%, 60-100% of T."""
+    cuts = sorted({1, *(max(1, round(T * f)) for f in (0.01, 0.1, 0.3, 0.6)), T})
+    return [(a if i == 0 else a + 1, b) for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+
+
+@torch.no_grad()
+def compensation(model, cfg, x: torch.Tensor, *, seed: int = 0, batch: int = 250) -> list[dict]:
+    """How much of the frozen DDPM's x_0 error the decoder removes, per time range (Eq. 3.11 unweighted).
+
+    ``x`` (N, C, H, W) in [0, 1]. For each range [a, b] of :func:`t_ranges`: t ~ U{a..b} per example,
+    eps ~ N(0, I), x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps (the true time, as Algs. 2-3 decode),
+    u = the frozen DDPM's x_0 prediction (unclipped) and x0_hat = u + w_t g(z, t) with the full z = f(x)
+    (the autoencoding used by the counterfactuals). Rows: ``mse_frozen`` = mean (x_0 - u)^2,
+    ``mse_guided`` = mean (x_0 - x0_hat)^2 (per pixel, model space [-1, 1]) and
+    ``removed`` = 1 - mse_guided / mse_frozen (1 = the decoder removes all of the frozen error).
+    """
+    from raymanifold.ssl.frozen import diffusion, weights
+    from raymanifold.ssl.objectives import x0_from_eps
+
+    if model.unet is None:
+        raise StudyError("compensation: variant simsiam has no decoder")
+    model.eval()
+    diff = diffusion(cfg)
+    w_all = weights(cfg)[1]
+    ab_all = diff.alpha_bar
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for a, b in t_ranges(diff.T):
+        num_f = num_g = 0.0
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch]
+            t = torch.randint(a, b + 1, (len(xb),), generator=g)
+            eps = torch.randn(xb.shape, generator=g)
+            x0 = xb * 2 - 1
+            x_t = diff.q_sample(x0, t, eps).to(xb.dtype)
+            z = model(xb)["z"]
+            eps_hat, gz = model.compensation(x_t, t, z)
+            u = x0_from_eps(x_t, eps_hat, ab_all[t])
+            w = w_all[t].to(xb.dtype).view(-1, 1, 1, 1)
+            num_f += float(((x0 - u) ** 2).sum())
+            num_g += float(((x0 - (u + w * gz)) ** 2).sum())
+        n = x.numel()
+        rows.append({"t_lo": a, "t_hi": b, "mse_frozen": num_f / n, "mse_guided": num_g / n,
+                     "removed": 1 - num_g / num_f if num_f > 0 else float("nan")})
+    return rows
 
 
 # ----------------------------------------------------------------------------- edits (Alg. 2 / 3)
@@ -238,11 +296,20 @@ def edits_study(model, cfg, *, pairs: int = 48, dt: int = 50, scales=(0.0, 1 / 3
     za, zb = encode(model, xa, cfg), encode(model, xb, cfg)
     x_Ta = editing.invert(model, xa, cfg, z=za, dt=dt)
     x_Tb = editing.invert(model, xb, cfg, z=zb, dt=dt)
+    comp = compensation(model, cfg, te.x[:500], seed=seed)
+    log("  decoder removes " + ", ".join(f"{r['removed']:.0%} (t {r['t_lo']}-{r['t_hi']})" for r in comp)
+        + " of the frozen DDPM's x_0 error")
     groups = segment_groups(cfg.model.segments)
     cf_rows, grids = [], {}
+    recon = None  # scale 0 is the same reconstruction for every group: decode it once
     for grp in groups:
         for lam in scales:
-            out = editing.counterfactual(model, xa, xb, grp, lam, cfg, dt=dt, x_T=x_Ta, x_T_other=x_Tb)
+            if lam == 0 and recon is not None:
+                out = recon
+            else:
+                out = editing.counterfactual(model, xa, xb, grp, lam, cfg, dt=dt, x_T=x_Ta, x_T_other=x_Tb)
+            if lam == 0:
+                recon = out
             f = predict_factors(clf, out)
             row = {"segments": f"{grp[0]}-{grp[-1]}", "scale": round(float(lam), 3),
                    "mse_to_x": float(((out - xa) ** 2).mean())}
@@ -284,7 +351,7 @@ def edits_study(model, cfg, *, pairs: int = 48, dt: int = 50, scales=(0.0, 1 / 3
                                                       for i in torch.nonzero(w).flatten()})})
         log(f"  manipulation of {a} done ({time.perf_counter() - t0:.0f} s)")
     return {"factor_names": names, "classifier_accuracy": clf_acc, "pairs": pairs, "dt": dt,
-            "counterfactuals": cf_rows, "manipulation": man_rows, "groups": [f"{g[0]}-{g[-1]}" for g in groups],
+            "compensation": comp, "counterfactuals": cf_rows, "manipulation": man_rows, "groups": [f"{g[0]}-{g[-1]}" for g in groups],
             "scales": [float(s) for s in scales], "wall_s": time.perf_counter() - t0,
             "_grids": grids, "_pairs": (xa[:6], xb[:6])}
 

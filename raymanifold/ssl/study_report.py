@@ -19,6 +19,17 @@ def _diff(iv: dict) -> str:
     return f"{iv['mean']:+.1f} [{iv['lo']:+.1f}, {iv['hi']:+.1f}]{mark}"
 
 
+def _ci(iv: dict, episode_half: float) -> str:
+    head = f"{iv['mean']:.1f} [{iv['lo']:.1f}, {iv['hi']:.1f}]" if iv["n"] > 1 else f"{iv['mean']:.1f}"
+    return f"{head} / ±{episode_half:.1f}"
+
+
+def _episode_ci(res: dict, variant: str, metric: str) -> float:
+    """Mean over seeds of the per-seed episode 95% CI half-width of ``metric`` (e.g. shapes/5shot)."""
+    vals = [res["per_seed"][f"{variant}/s{s}"].get(metric + "_ci95", float("nan")) for s in res["seeds"]]
+    return float(np.mean(vals))
+
+
 def probes_markdown(res: dict) -> str:
     v, tab, dif = res["variants"], res["table"], res["diff_vs_simsiam"]
     lin_cols = ["shapes/linear", "mnist5k/linear", "digits/linear", "transfer/linear_mean"]
@@ -33,10 +44,22 @@ def probes_markdown(res: dict) -> str:
                           [[x, *(_ms(tab[x][c]) for c in lin_cols), f"{tab[x]['train_wall_s']['mean']:.0f}"]
                            for x in v]),
            "\n## Few-shot (Table 4.2 in miniature)\n",
+           "Mean ± std over seeds.\n",
            markdown_table(["variant", *fs_cols], [[x, *(_ms(tab[x][c]) for c in fs_cols)] for x in v]),
+           "\nThe same as mean [95% interval]: Student-t over the seeds' accuracies (first line of each cell) and the "
+           "episodes' 95% CI half-width averaged over seeds (± after the slash).\n",
+           markdown_table(["variant", *fs_cols], [[x, *(_ci(tab[x][c], _episode_ci(res, x, c)) for c in fs_cols)]
+                                                  for x in v]),
            "\n## Variant - SimSiam (paired by seed; mean [95% t-interval]; * = interval excludes 0)\n",
            markdown_table(["variant", *lin_cols, *fs_cols],
                           [[x, *(_diff(dif[x][c]) for c in lin_cols + fs_cols)] for x in v if x in dif])]
+    comp = res.get("compensation") or {}
+    if comp:
+        rng = [f"t {r['t_lo']}-{r['t_hi']}" for r in next(iter(comp.values()))]
+        out += ["\n## Decoder compensation: % of the frozen DDPM's x_0 error removed by w_t g(z, t) "
+                "(full z, shapes test images; mean ± std over seeds)\n",
+                markdown_table(["variant", *rng], [[x, *(_ms(r["removed"]) for r in comp[x])] for x in v
+                                                   if x in comp])]
     factors = [c for c in res["metrics"] if c.startswith("shapes/linear_")]
     if factors:
         out += ["\n## In-domain linear probe per shapes factor\n",
@@ -56,7 +79,11 @@ def edits_markdown(res: dict, source: str = "") -> str:
     out = [f"# DiffSiam edits on shapes{(' (' + source + ')') if source else ''}\n",
            f"{res['pairs']} test pairs, DDIM step dt = {res['dt']}; factor classifier test accuracy: "
            + ", ".join(f"{k} {v:.3f}" for k, v in res["classifier_accuracy"].items()) + "\n",
-           "## Counterfactuals (Alg. 2): fraction of pairs whose factor changed (x -> result)\n",
+           "## Decoder compensation (x_0 error per pixel in [-1, 1], full z, 500 test images)\n",
+           markdown_table(["t range", "frozen DDPM MSE", "with w_t g(z, t) MSE", "removed"],
+                          [[f"{r['t_lo']}-{r['t_hi']}", f"{r['mse_frozen']:.5f}", f"{r['mse_guided']:.5f}",
+                            f"{100 * r['removed']:.1f}%"] for r in res.get("compensation", [])]),
+           "\n## Counterfactuals (Alg. 2): fraction of pairs whose factor changed (x -> result)\n",
            "Scale 0 is the reconstruction (DDIM inversion and guided DDIM with the image's own z); "
            "its row is the classifier/reconstruction noise floor.\n",
            markdown_table(["segments", "scale", *names, "MSE to x"],

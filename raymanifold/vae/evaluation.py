@@ -51,7 +51,10 @@ def encode_split(model, ds, cfg, n: int, batch: int = 512):
             g = torch.Generator().manual_seed(s)
             eps = torch.randn(mu.shape, generator=g).to(mu)
             z = mu + (0.5 * logvar).exp() * eps
-        kls.append(kl_per_example(cfg, mu, logvar, z, yk).double().cpu())
+        kl = kl_per_example(cfg, mu, logvar, z, yk)
+        if getattr(cfg.model, "pose", "none") != "none":  # the pose latent's KL (its posterior mean decoded)
+            kl = kl + getattr(model, "module", model).pose_kl
+        kls.append(kl.double().cpu())
     y = ds.y[:n].numpy() if ds.y is not None else None
     return torch.cat(mus).numpy(), y, torch.cat(recs).numpy(), torch.cat(kls).numpy()
 

@@ -56,6 +56,8 @@ from raymanifold.vae.models import CHANNEL_MULT, STEM_STRIDES, GridVAE
 PRIORS = ("normal", "grid_mixture", "nearest")
 GUIDANCE = ("none", "full", "partial")
 KL_ESTIMATES = ("sample", "batch")
+POSES = ("none", "affine")
+DECODERS = ("resnet", "prototype")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,19 @@ class GridVAEModelConfig:
                              help="stride of the encoder's stem conv: 2 runs the residual blocks at H/2 and H/4 "
                                   "(mirrored in the decoder), about 3x cheaper on 28x28 digits")
     channel_mult: tuple[int, ...] = param(CHANNEL_MULT, help="widths of the 4 residual blocks as multiples of width")
+    encoder_tiles: int = param(1, lo=1, hi=64,
+                               help="split the image into this many equal-width tiles, each encoded by the same "
+                                    "encoder to latent_dim/encoder_tiles dimensions (2 on two_digit: dimension j "
+                                    "sees only digit j); 1 = the whole image")
+    pose: str = param("none", choices=POSES,
+                      help="'affine': a nuisance pose latent (6 numbers per encoder tile, N(0, I) prior) warps each "
+                           "decoded tile by an affine map, so slant/size/shift need no grid cell; 'none': off")
+    pose_scale: float = param(0.15, lo=0.0, lo_open=True, hi=1.0,
+                              help="affine matrix = identity + pose_scale * u for the pose latent u (pose: affine)")
+    decoder: str = param("resnet", choices=DECODERS,
+                         help="'resnet': the encoder's mirror; 'prototype': one learned image per grid centre, "
+                              "shared by the tiles (needs encoder_tiles == latent_dim), blended by distance to the "
+                              "centres - a decoder that cannot draw style inside a cell")
     prior: str = param("grid_mixture", choices=PRIORS,
                        help="normal (standard VAE), grid_mixture (Eqs. 24-25) or nearest (Eq. 27)")
     grid_min: tuple[int, ...] = param((-2,), help="lowest grid centre per latent dimension (one value: all)")
@@ -122,6 +137,22 @@ class GridVAEModelConfig:
             if len(v) not in (1, n):
                 raise ConfigError(f"model.{key}: has {len(v)} entries but model.latent_dim={n}; "
                                   f"give one value (all dimensions) or exactly {n}")
+        if self.pose != "none" and self.kl_estimate != "sample":
+            raise ConfigError("model.pose: the pose latent needs model.kl_estimate 'sample' (a per-example ELBO)")
+        a = self.encoder_augment
+        if self.pose != "none" and any(v > 0 for v in (a.degrees, a.translate, a.scale, a.shear)):
+            raise ConfigError("model.pose: a pose latent cannot be inferred from a randomly deformed encoder input; "
+                              "set model.encoder_augment degrees/translate/scale/shear to 0 with pose 'affine'")
+        if self.decoder == "prototype":
+            if self.encoder_tiles != n:
+                raise ConfigError(f"model.decoder: 'prototype' needs one latent dimension per tile, "
+                                  f"model.encoder_tiles == model.latent_dim ({n}), got {self.encoder_tiles}")
+            if self.prior == "normal" or len(set(self.grid_min)) > 1 or len(set(self.grid_max)) > 1:
+                raise ConfigError("model.decoder: 'prototype' needs a grid prior with the same grid in every "
+                                  "dimension (one model.grid_min / model.grid_max value)")
+        if n % self.encoder_tiles:
+            raise ConfigError(f"model.encoder_tiles: {self.encoder_tiles} tiles must divide model.latent_dim={n} "
+                              f"(each tile gets latent_dim/encoder_tiles dimensions)")
         lo, hi = self.grid_bounds()
         for i, (a, b) in enumerate(zip(lo, hi)):
             if a > b:
@@ -191,6 +222,9 @@ def validate(cfg):
     if len(shape) != 3 or shape[1] % 4 or shape[2] % 4:
         raise ConfigError(f"data.image_size: gridvae needs (C, H, W) images with H and W divisible by 4; "
                           f"{cfg.data.name!r} gives {shape}")
+    if shape[2] % (4 * m.encoder_tiles):
+        raise ConfigError(f"model.encoder_tiles: the image width {shape[2]} of {cfg.data.name!r} must split into "
+                          f"{m.encoder_tiles} tiles of a width divisible by 4")
     tiles = m.encoder_augment.tiles
     if shape[2] % tiles:
         raise ConfigError(f"model.encoder_augment.tiles: the image width {shape[2]} of {cfg.data.name!r} is not "
@@ -214,7 +248,8 @@ def validate(cfg):
 
 def build(cfg) -> torch.nn.Module:
     m = cfg.model
-    return GridVAE(input_shape(cfg), m.latent_dim, m.width, m.stem_stride, m.channel_mult)
+    return GridVAE(input_shape(cfg), m.latent_dim, m.width, m.stem_stride, m.channel_mult, m.encoder_tiles, m.pose,
+                   m.pose_scale, m.decoder, list(range(m.grid_min[0], m.grid_max[0] + 1)), m.sigma0)
 
 
 
@@ -225,7 +260,9 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
     training mode, the prior std sigma0_{step-1} (:func:`sigma0_at`); in eval mode the final sigma0."""
     x = batch[0]
     y = batch[1] if len(batch) > 1 else None
-    eps = torch.randn((x.shape[0], cfg.model.latent_dim), generator=generator).to(x.device, x.dtype)
+    net = getattr(model, "module", model)
+    eps = torch.randn((x.shape[0], getattr(net, "noise_dim", cfg.model.latent_dim)),
+                      generator=generator).to(x.device, x.dtype)
     aug = cfg.model.encoder_augment
     if model.training and aug.active:  # augmented inference: encode T(x), reconstruct x
         x_in = random_affine(x, generator, degrees=aug.degrees, translate=aug.translate, scale=aug.scale,
@@ -234,11 +271,16 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
             x_in = random_thickness(x_in, generator, aug.thickness, aug.tiles)
     else:
         x_in = x
-    logits, mu, logvar, z = model(x_in, eps)
     w = beta_at(cfg, step)
     s0 = sigma0_at(cfg, step - 1) if model.training else cfg.model.sigma0  # eval: the final prior
+    if cfg.model.decoder == "prototype":  # the prototypes' blending width follows the prior (annealing)
+        net.decoder.tau = s0
+    logits, mu, logvar, z = model(x_in, eps)
     rec = recon_nats(logits, x).mean()
-    kl = kl_per_example(cfg, mu, logvar, z, y, s0).mean()
+    kl = kl_per_example(cfg, mu, logvar, z, y, s0)
+    if cfg.model.pose != "none":  # the pose latent's KL to N(0, I), part of the same ELBO
+        kl = kl + net.pose_kl
+    kl = kl.mean()
     total = rec + w * kl
     return total, {"loss": float(total.detach()), "recon_nats": float(rec.detach()), "kl_nats": float(kl.detach()),
                    "beta_t": w, "sigma0_t": s0}
