@@ -11,11 +11,13 @@ replica, CPU and torch-thread settings (one torch thread). Each request scores o
 (T/dt steps of the Eq. 15 estimator, no seed, so the batched model may
 pool it). For 1, 8 and 32 concurrent clients (aiohttp keep-alive) it measures throughput
 (requests/s), p50/p99 latency and the mean number of requests pooled per
-model call along four paths, all up at once in one Ray instance started with
+model call along five paths, all up at once in one Ray instance started with
 Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``):
 
 - ``direct``: the fused app's replica's own HTTP server (client -> replica; the default of serve/config.yaml),
 - ``fused``: the same replica through Serve's HTTP proxy (client -> proxy -> replica),
+- ``sameloop``: a second fused replica, direct ingress, with Serve's user code on the replica's own event
+  loop (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``: no hand-off of each request between two threads),
 - ``split``: the design before, client -> proxy -> ingress replica -> model replica,
 - ``handle``: a DeploymentHandle straight to the split model replica (no HTTP).
 
@@ -148,7 +150,7 @@ async def handle_load(handle, concurrency: int, total: int, dt: int) -> dict:
     return {"lat": lat, "pooled": pooled, "codes": [200] * len(lat), "wall": time.perf_counter() - t0}
 
 
-def paired_overhead(uri: str, port: int, direct_url: str, dt: int, n: int) -> dict:
+def paired_overhead(uri: str, port: int, direct_url: str, sameloop_url: str, dt: int, n: int) -> dict:
     """One client, sequential: a direct in-process call, a handle call (split topology), an HTTP call through
     the split topology (proxy -> ingress -> model replica), one through the fused topology (proxy -> one
     replica) and one to the fused replica's own HTTP server (direct ingress) of the same point (unbatched
@@ -167,11 +169,13 @@ def paired_overhead(uri: str, port: int, direct_url: str, dt: int, n: int) -> di
     body = {"x": xn.tolist(), "dt": dt, "seed": 0}
     urls = {t: f"http://127.0.0.1:{port}/{t}/v1/models/unbatched/log-likelihood" for t in ("split", "fused")}
     urls["direct"] = f"{direct_url}/v1/models/unbatched/log-likelihood"
+    urls["sameloop"] = f"{sameloop_url}/v1/models/unbatched/log-likelihood"
     calls = {"direct": lambda: recipe.log_prob(model, xt, cfg, dt=dt, generator=torch.Generator().manual_seed(0)),
              "handle": lambda: handle.run.remote("log-likelihood", x=xn, options={"dt": dt}, seed=0).result(),
              "http_split": lambda: session.post(urls["split"], json=body).raise_for_status(),
              "http_fused": lambda: session.post(urls["fused"], json=body).raise_for_status(),
-             "http_direct": lambda: session.post(urls["direct"], json=body).raise_for_status()}
+             "http_direct": lambda: session.post(urls["direct"], json=body).raise_for_status(),
+             "http_sameloop": lambda: session.post(urls["sameloop"], json=body).raise_for_status()}
     times = {k: [] for k in calls}
     names = list(calls)
     with requests.Session() as session:
@@ -193,6 +197,7 @@ def paired_overhead(uri: str, port: int, direct_url: str, dt: int, n: int) -> di
             "direct_ingress_http_minus_direct_ms": float(np.median(t["http_direct"] - t["direct"])),
             "direct_ingress_http_over_direct_ratio": float(np.median(t["http_direct"] / t["direct"])),
             "direct_ingress_http_p90_minus_direct_ms": float(np.percentile(t["http_direct"] - t["direct"], 90)),
+            "sameloop_http_minus_direct_ms": float(np.median(t["http_sameloop"] - t["direct"])),
             "split_http_over_direct_ratio": float(np.median(t["http_split"] / t["direct"]))}
 
 
@@ -238,21 +243,26 @@ def main():
                                         "max_ongoing_requests": 256}}}
     t0 = time.perf_counter()
     # one Ray instance with Serve's direct ingress: every ingress replica serves HTTP on its own port, and
-    # Serve's proxy (on `port`) still reaches every replica; logical CPUs: split 0.1 + 2 x 0.5, fused 0.5
+    # Serve's proxy (on `port`) still reaches every replica; logical CPUs: split 0.1 + 2 x 0.5, fused 0.5,
+    # sameloop 0.4 (logical shares only: every process may use both cores)
     serving.start_http(port, num_cpus=2, direct_port=direct_port)
     serving.run(build_app(split), name="bench_split", route_prefix="/split")
     serving.run(build_app(fused), name="bench_fused", route_prefix="/fused")
+    same_loop = {**fused, "ingress": {"deployment": {**fused["ingress"]["deployment"], "ray_actor_options": {
+        "num_cpus": 0.4, "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}}}}
+    serving.run(build_app(same_loop), name="bench_sameloop", route_prefix="/sameloop")
     direct_urls = serving.ingress_urls("bench_fused", proxy_port=port, route_prefix="/fused")
     if not direct_urls:
         raise SystemExit("Serve runs without direct ingress (a Ray was already running?): no 'direct' path")
     direct_url = direct_urls[0]
+    sameloop_url = serving.ingress_urls("bench_sameloop", proxy_port=port, route_prefix="/sameloop")[0]
     print(f"Serve up in {time.perf_counter() - t0:.1f} s: proxy on port {port}, fused replica's own HTTP server "
           f"at {direct_url}", flush=True)
     from ray import serve
 
     rows = []
     load = {"start": os.getloadavg()[0]}
-    paths = ("direct", "fused", "split", "handle")
+    paths = ("direct", "sameloop", "fused", "split", "handle")
     try:
         for c in levels:
             for path in paths:
@@ -266,7 +276,8 @@ def main():
                             h = serve.get_deployment_handle(f"model_{mode}", app_name="bench_split")
                             part = asyncio.run(handle_load(h, c, n, args.dt))
                         else:
-                            root = direct_url if path == "direct" else f"http://127.0.0.1:{port}/{path}"
+                            root = {"direct": direct_url, "sameloop": sameloop_url}.get(
+                                path, f"http://127.0.0.1:{port}/{path}")
                             part = asyncio.run(http_load(f"{root}/v1/models/{mode}/log-likelihood", c, n, args.dt))
                         for key in ("lat", "pooled", "codes"):
                             acc[mode][key] += part[key]
@@ -280,10 +291,11 @@ def main():
                     print(f"  c={c:<3d} {path:<6s} {mode:<9s} {r['req_per_s']:7.1f} req/s  p50 {r['p50_ms']:8.2f} ms  "
                           f"p99 {r['p99_ms']:8.2f} ms  pooled/call {r['mean_pooled']:.1f}  errors {r['errors']}  "
                           f"(load {la:.1f})", flush=True)
-        pair = paired_overhead(uri, port, direct_url, args.dt, n=args.overhead_rounds)
+        pair = paired_overhead(uri, port, direct_url, sameloop_url, args.dt, n=args.overhead_rounds)
         print(f"  paired, 1 client: direct call {pair['direct_p50_ms']:.2f} ms, handle {pair['handle_p50_ms']:.2f} ms, "
               f"HTTP split {pair['http_split_p50_ms']:.2f} ms, HTTP fused via proxy {pair['http_fused_p50_ms']:.2f} ms, "
-              f"HTTP direct ingress {pair['http_direct_p50_ms']:.2f} ms (medians; {_load()})", flush=True)
+              f"HTTP direct ingress {pair['http_direct_p50_ms']:.2f} ms, same loop {pair['http_sameloop_p50_ms']:.2f} ms "
+              f"(medians; {_load()})", flush=True)
         load["end"] = os.getloadavg()[0]
     finally:
         serving.shutdown()
@@ -291,6 +303,7 @@ def main():
 
     by = {(r["path"], r["mode"], r["concurrency"]): r for r in rows}
     label = {"direct": "HTTP, direct ingress: client -> replica (the default)",
+             "sameloop": "HTTP, direct ingress, Serve user code on the replica's loop",
              "fused": "HTTP via proxy: client -> proxy -> replica",
              "split": "HTTP split (before): client -> proxy -> ingress -> model replica",
              "handle": "DeploymentHandle to the split model replica (no HTTP)"}
@@ -317,7 +330,8 @@ def main():
              "thread). One Ray instance with Serve's direct ingress; paths: " +
              "; ".join(f"`{p}`: {label[p]}" for p in paths) + ".", "", *table, "",
              f"Goal 1 (batched >= 5x unbatched over HTTP at {c_max} clients): direct ingress {gain['direct']:.2f}x "
-             f"({pooled_at_max['direct']:.1f} requests per model call) -> {goal1}; via the proxy {gain['fused']:.2f}x "
+             f"({pooled_at_max['direct']:.1f} requests per model call) -> {goal1}; same loop {gain['sameloop']:.2f}x "
+             f"({pooled_at_max['sameloop']:.1f}); via the proxy {gain['fused']:.2f}x "
              f"({pooled_at_max['fused']:.1f}); split {gain['split']:.2f}x ({pooled_at_max['split']:.1f}); handle "
              f"{gain['handle']:.2f}x ({pooled_at_max['handle']:.1f}).",
              f"Goal 2 (median HTTP overhead over a direct in-process call at 1 client <= 5 ms), {pair['rounds']} "
@@ -325,7 +339,8 @@ def main():
              f"{pair['handle_p50_ms']:.2f} ms, HTTP direct ingress {pair['http_direct_p50_ms']:.2f} ms, HTTP via "
              f"proxy {pair['http_fused_p50_ms']:.2f} ms, HTTP split {pair['http_split_p50_ms']:.2f} ms. Per round: "
              f"direct ingress - direct = {pair['direct_ingress_http_minus_direct_ms']:+.2f} ms (90th percentile "
-             f"{pair['direct_ingress_http_p90_minus_direct_ms']:+.2f} ms) -> {goal2}; via proxy - direct = "
+             f"{pair['direct_ingress_http_p90_minus_direct_ms']:+.2f} ms) -> {goal2}; same loop - direct = "
+             f"{pair['sameloop_http_minus_direct_ms']:+.2f} ms; via proxy - direct = "
              f"{pair['fused_http_minus_direct_ms']:+.2f} ms; split - direct = "
              f"{pair['split_http_minus_direct_ms']:+.2f} ms, of which proxy + ingress (split - handle) = "
              f"{pair['split_http_minus_handle_ms']:+.2f} ms and the handle hop (handle - direct) = "
