@@ -377,3 +377,69 @@ def test_guided_kl_without_labels_names_the_field():
     mu, logvar = torch.zeros(3, d), torch.zeros(3, d)
     with pytest.raises(ConfigError, match="model.guidance: .* needs labels"):
         kl_terms(cfg, mu, logvar, mu, y=None)
+
+
+# ----------------------------------------------------------------------------- guided reference (--guided-reference)
+def test_guided_reference_is_scored_without_labels_and_compared_with_the_kept_model():
+    """The guided twin is guided on digit1/digit2; its score is the unsupervised ELBO: the same with the labels
+    shuffled (no label enters it), different from the guided Eq. 27 KL; the verdict follows the sign of the gap."""
+    from raymanifold import data as rdata
+    from raymanifold.vae import gridvae_study as S
+    from raymanifold.vae.evaluation import evaluate_model
+
+    cfg = make_cfg({"prior": "grid_mixture", "grid_min": [-2], "grid_max": [3], "sigma0": 1 / 3,
+                    "eval_points": 144}, {"n_train": 144, "n_test": 144})
+    twin = S.guided_twin(cfg)
+    assert (twin.model.guidance, twin.model.guided_labels) == ("full", ("digit1", "digit2"))
+    assert twin.model.sigma0 == cfg.model.sigma0 and twin.name == "t_guided_reference"
+    S.check_guided_reference(cfg, twin)
+    torch.manual_seed(0)
+    model = R.build(twin).eval()
+    tr, te = rdata.load_split(twin.data, "train"), rdata.load_split(twin.data, "test")
+    plain = S.unsupervised_view(twin)
+    assert plain.model.guidance == "none" and plain.model.guided_labels == ()
+    score = evaluate_model(model, plain, train_ds=tr, test_ds=te)["metrics"]["train_loss_nats"]
+    guided = evaluate_model(model, twin, train_ds=tr, test_ds=te)["metrics"]["train_loss_nats"]
+    assert abs(score - guided) > 1e-3  # the guided KL pulls to the label's centre, the mixture KL does not
+    g = torch.Generator().manual_seed(1)
+    tr.y = tr.y[torch.randperm(len(tr.y), generator=g)]
+    assert evaluate_model(model, plain, train_ds=tr, test_ds=te)["metrics"]["train_loss_nats"] == pytest.approx(score)
+    for delta, prefers in ((1.0, True), (-1.0, False)):
+        ref = S.guided_reference(model, twin, {"source": "x"}, {"train_loss_nats": score + delta})
+        assert ref["elbo_prefers_digits"] is prefers and ref["gap_nats"] == pytest.approx(delta, abs=1e-6)
+
+
+def test_guided_reference_must_match_the_studied_model():
+    from raymanifold.vae import gridvae_study as S
+
+    cfg = make_cfg({"prior": "grid_mixture", "grid_min": [-2], "grid_max": [3], "sigma0": 1 / 3})
+    with pytest.raises(S.StudyError, match="guidance 'full'"):
+        S.check_guided_reference(cfg, cfg)
+    other = S.guided_twin(make_cfg({"prior": "grid_mixture", "grid_min": [-2], "grid_max": [3], "sigma0": 0.25}))
+    with pytest.raises(S.StudyError, match="model.sigma0"):
+        S.check_guided_reference(cfg, other)
+
+
+def test_two_digit_study_with_guided_reference_in_process(tmp_path, monkeypatch):
+    """--guided-reference trains the guided twin after the studied model and writes the comparison: the JSON's
+    gap is the kept model's train -ELBO minus the reference's, and the Markdown has the section."""
+    import json
+
+    from raymanifold.cli import main
+    from raymanifold.vae import gridvae_study as S
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    out = tmp_path / "report"
+    args = ["study", "gridvae-two-digit", "--no-ray", "--restarts", "1", "--guided-reference", "--out", str(out)]
+    for s in ["train.steps=4", "train.checkpoint_every=4", "data.n_train=144", "data.n_test=144",
+              "model.eval_points=144", "model.width=4", f"train.storage_path={tmp_path}/ray_results"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    rep = json.loads((out / "two_digit.json").read_text())
+    ref, kept = rep["guided_reference"], rep["metrics"]
+    assert ref["gap_nats"] == pytest.approx(kept["train_loss_nats"] - ref["metrics"]["train_loss_nats"])
+    assert kept["guided_reference_gap_nats"] == pytest.approx(ref["gap_nats"])
+    _, ref_cfg = S.load(ref["model"])  # the reference is a trained guided twin of the studied config
+    assert (ref_cfg.name, ref_cfg.model.guidance) == (rep["config"]["name"] + "_guided_reference", "full")
+    assert ref_cfg.train.steps == 4 and rep["config"]["model"]["guidance"] == "none"
+    assert "Can the ELBO pick the digits?" in (out / "two_digit.md").read_text()

@@ -26,6 +26,11 @@ def register(sub, study_sub):
                         f"one after another with --no-ray) and keep the one with the best unsupervised train ELBO "
                         f"(lowest train_loss_nats; labels are not used), as KMeans(n_init=K) keeps its lowest "
                         f"inertia. Every restart's accuracies are reported (default {DEFAULT_RESTARTS}; 1 = one run)")
+    p.add_argument("--guided-reference", nargs="?", const="train", default=None, metavar="URI",
+                   help="also score a guided twin (the same config with model.guidance full on digit1, digit2: its "
+                        "cells are the digits) by the unsupervised train ELBO the restarts are selected by, to show "
+                        "whether that ELBO prefers the digit partition at all. Without URI the twin is trained "
+                        "(one more run of the config's length); with URI (checkpoint or runs:/<id>) it is loaded")
     add_training_options(p)
     p.add_argument("--out", default="reports/gridvae_two_digit")
     p.set_defaults(func=cmd_two_digit)
@@ -77,16 +82,17 @@ def cmd_two_digit(args) -> int:
         raise UsageError("--restarts: trains new models; it cannot be combined with --model")
     args.restarts = args.restarts or (1 if args.model else DEFAULT_RESTARTS)
     restarts = []
+    n = 4 if args.guided_reference else 3
     with _usage():
         if args.model:
-            stage(1, 3, f"loading {args.model}")
+            stage(1, n, f"loading {args.model}")
             model, cfg = S.load(args.model)
             info = {"source": args.model, "train_wall_s": None}
         else:
             cfg = _config(args.config, args)
             where = "in-process" if args.no_ray else ("Ray Tune, one Ray Train run per restart" if args.restarts > 1
                                                       else "Ray Train")
-            stage(1, 3, f"training {cfg.name} ({cfg.train.steps} steps, {where}"
+            stage(1, n, f"training {cfg.name} ({cfg.train.steps} steps, {where}"
                         + (f", {args.restarts} restarts: seeds {cfg.train.seed}..{cfg.train.seed + args.restarts - 1}"
                            if args.restarts > 1 else "") + ")")
             if args.restarts > 1:
@@ -96,9 +102,29 @@ def cmd_two_digit(args) -> int:
             else:
                 model, cfg, info = S.train(cfg, backend=_backend(args), tracking_uri=args.tracking_uri)
         S.check_two_digit(cfg)
-        stage(2, 3, "encoding train/test splits; Hungarian-matched accuracies")
+        ref = None
+        if args.guided_reference and args.guided_reference != "train":  # fail before the evaluation, not after
+            ref = S.load(args.guided_reference)
+            S.check_guided_reference(cfg, ref[1])
+        stage(2, n, "encoding train/test splits; Hungarian-matched accuracies")
         result = S.two_digit(model, cfg, info, restarts)
-    stage(3, 3, f"writing {args.out}")
+        if args.guided_reference:
+            if ref is None:
+                twin = S.guided_twin(cfg)
+                stage(3, n, f"training the guided reference {twin.name} ({twin.train.steps} steps)")
+                ref_model, ref_cfg, ref_info = S.train(twin, backend=_backend(args), tracking_uri=args.tracking_uri)
+            else:
+                stage(3, n, f"scoring the guided reference {args.guided_reference}")
+                (ref_model, ref_cfg), ref_info = ref, {"source": args.guided_reference}
+            result["guided_reference"] = S.guided_reference(ref_model, ref_cfg, ref_info, result["metrics"])
+            g = result["guided_reference"]
+            m = result["metrics"]
+            m["guided_reference_train_loss_nats"] = g["metrics"]["train_loss_nats"]
+            m["guided_reference_gap_nats"] = g["gap_nats"]
+            print(f"  guided reference: train -ELBO {g['metrics']['train_loss_nats']:.2f} nats (kept model "
+                  f"{m['train_loss_nats']:.2f}); the ELBO {'prefers' if g['elbo_prefers_digits'] else 'does not prefer'}"
+                  " the digit partition", flush=True)
+    stage(n, n, f"writing {args.out}")
     with report_dir(args.out) as tmp:
         gridvae_report.write_two_digit(tmp, result, model, cfg)
     m = result["metrics"]

@@ -26,6 +26,8 @@ DEFAULT_RESTARTS = 2
 SHAPES_VARIANTS = ("vae", "unsupervised", "guided", "partial")
 #: data sources of the two-digit study: 8x8 scikit-learn digits (fast default), 28x28 MNIST (the paper's setting)
 TWO_DIGIT_SETS = ("two_digit", "two_digit_mnist")
+#: label columns that guide the two dimensions of the guided reference (``--guided-reference``)
+GUIDED_LABELS = ("digit1", "digit2")
 RESTART_KEYS = ("train_loss_nats", "cluster_accuracy", "dim1_accuracy", "dim2_accuracy", "per_dim_accuracy_min")
 
 
@@ -165,6 +167,58 @@ def two_digit(model, cfg, info: dict, restarts: list) -> dict:
                for k, v in TWO_DIGIT_TARGETS[cfg.data.name].items()}
     return {"metrics": m, "targets": targets, "model": info["source"], "config": to_dict(cfg),
             "restarts": restarts, "arrays": res["arrays"]}
+
+
+# ----------------------------------------------------------------------------- guided reference
+def unsupervised_view(cfg):
+    """``cfg`` read as an unguided model: the same network, grid and sigma0; the KL is the prior's own (Eq. 25
+    mixture or Eq. 27 nearest centre) with no labels, so a guided model's ELBO is the quantity the restarts
+    are selected by (:func:`pick_restart`) and the two can be compared."""
+    from raymanifold.config import replace
+
+    return replace(cfg, [("model.guidance", "none"), ("model.guided_labels", [])])
+
+
+def guided_twin(cfg):
+    """The same config trained with guidance (Sec. 4.2.2): dimension j's cell is digit j's label, so its cells
+    are the ground-truth partition by construction."""
+    from raymanifold.config import replace
+
+    return replace(cfg, [("name", f"{cfg.name}_guided_reference"), ("model.guidance", "full"),
+                         ("model.guided_labels", list(GUIDED_LABELS))])
+
+
+def check_guided_reference(cfg, ref_cfg):
+    """The reference must be a guided model of the same source, grid and sigma0 as the study's model."""
+    check_two_digit(ref_cfg)
+    if ref_cfg.model.guidance != "full":
+        raise StudyError(f"--guided-reference: needs a model trained with model.guidance 'full', got "
+                         f"{ref_cfg.model.guidance!r}")
+    for field, a, b in (("data.name", cfg.data.name, ref_cfg.data.name),
+                        ("model.grid_min/grid_max", cfg.model.grid_bounds(), ref_cfg.model.grid_bounds()),
+                        ("model.sigma0", cfg.model.sigma0, ref_cfg.model.sigma0),
+                        ("model.prior", cfg.model.prior, ref_cfg.model.prior)):
+        if a != b:
+            raise StudyError(f"--guided-reference: {field} is {b!r} in the reference but {a!r} in the studied model")
+
+
+def guided_reference(ref_model, ref_cfg, info: dict, kept_metrics: dict) -> dict:
+    """Can selection by the ELBO reach the digit partition at all? The guided twin's cells are the digits; its
+    unsupervised negative ELBO on the train split (:func:`unsupervised_view`, labels used only for the
+    accuracies) against the kept model's. If the guided model's is *higher*, the ELBO prefers another partition
+    of this data over the digits, and no number of restarts selected by it will find them.
+
+    Returns ``{"model", "train_wall_s", "metrics": {...}, "gap_nats", "elbo_prefers_digits"}``; ``gap_nats`` =
+    kept - reference train negative ELBO (> 0: the digits are the better ELBO)."""
+    from raymanifold.vae.evaluation import evaluate_model
+
+    m = evaluate_model(ref_model, unsupervised_view(ref_cfg))["metrics"]
+    keys = ("train_loss_nats", "test_loss_nats", "test_recon_nats", "test_kl_nats", "cluster_accuracy",
+            "dim1_accuracy", "dim2_accuracy", "per_dim_accuracy_min")
+    gap = kept_metrics["train_loss_nats"] - m["train_loss_nats"]
+    source = f"runs:/{info['run_id']}" if info.get("run_id") else info["source"]  # a URI the user can load
+    return {"model": source, "train_wall_s": info.get("train_wall_s"),
+            "metrics": {k: m[k] for k in keys}, "gap_nats": gap, "elbo_prefers_digits": bool(gap > 0)}
 
 
 # ----------------------------------------------------------------------------- shapes
