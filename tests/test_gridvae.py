@@ -391,6 +391,7 @@ def test_guided_reference_is_scored_without_labels_and_compared_with_the_kept_mo
                     "eval_points": 144}, {"n_train": 144, "n_test": 144})
     twin = S.guided_twin(cfg)
     assert (twin.model.guidance, twin.model.guided_labels) == ("full", ("digit1", "digit2"))
+    assert twin.model.guidance_steps == cfg.train.steps // 2 or cfg.train.steps == 1
     assert twin.model.sigma0 == cfg.model.sigma0 and twin.name == "t_guided_reference"
     S.check_guided_reference(cfg, twin)
     torch.manual_seed(0)
@@ -443,3 +444,32 @@ def test_two_digit_study_with_guided_reference_in_process(tmp_path, monkeypatch)
     assert (ref_cfg.name, ref_cfg.model.guidance) == (rep["config"]["name"] + "_guided_reference", "full")
     assert ref_cfg.train.steps == 4 and rep["config"]["model"]["guidance"] == "none"
     assert "Can the ELBO pick the digits?" in (out / "two_digit.md").read_text()
+
+
+def test_guidance_steps_guide_the_start_then_the_loss_ignores_labels():
+    """model.guidance_steps N: at steps <= N the KL is the guided Eq. 27 (wrong labels change the loss); after N
+    the plain ELBO (the same loss whatever the labels); bad values are refused naming the field."""
+    from raymanifold import data as rdata
+
+    cfg = make_cfg({"prior": "grid_mixture", "guidance": "full", "guided_labels": ["digit1", "digit2"],
+                    "guidance_steps": 3}, train={"steps": 6})
+    R.validate(cfg)
+    torch.manual_seed(0)
+    model = R.build(cfg).eval()  # eval: no augmentation, so the two calls see the same input
+    ds = rdata.load("two_digit", "train", n=16)
+    wrong = ds.y.clone()
+    wrong[:, :2] = (wrong[:, :2] + 3) % 6
+
+    def at(step, y):
+        return float(R.loss(model, (ds.x, y), cfg, step, torch.Generator().manual_seed(5))[0])
+
+    assert abs(at(3, ds.y) - at(3, wrong)) > 1e-2  # guided: the labels pick the centres
+    assert at(4, ds.y) == pytest.approx(at(4, wrong), abs=1e-6)  # after the guided start: no label enters
+    unguided = make_cfg({"prior": "grid_mixture"}, train={"steps": 6})
+    assert at(4, ds.y) == pytest.approx(float(R.loss(model, (ds.x, ds.y), unguided, 4,
+                                                     torch.Generator().manual_seed(5))[0]), abs=1e-6)
+    with pytest.raises(ConfigError, match="model.guidance_steps.*'none'"):
+        make_cfg({"guidance_steps": 3})
+    with pytest.raises(ConfigError, match="model.guidance_steps: 6 is not below train.steps"):
+        R.validate(make_cfg({"prior": "grid_mixture", "guidance": "full", "guided_labels": ["digit1", "digit2"],
+                             "guidance_steps": 6}, train={"steps": 6}))

@@ -121,9 +121,10 @@ def cmd_two_digit(args) -> int:
             m = result["metrics"]
             m["guided_reference_train_loss_nats"] = g["metrics"]["train_loss_nats"]
             m["guided_reference_gap_nats"] = g["gap_nats"]
-            print(f"  guided reference: train -ELBO {g['metrics']['train_loss_nats']:.2f} nats (kept model "
-                  f"{m['train_loss_nats']:.2f}); the ELBO {'prefers' if g['elbo_prefers_digits'] else 'does not prefer'}"
-                  " the digit partition", flush=True)
+            better = "better" if g["elbo_prefers_digits"] else "worse"
+            print(f"  guided reference (cluster accuracy {g['metrics']['cluster_accuracy']:.3f}): train -ELBO "
+                  f"{g['metrics']['train_loss_nats']:.2f} nats, {better} than the kept model's "
+                  f"{m['train_loss_nats']:.2f}", flush=True)
     stage(n, n, f"writing {args.out}")
     with report_dir(args.out) as tmp:
         gridvae_report.write_two_digit(tmp, result, model, cfg)

@@ -42,6 +42,7 @@ Evaluation, encode and decode never deform.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,9 @@ class GridVAEModelConfig:
                                   "over the batch")
     guidance: str = param("none", choices=GUIDANCE, help="none | full | partial (Sec. 4.2.2)")
     guided_labels: tuple[str, ...] = param((), help="label columns guiding latent dims 0..m-1, in order")
+    guidance_steps: int = param(0, lo=0, help="guide only the first N optimizer steps, then train on the "
+                                              "unsupervised ELBO (labels ignored): a guided start; 0 = guide "
+                                              "every step")
     eval_points: int = param(5000, lo=100, hi=1_000_000, help="examples encoded by evaluate()")
     encoder_augment: EncoderAugmentConfig = param(
         default_factory=EncoderAugmentConfig,
@@ -175,6 +179,9 @@ class GridVAEModelConfig:
         if self.guidance == "none" and m:
             raise ConfigError("model.guided_labels: given but model.guidance is 'none'; "
                               "set model.guidance to 'full' or 'partial' or remove the labels")
+        if self.guidance == "none" and self.guidance_steps:
+            raise ConfigError(f"model.guidance_steps: {self.guidance_steps} guided steps, but model.guidance is "
+                              "'none'; set model.guidance or model.guidance_steps: 0")
         if self.guidance != "none":
             if self.prior == "normal":
                 raise ConfigError("model.guidance: guidance needs a grid prior; set model.prior to "
@@ -231,6 +238,9 @@ def validate(cfg):
                           f"divisible into {tiles} equal tiles; use a divisor of {shape[2]}")
     if m.guidance == "none":
         return
+    if m.guidance_steps >= cfg.train.steps:
+        raise ConfigError(f"model.guidance_steps: {m.guidance_steps} is not below train.steps ({cfg.train.steps}): "
+                          "the run would be guided throughout; use model.guidance_steps: 0 for that")
     names, card = label_columns(cfg)
     if not names:
         raise ConfigError(f"model.guidance: {m.guidance!r} needs guidance labels, but data set {cfg.data.name!r} "
@@ -277,7 +287,11 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
         net.decoder.tau = s0
     logits, mu, logvar, z = model(x_in, eps)
     rec = recon_nats(logits, x).mean()
-    kl = kl_per_example(cfg, mu, logvar, z, y, s0)
+    kl_cfg = cfg
+    if cfg.model.guidance_steps and step > cfg.model.guidance_steps:  # after a guided start: the plain ELBO
+        kl_cfg, y = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, guidance="none", guided_labels=(),
+                                                                       guidance_steps=0)), None
+    kl = kl_per_example(kl_cfg, mu, logvar, z, y, s0)
     if cfg.model.pose != "none":  # the pose latent's KL to N(0, I), part of the same ELBO
         kl = kl + net.pose_kl
     kl = kl.mean()
