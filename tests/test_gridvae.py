@@ -444,6 +444,13 @@ def test_two_digit_study_with_guided_reference_in_process(tmp_path, monkeypatch)
     assert (ref_cfg.name, ref_cfg.model.guidance) == (rep["config"]["name"] + "_guided_reference", "full")
     assert ref_cfg.train.steps == 4 and rep["config"]["model"]["guidance"] == "none"
     assert "Can the ELBO pick the digits?" in (out / "two_digit.md").read_text()
+    # --tracking-uri resolves runs:/ given to --model and --guided-reference (not the environment's store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    again = tmp_path / "again"
+    assert main(["study", "gridvae-two-digit", "--model", ref["model"], "--guided-reference", ref["model"],
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(again)]) == 0
+    rep2 = json.loads((again / "two_digit.json").read_text())
+    assert rep2["guided_reference"]["gap_nats"] == pytest.approx(0.0, abs=1e-9)  # a model against itself
 
 
 def test_guidance_steps_guide_the_start_then_the_loss_ignores_labels():

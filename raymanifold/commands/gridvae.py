@@ -76,6 +76,7 @@ def cmd_two_digit(args) -> int:
     from raymanifold.vae import gridvae_report, gridvae_study as S
 
     set_threads(args)
+    apply_common(args)  # --tracking-uri also resolves runs:/ in --model and --guided-reference
     if args.restarts is not None and args.restarts < 1:
         raise UsageError(f"--restarts: must be >= 1, got {args.restarts}")
     if args.model and (args.restarts or 1) > 1:
@@ -116,7 +117,8 @@ def cmd_two_digit(args) -> int:
             else:
                 stage(3, n, f"scoring the guided reference {args.guided_reference}")
                 (ref_model, ref_cfg), ref_info = ref, {"source": args.guided_reference}
-            result["guided_reference"] = S.guided_reference(ref_model, ref_cfg, ref_info, result["metrics"])
+            result["guided_reference"] = S.guided_reference(ref_model, ref_cfg, ref_info, result["metrics"],
+                                                            kept=(model, cfg))
             g = result["guided_reference"]
             m = result["metrics"]
             m["guided_reference_train_loss_nats"] = g["metrics"]["train_loss_nats"]
@@ -124,7 +126,7 @@ def cmd_two_digit(args) -> int:
             better = "better" if g["elbo_prefers_digits"] else "worse"
             print(f"  guided reference (cluster accuracy {g['metrics']['cluster_accuracy']:.3f}): train -ELBO "
                   f"{g['metrics']['train_loss_nats']:.2f} nats, {better} than the kept model's "
-                  f"{m['train_loss_nats']:.2f}", flush=True)
+                  f"{g['kept_train_loss_nats']:.2f}", flush=True)
     stage(n, n, f"writing {args.out}")
     with report_dir(args.out) as tmp:
         gridvae_report.write_two_digit(tmp, result, model, cfg)
@@ -144,6 +146,7 @@ def cmd_shapes(args) -> int:
     from raymanifold.vae import gridvae_report, gridvae_study as S
 
     set_threads(args)
+    apply_common(args)  # --tracking-uri also resolves runs:/ in --model
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in SHAPES_VARIANTS]
     if bad or not variants:

@@ -70,7 +70,8 @@ def guided_reference_markdown(ref, kept: dict) -> str:
         return ""
     r = ref["metrics"]
     head = ["model", "train -ELBO (nats)", "test -ELBO (nats)", "cluster acc", "dim1 acc", "dim2 acc"]
-    body = [["kept (unsupervised)", kept["train_loss_nats"], kept["test_loss_nats"], kept["cluster_accuracy"],
+    kept_train = ref.get("kept_train_loss_nats", kept["train_loss_nats"])
+    body = [["kept", kept_train, kept["test_loss_nats"], kept["cluster_accuracy"],
              kept["dim1_accuracy"], kept["dim2_accuracy"]],
             [f"guided reference `{ref['model']}`", r["train_loss_nats"], r["test_loss_nats"], r["cluster_accuracy"],
              r["dim1_accuracy"], r["dim2_accuracy"]]]

@@ -205,16 +205,20 @@ def check_guided_reference(cfg, ref_cfg):
             raise StudyError(f"--guided-reference: {field} is {b!r} in the reference but {a!r} in the studied model")
 
 
-def guided_reference(ref_model, ref_cfg, info: dict, kept_metrics: dict) -> dict:
-    """Can selection by the ELBO reach the digit partition at all? The guided twin's cells are the digits; its
-    unsupervised negative ELBO on the train split (:func:`unsupervised_view`, labels used only for the
-    accuracies) against the kept model's. If the guided model's is *higher*, the ELBO prefers another partition
-    of this data over the digits, and no number of restarts selected by it will find them.
+def guided_reference(ref_model, ref_cfg, info: dict, kept_metrics: dict, kept=None) -> dict:
+    """Can selection by the ELBO reach the digit partition at all? The guided twin (:func:`guided_twin`) starts
+    in the digit partition; its unsupervised negative ELBO on the train split (:func:`unsupervised_view`, labels
+    used only for the accuracies) against the kept model's. If the guided start's is *higher*, the ELBO does not
+    prefer the digits to what the restarts found, and more restarts selected by it will not find them.
 
-    Returns ``{"model", "train_wall_s", "metrics": {...}, "gap_nats", "elbo_prefers_digits"}``; ``gap_nats`` =
-    kept - reference train negative ELBO (> 0: the digits are the better ELBO)."""
+    ``kept``: the kept ``(model, cfg)``; needed only when that model is itself guided (its ``kept_metrics`` then
+    hold the guided objective, and its unsupervised ELBO is computed here). Returns ``{"model",
+    "train_wall_s", "guidance_steps", "metrics": {...}, "gap_nats", "elbo_prefers_digits"}``; ``gap_nats`` =
+    kept - reference train negative ELBO (> 0: the guided start has the better ELBO)."""
     from raymanifold.vae.evaluation import evaluate_model
 
+    if kept is not None and kept[1].model.guidance != "none":
+        kept_metrics = evaluate_model(kept[0], unsupervised_view(kept[1]))["metrics"]
     m = evaluate_model(ref_model, unsupervised_view(ref_cfg))["metrics"]
     keys = ("train_loss_nats", "test_loss_nats", "test_recon_nats", "test_kl_nats", "cluster_accuracy",
             "dim1_accuracy", "dim2_accuracy", "per_dim_accuracy_min")
@@ -222,7 +226,8 @@ def guided_reference(ref_model, ref_cfg, info: dict, kept_metrics: dict) -> dict
     source = f"runs:/{info['run_id']}" if info.get("run_id") else info["source"]  # a URI the user can load
     return {"model": source, "train_wall_s": info.get("train_wall_s"),
             "guidance_steps": ref_cfg.model.guidance_steps,
-            "metrics": {k: m[k] for k in keys}, "gap_nats": gap, "elbo_prefers_digits": bool(gap > 0)}
+            "metrics": {k: m[k] for k in keys}, "kept_train_loss_nats": kept_metrics["train_loss_nats"],
+            "gap_nats": gap, "elbo_prefers_digits": bool(gap > 0)}
 
 
 # ----------------------------------------------------------------------------- shapes
