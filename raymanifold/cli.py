@@ -51,6 +51,10 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "tracking_uri", None):
+        # one store for the whole command: runs:/ URIs given to --model & co. resolve against --tracking-uri,
+        # and Ray workers inherit it (as raymanifold.commands.apply_common does)
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     try:
         rc = args.func(args)
     except _expected_errors() as exc:

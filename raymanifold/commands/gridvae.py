@@ -76,7 +76,6 @@ def cmd_two_digit(args) -> int:
     from raymanifold.vae import gridvae_report, gridvae_study as S
 
     set_threads(args)
-    apply_common(args)  # --tracking-uri also resolves runs:/ in --model and --guided-reference
     if args.restarts is not None and args.restarts < 1:
         raise UsageError(f"--restarts: must be >= 1, got {args.restarts}")
     if args.model and (args.restarts or 1) > 1:
@@ -146,7 +145,6 @@ def cmd_shapes(args) -> int:
     from raymanifold.vae import gridvae_report, gridvae_study as S
 
     set_threads(args)
-    apply_common(args)  # --tracking-uri also resolves runs:/ in --model
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in SHAPES_VARIANTS]
     if bad or not variants:
