@@ -47,6 +47,24 @@ def load(uri: str, device="cpu", use_ema: bool = True):
 
 
 # ----------------------------------------------------------------------------- training
+def _inprocess_logger(cfg, verbose: bool):
+    """``log(step, metrics)`` of the in-process loop: MLflow metrics, and with ``verbose`` the same progress line
+    as a Ray Train run (``[train <name>] step s/N  loss=..., steps_per_s=...``; the metrics of the step logged)."""
+    from raymanifold import tracking
+
+    last = [time.perf_counter(), 0]
+
+    def log(step, metrics):
+        tracking.log_metrics(metrics, step)
+        if verbose:
+            now = time.perf_counter()
+            rate = (step - last[1]) / max(now - last[0], 1e-9)
+            last[:] = [now, step]
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            print(f"[train {cfg.name}] step {step}/{cfg.train.steps}  {shown}, steps_per_s={rate:.3g}", flush=True)
+    return log
+
+
 @dataclass
 class RunHandle:
     """A finished, tracked training run."""
@@ -97,7 +115,7 @@ def train(cfg, *, backend: str = "ray", tracking_uri: Optional[str] = None, fres
                 from raymanifold.training import train_inprocess
 
                 t0 = time.perf_counter()
-                _, _, info = train_inprocess(cfg, checkpoint_dir=tmp, log=lambda s, m: tracking.log_metrics(m, s))
+                _, _, info = train_inprocess(cfg, checkpoint_dir=tmp, log=_inprocess_logger(cfg, verbose))
                 wall = time.perf_counter() - t0
                 path, step, start, storage, final = Path(tmp) / ckpt.FILENAME, int(info["step"]), 0, None, {}
             tracking.log_checkpoint(path)
