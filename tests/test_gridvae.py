@@ -391,7 +391,7 @@ def test_guided_reference_is_scored_without_labels_and_compared_with_the_kept_mo
                     "eval_points": 144}, {"n_train": 144, "n_test": 144})
     twin = S.guided_twin(cfg)
     assert (twin.model.guidance, twin.model.guided_labels) == ("full", ("digit1", "digit2"))
-    assert twin.model.guidance_steps == cfg.train.steps // 2 or cfg.train.steps == 1
+    assert twin.model.guidance_steps == cfg.train.steps and twin.train.steps == cfg.train.steps + 1  # 2 + 2 // 2
     assert twin.model.sigma0 == cfg.model.sigma0 and twin.name == "t_guided_reference"
     S.check_guided_reference(cfg, twin)
     torch.manual_seed(0)
@@ -432,7 +432,8 @@ def test_two_digit_study_with_guided_reference_in_process(tmp_path, monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     out = tmp_path / "report"
     args = ["study", "gridvae-two-digit", "--no-ray", "--restarts", "1", "--guided-reference", "--out", str(out)]
-    for s in ["train.steps=4", "train.checkpoint_every=4", "data.n_train=144", "data.n_test=144",
+    for s in ["train.steps=4", "train.checkpoint_every=4", "model.kl_warmup=4", "model.sigma0_anneal=2",
+              "data.n_train=144", "data.n_test=144",
               "model.eval_points=144", "model.width=4", f"train.storage_path={tmp_path}/ray_results"]:
         args += ["--set", s]
     assert main(args) == 0
@@ -442,7 +443,8 @@ def test_two_digit_study_with_guided_reference_in_process(tmp_path, monkeypatch)
     assert kept["guided_reference_gap_nats"] == pytest.approx(ref["gap_nats"])
     _, ref_cfg = S.load(ref["model"])  # the reference is a trained guided twin of the studied config
     assert (ref_cfg.name, ref_cfg.model.guidance) == (rep["config"]["name"] + "_guided_reference", "full")
-    assert ref_cfg.train.steps == 4 and rep["config"]["model"]["guidance"] == "none"
+    assert (ref_cfg.model.guidance_steps, ref_cfg.train.steps) == (4, 6)  # guided run, then half of it unguided
+    assert ref["unguided_steps"] == 2 and rep["config"]["model"]["guidance"] == "none"
     assert "Can the ELBO pick the digits?" in (out / "two_digit.md").read_text()
     # --tracking-uri resolves runs:/ given to --model and --guided-reference (not the environment's store)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")

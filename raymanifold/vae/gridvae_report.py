@@ -87,8 +87,9 @@ def guided_reference_markdown(ref, kept: dict) -> str:
     verdict += (" (One evaluation per model: on 28x28 digits the train -ELBO of one run moves by several nats "
                 "between checkpoints, so gaps of that size do not rank the two.)")
     return ("## Can the ELBO pick the digits? (guided reference)\n\n"
-            "The same config started with guidance (Sec. 4.2.2: each dimension's cell is its digit's label) for "
-            f"{ref.get('guidance_steps') or 'all'} of its steps and trained on the unsupervised ELBO for the rest, "
+            "The same config trained with guidance (Sec. 4.2.2: each dimension's cell is its digit's label) for "
+            f"{ref.get('guidance_steps') or 'all'} steps, then on the unsupervised ELBO alone for "
+            f"{ref.get('unguided_steps', 0)} more, "
             "then scored as an unguided model: the same negative ELBO (Eq. 23, the prior's KL without labels, "
             "beta 1, final sigma0, train split) that selects among the restarts. Its accuracies show whether it "
             "kept the digit partition.\n\n"
