@@ -60,6 +60,10 @@ class TrainConfig:
     steps: int = param(8000, lo=1, help="optimizer steps (global, all workers)")
     batch_size: int = param(512, lo=1, help="global batch size, split over workers")
     lr: float = param(1e-3, lo=0.0, lo_open=True, hi=10.0)
+    lr_schedule: str = param("constant", choices=("constant", "cosine"),
+                             help="'constant': lr throughout; 'cosine': lr at step 1 decayed on a half cosine to "
+                                  "lr_min at the last step (a function of the step, so resuming continues it)")
+    lr_min: float = param(0.0, lo=0.0, hi=10.0, help="final learning rate of the cosine schedule")
     weight_decay: float = param(0.0, lo=0.0)
     grad_clip: float = param(1.0, lo=0.0, help="max grad norm; 0 disables")
     ema_decay: float = param(0.0, lo=0.0, hi=1.0, lo_open=False, help="0 disables EMA weights")
@@ -67,6 +71,11 @@ class TrainConfig:
     log_every: int = param(100, lo=1, help="steps between metric logs")
     seed: int = param(0, lo=0)
     device: str = param("auto", choices=("auto", "cpu", "cuda"), help="device for in-process work")
+
+    def validate(self):
+        if self.lr_schedule == "cosine" and self.lr_min > self.lr:
+            raise ConfigError(f"train.lr_min: the cosine schedule decays from train.lr ({self.lr}) to lr_min, "
+                              f"which must not exceed it; got {self.lr_min}")
 
 
 @dataclass(frozen=True)

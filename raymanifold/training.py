@@ -102,6 +102,16 @@ def make_optimizer(model, tcfg) -> torch.optim.Optimizer:
                              weight_decay=tcfg.weight_decay)
 
 
+def lr_at(tcfg, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (1-based) under ``train.lr_schedule``: ``lr``, or the cosine
+    lr_min + (lr - lr_min) (1 + cos(pi (step - 1) / (steps - 1))) / 2, which is lr at step 1 and lr_min at the
+    last step."""
+    if tcfg.lr_schedule == "constant" or tcfg.steps <= 1:
+        return tcfg.lr
+    t = min(max(step - 1, 0), tcfg.steps - 1) / (tcfg.steps - 1)
+    return tcfg.lr_min + (tcfg.lr - tcfg.lr_min) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def run_steps(recipe, model, optimizer, batches: Iterator, cfg, *, start_step: int, end_step: int,
               generator: torch.Generator, ema: Optional[EMA] = None,
               on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
@@ -123,6 +133,11 @@ def run_steps(recipe, model, optimizer, batches: Iterator, cfg, *, start_step: i
         loss.backward()
         if cfg.train.grad_clip > 0:
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+        if cfg.train.lr_schedule != "constant":
+            lr = lr_at(cfg.train, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            metrics["lr"] = lr
         optimizer.step()
         if ema is not None:
             ema.update(model)

@@ -55,3 +55,26 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     p = ckpt.save(tmp_path / "c.pt", m, cfg, 1, optimizer=torch.optim.Adam(m.parameters()))
     state = torch.load(p, weights_only=True)
     assert state["family"] == "diffusion" and state["step"] == 1
+
+
+def test_cosine_lr_schedule_values_and_resume(tmp_path):
+    """train.lr_schedule cosine: lr at step 1, lr_min at the last step, the mean at the middle; the loop sets it
+    every step (logged ``lr``), and a resumed run continues the schedule instead of restarting it."""
+    from raymanifold.config import ConfigError
+    from raymanifold.training import lr_at
+
+    cfg = _cfg(21, lr_schedule="cosine", lr_min=1e-4, log_every=1, checkpoint_every=10)
+    t = cfg.train
+    assert lr_at(t, 1) == pytest.approx(2e-3) and lr_at(t, 21) == pytest.approx(1e-4)
+    assert lr_at(t, 11) == pytest.approx((2e-3 + 1e-4) / 2)
+    assert lr_at(_cfg(21).train, 15) == 2e-3  # constant
+    seen = {}
+    train_inprocess(cfg, log=lambda s, m: seen.__setitem__(s, m["lr"]))
+    assert [seen[s] for s in (1, 11, 21)] == pytest.approx([2e-3, 1.05e-3, 1e-4])
+    with pytest.raises(KeyboardInterrupt):
+        train_inprocess(cfg, checkpoint_dir=tmp_path, stop_after=15)
+    resumed = {}
+    train_inprocess(cfg, checkpoint_dir=tmp_path, log=lambda s, m: resumed.__setitem__(s, m["lr"]))
+    assert min(resumed) == 11 and resumed[11] == pytest.approx(seen[11])
+    with pytest.raises(ConfigError, match="train.lr_min"):
+        _cfg(21, lr_schedule="cosine", lr_min=1.0)
