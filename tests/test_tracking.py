@@ -162,3 +162,23 @@ def test_dead_tracking_server_fails_fast_naming_the_field(monkeypatch):
         assert tracking.resolve_uri(uri) == uri
     assert tracking.resolve_uri(uri) == uri  # cached: no second connect needed
     assert tracking.resolve_uri("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def test_concurrent_first_runs_on_a_new_sqlite_store(tmp_path):
+    """Four processes start a run on the same new SQLite store at once: all succeed (without the lock in
+    tracking.init_sqlite_store, MLflow's schema migration races and some fail with 'duplicate column name')."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "new" / "mlflow.db"
+    code = ("import sys; from raymanifold import tracking\n"
+            "with tracking.start_run('race', sys.argv[1], uri=sys.argv[2]): pass\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"r{i}", f"sqlite:///{db}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(4)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outs
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(f"sqlite:///{db}").get_experiment_by_name("race")
+    runs = MlflowClient(f"sqlite:///{db}").search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["r0", "r1", "r2", "r3"]

@@ -63,11 +63,37 @@ def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
     _REACHABLE.add(uri)
 
 
+_SQLITE_READY: set = set()
+
+
+def init_sqlite_store(uri: str) -> None:
+    """Create (or migrate) a ``sqlite:///`` store under an exclusive lock on ``<db>.lock``, once per process.
+
+    Two processes opening the same *new* store at once (two ``raymanifold train`` on a fresh machine) both run
+    MLflow's schema migration and one fails with ``duplicate column name``; the lock makes the second wait
+    and find the tables made. Other stores pass."""
+    if not uri.startswith("sqlite:///") or uri in _SQLITE_READY:
+        return
+    import fcntl  # POSIX; the lock file sits next to the database
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)  # builds the tables on first use
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    _SQLITE_READY.add(uri)
+
+
 def resolve_uri(uri: Optional[str] = None) -> str:
     """The tracking URI to use (argument, else MLFLOW_TRACKING_URI, else the local SQLite default);
-    a remote server is probed once (:func:`check_reachable`) so a dead one fails in seconds."""
+    a remote server is probed once (:func:`check_reachable`) so a dead one fails in seconds, and a SQLite
+    store is created under a lock (:func:`init_sqlite_store`) so concurrent first runs do not race."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
     check_reachable(uri)
+    init_sqlite_store(uri)
     return uri
 
 
