@@ -441,6 +441,7 @@ def test_two_digit_study_with_guided_reference_in_process(tmp_path, monkeypatch)
     ref, kept = rep["guided_reference"], rep["metrics"]
     assert ref["gap_nats"] == pytest.approx(kept["train_loss_nats"] - ref["metrics"]["train_loss_nats"])
     assert kept["guided_reference_gap_nats"] == pytest.approx(ref["gap_nats"])
+    assert S.load(rep["model"])[1].model.guidance == "none"  # the report names the kept model by a loadable URI
     _, ref_cfg = S.load(ref["model"])  # the reference is a trained guided twin of the studied config
     assert (ref_cfg.name, ref_cfg.model.guidance) == (rep["config"]["name"] + "_guided_reference", "full")
     assert (ref_cfg.model.guidance_steps, ref_cfg.train.steps) == (4, 6)  # guided run, then half of it unguided

@@ -52,7 +52,7 @@ def train(cfg, *, backend: str = "ray", tracking_uri=None) -> tuple:
 
     h = runs.train(cfg, backend=backend, tracking_uri=tracking_uri, fresh=True)
     model, cfg = load(str(h.checkpoint))
-    return model, cfg, {"source": h.source, "train_wall_s": h.wall_s, "run_id": h.run_id}
+    return model, cfg, {"source": h.model_uri, "train_wall_s": h.wall_s, "run_id": h.run_id}  # loadable
 
 
 def summary_line(m: dict, keys) -> str:
