@@ -51,6 +51,7 @@ def _inprocess_logger(cfg, verbose: bool):
     """``log(step, metrics)`` of the in-process loop: MLflow metrics, and with ``verbose`` the same progress line
     as a Ray Train run (``[train <name>] step s/N  loss=..., steps_per_s=...``; the metrics of the step logged)."""
     from raymanifold import tracking
+    from raymanifold.training import progress_line
 
     last = [time.perf_counter(), 0]
 
@@ -60,8 +61,7 @@ def _inprocess_logger(cfg, verbose: bool):
             now = time.perf_counter()
             rate = (step - last[1]) / max(now - last[0], 1e-9)
             last[:] = [now, step]
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-            print(f"[train {cfg.name}] step {step}/{cfg.train.steps}  {shown}, steps_per_s={rate:.3g}", flush=True)
+            print(progress_line(cfg, step, {**metrics, "steps_per_s": rate}), flush=True)
     return log
 
 

@@ -102,6 +102,13 @@ def make_optimizer(model, tcfg) -> torch.optim.Optimizer:
                              weight_decay=tcfg.weight_decay)
 
 
+def progress_line(cfg, step: int, metrics: dict) -> str:
+    """The progress line of a training run, the same on Ray Train and in-process:
+    ``[train <name>] step s/N  loss=..., steps_per_s=...``."""
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+    return f"[train {cfg.name}] step {step}/{cfg.train.steps}  {shown}"
+
+
 def lr_at(tcfg, step: int) -> float:
     """Learning rate of optimizer step ``step`` (1-based) under ``train.lr_schedule``: ``lr``, or the cosine
     lr_min + (lr - lr_min) (1 + cos(pi (step - 1) / (steps - 1))) / 2, which is lr at step 1 and lr_min at the

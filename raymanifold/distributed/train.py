@@ -44,7 +44,7 @@ from raymanifold import data as rdata
 from raymanifold.config import config_from_dict, to_dict
 from raymanifold.distributed.runtime import ensure_ray
 from raymanifold.recipes import get_recipe
-from raymanifold.training import EMA, batch_stream, make_optimizer, run_steps, train_threads
+from raymanifold.training import EMA, batch_stream, make_optimizer, progress_line, run_steps, train_threads
 
 FAULT_MARKER = ".fault_injected"
 
@@ -154,10 +154,9 @@ def train_loop_per_worker(loop_cfg: dict):
             if rank == 0 and loop_cfg.get("verbose", True) and (step >= next_progress[0] or step == cfg.train.steps):
                 while next_progress[0] <= step:
                     next_progress[0] += progress_every
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in avg.items())
                 # Ray Train patches print() to log *and* tee to a wrapped stdout, so a plain print shows
                 # twice in the driver; writing to the process's own stdout stream shows it once.
-                print(f"[train {cfg.name}] step {step}/{cfg.train.steps}  {shown}", file=sys.__stdout__, flush=True)
+                print(progress_line(cfg, step, avg), file=sys.__stdout__, flush=True)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             report = {"step": step, "resumed_from": start, "loop_s": time.perf_counter() - t_loop,
                       **{k: float(v) for k, v in metrics.items()}}

@@ -7,6 +7,7 @@ This module imports neither the recipe nor the evaluation, so both can use it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -45,6 +46,13 @@ def guided_centres(cfg, y: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     lo, _ = _bounds(cfg, y.device, dtype)
     m = len(cfg.model.guided_labels)
     return lo[:m] + y[:, guided_columns(cfg)].to(dtype)
+
+
+def unguided(cfg):
+    """``cfg`` with guidance off (``guidance none``, no labels, no ``guidance_steps``): the same network, grid and
+    sigma0, whose KL is the prior's own, without labels (the plain ELBO of Eq. 23)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, guidance="none", guided_labels=(),
+                                                              guidance_steps=0))
 
 
 def beta_at(cfg, step: int) -> float:

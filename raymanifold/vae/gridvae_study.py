@@ -174,9 +174,9 @@ def unsupervised_view(cfg):
     """``cfg`` read as an unguided model: the same network, grid and sigma0; the KL is the prior's own (Eq. 25
     mixture or Eq. 27 nearest centre) with no labels, so a guided model's ELBO is the quantity the restarts
     are selected by (:func:`pick_restart`) and the two can be compared."""
-    from raymanifold.config import replace
+    from raymanifold.vae.elbo import unguided
 
-    return replace(cfg, [("model.guidance", "none"), ("model.guided_labels", []), ("model.guidance_steps", 0)])
+    return unguided(cfg)
 
 
 def guided_twin(cfg):
@@ -227,10 +227,9 @@ def guided_reference(ref_model, ref_cfg, info: dict, kept_metrics: dict, kept=No
     keys = ("train_loss_nats", "test_loss_nats", "test_recon_nats", "test_kl_nats", "cluster_accuracy",
             "dim1_accuracy", "dim2_accuracy", "per_dim_accuracy_min")
     gap = kept_metrics["train_loss_nats"] - m["train_loss_nats"]
-    source = f"runs:/{info['run_id']}" if info.get("run_id") else info["source"]  # a URI the user can load
-    return {"model": source, "train_wall_s": info.get("train_wall_s"),
-            "guidance_steps": ref_cfg.model.guidance_steps,
-            "unguided_steps": ref_cfg.train.steps - ref_cfg.model.guidance_steps if ref_cfg.model.guidance_steps else 0,
+    guided_steps = ref_cfg.model.guidance_steps
+    return {"model": info["source"], "train_wall_s": info.get("train_wall_s"), "guidance_steps": guided_steps,
+            "unguided_steps": ref_cfg.train.steps - guided_steps if guided_steps else 0,
             "metrics": {k: m[k] for k in keys}, "kept_train_loss_nats": kept_metrics["train_loss_nats"],
             "gap_nats": gap, "elbo_prefers_digits": bool(gap > 0)}
 

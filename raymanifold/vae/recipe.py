@@ -42,7 +42,6 @@ Evaluation, encode and decode never deform.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +50,8 @@ from raymanifold.schema import ConfigError, param
 from raymanifold.data.augment import random_affine, random_thickness
 from raymanifold.recipes import Recipe
 from raymanifold.vae.elbo import (  # noqa: F401  (re-exported: the objective's terms)
-    beta_at, guided_centres, guided_columns, kl_per_example, kl_terms, label_columns, recon_nats, sigma0_at)
+    beta_at, guided_centres, guided_columns, kl_per_example, kl_terms, label_columns, recon_nats, sigma0_at,
+    unguided)
 from raymanifold.vae.models import CHANNEL_MULT, STEM_STRIDES, GridVAE
 
 PRIORS = ("normal", "grid_mixture", "nearest")
@@ -289,8 +289,7 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
     rec = recon_nats(logits, x).mean()
     kl_cfg = cfg
     if cfg.model.guidance_steps and step > cfg.model.guidance_steps:  # after a guided start: the plain ELBO
-        kl_cfg, y = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, guidance="none", guided_labels=(),
-                                                                       guidance_steps=0)), None
+        kl_cfg, y = unguided(cfg), None
     kl = kl_per_example(kl_cfg, mu, logvar, z, y, s0)
     if cfg.model.pose != "none":  # the pose latent's KL to N(0, I), part of the same ELBO
         kl = kl + net.pose_kl
