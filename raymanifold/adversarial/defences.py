@@ -53,8 +53,8 @@ DIFFPURE_TABLE4 = {"adv_training_linf": {"clean": 86.8, "linf": 49.0, "l2": 19.2
 class DefenceBudgets:
     """Every budget of the defence study (stated in the report). Pixel units of images in [0, 1]."""
     n: int = 500                       # test examples (fixed random order, class-balanced prefix)
-    adaptive_n: int = 32               # examples attacked through the purifiers (a prefix of the n)
-    draws: int = 4                     # runs of a stochastic defence judging each x_adv
+    adaptive_n: int = 16               # examples attacked through the purifiers (a prefix of the n)
+    draws: int = 2                     # runs of a stochastic defence judging each x_adv
     linf_eps: float = 0.15             # L-inf radius (= the L-inf training radius)
     l2_eps: float = 1.5                # L2 radius (= the L2 training radius)
     pgd_iterations: int = 50
@@ -70,12 +70,12 @@ class DefenceBudgets:
     diffusion_dt: int = 1
     apgd_iterations: int = 100         # APGD (Croce & Hein 2020)
     apgd_restarts: int = 1
-    eot: int = 20                      # purifier draws per gradient (AutoAttack-rand: 20)
+    eot: int = 4                       # purifier draws per gradient (AutoAttack-rand: 20; --eot 20, see docs)
     backprop_iterations: int = 25      # APGD-CE iterations through the whole purifier
-    backprop_eot: int = 4
+    backprop_eot: int = 2
     square_queries: int = 1000         # Square (rows without a purifier)
-    square_queries_purified: int = 300  # Square through a purifier (each query runs the whole defence)
-    eot_curve: tuple = (1, 4)          # further APGD-CE L-inf (BPDA) runs with these EOT draws
+    square_queries_purified: int = 200  # Square through a purifier (each query runs the whole defence)
+    eot_curve: tuple = (1,)            # further APGD-CE L-inf (BPDA) runs with these EOT draws
     short_iterations: int = 25         # APGD-CE L-inf (BPDA) with fewer iterations: the monotonicity check
     eps_sweep: tuple = (2.0, 3.0)      # multiples of the radii for the "accuracy falls to 0" check (APGD-CE)
     eps_sweep_n: int = 100

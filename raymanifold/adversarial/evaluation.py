@@ -121,5 +121,10 @@ def purification_budget(model, cfg, *, seed: int, iterations: int = 256, step: f
         robust = res["ok"]["clean"].all(0) & ok_adv[:, :k].all(0) & res["ok"]["apgd_ce_bpda"].all(0)
         lo, hi = wilson(int(robust.sum()), k)
         out.update(adaptive_robust_accuracy=float(robust.float().mean()), adaptive_robust_lo=lo, adaptive_robust_hi=hi,
-                   adaptive_n=float(k), zero_grad_fraction=res["columns"]["apgd_ce_bpda"]["health"]["zero_fraction"])
+                   adaptive_n=float(k), zero_grad_fraction=_nan_if_none(res["columns"]["apgd_ce_bpda"]["health"]["zero_fraction"]))
     return out
+
+
+def _nan_if_none(v):
+    """Tune metrics are floats: no gradient was needed (every example fooled at the start) -> nan."""
+    return float("nan") if v is None else float(v)

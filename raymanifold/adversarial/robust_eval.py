@@ -167,7 +167,8 @@ def evaluate(defence: Defence, x: torch.Tensor, y: torch.Tensor, columns: list, 
         cols[c.name] = {**summarize(ok[c.name]), "seconds": time.perf_counter() - t, "describe": c.describe(),
                         "threat": c.threat, "adaptive": c.adaptive, "view": c.view, "health": health,
                         "label": c.label or c.name, "curve": curve.result() if curve is not None else None}
-        zf = "" if health is None else f", zero-gradient fraction {health['zero_fraction']:.4f}"
+        zf = "" if not health or health["zero_fraction"] is None else \
+            f", zero-gradient fraction {health['zero_fraction']:.4f}"
         log(f"    [{defence.name}] {c.name} (n={m}): {100 * cols[c.name]['accuracy']:.1f}%"
             f" (worst of {k}: {100 * cols[c.name]['worst_of_k']:.1f}%){zf} ({cols[c.name]['seconds']:.0f} s)")
     out = {"columns": cols, "strongest": strongest(ok, cols, len(x), n_adaptive), "ok": ok, "n": len(x),

@@ -61,20 +61,20 @@ DEFAULT_SETTINGS = ("mnist5k", "pair")
 class StudyBudgets:
     """Every budget of the study (stated in the report)."""
     n: int = 500                       # test examples (a fixed random subset of the test split)
-    draws: int = 4                     # draws of the stochastic defence judging each x_adv
+    draws: int = 2                     # draws of the stochastic defence judging each x_adv
     attack_iterations: int = 256       # patch-PGD / patch-NAG iterations (paper: 2,048)
     attack_step: float = 4 / 255       # step inside the patch (paper: 1/255 with 2,048 iterations)
-    attack_restarts: int = 2           # random restarts of the transfer patch attacks
+    attack_restarts: int = 1           # random restarts of the transfer patch attacks (--attack-restarts)
     purify: PurifyBudget = field(default_factory=lambda: PurifyBudget(iterations=64, step=4 / 255, restarts=1))
     #                                    paper: 256 steps of 1/255 (the same total movement, 1.0)
-    adaptive_n: int = 32               # examples attacked adaptively (a prefix of the n)
+    adaptive_n: int = 16               # examples attacked adaptively (a prefix of the n)
     adaptive_iterations: int = 100     # APGD iterations (Croce & Hein 2020)
     adaptive_restarts: int = 1
-    eot: int = 20                      # purifier draws per gradient (AutoAttack-rand: 20)
+    eot: int = 4                       # purifier draws per gradient (AutoAttack-rand: 20; --eot 20, see docs)
     backprop_iterations: int = 25      # APGD-CE iterations through the whole unrolled purifier
-    backprop_eot: int = 4
-    random_search_queries: int = 300   # gradient-free patch random search (queries of the whole defence)
-    eot_curve: tuple = (1, 4)          # further APGD-CE (BPDA) runs with these EOT draws
+    backprop_eot: int = 2
+    random_search_queries: int = 200   # gradient-free patch random search (queries of the whole defence)
+    eot_curve: tuple = (1,)            # further APGD-CE (BPDA) runs with these EOT draws
     short_iterations: int = 25         # APGD-CE (BPDA, eot) with fewer iterations: the monotonicity check
     patch_scales: tuple = (0.5, 1.5)   # further patch sizes relative to the setting's patch (1.0 = the main result)
     patch_size_iterations: int = 128   # attack iterations of the patch-size curve

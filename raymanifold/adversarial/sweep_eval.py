@@ -90,5 +90,10 @@ def diffusion_purification(model, cfg, *, seed: int = 0, classifier: str = "", t
         lo, hi = wilson(int(robust.sum()), k)
         out.update(adaptive_robust_accuracy=float(robust.float().mean()), adaptive_robust_lo=lo,
                    adaptive_robust_hi=hi, adaptive_n=float(k),
-                   zero_grad_fraction=res["columns"]["apgd_ce_linf_bpda"]["health"]["zero_fraction"])
+                   zero_grad_fraction=_nan_if_none(res["columns"]["apgd_ce_linf_bpda"]["health"]["zero_fraction"]))
     return out
+
+
+def _nan_if_none(v):
+    """Tune metrics are floats: no gradient was needed (every example fooled at the start) -> nan."""
+    return float("nan") if v is None else float(v)

@@ -36,6 +36,8 @@ def register(sub, study_sub):
     p.add_argument("--adaptive-iterations", type=int, default=d.adaptive_iterations, help="APGD iterations")
     p.add_argument("--adaptive-restarts", type=int, default=d.adaptive_restarts, help="APGD restarts")
     p.add_argument("--eot", type=int, default=d.eot, help="purifier draws averaged per gradient (BPDA)")
+    p.add_argument("--eot-curve", default=",".join(map(str, d.eot_curve)),
+                   help="further APGD-CE (BPDA) runs at these EOT draws: the convergence against draws ('' = none)")
     p.add_argument("--backprop-iterations", type=int, default=d.backprop_iterations,
                    help="APGD-CE iterations by full back-propagation through the purifier")
     p.add_argument("--backprop-eot", type=int, default=d.backprop_eot, help="EOT draws of the full back-propagation")
@@ -72,9 +74,18 @@ def _budgets(args):
                             adaptive_n=args.adaptive_n, adaptive_iterations=args.adaptive_iterations,
                             adaptive_restarts=args.adaptive_restarts, eot=args.eot,
                             backprop_iterations=args.backprop_iterations, backprop_eot=args.backprop_eot,
-                            random_search_queries=args.random_search_queries)
+                            random_search_queries=args.random_search_queries, eot_curve=parse_ints(args.eot_curve,
+                                                                                                   "--eot-curve"))
     except ConfigError as exc:
         raise UsageError(option_error(exc)) from None
+
+
+def parse_ints(text: str, option: str) -> tuple:
+    """'1,4' -> (1, 4); UsageError naming ``option`` otherwise."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{option}: comma-separated integers, got {text!r}") from None
 
 
 def option_error(exc) -> str:

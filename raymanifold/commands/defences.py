@@ -51,6 +51,8 @@ def register(sub, study_sub):
     p.add_argument("--sampler", default=d.diffusion_sampler, help="diffusion purifier's reverse sampler")
     p.add_argument("--dt", type=int, default=d.diffusion_dt, help="reverse step size")
     p.add_argument("--eot", type=int, default=d.eot, help="purifier draws averaged per gradient (BPDA)")
+    p.add_argument("--eot-curve", default=",".join(map(str, d.eot_curve)),
+                   help="further APGD-CE (BPDA) runs at these EOT draws: the convergence against draws ('' = none)")
     p.add_argument("--seed", type=int, default=0)
     add_training_options(p, threads=1, no_ray=False)
     p.add_argument("--out", default="reports/defences")
@@ -79,7 +81,7 @@ def register(sub, study_sub):
 
 def _budgets(args):
     from raymanifold.adversarial.defences import DefenceBudgets, quick
-    from raymanifold.commands.adversarial import option_error
+    from raymanifold.commands.adversarial import option_error, parse_ints
     from raymanifold.schema import ConfigError
 
     for k, hi in (("linf_eps", 1.0), ("l2_eps", 28.0)):
@@ -103,7 +105,8 @@ def _budgets(args):
                      diffusion_sampler=args.sampler, diffusion_dt=args.dt, apgd_iterations=args.apgd_iterations,
                      apgd_restarts=args.apgd_restarts, eot=args.eot, backprop_iterations=args.backprop_iterations,
                      backprop_eot=args.backprop_eot, square_queries=args.square_queries,
-                     square_queries_purified=args.square_queries_purified)
+                     square_queries_purified=args.square_queries_purified,
+                     eot_curve=parse_ints(args.eot_curve, "--eot-curve"))
     except (ConfigError, ValueError) as exc:
         msg = str(exc)
         msg = "--" + msg.split(".", 1)[1] if msg.startswith(("purify.sampler", "purify.dt")) else option_error(exc)
