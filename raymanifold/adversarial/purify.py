@@ -126,77 +126,67 @@ def purify(model, x: torch.Tensor, budget: PurifyBudget, generator: Optional[tor
         return out, elbo_at_mean(model, out.detach())
     if not differentiable:
         x = x.detach()
-    best_x, best_elbo = None, None
+    xr, starts = _restart_batch(x, budget, generator)
+    xp = purify_steps(model, xr, starts, budget, generator, mask, differentiable=differentiable)
+    if not differentiable:
+        xp = xp.detach()
+    return _choose(model, xp, len(x))
+
+
+def _restart_batch(x: torch.Tensor, budget: PurifyBudget, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x repeated R times, the R starts) as one batch of R * B rows: restart 0 at delta = 0, the others
+    uniform in [-r, r] (r = eps, or ``init`` when eps = 0). Restarts run in one network pass per step."""
     radius = budget.eps if budget.eps > 0 else budget.init
-    for r in range(budget.restarts):
-        if r == 0:
-            delta = torch.zeros_like(x)
-        else:
-            delta = ((torch.rand(x.shape, generator=generator) * 2 - 1) * radius).to(x)
-        xp = purify_steps(model, x, delta, budget, generator, mask, differentiable=differentiable)
-        if not differentiable:
-            xp = xp.detach()
-        e = elbo_at_mean(model, xp.detach())
-        if best_x is None:
-            best_x, best_elbo = xp, e
-        else:
-            better = e > best_elbo
-            best_x = torch.where(better.view(-1, 1, 1, 1), xp, best_x)
-            best_elbo = torch.where(better, e, best_elbo)
-    return best_x, best_elbo
+    starts = [torch.zeros_like(x)] + [((torch.rand(x.shape, generator=generator) * 2 - 1) * radius).to(x)
+                                      for _ in range(budget.restarts - 1)]
+    return x.repeat(budget.restarts, *([1] * (x.ndim - 1))), torch.cat(starts)
+
+
+def _choose(model, xp: torch.Tensor, b: int):
+    """Per example, the restart (rows r * b + i) with the highest ELBO at z = mu (the first on ties):
+    (x_pfy (B, ...), its ELBO (B,) nats)."""
+    e = elbo_at_mean(model, xp.detach()).view(-1, b)
+    choice = e.argmax(0)
+    idx = choice * b + torch.arange(b, device=choice.device)
+    return xp[idx], e.max(0).values
 
 
 class _Unrolled(torch.autograd.Function):
-    """x -> x_pfy of :func:`purify` (all restarts, the restart of best ELBO at z = mu per example) whose
-    backward pass is that of the differentiable purifier, recomputed one step at a time.
+    """x -> x_pfy of :func:`purify` (all restarts in one batch, the restart of best ELBO at z = mu per
+    example) whose backward pass is that of the differentiable purifier, recomputed one step at a time.
 
-    Forward: the deployed purifier, recording each restart's (delta_k, z noise_k). Backward: the direct
-    path x_pfy = x + delta_T gives grad_out; then, per restart, the adjoint a_T = grad_out * [restart
-    chosen] is carried back through each recomputed step delta_k+1 = step(delta_k, x, noise_k)
-    (:func:`_diff_step`), adding d step / d x to the gradient of x. The start delta_0 does not depend on x
-    (its box is straight-through: d(clamp(x + d) - x)/dx = 1 - 1 = 0)."""
+    Forward: the deployed purifier on the R * B rows of :func:`_restart_batch`, recording (delta_k, z
+    noise_k) before each step. Backward: the direct path x_pfy = x + delta_T gives grad_out; the adjoint
+    a_T = grad_out on the chosen restart's rows (0 elsewhere) is carried back through each recomputed step
+    delta_k+1 = step(delta_k, x, noise_k) (:func:`_diff_step`), adding d step / d x, summed over the
+    restarts, to the gradient of x. The start delta_0 does not depend on x (its box is straight-through:
+    d(clamp(x + d) - x)/dx = 1 - 1 = 0)."""
 
     @staticmethod
     def forward(ctx, x, model, budget, mask, generator):
         x = x.detach()
-        radius = budget.eps if budget.eps > 0 else budget.init
-        records, finals, best_elbo, choice = [], [], None, None
-        for r in range(budget.restarts):
-            delta = torch.zeros_like(x) if r == 0 else ((torch.rand(x.shape, generator=generator) * 2 - 1)
-                                                         * radius).to(x)
-            rec: list = []
-            xp = purify_steps(model, x, delta, budget, generator, mask, record=rec).detach()
-            e = elbo_at_mean(model, xp)
-            records.append(rec)
-            finals.append(xp)
-            if best_elbo is None:
-                best_elbo, choice = e, torch.zeros(len(x), dtype=torch.long)
-            else:
-                better = e > best_elbo
-                best_elbo = torch.where(better, e, best_elbo)
-                choice = torch.where(better.cpu(), torch.full_like(choice, r), choice)
-        ctx.model, ctx.budget, ctx.mask, ctx.records, ctx.choice = model, budget, mask, records, choice
-        ctx.save_for_backward(x)
-        out = finals[0].clone()
-        for r in range(1, len(finals)):
-            pick = (choice == r).to(x.device).view(-1, *([1] * (x.ndim - 1)))
-            out = torch.where(pick, finals[r], out)
-        return out
+        xr, starts = _restart_batch(x, budget, generator)
+        rec: list = []
+        xp = purify_steps(model, xr, starts, budget, generator, mask, record=rec).detach()
+        e = elbo_at_mean(model, xp).view(-1, len(x))
+        choice = e.argmax(0)
+        ctx.model, ctx.budget, ctx.mask, ctx.rec = model, budget, mask, rec
+        ctx.rows = choice * len(x) + torch.arange(len(x), device=choice.device)
+        ctx.save_for_backward(xr)
+        return xp[ctx.rows]
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        gx = grad_out.clone()
-        for r, rec in enumerate(ctx.records):
-            pick = (ctx.choice == r).to(x.device).view(-1, *([1] * (x.ndim - 1)))
-            if not pick.any():
-                continue
-            a = grad_out * pick
-            for delta, eps in reversed(rec):
-                with torch.enable_grad():
-                    d = delta.detach().requires_grad_(True)
-                    xx = x.detach().requires_grad_(True)
-                    nxt = _diff_step(d, xx, eps, ctx.model, ctx.budget, ctx.mask)
-                    a, g = torch.autograd.grad(nxt, (d, xx), a)
-                gx = gx + g
-        return gx, None, None, None, None
+        (xr,) = ctx.saved_tensors
+        b = grad_out.shape[0]
+        a = torch.zeros_like(xr)
+        a[ctx.rows] = grad_out
+        gx = torch.zeros_like(xr)
+        for delta, eps in reversed(ctx.rec):
+            with torch.enable_grad():
+                d = delta.detach().requires_grad_(True)
+                xx = xr.detach().requires_grad_(True)
+                nxt = _diff_step(d, xx, eps, ctx.model, ctx.budget, ctx.mask)
+                a, g = torch.autograd.grad(nxt, (d, xx), a)
+            gx = gx + g
+        return grad_out + gx.view(-1, b, *grad_out.shape[1:]).sum(0), None, None, None, None
