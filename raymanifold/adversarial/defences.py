@@ -133,7 +133,8 @@ def columns(budgets: DefenceBudgets, purified: bool) -> list:
                                       adaptive=True, threat=norm, early_stop=True, curve=(loss == "ce"),
                                       label=f"APGD-{loss.upper()} {norm} BPDA+EOT{budgets.eot}"))
             else:
-                cols.append(RE.Column(name, budgets.apgd(norm, loss), threat=norm, label=f"APGD-{loss.upper()} {norm}"))
+                cols.append(RE.Column(name, budgets.apgd(norm, loss), threat=norm, early_stop=True,
+                                      label=f"APGD-{loss.upper()} {norm}"))
         q = budgets.square_queries_purified if purified else budgets.square_queries
         if q:
             cols.append(RE.Column(f"square_{norm}", budgets.apgd(norm, "ce", 1), view="square", queries=q,

@@ -142,8 +142,8 @@ def columns(budgets: StudyBudgets, patch_d: dict) -> dict:
                      restarts=budgets.attack_restarts) for m in ("patch_pgd", "patch_nag")}
     transfer = [RE.Column(m, tb[m], threat="patch", label=m.replace("_", "-")) for m in tb]
     ai = budgets.adaptive_iterations
-    white = [RE.Column(f"apgd_{l}", _apgd(budgets, patch, l, ai), threat="patch", label=f"APGD-{l.upper()}")
-             for l in ("ce", "dlr")]
+    white = [RE.Column(f"apgd_{l}", _apgd(budgets, patch, l, ai), threat="patch", early_stop=True,
+                       label=f"APGD-{l.upper()}") for l in ("ce", "dlr")]   # the classifier is the whole defence
     adaptive = [RE.Column(f"apgd_{l}_bpda", _apgd(budgets, patch, l, ai), view="bpda", eot=budgets.eot, adaptive=True,
                           threat="patch", early_stop=True, curve=(l == "ce"),
                           label=f"APGD-{l.upper()} BPDA+EOT{budgets.eot}") for l in ("ce", "dlr")]
