@@ -70,13 +70,17 @@ def _iteration(fn, x, y):
 
 
 def _memory(args) -> dict:
+    """Peak RSS of one full back-propagation, each in a fresh process: checkpointed on ``--memory-rows`` rows,
+    the whole graph on ``--whole-graph-rows`` (it grows with the steps: about 0.4 GB per row for 64 steps,
+    so keep it small on a shared machine); both reported per row too."""
     out = {}
     for ck in (True, False):
+        rows = args.memory_rows if ck else args.whole_graph_rows
         code = (f"import resource, torch, sys; sys.argv=['x']; torch.set_num_threads({args.threads});"
                 "from benchmarks.attack_throughput import _model;"
                 "from raymanifold.adversarial.budgets import PurifyBudget;"
                 "from raymanifold.adversarial.purify import purify;"
-                f"m = _model({args.model!r}); x = torch.rand({args.memory_rows}, 1, 28, 28).requires_grad_(True);"
+                f"m = _model({args.model!r}); x = torch.rand({rows}, 1, 28, 28).requires_grad_(True);"
                 "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
                 f"xp = purify(m, x, PurifyBudget(iterations=64, step=4/255), torch.Generator(), differentiable=True, "
                 f"checkpoint={ck})[0];"
@@ -84,7 +88,9 @@ def _memory(args) -> dict:
                 "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         base, peak = map(int, res.stdout.split()[-2:])
-        out["checkpointed" if ck else "whole_graph"] = {"peak_rss_mb": peak / 1024, "added_mb": (peak - base) / 1024}
+        out["checkpointed" if ck else "whole_graph"] = {"rows": rows, "peak_rss_mb": peak / 1024,
+                                                        "added_mb": (peak - base) / 1024,
+                                                        "added_mb_per_row": (peak - base) / 1024 / rows}
     return out
 
 
@@ -118,7 +124,7 @@ def _early_stop(model, budget, args) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="", help="a vae_classifier checkpoint or runs:/<id> (default: random init)")
-    ap.add_argument("--batches", default="4,16,64", help="examples per attack batch (B)")
+    ap.add_argument("--batches", default="2,8,32", help="examples per attack batch (B); '' = skip")
     ap.add_argument("--eot", type=int, default=20)
     ap.add_argument("--purify-iterations", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=100, help="rows per purifier call of the batched version")
@@ -127,6 +133,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory", action="store_true", help="also measure the peak memory of full back-propagation")
     ap.add_argument("--memory-rows", type=int, default=64)
+    ap.add_argument("--whole-graph-rows", type=int, default=4)
     ap.add_argument("--early-stop-n", type=int, default=0, help="also time APGD-CE BPDA+EOT on N test digits "
                                                                "with and without early stopping")
     ap.add_argument("--early-stop-eot", type=int, default=4)
@@ -140,7 +147,7 @@ def main():
     model = _model(args.model)
     budget = PurifyBudget(iterations=args.purify_iterations, step=4 / 255)
     rows = []
-    for b in (int(v) for v in args.batches.split(",")):
+    for b in (int(v) for v in args.batches.split(",") if v.strip()):
         x = torch.rand(b, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         y = torch.randint(0, 10, (b,), generator=torch.Generator().manual_seed(1))
         g = torch.Generator().manual_seed(2)
@@ -165,8 +172,8 @@ def main():
     if args.memory:
         out["memory"] = _memory(args)
         for k, v in out["memory"].items():
-            print(f"full back-propagation through {args.purify_iterations} steps, {args.memory_rows} rows, {k}: "
-                  f"peak RSS {v['peak_rss_mb']:.0f} MB (+{v['added_mb']:.0f} MB)")
+            print(f"full back-propagation through 64 steps, {v['rows']} rows, {k}: peak RSS {v['peak_rss_mb']:.0f} MB "
+                  f"(+{v['added_mb']:.0f} MB, {v['added_mb_per_row']:.1f} MB per row)")
     print(json.dumps(out, indent=1))
 
 

@@ -360,3 +360,14 @@ def test_checkpointed_full_backprop_equals_the_whole_graph():
         (g,) = torch.autograd.grad((model.classify_logits(xp) ** 2).sum(), xx)
         grads.append(g)
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
+
+
+def test_intervals_contain_the_estimate_and_a_constant_binary_sample_is_not_a_point():
+    from raymanifold.analysis.intervals import bootstrap_mean, mean_interval, wilson
+
+    lo, hi = wilson(0, 8)
+    assert lo == 0 and 0.3 < hi < 0.35                  # 0 of 8: up to about a third
+    assert mean_interval([0.0] * 8) == (lo, hi)
+    values = [0, 0.25, 0.5, 1, 1, 0.75, 0.5, 0.25]
+    lo, hi = mean_interval(values)
+    assert lo < sum(values) / len(values) < hi and (lo, hi) == bootstrap_mean(values)

@@ -26,7 +26,7 @@ import torch
 from raymanifold.adversarial.budgets import AttackBudget
 from raymanifold.adversarial.evaluation import eval_set
 from raymanifold.adversarial.hmc import HMCConfig, hmc_defence, latent_attack, symmetric_kl
-from raymanifold.analysis.intervals import bootstrap_mean
+from raymanifold.analysis.intervals import mean_interval
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _measure(model, z, y, mu_r, lv_r, rec_r, chains):
     err = ((rec - rec_r.flatten(1).unsqueeze(1)) ** 2).sum(-1).mean()
     maha = ((mean - mu_r) ** 2 / lv_r.exp()).sum(1)
     return {"skl": float(skl.mean()), "skl_median": float(skl.median()), "mean_mahalanobis2": float(maha.mean()),
-            "probe_accuracy": float(probe), "probe_accuracy_ci": bootstrap_mean(per_example.numpy()),
+            "probe_accuracy": float(probe), "probe_accuracy_ci": mean_interval(per_example.numpy()),
             "recon_error": float(err)}
 
 

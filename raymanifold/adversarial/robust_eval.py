@@ -29,7 +29,7 @@ from raymanifold.adversarial.attacks import attack
 from raymanifold.adversarial.budgets import AttackBudget
 from raymanifold.adversarial.defended import Defence
 from raymanifold.adversarial.gradients import GradHealth
-from raymanifold.analysis.intervals import bootstrap_mean, wilson
+from raymanifold.analysis.intervals import mean_interval, wilson
 from raymanifold.schema import ConfigError
 
 GRADIENT_FREE = ("square", "patch_rs")
@@ -95,7 +95,7 @@ def summarize(ok: torch.Tensor) -> dict:
     per = ok.float().mean(0)
     worst = ok.all(0)
     acc = float(per.mean()) if m else float("nan")
-    ci = wilson(int(worst.sum()), m) if k == 1 else bootstrap_mean(per.numpy())
+    ci = mean_interval(per.numpy())
     return {"n": m, "draws": k, "accuracy": acc, "accuracy_ci": ci,
             "worst_of_k": float(worst.float().mean()) if m else float("nan"),
             "worst_of_k_ci": wilson(int(worst.sum()), m)}
@@ -192,7 +192,7 @@ def _strength(worst: torch.Tensor, mean: torch.Tensor, names) -> dict:
     m = len(worst)
     return {"n": m, "columns": list(names), "worst_of_k": float(worst.float().mean()) if m else float("nan"),
             "worst_of_k_ci": wilson(int(worst.sum()), m), "accuracy": float(mean.mean()) if m else float("nan"),
-            "accuracy_ci": bootstrap_mean(mean.numpy()) if m else (float("nan"),) * 2}
+            "accuracy_ci": mean_interval(mean.numpy()) if m else (float("nan"),) * 2}
 
 
 def strongest(ok: dict, cols: dict, n: int, n_adaptive: int) -> dict:

@@ -2,6 +2,7 @@
 
 * :func:`wilson`: a proportion k / n (an accuracy over n independent examples): the Wilson score interval
   (``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")``).
+* :func:`mean_interval`: Wilson when the per-example values are all 0/1, else :func:`bootstrap_mean`.
 * :func:`bootstrap_mean`: the mean of per-example values that are not 0/1 (e.g. an accuracy averaged over
   several draws of a stochastic defence per example): a percentile bootstrap over examples
   (``scipy.stats.bootstrap``, 2,000 resamples, seeded).
@@ -34,6 +35,16 @@ def bootstrap_mean(values, confidence: float = 0.95, seed: int = 0) -> tuple[flo
     res = bootstrap((v,), np.mean, confidence_level=confidence, n_resamples=2000, method="percentile",
                     random_state=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def mean_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    """95% interval of the mean of per-example values in [0, 1]: Wilson when every value is 0 or 1 (the mean
+    is then a proportion; a bootstrap of a constant sample would give a zero-width interval), else the
+    percentile bootstrap."""
+    v = np.asarray(values, dtype=float).ravel()
+    if len(v) and np.all((v == 0) | (v == 1)):
+        return wilson(int(v.sum()), len(v), confidence)
+    return bootstrap_mean(v, confidence)
 
 
 def fmt_pct(p: float, ci: tuple[float, float] | None = None) -> str:
