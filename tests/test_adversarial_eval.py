@@ -371,3 +371,16 @@ def test_intervals_contain_the_estimate_and_a_constant_binary_sample_is_not_a_po
     values = [0, 0.25, 0.5, 1, 1, 0.75, 0.5, 0.25]
     lo, hi = mean_interval(values)
     assert lo < sum(values) / len(values) < hi and (lo, hi) == bootstrap_mean(values)
+
+
+def test_early_stop_waits_for_patience_consecutive_all_fooled_iterates():
+    from raymanifold.adversarial.objective import BestIterate
+
+    b = BestIterate(torch.zeros(2, 1, 2, 2), patience=3)
+    idx = torch.arange(2)
+    for f0, f1 in ((1.0, 1.0), (1.0, 0.75), (1.0, 1.0), (0.5, 1.0)):
+        assert not b.done().any()
+        b.update(idx, torch.ones(2, 1, 2, 2), torch.tensor([f0, f1]), torch.zeros(2))
+    assert b.done().tolist() == [False, False]        # example 0: streak broken at the 4th; example 1: 2 in a row
+    b.update(idx, torch.ones(2, 1, 2, 2), torch.tensor([1.0, 1.0]), torch.zeros(2))
+    assert b.done().tolist() == [False, True]

@@ -21,7 +21,7 @@ adds for evaluating stochastic defences:
   over the draws.
 * The returned example is the best iterate: misclassified in the largest fraction of the draws (the
   forward *is* the defence as deployed for BPDA), ties broken by the loss; ``early_stop`` drops an example
-  from the batch once an iterate fools every draw.
+  from the batch once ``patience`` consecutive iterates fool every draw.
 * Restarts from new random starts run on the examples not yet fooled in every draw.
 * ``health`` records the zero fraction and norm of every input gradient; ``trace(i, x_best, fooled)`` gives
   convergence curves.
@@ -145,7 +145,7 @@ def _single_run(model_fn, x, y, budget, generator, best: BestIterate, rows: torc
 
 def apgd(model_fn: Callable, x: torch.Tensor, y: torch.Tensor, budget: AttackBudget,
          generator: Optional[torch.Generator] = None, *, health: Optional[GradHealth] = None,
-         early_stop: bool = False, trace: Optional[Callable] = None) -> torch.Tensor:
+         early_stop: bool = False, trace: Optional[Callable] = None, patience: int = 1) -> torch.Tensor:
     """APGD adversarial examples (B, C, H, W) in [0, 1] within ``budget`` (method ``apgd``; ``norm``,
     ``eps``, ``iterations``, ``restarts``, ``loss``, ``rho``, optional ``patch``). See the module docstring."""
     if budget.method != "apgd":
@@ -158,7 +158,7 @@ def apgd(model_fn: Callable, x: torch.Tensor, y: torch.Tensor, budget: AttackBud
     check_differentiable(model_fn, x)
     mask = budget.patch.mask(tuple(x.shape[1:]), x.device, x.dtype) if budget.patch is not None else None
     x = x.detach()
-    best = BestIterate(x)
+    best = BestIterate(x, patience)
     everyone = torch.arange(len(x))
     for r in range(budget.restarts):
         rows = everyone[~best.done()] if r > 0 else everyone

@@ -74,7 +74,7 @@ def attack(model_fn: Callable, x: torch.Tensor, y: torch.Tensor, budget: AttackB
            generator: Optional[torch.Generator] = None,
            trace: Optional[Callable] = None,
            start: Optional[torch.Tensor] = None, *, health: Optional[GradHealth] = None,
-           keep: str = "best", early_stop: bool = False, loss: str = "ce") -> torch.Tensor:
+           keep: str = "best", early_stop: bool = False, loss: str = "ce", patience: int = 1) -> torch.Tensor:
     """Adversarial examples (B, C, H, W) in [0, 1] for ``x`` with labels ``y`` (B,) within ``budget``.
 
     ``trace(i, x_best, fooled)`` (optional) is called for i = 1..iterations of the first restart with the
@@ -85,14 +85,15 @@ def attack(model_fn: Callable, x: torch.Tensor, y: torch.Tensor, budget: AttackB
     if not isinstance(budget, AttackBudget):
         raise TypeError(f"budget: expected an AttackBudget, got {type(budget).__name__}")
     if budget.method == "apgd":
-        return apgd(model_fn, x, y, budget, generator, health=health, early_stop=early_stop, trace=trace)
+        return apgd(model_fn, x, y, budget, generator, health=health, early_stop=early_stop, trace=trace,
+                    patience=patience)
     if keep not in ("best", "last"):
         raise ValueError(f"keep: 'best' or 'last', got {keep!r}")
     mask = budget.patch.mask(tuple(x.shape[1:]), x.device, x.dtype) if budget.patch is not None else None
     check_differentiable(model_fn, x)
     x = x.detach()
     m = budget.method
-    best = BestIterate(x)
+    best = BestIterate(x, patience)
     everyone = torch.arange(len(x))
     if m == "fgsm":
         _, _, g = objective(model_fn, x, y, loss, health=health)

@@ -73,15 +73,23 @@ def objective(model_fn: Callable, x: torch.Tensor, y: torch.Tensor, loss: str = 
 
 
 class BestIterate:
-    """Per-example best adversarial example: the largest fraction of draws fooled, then the largest loss."""
+    """Per-example best adversarial example: the largest fraction of draws fooled, then the largest loss.
 
-    def __init__(self, x: torch.Tensor):
+    ``patience``: an example is *done* (``early_stop`` drops it) once ``patience`` consecutive evaluated
+    iterates each fooled every draw. With a stochastic defence one all-fooled evaluation of E draws is a
+    noisy estimate: measured on the ELBO purifier (E = 4, APGD-CE), stopping at the first left 18.8% of the
+    examples correct under fresh draws against 3.1% without early stopping."""
+
+    def __init__(self, x: torch.Tensor, patience: int = 1):
         self.x = x.detach().clone()
         self.fooled = torch.full((len(x),), -1.0)
         self.loss = torch.full((len(x),), -float("inf"))
+        self.streak = torch.zeros(len(x), dtype=torch.long)
+        self.patience = patience
 
     def update(self, idx: torch.Tensor, xa: torch.Tensor, fooled: torch.Tensor, loss: torch.Tensor):
         f, l = fooled.cpu(), loss.cpu().float()
+        self.streak[idx] = torch.where(f >= 1.0, self.streak[idx] + 1, torch.zeros_like(self.streak[idx]))
         better = (f > self.fooled[idx]) | ((f == self.fooled[idx]) & (l > self.loss[idx]))
         if better.any():
             j = idx[better]
@@ -89,8 +97,8 @@ class BestIterate:
             self.fooled[j], self.loss[j] = f[better], l[better]
 
     def done(self) -> torch.Tensor:
-        """(B,) bool: fooled in every draw."""
-        return self.fooled >= 1.0
+        """(B,) bool: ``patience`` consecutive iterates fooled every draw."""
+        return self.streak >= self.patience
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,9 @@ GRADIENT_FREE = ("square", "patch_rs")
 ZERO_FRACTION_LIMIT = 0.01
 #: per-example checks tolerate this fraction of violations (stochastic defences are judged on fresh draws)
 VIOLATION_LIMIT = 0.02
+#: early stopping against a stochastic defence: consecutive iterates that must fool every draw (1 when the
+#: defence is deterministic, where one evaluation is exact)
+STOCHASTIC_PATIENCE = 3
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,8 @@ def _run(defence: Defence, col: Column, x, y, generator, batch: int, log,
     out = []
     for i in range(0, len(x), batch):
         out.append(attack(fn, x[i:i + batch], y[i:i + batch], col.budget, generator, health=health,
-                          early_stop=col.early_stop, trace=curve.trace if curve is not None else None))
+                          early_stop=col.early_stop, trace=curve.trace if curve is not None else None,
+                          patience=STOCHASTIC_PATIENCE if (defence.stochastic and col.view != "transfer") else 1))
         if curve is not None:
             curve.flush()
         if len(x) > batch:
