@@ -378,9 +378,8 @@ def test_early_stop_waits_for_patience_consecutive_all_fooled_iterates():
 
     b = BestIterate(torch.zeros(2, 1, 2, 2), patience=3)
     idx = torch.arange(2)
-    for f0, f1 in ((1.0, 1.0), (1.0, 0.75), (1.0, 1.0), (0.5, 1.0)):
-        assert not b.done().any()
+    for f0, f1 in ((1.0, 1.0), (1.0, 0.75), (0.5, 1.0), (1.0, 1.0)):
         b.update(idx, torch.ones(2, 1, 2, 2), torch.tensor([f0, f1]), torch.zeros(2))
-    assert b.done().tolist() == [False, False]        # example 0: streak broken at the 4th; example 1: 2 in a row
+        assert not b.done().any()                       # streaks 1,2,0,1 and 1,0,1,2
     b.update(idx, torch.ones(2, 1, 2, 2), torch.tensor([1.0, 1.0]), torch.zeros(2))
-    assert b.done().tolist() == [False, True]
+    assert b.done().tolist() == [False, True]           # example 1: three in a row
