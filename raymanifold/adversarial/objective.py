@@ -77,8 +77,9 @@ class BestIterate:
 
     ``patience``: an example is *done* (``early_stop`` drops it) once ``patience`` consecutive evaluated
     iterates each fooled every draw. With a stochastic defence one all-fooled evaluation of E draws is a
-    noisy estimate: measured on the ELBO purifier (E = 4, APGD-CE), stopping at the first left 18.8% of the
-    examples correct under fresh draws against 3.1% without early stopping."""
+    noisy estimate. Measured on the ELBO purifier (mnist5k, APGD-CE BPDA + EOT 4, 50 iterations, 8 examples,
+    judged on 8 fresh draws; benchmarks/attack_throughput.py --early-stop-n 8): every iteration 1.6% correct
+    (245 s), patience 1 6.2% (31 s), patience 3 1.6% (88 s)."""
 
     def __init__(self, x: torch.Tensor, patience: int = 1):
         self.x = x.detach().clone()
