@@ -7,6 +7,19 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_run_cache(tmp_path_factory):
+    """The suite's runs:/ checkpoints are cached in a temporary folder, not in <output root>/run_cache of the
+    checkout (raymanifold.tracking.cache_dir); a test that studies the cache location sets its own."""
+    saved = os.environ.get("RAYMANIFOLD_CACHE")
+    os.environ["RAYMANIFOLD_CACHE"] = str(tmp_path_factory.mktemp("run_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("RAYMANIFOLD_CACHE", None)
+    else:
+        os.environ["RAYMANIFOLD_CACHE"] = saved
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch):
     """A private SQLite MLflow store for one test."""

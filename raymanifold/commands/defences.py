@@ -43,7 +43,7 @@ def register(sub, study_sub):
     p.add_argument("--dt", type=int, default=d.diffusion_dt, help="reverse step size")
     p.add_argument("--eot", type=int, default=d.eot)
     p.add_argument("--seed", type=int, default=0)
-    add_training_options(p, threads=1, no_ray=False)
+    add_training_options(p, threads=1, no_ray=False, fresh=True)
     p.add_argument("--out", default="reports/defences")
     p.set_defaults(func=cmd_defences)
 
@@ -63,7 +63,7 @@ def register(sub, study_sub):
     p.add_argument("--target-accept", type=float, default=h.hmc.target_accept)
     p.add_argument("--adapt-steps", type=int, default=h.hmc.adapt_steps)
     p.add_argument("--seed", type=int, default=0)
-    add_training_options(p, threads=1, no_ray=False)
+    add_training_options(p, threads=1, no_ray=False, fresh=True)
     p.add_argument("--out", default="reports/hmc")
     p.set_defaults(func=cmd_hmc)
 
@@ -136,7 +136,8 @@ def cmd_defences(args) -> int:
             ddpm_T = (loaded["ddpm"][1] if "ddpm" in loaded else configs["ddpm"]).model.T
             _check_t_star(budgets, ddpm_T)
         model, cfg, _ = load_or_train(getattr(args, f"model_{role}"), configs.get(role), name=role, i=i, n=n,
-                                      tracking_uri=args.tracking_uri, study="defences", info=info)
+                                      tracking_uri=args.tracking_uri, study="defences", info=info,
+                                      fresh=args.fresh)
         if cfg.family != want[role]:
             raise UsageError(f"{ROLES[role][0]}: a {cfg.family} model; {role} needs a {want[role]} model")
         loaded[role] = (model, cfg)
@@ -198,7 +199,7 @@ def cmd_hmc(args) -> int:
     else:
         cfg = load_config(find_config(ROLES["undefended"][1]), apply_common(args))
         stage(1, 3, f"training {cfg.name} ({cfg.train.steps} steps, Ray Train)")
-        h = runs.train(cfg, tracking_uri=args.tracking_uri, tags={"study": "hmc"})
+        h = runs.train(cfg, tracking_uri=args.tracking_uri, fresh=args.fresh, tags={"study": "hmc"})
         model, cfg, _ = runs.load(str(h.checkpoint))
         info["model"] = h.model_uri
     if cfg.family != "vae_classifier":

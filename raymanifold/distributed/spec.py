@@ -369,6 +369,6 @@ def plan_concurrency(free_cpu: float, total_cpu: float, per_trial_cpu: float, n_
 def train_trial_resources(cfg_dict: dict) -> tuple[float, float]:
     """(CPU, GPU) one train-time trial holds: the Tune trial actor plus its Train workers."""
     t = cfg_dict["ray"]
-    gpu = (t["gpus_per_worker"] or (1.0 if t["use_gpu"] else 0.0)) * t["num_workers"]
+    gpu = (t["gpus_per_worker"] or (1.0 if t["use_gpu"] is True else 0.0)) * t["num_workers"]  # auto: resolved first
     return TRIAL_DRIVER_CPU + t["num_workers"] * t["cpus_per_worker"], gpu
 
