@@ -6,7 +6,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-ray venv mlflow-ui bench serve bench-serve screenshots web-demo bench-web clean
+# Outputs (mlflow.db, mlartifacts/, ray_results/, reports/, run_cache/) go to one root: RAYMANIFOLD_HOME if set,
+# else this folder (docs/getting-started.md, "Where output lands").
+ROOT   := $(or $(RAYMANIFOLD_HOME),$(CURDIR))
+
+.PHONY: demo test test-unit test-ray venv mlflow-ui bench serve bench-serve screenshots web-demo bench-web clean distclean
 
 SHELL  := /bin/bash
 
@@ -32,7 +36,7 @@ test-ray: $(STAMP)
 	$(PY) -m pytest -q -m ray tests
 
 mlflow-ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(ROOT)/mlflow.db --port 5000
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
@@ -45,9 +49,11 @@ bench-serve: $(STAMP)
 	$(PY) benchmarks/serve_latency.py
 
 # the web page (docs/web.md): trains three small models once (cached in reports/web/models), serves them and
-# writes screenshots to reports/web/ (and docs/web_page.png); needs chromium (apt-get install chromium)
+# writes screenshots to reports/web/ under the output root; needs chromium (apt-get install chromium).
+# To refresh the README's picture as well: make screenshots DOCS_PNG=docs/web_page.png
+DOCS_PNG ?=
 screenshots: $(STAMP)
-	$(PY) -m serve.webdemo screenshots
+	$(PY) -m serve.webdemo screenshots --docs "$(DOCS_PNG)"
 
 web-demo: $(STAMP)
 	$(PY) -m serve.webdemo serve --port 8000
@@ -55,5 +61,10 @@ web-demo: $(STAMP)
 bench-web: $(STAMP)
 	$(PY) benchmarks/web_page.py
 
+# clean: outputs that runs rebuild (reports, checkpoints, the run cache); the MLflow history stays.
+# distclean: also the MLflow history (mlflow.db, mlartifacts/). Neither touches .venv (rm -rf .venv for that).
 clean:
-	rm -rf reports checkpoints ray_results mlflow.db mlartifacts
+	cd "$(ROOT)" && rm -rf reports checkpoints ray_results run_cache
+
+distclean: clean
+	cd "$(ROOT)" && rm -rf mlflow.db mlflow.db.lock mlflow.db-journal mlartifacts

@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: commands that only read (no start-up line naming the output root)
-READ_ONLY = ("list", "compare")
+#: commands that write nothing under the output root (no start-up line naming it; serve's first line is its own)
+NO_ROOT_LINE = ("list", "compare", "serve")
 #: option names (argparse dests) that name input files or folders; see :func:`_absolute_inputs`
 INPUT_DESTS = ("config", "glow_config", "config_dir", "model", "ddpm", "data", "ood", "classifier", "reference")
 
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         # one output root (raymanifold.paths): inputs keep meaning the caller's files, outputs land in the home
         os.environ[paths.CALLER_ENV] = start
         home = paths.home()
-        if args.command not in READ_ONLY:
+        if args.command not in NO_ROOT_LINE:
             print(f"output root: {home} ({paths.home_source()})", file=sys.stderr, flush=True)
         if str(home) != start:
             _absolute_inputs(args)

@@ -368,3 +368,27 @@ def search_runs(experiment: str, *, filter_string: str = "", order_by=None, uri:
 
 def get_run(run_id: str, uri: Optional[str] = None):
     return MlflowClient(resolve_uri(uri)).get_run(run_id)
+
+
+def store_exists(uri: str) -> bool:
+    """False for a ``sqlite:///`` store whose file does not exist yet (nothing tracked; reading it would create it)."""
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
+
+
+def experiment_counts(uri: Optional[str] = None) -> list[dict]:
+    """Every experiment of the store with its run count and the start of its newest run (UTC ISO), most runs first:
+    ``[{"experiment", "runs", "last_run"}]``; [] when a local store does not exist yet."""
+    import datetime as dt
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    check_reachable(uri)
+    if not store_exists(uri):
+        return []
+    client = MlflowClient(uri)
+    out = []
+    for exp in client.search_experiments():
+        runs = client.search_runs([exp.experiment_id], max_results=50_000, order_by=["attributes.start_time DESC"])
+        last = (dt.datetime.fromtimestamp(runs[0].info.start_time / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+                if runs else "")
+        out.append({"experiment": exp.name, "runs": len(runs), "last_run": last})
+    return sorted(out, key=lambda e: (-e["runs"], e["experiment"]))

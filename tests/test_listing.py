@@ -1,0 +1,89 @@
+"""Discovery: `raymanifold list configs|datasets|families|experiments|studies`, and `compare` without --experiment."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raymanifold.cli import main
+from raymanifold.commands import REPO_ROOT
+from raymanifold.commands import listing
+
+
+def test_every_family_has_a_line():
+    from raymanifold.recipes import available_families
+
+    missing = [f for f in available_families() if f not in listing.FAMILY_INFO]
+    assert not missing, f"add these families to raymanifold/commands/listing.py FAMILY_INFO: {missing}"
+    for fam, (what, doc) in listing.FAMILY_INFO.items():
+        assert what and (REPO_ROOT / doc).is_file(), fam
+
+
+def test_needs_reads_data_and_gpu_from_the_config(tmp_path):
+    assert listing.needs({"family": "diffusion", "data": {"name": "swiss_roll"}}) == []
+    assert listing.needs({"family": "diffusion", "data": {"name": "celeba"}}) == ["data on disk"]
+    assert listing.needs({"family": "diffusion", "data": {"name": "mnist5k"}, "ray": {"use_gpu": True}}) == ["GPU"]
+    assert listing.needs({"family": "diffusion", "train": {"gpus_per_worker": 1}}) == ["GPU"]  # old spelling
+    assert listing.needs({"family": "diffusion", "ray": {"use_gpu": "auto"}}) == []  # auto runs anywhere
+    base = tmp_path / "b.yaml"
+    base.write_text(yaml.safe_dump({"family": "gridvae", "data": {"name": "cifar10"}}))
+    assert listing.needs({"kind": "train", "base": str(base)}) == ["data on disk"]  # a sweep needs its base's
+    assert listing.family_of({"config": str(base)}) == "gridvae"
+
+
+def test_list_configs_names_every_file_and_where_it_runs(capsys):
+    assert main(["list", "configs"]) == 0
+    out = capsys.readouterr().out
+    files = sorted((REPO_ROOT / "jobs" / "configs").rglob("*.yaml"))
+    assert files and all(str(p.relative_to(REPO_ROOT)) in out for p in files)
+    rows = {Path(r["config"]).name: r for r in listing.config_rows()}
+    assert rows["demo_swiss_roll.yaml"]["where"] == "here" and rows["demo_swiss_roll.yaml"]["kind"] == "train"
+    assert rows["flow_celeba64.yaml"]["where"] == "cluster: data on disk, GPU"
+    assert rows["sweep_diffusion_dt.yaml"]["kind"] == "sweep" and rows["sweep_diffusion_dt.yaml"]["family"] == "diffusion"
+    assert rows["study_attribute_kl_celeba.yaml"]["kind"] == "study"
+    assert rows["study_attribute_kl_celeba.yaml"]["where"].startswith("cluster")
+
+
+def test_list_datasets_families_and_studies(capsys):
+    from raymanifold import data as rdata
+    from raymanifold.recipes import available_families
+
+    assert main(["list", "datasets"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert set(lines) == set(rdata.available())
+    assert "on disk (data.root)" in lines["celeba"] and "bundled" in lines["mnist5k"] and "1x28x28" in lines["mnist5k"]
+    assert main(["list", "families"]) == 0
+    out = capsys.readouterr().out
+    assert all(f in out for f in available_families()) and "log_prob, sample" in out
+    assert main(["list", "studies"]) == 0
+    out = capsys.readouterr().out
+    for study in ("table1", "gridvae-two-digit", "attribute-kl", "likelihood", "diffsiam-probes"):
+        assert f"raymanifold study {study}" in out
+
+
+def test_list_experiments_counts_runs_and_compare_lists_them(tmp_path, capsys, monkeypatch):
+    from raymanifold import tracking
+
+    missing = tmp_path / "none" / "mlflow.db"
+    assert main(["list", "experiments", "--tracking-uri", f"sqlite:///{missing}"]) == 0
+    assert "no experiments" in capsys.readouterr().out and not missing.exists()  # reading does not create a store
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for exp, n in (("alpha", 3), ("beta", 1)):
+        for i in range(n):
+            with tracking.start_run(exp, f"r{i}", uri=uri):
+                pass
+    assert main(["list", "experiments", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[2:4]]
+    assert [r[:2] for r in rows] == [["alpha", "3"], ["beta", "1"]]
+    assert main(["compare", "--tracking-uri", uri]) == 0  # no --experiment: the same table
+    assert capsys.readouterr().out.splitlines()[2].split()[:2] == ["alpha", "3"]
+
+
+def test_list_all_and_bad_choice(capsys, tmp_path):
+    assert main(["list", "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"]) == 0
+    out = capsys.readouterr().out
+    for section in listing.WHAT:
+        assert f"## {section}" in out
+    with pytest.raises(SystemExit):
+        main(["list", "models"])
