@@ -1,4 +1,4 @@
-# Two set-up commands for a fresh machine: `make demo` and `make test`.
+# Two set-up commands for a fresh machine: `make demo` and `make test` (docs/getting-started.md).
 # Each creates .venv with the machine's python3 if it is missing and installs
 # the project (editable) with pip; torch/torchvision come from local wheels here.
 PYTHON ?= python3
@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # else this folder (docs/getting-started.md, "Where output lands").
 ROOT   := $(or $(RAYMANIFOLD_HOME),$(CURDIR))
 
-.PHONY: demo test test-unit test-ray venv mlflow-ui bench serve bench-serve screenshots web-demo bench-web clean distclean
+.PHONY: demo test test-all test-slow test-unit test-ray venv mlflow-ui bench serve bench-serve screenshots web-demo bench-web clean distclean
 
 SHELL  := /bin/bash
 
@@ -26,14 +26,24 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/raymanifold demo
 
+# test: the fast tier (every test not marked slow; tests/conftest.py lists the slow tier); test-all: the whole
+# suite (CI: .ci/run); test-slow: the slow tier alone; test-unit: no Ray; test-ray: only the Ray tier.
+# PYTEST_ARGS adds options, e.g. make test PYTEST_ARGS=--durations=15
+PYTEST_ARGS ?=
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q -m "not ray" tests
+	$(PY) -m pytest -q -m "not ray and not slow" $(PYTEST_ARGS) tests
 
 test-ray: $(STAMP)
-	$(PY) -m pytest -q -m ray tests
+	$(PY) -m pytest -q -m ray $(PYTEST_ARGS) tests
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(ROOT)/mlflow.db --port 5000

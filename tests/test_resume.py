@@ -3,6 +3,7 @@
 Unit tests build a run folder by hand (a checkpoint + the run record, as a Ray Train run leaves them) and need no
 Ray; the end-to-end test is the issue's measured case through `raymanifold train` on Ray Train."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -123,34 +124,44 @@ def test_sweep_resume_with_a_changed_file_is_refused(tmp_path):
         check_sweep_resume(spec, str(folder), sweep_record(spec, None, str(other)))
 
 
-@pytest.mark.ray
-def test_train_with_a_changed_config_exits_2_and_an_extension_records_its_parent(tmp_path, tracking_uri, capsys,
-                                                                              monkeypatch):
-    """The issue's case: `train --fresh`, then the same name with another train.lr. It used to exit 0 and log the
-    old weights as a second FINISHED run under lr 0.0123."""
-    from mlflow.tracking import MlflowClient  # test-only: read the runs back
+def test_train_name_option_names_the_run(monkeypatch, capsys):
+    """`train --name NEW` is the way out the refusal offers: the run (and its checkpoint folder) takes that name."""
+    from raymanifold import runs as runs_mod
+
+    seen = {}
+
+    class Handle:
+        run_id, model_uri, step, start_step, wall_s, metrics = "r", "runs:/r", 1, 0, 0.0, {}
+
+    def fake_train(cfg, **kw):
+        seen["name"], seen["fresh"] = cfg.name, kw.get("fresh")
+        return Handle()
+
+    monkeypatch.setattr(runs_mod, "train", fake_train)
+    assert main(["train", "--config", CONFIG, "--name", "probe-lr", "--set", "train.lr=0.0123"]) == 0
+    assert seen == {"name": "probe-lr", "fresh": False}
+    assert main(["train", "--config", CONFIG, "--name", "12"]) == 0 and seen["name"] == "12"  # a string, not YAML
+    capsys.readouterr()
+
+
+def test_train_with_a_changed_config_exits_2_before_any_work(tmp_path, tracking_uri, capsys, monkeypatch):
+    """The issue's case through the CLI: a run name with checkpoints of a finished run (lr 0.002), trained again
+    with --set train.lr=0.0123. It used to exit 0 and log the old weights as a second FINISHED run under lr
+    0.0123; now it exits 2 naming the key, and nothing is logged or started."""
+    from mlflow.tracking import MlflowClient  # test-only: read the store back
+
+    from raymanifold.commands import REPO_ROOT
+    from raymanifold.config import load_config
 
     monkeypatch.chdir(tmp_path)
-    from raymanifold.commands import REPO_ROOT
-
     conf = str(REPO_ROOT / CONFIG)
     sets = [a for s in TINY for a in ("--set", s)] + ["--set", "name=probe"]
-    assert main(["train", "--config", conf, *sets, "--fresh"]) == 0
-    first = _json_out(capsys.readouterr().out)
+    first = load_config(conf, TINY + ["name=probe"])
+    folder = _leave_run(first, 40, run_id="0f1e2d3c")  # what `train ... --fresh` left: a finished run at step 40
+    assert folder == str(tmp_path / "ray_results" / "probe")
     assert main(["train", "--config", conf, *sets, "--set", "train.lr=0.0123"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: name: run 'probe' already has checkpoints (step 40") and "\n" not in err
-    assert "train.lr: 0.002 -> 0.0123" in err
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name("demo")
-    assert len(client.search_runs([exp.experiment_id])) == 1  # nothing logged for the refused run
-    # extending the run is allowed; it names its parent
-    assert main(["train", "--config", conf, *sets, "--set", "train.steps=60"]) == 0
-    second = _json_out(capsys.readouterr().out)
-    run = client.get_run(second["run_id"])
-    assert second["resumed_from_step"] == 40 and second["step"] == 60
-    assert run.data.tags["resumed_from_run_id"] == first["run_id"] and run.data.tags["resumed_from_step"] == "40"
-    # a new name trains a new run beside it
-    assert main(["train", "--config", conf, *sets, "--set", "train.lr=0.0123", "--name", "probe-lr"]) == 0
-    third = _json_out(capsys.readouterr().out)
-    assert client.get_run(third["run_id"]).data.params["train.lr"] == "0.0123" and third["resumed_from_step"] == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: name: run 'probe' already has checkpoints (step 40, MLflow run 0f1e2d3c)")
+    assert "train.lr: 0.002 -> 0.0123" in err[-1] and "--fresh" in err[-1]
+    assert [e.name for e in MlflowClient(tracking_uri).search_experiments()] == ["Default"]  # no run was opened
+    assert sorted(p.name for p in Path(folder).iterdir()) == [resume.RECORD, "step_00000040"]  # nothing trained

@@ -379,20 +379,24 @@ def test_default_serve_without_a_trained_demo_says_how_to_get_models(tmp_path, m
     assert "make demo" in err and "--model NAME=runs:/<run_id>" in err
 
 
-def test_serve_cli_serves_a_run_given_with_model(tmp_path):
-    """`raymanifold serve --model roll=<relative path> --check` in its own process: the run is served under that
-    name (no YAML edited)."""
-    import os
-    import subprocess
+def test_serve_cli_serves_a_run_given_with_model(tmp_path, monkeypatch, capsys):
+    """`raymanifold serve --model roll=<relative path> --check`: the run is served under that name, no YAML edited.
+    In this process, before the module's app starts (the fixture below shuts this Ray down first)."""
+    from raymanifold.cli import main
+    from raymanifold.distributed import runtime
 
     _points_checkpoint(tmp_path / "ck")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    out = subprocess.run([sys.executable, "-m", "raymanifold.cli", "serve", "--model", "roll=ck", "--check",
-                          "--port", str(_free_port()), "--num-cpus", "2"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.splitlines()[0].startswith("no image model among the served ones (roll)")
-    report = json.JSONDecoder().raw_decode(out.stdout[out.stdout.index("{"):])[0]  # Ray may log after it
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runtime.shutdown()
+    try:
+        rc = main(["serve", "--model", "roll=ck", "--check", "--port", str(_free_port()), "--num-cpus", "2"])
+    finally:
+        runtime.shutdown()
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert out.splitlines()[0].startswith("no image model among the served ones (roll)")
+    report = json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
     assert [m["name"] for m in report["models"]["models"]] == ["roll"] and report["healthz"]["status_code"] == 200
 
 
