@@ -1,6 +1,6 @@
 """Typed, validated experiment configuration.
 
-A run is described by one YAML file (``jobs/configs/*.yaml``) that maps onto
+A run is described by one YAML file (``jobs/configs/{train,cluster}/*.yaml``) that maps onto
 frozen dataclasses::
 
     family: diffusion          # which recipe (raymanifold.recipes)

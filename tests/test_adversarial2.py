@@ -47,8 +47,8 @@ def test_adv_training_config_error_names_the_field():
     from raymanifold.recipes import get_recipe
 
     with pytest.raises(ConfigError, match=r"model\.adv_eps.*larger than the data range"):
-        load_config("jobs/configs/vae_classifier_mnist5k_at_linf.yaml", ["model.adv_eps=1.5"])
-    get_recipe("vae_classifier").validate(load_config("jobs/configs/vae_classifier_mnist5k_at_l2.yaml"))
+        load_config("jobs/configs/train/vae_classifier_mnist5k_at_linf.yaml", ["model.adv_eps=1.5"])
+    get_recipe("vae_classifier").validate(load_config("jobs/configs/train/vae_classifier_mnist5k_at_l2.yaml"))
 
 
 @pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.7)])

@@ -17,8 +17,8 @@ def _without_root_line(err: str) -> str:
 
 @pytest.mark.parametrize("argv, fragment", [
     (["train", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
-    (["train", "--config", "jobs/configs/demo_swiss_roll.yaml", "--set", "data.name=nope"], "data.name: unknown data set 'nope'"),
-    (["train", "--config", "jobs/configs/demo_swiss_roll.yaml", "--set", "train.steps=0"], "train.steps: 0 is out of range"),
+    (["train", "--config", "jobs/configs/train/demo_swiss_roll.yaml", "--set", "data.name=nope"], "data.name: unknown data set 'nope'"),
+    (["train", "--config", "jobs/configs/train/demo_swiss_roll.yaml", "--set", "train.steps=0"], "train.steps: 0 is out of range"),
     (["likelihood", "--model", "runs:/doesnotexist"], "MLflow run 'doesnotexist' not found"),
     (["likelihood", "--model", "no/such/checkpoint.pt"], "does not exist"),
     (["sample", "--model", "no/such/checkpoint.pt"], "does not exist"),
@@ -103,7 +103,7 @@ def test_old_train_keys_on_the_command_line_warn_once_and_still_apply(capsys, mo
     from raymanifold import config as C
 
     monkeypatch.setattr(C, "_warned", set())
-    assert main(["train", "--config", "jobs/configs/demo_swiss_roll.yaml", "--set", "train.num_workers=0"]) == 2
+    assert main(["train", "--config", "jobs/configs/train/demo_swiss_roll.yaml", "--set", "train.num_workers=0"]) == 2
     err = _without_root_line(capsys.readouterr().err).strip().splitlines()
     assert len(err) == 2 and err[0].startswith("deprecated: train.num_workers -> ray.num_workers")
     assert err[1].startswith("error: ray.num_workers: 0 is out of range")

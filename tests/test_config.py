@@ -85,7 +85,7 @@ def test_shipped_configs_load(tmp_path):
 
     make_celeba(tmp_path)  # CelebA configs are checked against CelebA's native files (40 attribute names)
     root = Path(__file__).resolve().parents[1] / "jobs" / "configs"
-    files = sorted(root.glob("*.yaml"))
+    files = sorted(root.rglob("*.yaml"))
     assert files, "jobs/configs holds no config"
     for f in files:
         raw = yaml.safe_load(f.read_text())

@@ -87,3 +87,28 @@ def test_list_all_and_bad_choice(capsys, tmp_path):
         assert f"## {section}" in out
     with pytest.raises(SystemExit):
         main(["list", "models"])
+
+
+def test_config_folders_say_where_a_config_runs():
+    """train/ runs here; cluster/ needs data on disk or a GPU; sweep/ and study/ hold what their names say."""
+    for r in listing.config_rows():
+        folder = Path(r["config"]).parts[2]
+        assert folder in ("train", "sweep", "study", "cluster"), r["config"]
+        assert (folder == "cluster") == (r["where"] != "here"), r
+        assert r["kind"] == {"train": "train", "cluster": r["kind"], "sweep": "sweep", "study": "study"}[folder], r
+
+
+def test_old_flat_config_paths_still_work_with_one_deprecation_line(capsys, monkeypatch):
+    from raymanifold import commands
+
+    monkeypatch.setattr(commands, "_moved_warned", set())
+    for _ in range(2):
+        p = commands.find_config("jobs/configs/demo_swiss_roll.yaml")
+        assert p == REPO_ROOT / "jobs" / "configs" / "train" / "demo_swiss_roll.yaml"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["deprecated: jobs/configs/demo_swiss_roll.yaml moved to jobs/configs/train/demo_swiss_roll.yaml "
+                   "(the old flat path still works)"]
+    assert commands.find_config(str(REPO_ROOT / "jobs/configs/sweep_diffusion_dt.yaml")).parent.name == "sweep"
+    assert commands.find_config("jobs/configs/nope.yaml") == Path("jobs/configs/nope.yaml")  # missing: as given
+    assert main(["train", "--config", "jobs/configs/nope.yaml"]) == 2
+    assert "config file 'jobs/configs/nope.yaml' does not exist" in capsys.readouterr().err

@@ -49,7 +49,7 @@ def test_outputs_go_under_raymanifold_home(tmp_path, monkeypatch):
     assert paths.home() == home and home.is_dir()
     assert tracking.default_uri() == f"sqlite:///{home / 'mlflow.db'}"
     assert tracking.cache_dir() == home / "run_cache"
-    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs/configs/demo_swiss_roll.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs/configs/train/demo_swiss_roll.yaml")
     from raymanifold import resume
 
     assert resume.run_folder(cfg) == str(home / "ray_results" / "demo_swiss_roll")
@@ -99,7 +99,7 @@ def test_train_with_a_jobs_url_fails_before_any_work(tmp_path, tracking_uri, mon
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     from raymanifold.commands import REPO_ROOT
 
-    assert main(["train", "--config", str(REPO_ROOT / "jobs/configs/demo_swiss_roll.yaml")]) == 2
+    assert main(["train", "--config", str(REPO_ROOT / "jobs/configs/train/demo_swiss_roll.yaml")]) == 2
     assert "RAY_API_SERVER_ADDRESS" in capsys.readouterr().err
     assert not (tmp_path / "ray_results").exists()
 
@@ -137,7 +137,7 @@ def test_relative_checkpoint_path_trains_on_ray_train(local_ray, tmp_path, track
     sets = ["model.ddpm=frozen/step_00000001", "model.hidden=8", "model.eval_points=20", "data.n_train=256",
             "data.n_test=64", "train.steps=4", "train.batch_size=32", "train.checkpoint_every=4",
             "train.log_every=2", "ray.num_workers=1"]
-    rc = main(["train", "--config", str(REPO_ROOT / "jobs/configs/daed_swiss_roll.yaml"), "--fresh",
+    rc = main(["train", "--config", str(REPO_ROOT / "jobs/configs/train/daed_swiss_roll.yaml"), "--fresh",
                *[a for s in sets for a in ("--set", s)]])
     out = capsys.readouterr()
     assert rc == 0, out.err[-2000:]

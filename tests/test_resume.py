@@ -12,7 +12,7 @@ from raymanifold import resume, runs
 from raymanifold.cli import main
 from raymanifold.config import config_from_dict, replace, to_dict
 
-CONFIG = "jobs/configs/demo_swiss_roll.yaml"
+CONFIG = "jobs/configs/train/demo_swiss_roll.yaml"
 TINY = ["train.steps=40", "train.batch_size=64", "train.checkpoint_every=20", "train.log_every=20",
         "data.n_train=400", "data.n_test=200", "model.hidden=16", "model.eval_points=50", "ray.num_workers=1"]
 
@@ -109,13 +109,13 @@ def test_sweep_resume_with_a_changed_file_is_refused(tmp_path):
     from raymanifold.recipes import get_recipe
 
     ckpt.save(model, get_recipe("diffusion").build(cfg), cfg, 1)
-    spec = load_spec("jobs/configs/sweep_diffusion_dt.yaml", [f"storage_path={tmp_path}"])
+    spec = load_spec("jobs/configs/sweep/sweep_diffusion_dt.yaml", [f"storage_path={tmp_path}"])
     folder = tmp_path / "sweep"
     resume.write_record(str(folder), sweep_record(spec, None, str(model)))
     check_sweep_resume(spec, str(folder), sweep_record(spec, None, str(model)))  # unchanged: resumes
-    moved = load_spec("jobs/configs/sweep_diffusion_dt.yaml", [f"storage_path={tmp_path}", "max_concurrent=1"])
+    moved = load_spec("jobs/configs/sweep/sweep_diffusion_dt.yaml", [f"storage_path={tmp_path}", "max_concurrent=1"])
     check_sweep_resume(moved, str(folder), sweep_record(moved, None, str(model)))  # how it runs: allowed
-    changed = load_spec("jobs/configs/sweep_diffusion_dt.yaml", [f"storage_path={tmp_path}", "params.rounds=9"])
+    changed = load_spec("jobs/configs/sweep/sweep_diffusion_dt.yaml", [f"storage_path={tmp_path}", "params.rounds=9"])
     with pytest.raises(resume.ResumeConflict, match=r"spec.params.rounds: 4 -> 9"):
         check_sweep_resume(changed, str(folder), sweep_record(changed, None, str(model)))
     other = tmp_path / "other.pt"

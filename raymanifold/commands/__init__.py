@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def add_common(p, *, config: bool = False, overrides: bool = True):
     """Options every Ray/MLflow command shares."""
     if config:
-        p.add_argument("--config", required=True, help="YAML config (jobs/configs/*.yaml)")
+        p.add_argument("--config", required=True, help="YAML config (jobs/configs/train/*.yaml; raymanifold list configs)")
     if overrides:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.steps=100 (repeatable)")

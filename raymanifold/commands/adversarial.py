@@ -39,8 +39,8 @@ def register(sub, study_sub):
     p = study_sub.add_parser("fig9", help="VAE-classifier with a 2-D latent: clean -> attacked -> purified "
                                           "trajectories (Fig. 9)")
     p.add_argument("--model", default=None, help="trained 2-D-latent vae_classifier (path or runs:/<id>); "
-                                                 "default: train jobs/configs/vae_classifier_mnist5k_latent2.yaml")
-    p.add_argument("--config", default="jobs/configs/vae_classifier_mnist5k_latent2.yaml")
+                                                 "default: train jobs/configs/train/vae_classifier_mnist5k_latent2.yaml")
+    p.add_argument("--config", default="jobs/configs/train/vae_classifier_mnist5k_latent2.yaml")
     p.add_argument("--paths", type=int, default=12, help="examples drawn as trajectories")
     p.add_argument("--seed", type=int, default=0)
     add_training_options(p, threads=1, no_ray=False, fresh=True)

@@ -48,7 +48,7 @@ def register(sub, study_sub):
 
     p = sub.add_parser("demo", help="the main job: Swiss-roll DDPM on Ray Train, Fig. 5 likelihoods, samples")
     add_common(p)
-    p.add_argument("--config", default="jobs/configs/demo_swiss_roll.yaml")
+    p.add_argument("--config", default="jobs/configs/train/demo_swiss_roll.yaml")
     p.add_argument("--rounds", type=int, default=10, help="Eq. 15 rounds per point (default 10; the paper uses 100)")
     p.add_argument("--points", type=int, default=10_000, help="points per set")
     p.add_argument("--dts", default="1,2,10", help="step sizes for likelihood and sampling")

@@ -13,10 +13,10 @@ import time
 from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, load_or_train, set_threads, stage
 
 #: role -> (option, default config trained when the option is not given)
-ROLES = {"undefended": ("--model", "jobs/configs/vae_classifier_mnist5k.yaml"),
-         "adv_training_linf": ("--model-linf", "jobs/configs/vae_classifier_mnist5k_at_linf.yaml"),
-         "adv_training_l2": ("--model-l2", "jobs/configs/vae_classifier_mnist5k_at_l2.yaml"),
-         "ddpm": ("--model-ddpm", "jobs/configs/diffusion_mnist5k.yaml")}
+ROLES = {"undefended": ("--model", "jobs/configs/train/vae_classifier_mnist5k.yaml"),
+         "adv_training_linf": ("--model-linf", "jobs/configs/train/vae_classifier_mnist5k_at_linf.yaml"),
+         "adv_training_l2": ("--model-l2", "jobs/configs/train/vae_classifier_mnist5k_at_l2.yaml"),
+         "ddpm": ("--model-ddpm", "jobs/configs/train/diffusion_mnist5k.yaml")}
 
 
 def register(sub, study_sub):
@@ -52,7 +52,7 @@ def register(sub, study_sub):
     h = HMCStudyBudgets()
     p = study_sub.add_parser("hmc", help="VAE latent attack (symmetric KL) and the HMC defence against T (slides 002)")
     p.add_argument("--model", default=None, help="trained vae_classifier (path or runs:/<id>); default: train "
-                                                 "jobs/configs/vae_classifier_mnist5k.yaml")
+                                                 "jobs/configs/train/vae_classifier_mnist5k.yaml")
     p.add_argument("--n", type=int, default=h.n, help="test examples")
     p.add_argument("--chains", type=int, default=h.chains, help="HMC chains per example")
     p.add_argument("--eps", default=",".join(f"{e:g}" for e in h.eps), help="L-inf radii of the latent attack")

@@ -1,7 +1,7 @@
 """``raymanifold list``: what there is to run, and where.
 
     raymanifold list                  # every table below
-    raymanifold list configs          # jobs/configs: kind, family, runs here or needs a cluster, what it does
+    raymanifold list configs          # jobs/configs/{train,sweep,study,cluster}: kind, family, runs here or needs a cluster, what it does
     raymanifold list datasets         # data sets by name: points/images, shape, bundled or read from data.root
     raymanifold list families         # model families: what each models, its operations, configs, doc page
     raymanifold list experiments      # MLflow experiments of the tracking store, with run counts

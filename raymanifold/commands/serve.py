@@ -17,7 +17,7 @@ from raymanifold.commands import UsageError, find_config
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 IMAGE_HINT = ("the page at / can take a drawing only with an image model: `make web-demo` serves three, or train one "
-              "(raymanifold train --config jobs/configs/diffusion_digits.yaml) and serve it with "
+              "(raymanifold train --config jobs/configs/train/diffusion_digits.yaml) and serve it with "
               "`raymanifold serve --model digits=runs:/<run_id>`")
 
 

@@ -1,4 +1,4 @@
-"""``raymanifold sweep``: Ray Tune sweeps declared in YAML (jobs/configs/sweep_*.yaml).
+"""``raymanifold sweep``: Ray Tune sweeps declared in YAML (jobs/configs/sweep/sweep_*.yaml).
 
 MLflow: one parent run per sweep (the sweep file as params, best-trial table
 as ``best_trials.md`` / ``best_trials.json``, the report folder), and one child
