@@ -112,3 +112,16 @@ def test_old_flat_config_paths_still_work_with_one_deprecation_line(capsys, monk
     assert commands.find_config("jobs/configs/nope.yaml") == Path("jobs/configs/nope.yaml")  # missing: as given
     assert main(["train", "--config", "jobs/configs/nope.yaml"]) == 2
     assert "config file 'jobs/configs/nope.yaml' does not exist" in capsys.readouterr().err
+
+
+def test_run_configs_are_named_by_their_file_and_filed_under_their_family():
+    """A run config's name is its file stem (checkpoints land in ray_results/<stem>) and its MLflow experiment is
+    its family's (the demo's is its job's, `demo`); every file starts with a one-line header naming itself."""
+    for p in sorted((REPO_ROOT / "jobs" / "configs").rglob("*.yaml")):
+        text = p.read_text()
+        assert text.startswith(f"# {p.stem}: ") and "@" not in text.splitlines()[0], p
+        raw = yaml.safe_load(text)
+        if "family" not in raw:
+            continue
+        assert raw["name"] == p.stem, p
+        assert raw["experiment"] == ("demo" if p.stem == "demo_swiss_roll" else raw["family"]), p
