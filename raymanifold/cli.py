@@ -88,11 +88,13 @@ def main(argv=None) -> int:
         # one store for the whole command: runs:/ URIs given to --model & co. resolve against --tracking-uri,
         # and Ray workers inherit it (as raymanifold.commands.apply_common does)
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    start, saved_caller = os.getcwd(), os.environ.get(paths.CALLER_ENV)
+    start, saved_caller, saved_home = os.getcwd(), os.environ.get(paths.CALLER_ENV), os.environ.get(paths.HOME_ENV)
     try:
         # one output root (raymanifold.paths): inputs keep meaning the caller's files, outputs land in the home
         os.environ[paths.CALLER_ENV] = start
         home = paths.home()
+        if saved_home:
+            os.environ[paths.HOME_ENV] = str(home)  # absolute: a relative RAYMANIFOLD_HOME means the caller's
         if args.command not in NO_ROOT_LINE:
             print(f"output root: {home} ({paths.home_source()})", file=sys.stderr, flush=True)
         if str(home) != start:
@@ -106,11 +108,12 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        os.chdir(start)  # in-process callers (tests) get their directory back
-        if saved_caller is None:
-            os.environ.pop(paths.CALLER_ENV, None)
-        else:
-            os.environ[paths.CALLER_ENV] = saved_caller
+        os.chdir(start)  # in-process callers (tests) get their directory and environment back
+        for key, saved in ((paths.CALLER_ENV, saved_caller), (paths.HOME_ENV, saved_home)):
+            if saved is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = saved
     return int(rc or 0)
 
 

@@ -76,6 +76,10 @@ def test_cli_prints_the_home_and_works_inside_it(tmp_path, monkeypatch, capsys):
     assert f"output root: {home} (RAYMANIFOLD_HOME)" in err
     assert np.load(home / "reports" / "s" / "samples.npy").shape == (5, 2)
     assert not (tmp_path / "reports").exists() and Path.cwd() == tmp_path  # the CLI changed back
+    monkeypatch.setenv(paths.HOME_ENV, "rel-home")  # a relative home means the caller's directory
+    assert main(["sample", "--model", "ck", "--n", "5", "--dt", "50", "--out", "reports/s"]) == 0
+    assert (tmp_path / "rel-home" / "reports" / "s" / "samples.npy").is_file()
+    assert os.environ[paths.HOME_ENV] == "rel-home"
 
 
 def test_ray_address_has_one_meaning():
