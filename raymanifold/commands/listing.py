@@ -58,10 +58,12 @@ def table(headers, rows, width: int = 0) -> str:
 
 
 def _first_comment(path: Path) -> str:
+    """The header line of a config (``# <stem>: what it trains; how long here``) without the stem."""
     for line in path.read_text().splitlines():
         s = line.strip()
         if s.startswith("#"):
-            return s.lstrip("#").strip()
+            s = s.lstrip("#").strip()
+            return s[len(path.stem) + 2:] if s.startswith(f"{path.stem}: ") else s
         if s:
             return ""
     return ""
@@ -143,7 +145,7 @@ def config_rows(root: Path = CONFIG_ROOT) -> list[dict]:
 def list_configs() -> str:
     rows = config_rows()
     return table(["config", "kind", "family", "runs", "what"],
-                 [[r["config"], r["kind"], r["family"], r["where"], r["what"]] for r in rows], width=90)
+                 [[r["config"], r["kind"], r["family"], r["where"], r["what"]] for r in rows], width=150)
 
 
 def list_datasets() -> str:
