@@ -5,12 +5,13 @@ slow tier: the tests marked `@pytest.mark.slow` in their files plus those listed
 over ~40 s here: Ray Train runs with restarts, Tune sweeps, multi-node clusters, studies). A listed name that no
 longer exists in a collected module fails the collection, so the list cannot rot silently.
 
-Shared state, to pay each start-up once: one migrated MLflow SQLite store copied into every test's
-``tracking_uri`` (creating one runs MLflow's schema migrations: seconds each), and one embedded 2-CPU Ray shared
+Shared state, to pay each start-up once: one migrated MLflow SQLite store copied into every new store the
+tests open (creating one runs MLflow's schema migrations: seconds each), and one embedded 2-CPU Ray shared
 by consecutive modules that use ``local_ray`` (restarted only when another module replaced or stopped it).
 """
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,28 @@ def _mlflow_template(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _new_sqlite_stores_from_the_template(_mlflow_template):
+    """A SQLite store this test process opens for the first time starts as a copy of the migrated template instead
+    of running MLflow's migrations (seconds each). Nothing changes for a test: the file still appears only when
+    something opens the store, and holds what a new store holds."""
+    from raymanifold import tracking
+
+    original = tracking.init_sqlite_store
+
+    def init_from_template(uri: str) -> None:
+        if uri.startswith("sqlite:///") and uri not in tracking._SQLITE_READY:
+            db = Path(uri[len("sqlite:///"):])
+            if not db.exists():
+                db.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(_mlflow_template, db)
+        original(uri)
+
+    tracking.init_sqlite_store = init_from_template
+    yield
+    tracking.init_sqlite_store = original
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _private_run_cache(tmp_path_factory):
     """The suite's runs:/ checkpoints are cached in a temporary folder, not in <output root>/run_cache of the
     checkout (raymanifold.tracking.cache_dir); a test that studies the cache location sets its own."""
@@ -73,11 +96,9 @@ def _private_run_cache(tmp_path_factory):
 
 
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch, _mlflow_template):
-    """A private SQLite MLflow store for one test (a copy of the migrated template)."""
-    db = tmp_path / "mlflow.db"
-    shutil.copyfile(_mlflow_template, db)
-    uri = f"sqlite:///{db}"
+def tracking_uri(tmp_path, monkeypatch):
+    """A private SQLite MLflow store for one test (created from the migrated template when first opened)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 
