@@ -275,9 +275,36 @@ def config_from_dict(raw: dict) -> ExperimentConfig:
     return cfg
 
 
-def read_yaml(path, what: str = "config file"):
-    """Parse a YAML file; missing, malformed or empty files raise :class:`ConfigError`."""
+#: the shipped configs: jobs/configs/{train,sweep,study,cluster}/ of the repository
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+CONFIG_FOLDERS = ("train", "sweep", "study", "cluster")
+_moved_warned: set = set()
+
+
+def moved_config(path) -> Optional[Path]:
+    """A config named by its old flat path ``jobs/configs/<stem>.yaml`` (relative to the repository or absolute),
+    which now lives in one of :data:`CONFIG_FOLDERS`: that file, after one deprecation line on stderr per path;
+    None for any other path."""
     p = Path(path)
+    a = p if p.is_absolute() else CONFIG_DIR.parents[1] / p
+    if p.exists() or a.parent.resolve() != CONFIG_DIR:
+        return None
+    found = [CONFIG_DIR / f / a.name for f in CONFIG_FOLDERS if (CONFIG_DIR / f / a.name).is_file()]
+    if len(found) != 1:
+        return None
+    if str(path) not in _moved_warned:
+        _moved_warned.add(str(path))
+        print(f"deprecated: {path} moved to {found[0].relative_to(CONFIG_DIR.parents[1])} (the old flat path still "
+              "works)", file=sys.stderr, flush=True)
+    return found[0]
+
+
+def read_yaml(path, what: str = "config file"):
+    """Parse a YAML file; missing, malformed or empty files raise :class:`ConfigError`. An old flat config path
+    (``jobs/configs/<stem>.yaml``) reads the file in its folder (:func:`moved_config`)."""
+    p = Path(path)
+    if not p.is_file():
+        p = moved_config(path) or p
     if not p.is_file():
         raise ConfigError(f"{what} {str(p)!r} does not exist")
     try:

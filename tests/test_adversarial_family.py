@@ -88,10 +88,12 @@ def test_sweep_evaluator_reports_every_metric(trained):
 
     model, cfg, _ = trained
     m = purification_budget(model, cfg, seed=0, iterations=2, n=6, attack_iterations=3, adaptive_n=2,
-                            adaptive_iterations=2, adaptive_purify_iterations=1, eot=2)
+                            adaptive_iterations=2, eot=2)
     for k in ("clean_accuracy", "purified_clean_accuracy", "attacked_accuracy", "robust_accuracy",
-              "adaptive_robust_accuracy"):
+              "adaptive_robust_accuracy", "zero_grad_fraction"):
         assert 0.0 <= m[k] <= 1.0
+    assert m["adaptive_robust_lo"] <= m["adaptive_robust_accuracy"] <= m["adaptive_robust_hi"]
+    assert m["adaptive_robust_accuracy"] <= m["purified_clean_accuracy"] + 1e-9
     assert m["attacked_accuracy"] <= m["clean_accuracy"] and m["n"] == 6
     with pytest.raises(ConfigError, match=r"params\.iterations"):
         purification_budget(model, cfg, seed=0, iterations=0, n=2)
@@ -133,4 +135,4 @@ def test_table1_command_refuses_bad_arguments_before_work(capsys):
     assert main(["study", "table1", "--n", "0"]) == 2
     assert "--n: must be >= 1" in capsys.readouterr().err
     assert main(["study", "table1", "--purify-iterations", "0"]) == 2
-    assert "purify.iterations" in capsys.readouterr().err
+    assert "--purify-iterations" in capsys.readouterr().err

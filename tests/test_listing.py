@@ -100,8 +100,9 @@ def test_config_folders_say_where_a_config_runs():
 
 def test_old_flat_config_paths_still_work_with_one_deprecation_line(capsys, monkeypatch):
     from raymanifold import commands
+    from raymanifold import config as C
 
-    monkeypatch.setattr(commands, "_moved_warned", set())
+    monkeypatch.setattr(C, "_moved_warned", set())
     for _ in range(2):
         p = commands.find_config("jobs/configs/demo_swiss_roll.yaml")
         assert p == REPO_ROOT / "jobs" / "configs" / "train" / "demo_swiss_roll.yaml"
@@ -112,6 +113,12 @@ def test_old_flat_config_paths_still_work_with_one_deprecation_line(capsys, monk
     assert commands.find_config("jobs/configs/nope.yaml") == Path("jobs/configs/nope.yaml")  # missing: as given
     assert main(["train", "--config", "jobs/configs/nope.yaml"]) == 2
     assert "config file 'jobs/configs/nope.yaml' does not exist" in capsys.readouterr().err
+    # branches that call load_config / load_spec with the old path directly (not through find_config) work too
+    assert C.load_config("jobs/configs/vae_classifier_mnist5k.yaml").name == "vae_classifier_mnist5k"
+    from raymanifold.distributed.spec import load_spec
+
+    assert load_spec("jobs/configs/sweep_diffusion_dt.yaml").name == "sweep_diffusion_dt"
+    assert capsys.readouterr().err.count("deprecated: ") == 2
 
 
 def test_run_configs_are_named_by_their_file_and_filed_under_their_family():

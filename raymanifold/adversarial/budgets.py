@@ -14,7 +14,8 @@ import torch
 
 from raymanifold.schema import ConfigError, _check_range, build_dataclass, param
 
-ATTACKS = ("fgsm", "pgd", "patch_pgd", "patch_nag")
+ATTACKS = ("fgsm", "pgd", "patch_pgd", "patch_nag", "apgd")
+LOSSES = ("ce", "dlr")
 NORMS = ("linf", "l2")
 
 
@@ -56,9 +57,12 @@ class AttackBudget:
 
     ``eps``: radius of the L-inf / L2 ball around x (FGSM, PGD; for patch attacks an optional L-inf bound
     inside the patch, 1.0 = unbounded as in Table 1). ``step``: step size alpha per iteration (pixel units;
-    L2: length of the step). ``iterations``: PGD/NAG steps (FGSM: 1). ``random_start``: PGD starts uniformly
-    in the ball. ``mu``: NAG momentum decay (Lin et al. 2020 use 1.0)."""
-    method: str = param("pgd", choices=ATTACKS, help="fgsm | pgd | patch_pgd | patch_nag")
+    L2: length of the step; APGD chooses its own steps). ``iterations``: PGD/NAG/APGD steps (FGSM: 1).
+    ``random_start``: PGD starts uniformly in the ball. ``restarts``: further random starts, the best
+    iterate over all kept. ``mu``: NAG momentum decay (Lin et al. 2020 use 1.0). ``loss``: APGD's
+    objective (ce | dlr, Croce & Hein 2020); ``rho``: APGD's step-halving threshold. APGD with a ``patch``
+    attacks inside the rectangle only (L-inf ``eps``; 1.0 = unbounded inside the patch)."""
+    method: str = param("pgd", choices=ATTACKS, help="fgsm | pgd | patch_pgd | patch_nag | apgd")
     eps: float = param(8 / 255, lo=0.0, help="ball radius (pixel units in [0, 1])")
     step: float = param(1 / 255, lo=0.0, lo_open=True, help="step size per iteration")
     iterations: int = param(10, lo=1, help="iterations (FGSM uses 1)")
@@ -66,13 +70,16 @@ class AttackBudget:
     random_start: bool = param(True, help="PGD: uniform random start in the ball")
     mu: float = param(1.0, lo=0.0, help="NAG momentum decay")
     patch: Optional[Patch] = param(None, help="the rectangle of patch attacks (required for patch_*)")
+    restarts: int = param(1, lo=1, help="random restarts (the best iterate over all is kept)")
+    loss: str = param("ce", choices=LOSSES, help="APGD loss: ce | dlr")
+    rho: float = param(0.75, lo=0.0, lo_open=True, hi=1.0, help="APGD step-halving threshold")
 
     def __post_init__(self):
         _validate_fields(self, "attack")
         if self.method.startswith("patch") and self.patch is None:
             raise ConfigError(f"attack.patch: method {self.method!r} needs a patch rectangle "
                               "(height, width, top, left)")
-        if self.method.startswith("patch") and self.norm != "linf":
+        if self.patch is not None and self.norm != "linf":
             raise ConfigError("attack.norm: patch attacks bound the patch in L-inf only; use norm: linf")
 
 

@@ -12,10 +12,13 @@ and x_pfy = (u_0 + 1) / 2 clipped to [0, 1]. t* is an integer step in [0, T] (Di
 t* = 0.125 corresponds to t* = 0.125 T here; ab_{t*} decides how much is washed out); t* = 0 is the identity.
 Network evaluations per example: :func:`purify_nfe`.
 
-Adaptive evaluation (:func:`ddim_purify_differentiable`): a short DDIM purifier (``steps`` eta = 0 steps
-from t*) with the graph kept back to x, for gradients through the purifier; EOT averages logits over
-draws of the forward noise eps; BPDA runs the full purifier forward and the identity backward
-(:mod:`raymanifold.adversarial.defences`).
+Adaptive evaluation (:func:`diffusion_purify_differentiable`): the same purifier (same sampler, t*, dt,
+eta, the same noise for the same generator state, so the same output) with the graph kept back to x, the
+x0 clip and the final [0, 1] clamp straight-through (a plain clamp has derivative 0 on every clipped
+pixel: the gradient masking the old short DDIM surrogate suffered from), each network evaluation
+recomputed in the backward pass (gradient checkpointing) so memory stays that of one step. BPDA runs
+:func:`diffusion_purify` forward and the identity backward; EOT averages over draws of the forward noise
+and the sampler's noise (:mod:`raymanifold.adversarial.defended`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from raymanifold.diffusion import samplers as S
-from raymanifold.diffusion.process import eps_model
+from raymanifold.diffusion.process import backward_kernel, backward_variance, eps_model, predict_x0
 from raymanifold.diffusion.schedules import make_alpha_bar, step_plan
 from raymanifold.schema import ConfigError, _check_range, param
 
@@ -101,21 +104,59 @@ def diffusion_purify(model, x: torch.Tensor, alpha_bar: torch.Tensor, budget: Di
     return ((u0 + 1) / 2).clamp(0, 1)
 
 
-def ddim_purify_differentiable(model, x: torch.Tensor, alpha_bar: torch.Tensor, t_star: int, steps: int,
-                               generator: torch.Generator, *, clip: float | None = 1.0) -> torch.Tensor:
-    """A short DDIM purifier (eta = 0, ``steps`` steps from t* to 0) keeping the graph back to x, for
-    gradients through the defence (full back-propagation; with fresh forward noise per call, EOT).
-    Returns x_pfy (B, C, H, W) in [0, 1]. NFE = ``steps``."""
-    if t_star == 0:
+def diffusion_purify_differentiable(model, x: torch.Tensor, alpha_bar: torch.Tensor, budget: DiffPurifyBudget,
+                                    generator: torch.Generator, *, clip: float | None = 1.0,
+                                    last_step_var: str = "forward", checkpoint: bool = True) -> torch.Tensor:
+    """:func:`diffusion_purify` with gradients back to x: x_pfy (B, C, H, W) in [0, 1].
+
+    Samplers ``ddpm`` (Def. 2.1) and ``ddim``; the forward draws the same noise in the same order as the
+    no-grad samplers, so for the same generator state the output equals :func:`diffusion_purify`'s
+    (tested). Clamps are straight-through; ``checkpoint`` recomputes each network evaluation in the
+    backward pass. NFE = :func:`purify_nfe`."""
+    from torch.utils.checkpoint import checkpoint as _checkpoint
+
+    from raymanifold.adversarial.gradients import ste_clamp
+
+    budget.check(len(alpha_bar) - 1)
+    if budget.sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"purify.sampler: full back-propagation supports ddpm and ddim, got {budget.sampler!r} "
+                         "(BPDA works with every sampler)")
+    if budget.t_star == 0:
         return x
     u = x * 2 - 1
     noise = torch.randn(u.shape, generator=generator).to(u)
-    u = forward_diffuse(u, t_star, alpha_bar, noise)
-    n = max(1, min(steps, t_star))
-    plan = sorted({round(t_star * k / n) for k in range(n + 1)})  # n equal steps from t* to 0
+    u = forward_diffuse(u, budget.t_star, alpha_bar, noise)
+    ts = budget.plan()
+
+    def ddpm_mean(v, t, s):
+        return backward_kernel(model, v, t, s, alpha_bar, clip, last_step_var, straight_through=True)[0]
+
+    def ddim(v, t, s, z):
+        e = eps_model(model, v, t)
+        ab_t, ab_s = float(alpha_bar[t]), float(alpha_bar[s])
+        x0 = predict_x0(v, e, ab_t, clip, straight_through=True)
+        if clip:
+            e = (v - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
+        sig2 = S.ddim_sigma2(ab_s, ab_t, budget.eta) if ab_s < 1 else 0.0
+        out = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sig2, 0.0)) * e
+        return out + math.sqrt(sig2) * z if sig2 > 0 else out
+
+    def run(fn, *args):
+        return _checkpoint(fn, *args, use_reentrant=False) if checkpoint and torch.is_grad_enabled() else fn(*args)
+
     with torch.enable_grad():
-        for s, t in zip(reversed(plan[:-1]), reversed(plan[1:])):
-            eps = eps_model(model, u, t)
-            # differentiable DDIM step (eta = 0); clipping x0_hat keeps the graph (clamp has a.e. gradient 1)
-            u = S.ddim_step(u, eps, float(alpha_bar[t]), float(alpha_bar[s]), eta=0.0, clip=clip)
-    return ((u + 1) / 2).clamp(0, 1)
+        for s, t in zip(reversed(ts[:-1]), reversed(ts[1:])):
+            if budget.sampler == "ddpm":
+                mean = run(ddpm_mean, u, t, s)
+                if s == 0:
+                    u = mean
+                else:
+                    var = backward_variance(alpha_bar, s, t, last_step_var)
+                    u = mean + var ** 0.5 * torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
+            else:
+                ab_t, ab_s = float(alpha_bar[t]), float(alpha_bar[s])
+                sig2 = S.ddim_sigma2(ab_s, ab_t, budget.eta) if ab_s < 1 else 0.0
+                z = (torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype) if sig2 > 0
+                     else torch.zeros((), dtype=u.dtype))
+                u = run(ddim, u, t, s, z)
+        return ste_clamp((u + 1) / 2, 0.0, 1.0)

@@ -14,6 +14,7 @@ import torch
 from raymanifold.adversarial.attacks import attack, predict
 from raymanifold.adversarial.budgets import AttackBudget, Patch, PurifyBudget, from_dict
 from raymanifold.adversarial.purify import purify
+from raymanifold.analysis.intervals import wilson
 
 
 def labels_of(y: torch.Tensor, cfg) -> torch.Tensor:
@@ -52,17 +53,19 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def attacked(model, x: torch.Tensor, y: torch.Tensor, budget: AttackBudget, generator,
-             checkpoints: tuple = ()) -> tuple[torch.Tensor, dict]:
-    """(x_adv, {iteration: accuracy of the undefended classifier at that iteration}) for the checkpoints."""
+             checkpoints: tuple = (), health=None) -> tuple[torch.Tensor, dict]:
+    """(x_adv, {iteration: accuracy of the undefended classifier at that iteration}) for the checkpoints;
+    ``health`` (a :class:`.gradients.GradHealth`) records the attack's input gradients."""
     curve: dict = {}
     advs = []
     for i in range(0, len(x), 250):
         xs, ys = x[i:i + 250], y[i:i + 250]
 
-        def trace(it, adv, ys=ys):
+        def trace(it, adv, fooled=None, ys=ys):
             if it in checkpoints:
                 curve.setdefault(it, []).append(int((predict(model.classify_logits, adv) == ys).sum()))
-        advs.append(attack(model.classify_logits, xs, ys, budget, generator, trace=trace if checkpoints else None))
+        advs.append(attack(model.classify_logits, xs, ys, budget, generator, trace=trace if checkpoints else None,
+                           health=health))
     return torch.cat(advs), {k: sum(v) / len(x) for k, v in sorted(curve.items())}
 
 
@@ -75,17 +78,21 @@ def patch_budget(method: str, iterations: int, step: float, patch: dict, eps: fl
 def purification_budget(model, cfg, *, seed: int, iterations: int = 256, step: float = 1 / 255,
                         restarts: int = 1, eps: float = 0.0, n: int = 200, attack_method: str = "patch_pgd",
                         attack_iterations: int = 256, attack_step: float = 1 / 255,
-                        patch: Optional[dict] = None, adaptive_n: int = 50, adaptive_iterations: int = 32,
-                        adaptive_purify_iterations: int = 8, eot: int = 2) -> dict:
-    """The eval-time sweep evaluator (``evaluator: purification``): accuracy of one purification budget.
+                        patch: Optional[dict] = None, adaptive_n: int = 50, adaptive_iterations: int = 100,
+                        eot: int = 20, draws: int = 2) -> dict:
+    """The eval-time sweep evaluator (``evaluator: purification``): accuracy of one purification budget,
+    by the protocol of :mod:`.robust_eval` (every x_adv judged by the deployed purifier, ``draws`` runs).
 
     Metrics: ``clean_accuracy`` (no defence), ``purified_clean_accuracy`` (clean x through Eq. 22),
     ``attacked_accuracy`` (``attack_method`` with ``attack_iterations``, no defence), ``robust_accuracy``
-    (the same x_adv, purified), ``adaptive_robust_accuracy`` (first ``adaptive_n`` examples: strongest of
-    the non-adaptive, BPDA, BPDA+EOT and full-back-propagation attacks per example, judged by the full
-    defence) and ``purify_s`` (seconds). The attack ignores the defence except in the adaptive metric."""
-    from raymanifold.adversarial.adaptive import adaptive_attacks
+    (the same transfer x_adv, purified), ``adaptive_robust_accuracy`` (first ``adaptive_n`` examples: per
+    example the worst of clean, the transfer attack and APGD-CE inside the patch through BPDA with EOT over
+    ``eot`` purifier draws, ``adaptive_iterations`` iterations; worst of the draws), its Wilson interval
+    (``adaptive_robust_lo`` / ``_hi``), ``zero_grad_fraction`` of the adaptive attack and ``purify_s``."""
     import time
+
+    from raymanifold.adversarial import robust_eval as RE
+    from raymanifold.adversarial.defended import Defence, ElboPurifier
 
     g = torch.Generator().manual_seed(seed)
     model.eval()
@@ -93,26 +100,31 @@ def purification_budget(model, cfg, *, seed: int, iterations: int = 256, step: f
         p.requires_grad_(False)
     pb = from_dict(PurifyBudget, {"iterations": iterations, "step": step, "restarts": restarts, "eps": eps},
                    "params")
-    ab = patch_budget(attack_method, attack_iterations, attack_step, patch or {"height": 8, "width": 16, "top": 4,
-                                                                          "left": 6})
+    patch = patch or {"height": 8, "width": 16, "top": 4, "left": 6}
+    ab = patch_budget(attack_method, attack_iterations, attack_step, patch)
     x, y = eval_set(cfg, n)
     x_adv, _ = attacked(model, x, y, ab, g)
+    d = Defence("elbo_purification", model, ElboPurifier(model, pb))
     t0 = time.perf_counter()
-    xp_clean = purified(model, x, pb, g)
-    xp_adv = purified(model, x_adv, pb, g)
+    ok_clean = d.correct(x, y, g, draws)
     wall = time.perf_counter() - t0
-    out = {"clean_accuracy": accuracy(model, x, y), "purified_clean_accuracy": accuracy(model, xp_clean, y),
-           "attacked_accuracy": accuracy(model, x_adv, y), "robust_accuracy": accuracy(model, xp_adv, y),
+    ok_adv = d.correct(x_adv, y, g, draws)
+    out = {"clean_accuracy": accuracy(model, x, y), "purified_clean_accuracy": float(ok_clean.float().mean()),
+           "attacked_accuracy": accuracy(model, x_adv, y), "robust_accuracy": float(ok_adv.float().mean()),
            "purify_s": wall, "n": float(len(x))}
     if adaptive_n > 0:
         k = min(adaptive_n, len(x))
-        xs, ys = x[:k], y[:k]
-        ab_a = patch_budget(attack_method, adaptive_iterations, max(attack_step, 1.0 / adaptive_iterations),
-                            dataclasses.asdict(ab.patch))
-        advs = adaptive_attacks(model, xs, ys, ab_a, pb, g, purify_iterations=adaptive_purify_iterations, eot=eot)
-        ok = predict(model.classify_logits, xp_adv[:k]) == ys
-        for name, xa in advs.items():
-            ok &= predict(model.classify_logits, purified(model, xa, pb, g)) == ys
-        out["adaptive_robust_accuracy"] = float(ok.float().mean())
-        out["adaptive_n"] = float(k)
+        col = RE.Column("apgd_ce_bpda", AttackBudget(method="apgd", eps=1.0, step=1.0, iterations=adaptive_iterations,
+                                                     loss="ce", patch=from_dict(Patch, patch, "params.patch")),
+                        view="bpda", eot=eot, adaptive=True, threat="patch", early_stop=True)
+        res = RE.evaluate(d, x[:k], y[:k], [col], n_adaptive=k, draws=draws, generator=g, log=lambda *a: None)
+        robust = res["ok"]["clean"].all(0) & ok_adv[:, :k].all(0) & res["ok"]["apgd_ce_bpda"].all(0)
+        lo, hi = wilson(int(robust.sum()), k)
+        out.update(adaptive_robust_accuracy=float(robust.float().mean()), adaptive_robust_lo=lo, adaptive_robust_hi=hi,
+                   adaptive_n=float(k), zero_grad_fraction=_nan_if_none(res["columns"]["apgd_ce_bpda"]["health"]["zero_fraction"]))
     return out
+
+
+def _nan_if_none(v):
+    """Tune metrics are floats: no gradient was needed (every example fooled at the start) -> nan."""
+    return float("nan") if v is None else float(v)

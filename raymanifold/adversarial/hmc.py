@@ -3,7 +3,8 @@
 **Attack.** eps* = argmax_{||eps|| <= delta} SKL[q(z|x + eps), q(z|x)], SKL the symmetric KL
 (KL(a||b) + KL(b||a), nats) between the diagonal-Gaussian posteriors; solved by PGD (L-inf sign steps or
 L2 normalised steps with projection, x + eps kept in [0, 1]) from a uniform random start in the ball
-(the gradient of SKL vanishes at eps = 0).
+(the gradient of SKL vanishes at eps = 0; for L2: a uniform direction and radius eps * U^(1/D), where an
+earlier version drew a sphere of radius eps / 2).
 
 **Defence.** T steps of Hamiltonian Monte Carlo on the true posterior of the attacked input,
 p(z|x_a) ∝ p(z) p(x_a|z) (standard-normal prior, Bernoulli decoder), starting from the encoder's
@@ -22,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from raymanifold.adversarial.attacks import _l2_normalise, _project
+from raymanifold.adversarial.attacks import _l2_normalise, _project, random_start
 from raymanifold.adversarial.budgets import AttackBudget
 from raymanifold.schema import ConfigError, _check_range, param
 
@@ -60,11 +61,7 @@ def latent_attack(model, x: torch.Tensor, budget: AttackBudget, generator: torch
     x = x.detach()
     with torch.no_grad():
         mu0, lv0 = model.encode(x)
-    if budget.norm == "linf":
-        noise = (torch.rand(x.shape, generator=generator) * 2 - 1) * budget.eps
-    else:
-        noise = _l2_normalise(torch.randn(x.shape, generator=generator)) * budget.eps * 0.5
-    adv = (x + noise.to(x)).clamp(0, 1)
+    adv = random_start(x, budget, generator)  # uniform in the L-inf or L2 ball (L2: radius eps * U^(1/D))
     for _ in range(budget.iterations):
         a = adv.detach().requires_grad_(True)
         with torch.enable_grad():

@@ -10,7 +10,8 @@ record at each T in ``checkpoints``:
   samples, so the 0-step value includes the same finite-sample error as later ones);
 * ``mean_mahalanobis2``: squared distance of the chains' mean to the clean posterior mean in units of the
   clean posterior's variances (less sensitive to the few-chain variance estimate than ``skl``);
-* ``probe_accuracy``: accuracy of the head h(z^(T)) (mean over chains);
+* ``probe_accuracy``: accuracy of the head h(z^(T)) (mean over chains), with a 95% bootstrap interval over
+  examples (``probe_accuracy_ci``; the chains of one example are not independent);
 * ``recon_error``: sum over pixels of (E[x|z^(T)] - E[x|mu(x_r)])^2, the distance to the clean
   reconstruction (mean over chains);
 * ``accept_rate``: mean HMC acceptance over steps 1..T; ``wall_s``: seconds of HMC up to T.
@@ -25,6 +26,7 @@ import torch
 from raymanifold.adversarial.budgets import AttackBudget
 from raymanifold.adversarial.evaluation import eval_set
 from raymanifold.adversarial.hmc import HMCConfig, hmc_defence, latent_attack, symmetric_kl
+from raymanifold.analysis.intervals import bootstrap_mean
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,13 @@ def _measure(model, z, y, mu_r, lv_r, rec_r, chains):
     zc = z.view(n, chains, m)
     mean, var = zc.mean(1), zc.var(1).clamp_min(1e-6) if chains > 1 else torch.full_like(mu_r, 1e-6)
     skl = symmetric_kl(mean, var.log(), mu_r, lv_r)
-    probe = (model.head(z).argmax(1).view(n, chains) == y.view(-1, 1)).float().mean()
+    per_example = (model.head(z).argmax(1).view(n, chains) == y.view(-1, 1)).float().mean(1)
+    probe = per_example.mean()
     rec = torch.sigmoid(model.decoder(z)).view(n, chains, -1)
     err = ((rec - rec_r.flatten(1).unsqueeze(1)) ** 2).sum(-1).mean()
     maha = ((mean - mu_r) ** 2 / lv_r.exp()).sum(1)
-    return {"skl": float(skl.mean()), "skl_median": float(skl.median()), "mean_mahalanobis2": float(maha.mean()), "probe_accuracy": float(probe),
+    return {"skl": float(skl.mean()), "skl_median": float(skl.median()), "mean_mahalanobis2": float(maha.mean()),
+            "probe_accuracy": float(probe), "probe_accuracy_ci": bootstrap_mean(per_example.numpy()),
             "recon_error": float(err)}
 
 

@@ -10,7 +10,7 @@ import time
 import torch
 
 from raymanifold.adversarial.attacks import attack, predict
-from raymanifold.adversarial.defences import DefenceBudgets, diffusion_defence
+from raymanifold.adversarial.budgets import AttackBudget
 from raymanifold.adversarial.diffpure import DiffPurifyBudget, purify_nfe, schedule_of
 from raymanifold.adversarial.evaluation import eval_set
 from raymanifold.schema import ConfigError
@@ -30,16 +30,22 @@ def _resolve(uri: str) -> str:
 
 def diffusion_purification(model, cfg, *, seed: int = 0, classifier: str = "", t_star: int = 20, dt: int = 1,
                            sampler: str = "ddpm", eta: float = 0.0, n: int = 100, linf_eps: float = 0.15,
-                           l2_eps: float = 1.5, pgd_iterations: int = 20, adaptive_n: int = 0,
-                           adaptive_iterations: int = 10, ddim_steps: int = 4, eot: int = 2) -> dict:
-    """Metrics of one purifier setting on the first ``n`` test examples (fixed order):
+                           l2_eps: float = 1.5, pgd_iterations: int = 50, adaptive_n: int = 0,
+                           adaptive_iterations: int = 100, eot: int = 20, draws: int = 2) -> dict:
+    """Metrics of one purifier setting on the first ``n`` test examples (fixed order), by the protocol of
+    :mod:`.robust_eval` (every x_adv judged by the deployed purifier, ``draws`` runs per example):
 
     ``clean_accuracy`` (no defence), ``purified_clean_accuracy``, ``linf_robust_accuracy`` /
     ``l2_robust_accuracy`` (PGD L-inf ``linf_eps`` / L2 ``l2_eps`` against the undefended classifier, then
-    purified), ``robust_accuracy`` (their mean), ``adaptive_robust_accuracy`` (``adaptive_n`` > 0: the
-    per-example strongest of the transfer attacks, BPDA, BPDA+EOT and EOT through a ``ddim_steps``-step
-    DDIM purifier, L-inf), ``nfe`` (U-Net evaluations per example) and ``purify_s_per_example``."""
+    purified), ``robust_accuracy`` (their mean), ``adaptive_robust_accuracy`` (``adaptive_n`` > 0: per
+    example the worst of clean, the transfer attacks and APGD-CE L-inf through BPDA with EOT over ``eot``
+    draws of the purifier's noise; worst of the draws; Wilson interval ``adaptive_robust_lo`` / ``_hi``),
+    ``zero_grad_fraction``, ``nfe`` (U-Net evaluations per example) and ``purify_s_per_example``."""
     from raymanifold import checkpoint as ckpt
+    from raymanifold.adversarial import robust_eval as RE
+    from raymanifold.adversarial.defended import Defence, DiffusionPurifier
+    from raymanifold.analysis.intervals import wilson
+
     if cfg.family != "diffusion":
         raise ConfigError(f"evaluator diffusion_purification: needs a diffusion model, got family {cfg.family!r}")
     if not classifier:
@@ -54,27 +60,40 @@ def diffusion_purification(model, cfg, *, seed: int = 0, classifier: str = "", t
             p.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     alpha_bar, clip, last_var = schedule_of(cfg)
-    b = DefenceBudgets(n=n, adaptive_n=adaptive_n, linf_eps=linf_eps, l2_eps=l2_eps, pgd_iterations=pgd_iterations,
-                       linf_step=2.5 * linf_eps / pgd_iterations, l2_step=2.5 * l2_eps / pgd_iterations,
-                       adaptive_iterations=adaptive_iterations, ddim_steps=ddim_steps, eot=eot)
-    d = diffusion_defence(clf, model, alpha_bar, budget, b, clip=clip, last_step_var=last_var)
+    d = Defence("diffusion_purification", clf, DiffusionPurifier(model, alpha_bar, budget, clip=clip,
+                                                                  last_step_var=last_var))
     x, y = eval_set(ccfg, n)
-    atk = b.attacks()
-    adv = {k: attack(clf.classify_logits, x, y, atk[k], g) for k in ("pgd_linf", "pgd_l2")}
+    adv = {"pgd_linf": AttackBudget(method="pgd", eps=linf_eps, step=2.5 * linf_eps / pgd_iterations,
+                                    iterations=pgd_iterations, norm="linf"),
+           "pgd_l2": AttackBudget(method="pgd", eps=l2_eps, step=2.5 * l2_eps / pgd_iterations,
+                                  iterations=pgd_iterations, norm="l2")}
+    adv = {k: attack(clf.classify_logits, x, y, b, g) for k, b in adv.items()}
     t0 = time.perf_counter()
-    ok_clean = d.predict(x, g) == y
+    ok_clean = d.correct(x, y, g, draws)
     wall = time.perf_counter() - t0
-    ok = {k: d.predict(v, g) == y for k, v in adv.items()}
+    ok = {k: d.correct(v, y, g, draws) for k, v in adv.items()}
     out = {"clean_accuracy": float((predict(clf.classify_logits, x) == y).float().mean()),
            "purified_clean_accuracy": float(ok_clean.float().mean()),
            "linf_robust_accuracy": float(ok["pgd_linf"].float().mean()),
            "l2_robust_accuracy": float(ok["pgd_l2"].float().mean()),
-           "nfe": float(purify_nfe(budget)), "purify_s_per_example": wall / len(x), "n": float(len(x))}
+           "nfe": float(purify_nfe(budget)), "purify_s_per_example": wall / (len(x) * (draws if d.stochastic else 1)),
+           "n": float(len(x))}
     out["robust_accuracy"] = (out["linf_robust_accuracy"] + out["l2_robust_accuracy"]) / 2
     if adaptive_n > 0:
         k = min(adaptive_n, len(x))
-        strongest = ok_clean[:k] & ok["pgd_linf"][:k] & ok["pgd_l2"][:k]
-        for xa in d.adaptive(x[:k], y[:k], b.adaptive_budget(), g).values():
-            strongest &= d.predict(xa, g) == y[:k]
-        out["adaptive_robust_accuracy"] = float(strongest.float().mean())
+        col = RE.Column("apgd_ce_linf_bpda", AttackBudget(method="apgd", eps=linf_eps, step=1.0,
+                                                          iterations=adaptive_iterations, loss="ce"),
+                        view="bpda", eot=eot, adaptive=True, early_stop=True)
+        res = RE.evaluate(d, x[:k], y[:k], [col], n_adaptive=k, draws=draws, generator=g, log=lambda *a: None)
+        robust = (res["ok"]["clean"].all(0) & ok["pgd_linf"][:, :k].all(0) & ok["pgd_l2"][:, :k].all(0)
+                  & res["ok"]["apgd_ce_linf_bpda"].all(0))
+        lo, hi = wilson(int(robust.sum()), k)
+        out.update(adaptive_robust_accuracy=float(robust.float().mean()), adaptive_robust_lo=lo,
+                   adaptive_robust_hi=hi, adaptive_n=float(k),
+                   zero_grad_fraction=_nan_if_none(res["columns"]["apgd_ce_linf_bpda"]["health"]["zero_fraction"]))
     return out
+
+
+def _nan_if_none(v):
+    """Tune metrics are floats: no gradient was needed (every example fooled at the start) -> nan."""
+    return float("nan") if v is None else float(v)

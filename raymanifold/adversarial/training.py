@@ -63,7 +63,7 @@ def inner_max(model, x: torch.Tensor, y: torch.Tensor, budget: AttackBudget, gen
     was = net.training
     net.eval()
     try:
-        x_adv = attack(net.classify_logits, x, y, budget, generator)
+        x_adv = attack(net.classify_logits, x, y, budget, generator, keep="last")  # Madry et al.: the last iterate
     finally:
         net.train(was)
     return x_adv.detach()

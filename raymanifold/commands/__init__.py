@@ -69,42 +69,19 @@ def set_threads(args) -> None:
         torch.set_num_threads(n)
 
 
-CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
-#: the config folders: train (runs here), sweep, study, cluster (needs data on disk or a GPU)
-CONFIG_FOLDERS = ("train", "sweep", "study", "cluster")
-_moved_warned: set = set()
-
-
-def _moved_config(p: Path):
-    """A config named by its old flat path ``jobs/configs/<stem>.yaml``: the one file of that name in a config
-    folder (``jobs/configs/<folder>/<stem>.yaml``), else None."""
-    a = p if p.is_absolute() else REPO_ROOT / p
-    if a.parent.resolve() != CONFIG_DIR.resolve():
-        return None
-    found = [CONFIG_DIR / f / a.name for f in CONFIG_FOLDERS if (CONFIG_DIR / f / a.name).is_file()]
-    return found[0] if len(found) == 1 else None
-
-
 def find_config(path: str) -> Path:
     """``path`` as given, else relative to the repository (for ``jobs/configs/...``). An old flat path
     ``jobs/configs/<stem>.yaml`` finds the config in its folder (``train/``, ``sweep/``, ``study/``, ``cluster/``)
-    with one deprecation line on stderr."""
+    with one deprecation line on stderr (:func:`raymanifold.config.moved_config`)."""
+    from raymanifold.config import moved_config
+
     p = Path(path)
     if p.exists():
         return p
     alt = REPO_ROOT / p
     if not p.is_absolute() and alt.exists():
         return alt
-    moved = _moved_config(p)
-    if moved is None:
-        return p if p.is_absolute() else (alt if alt.exists() else p)
-    if str(p) not in _moved_warned:
-        _moved_warned.add(str(p))
-        import sys
-
-        print(f"deprecated: {path} moved to {moved.relative_to(REPO_ROOT)} (the old flat path still works)",
-              file=sys.stderr, flush=True)
-    return moved
+    return moved_config(path) or p
 
 
 def stage(i: int, n: int, text: str):

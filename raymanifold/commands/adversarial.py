@@ -22,15 +22,27 @@ def register(sub, study_sub):
     for s in SETTINGS:
         p.add_argument(f"--model-{s}", default=None, help=f"trained vae_classifier for setting {s!r} "
                                                           f"(path or runs:/<id>); default: train {SETTINGS[s][0]}")
-    p.add_argument("--n", type=int, default=d.n, help="test examples attacked and purified")
+    p.add_argument("--n", type=int, default=d.n, help="test examples attacked and purified (every column)")
+    p.add_argument("--draws", type=int, default=d.draws, help="purifier draws judging each adversarial example")
     p.add_argument("--attack-iterations", type=int, default=d.attack_iterations,
-                   help="patch-PGD / patch-NAG iterations (paper: 2048)")
-    p.add_argument("--attack-step", type=float, default=d.attack_step, help="attack step inside the patch")
+                   help="transfer patch-PGD / patch-NAG iterations (paper: 2048)")
+    p.add_argument("--attack-step", type=float, default=d.attack_step, help="transfer attack step inside the patch")
+    p.add_argument("--attack-restarts", type=int, default=d.attack_restarts, help="random restarts of the transfer attacks")
     p.add_argument("--purify-iterations", type=int, default=d.purify.iterations, help="Eq. 22 steps (paper: 256)")
     p.add_argument("--purify-step", type=float, default=d.purify.step, help="Eq. 22 step size (paper: 1/255)")
     p.add_argument("--purify-restarts", type=int, default=d.purify.restarts, help="Eq. 22 restarts")
-    p.add_argument("--adaptive-n", type=int, default=d.adaptive_n, help="examples attacked adaptively")
-    p.add_argument("--adaptive-iterations", type=int, default=d.adaptive_iterations)
+    p.add_argument("--adaptive-n", type=int, default=d.adaptive_n,
+                   help="examples attacked through the purifier (a prefix of the n)")
+    p.add_argument("--adaptive-iterations", type=int, default=d.adaptive_iterations, help="APGD iterations")
+    p.add_argument("--adaptive-restarts", type=int, default=d.adaptive_restarts, help="APGD restarts")
+    p.add_argument("--eot", type=int, default=d.eot, help="purifier draws averaged per gradient (BPDA)")
+    p.add_argument("--eot-curve", default=",".join(map(str, d.eot_curve)),
+                   help="further APGD-CE (BPDA) runs at these EOT draws: the convergence against draws ('' = none)")
+    p.add_argument("--backprop-iterations", type=int, default=d.backprop_iterations,
+                   help="APGD-CE iterations by full back-propagation through the purifier")
+    p.add_argument("--backprop-eot", type=int, default=d.backprop_eot, help="EOT draws of the full back-propagation")
+    p.add_argument("--random-search-queries", type=int, default=d.random_search_queries,
+                   help="queries of the gradient-free patch random search (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     add_training_options(p, threads=1, no_ray=False, fresh=True)
     p.add_argument("--out", default="reports/table1")
@@ -51,17 +63,52 @@ def register(sub, study_sub):
 def _budgets(args):
     from raymanifold.adversarial.budgets import PurifyBudget
     from raymanifold.adversarial.study import StudyBudgets
+    from raymanifold.schema import ConfigError
 
-    for k in ("n", "attack_iterations", "adaptive_n", "adaptive_iterations"):
-        if getattr(args, k) < 1:
-            raise UsageError(f"--{k.replace('_', '-')}: must be >= 1, got {getattr(args, k)}")
     if not 0 < args.attack_step <= 1:
         raise UsageError(f"--attack-step: must be in (0, 1], got {args.attack_step}")
-    pb = PurifyBudget(iterations=args.purify_iterations, step=args.purify_step, restarts=args.purify_restarts)
-    d = StudyBudgets()
-    return StudyBudgets(n=args.n, attack_iterations=args.attack_iterations, attack_step=args.attack_step,
-                        purify=pb, adaptive_n=args.adaptive_n, adaptive_iterations=args.adaptive_iterations,
-                        adaptive_step=max(d.adaptive_step, 1.0 / args.adaptive_iterations))
+    try:
+        pb = PurifyBudget(iterations=args.purify_iterations, step=args.purify_step, restarts=args.purify_restarts)
+        return StudyBudgets(n=args.n, draws=args.draws, attack_iterations=args.attack_iterations,
+                            attack_step=args.attack_step, attack_restarts=args.attack_restarts, purify=pb,
+                            adaptive_n=args.adaptive_n, adaptive_iterations=args.adaptive_iterations,
+                            adaptive_restarts=args.adaptive_restarts, eot=args.eot,
+                            backprop_iterations=args.backprop_iterations, backprop_eot=args.backprop_eot,
+                            random_search_queries=args.random_search_queries, eot_curve=parse_ints(args.eot_curve,
+                                                                                                   "--eot-curve"))
+    except ConfigError as exc:
+        raise UsageError(option_error(exc)) from None
+
+
+def parse_ints(text: str, option: str) -> tuple:
+    """'1,4' -> (1, 4); UsageError naming ``option`` otherwise."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{option}: comma-separated integers, got {text!r}") from None
+
+
+def option_error(exc) -> str:
+    """A budget's ConfigError ('budgets.adaptive_n: ...', 'purify.iterations: ...') in command-line terms
+    ('--adaptive-n: ...', '--purify-iterations: ...')."""
+    import re
+
+    msg = str(exc)
+    m = re.match(r"(budgets|purify)\.(\w+): (.*)", msg, re.S)
+    if not m:
+        return msg
+    field = m.group(2) if m.group(1) == "budgets" else f"purify_{m.group(2)}"
+    return f"--{field.replace('_', '-')}: {m.group(3)}"
+
+
+def check_n_against_test_split(n: int, data_cfgs: dict):
+    """UsageError naming --n when a setting's test split has fewer than ``n`` examples (before any work)."""
+    from raymanifold import data as rdata
+
+    for name, dcfg in data_cfgs.items():
+        size = len(rdata.load_split(dcfg, "test"))
+        if n > size:
+            raise UsageError(f"--n: {n} examples asked, the test split of {name} ({dcfg.name}) has {size}")
 
 
 def cmd_table1(args) -> int:
@@ -83,6 +130,7 @@ def cmd_table1(args) -> int:
     # every config / model is resolved before any work
     configs = {s: load_config(find_config(SETTINGS[s][0]), sets) for s in settings
                if getattr(args, f"model_{s}") is None}
+    check_n_against_test_split(budgets.n, {s: load_config(find_config(SETTINGS[s][0]), []).data for s in settings})
     n = 2 * len(settings) + 1
     i = 0
     models, info = {}, {}
@@ -109,7 +157,11 @@ def cmd_table1(args) -> int:
     summary = {**metrics_of(results), "study_wall_s": info["study_wall_s"]}
     runs.log_study("study_table1", "adversarial", {"budgets": budgets.as_dict(), **info}, summary, args.out,
                    tracking_uri=args.tracking_uri, tags={"family": "vae_classifier", "study": "table1"})
-    print("\n".join(l for l in open(f"{args.out}/table1.md").read().splitlines()[:12]))
+    print("\n".join(l for l in open(f"{args.out}/table1.md").read().splitlines()[:14]))
+    failed = [(f"{s}/{r}", c["check"]) for s, res in results.items() for r, cs in res["checks"].items()
+              for c in cs if not c["passed"]]
+    for where, what in failed:
+        print(f"!!! sanity check FAILED ({where}): {what} (see {args.out}/table1.md)")
     print(f"study wall time {info['study_wall_s']} s")
     return 0
 

@@ -29,19 +29,30 @@ def register(sub, study_sub):
     for role, (opt, cfgpath) in ROLES.items():
         p.add_argument(opt, default=None, dest=f"model_{role}",
                        help=f"trained model for {role} (path or runs:/<id>); default: train {cfgpath}")
-    p.add_argument("--n", type=int, default=d.n, help="test examples")
-    p.add_argument("--adaptive-n", type=int, default=d.adaptive_n, help="examples attacked adaptively")
+    p.add_argument("--n", type=int, default=d.n, help="test examples (every transfer column)")
+    p.add_argument("--adaptive-n", type=int, default=d.adaptive_n,
+                   help="examples attacked through the purifiers (a prefix of the n)")
+    p.add_argument("--draws", type=int, default=d.draws, help="purifier draws judging each adversarial example")
     p.add_argument("--linf-eps", type=float, default=d.linf_eps)
     p.add_argument("--l2-eps", type=float, default=d.l2_eps)
-    p.add_argument("--pgd-iterations", type=int, default=d.pgd_iterations)
+    p.add_argument("--pgd-iterations", type=int, default=d.pgd_iterations, help="transfer PGD iterations")
     p.add_argument("--patch-iterations", type=int, default=d.patch_iterations)
-    p.add_argument("--adaptive-iterations", type=int, default=d.adaptive_iterations)
+    p.add_argument("--apgd-iterations", type=int, default=d.apgd_iterations)
+    p.add_argument("--apgd-restarts", type=int, default=d.apgd_restarts)
+    p.add_argument("--backprop-iterations", type=int, default=d.backprop_iterations,
+                   help="APGD-CE iterations by full back-propagation through the purifiers")
+    p.add_argument("--backprop-eot", type=int, default=d.backprop_eot)
+    p.add_argument("--square-queries", type=int, default=d.square_queries, help="Square queries (rows without a purifier)")
+    p.add_argument("--square-queries-purified", type=int, default=d.square_queries_purified,
+                   help="Square queries through a purifier (each runs the whole defence)")
     p.add_argument("--elbo-iterations", type=int, default=d.elbo.iterations, help="Eq. 22 steps")
     p.add_argument("--t-star", default=",".join(map(str, d.t_star_grid)),
                    help="diffusion t* candidates (integer steps in [0, T]), chosen on held-out examples")
     p.add_argument("--sampler", default=d.diffusion_sampler, help="diffusion purifier's reverse sampler")
     p.add_argument("--dt", type=int, default=d.diffusion_dt, help="reverse step size")
-    p.add_argument("--eot", type=int, default=d.eot)
+    p.add_argument("--eot", type=int, default=d.eot, help="purifier draws averaged per gradient (BPDA)")
+    p.add_argument("--eot-curve", default=",".join(map(str, d.eot_curve)),
+                   help="further APGD-CE (BPDA) runs at these EOT draws: the convergence against draws ('' = none)")
     p.add_argument("--seed", type=int, default=0)
     add_training_options(p, threads=1, no_ray=False, fresh=True)
     p.add_argument("--out", default="reports/defences")
@@ -69,36 +80,37 @@ def register(sub, study_sub):
 
 
 def _budgets(args):
-    from dataclasses import replace
-
-    from raymanifold.adversarial.defences import DefenceBudgets
-    from raymanifold.adversarial.diffpure import DiffPurifyBudget
+    from raymanifold.adversarial.defences import DefenceBudgets, quick
+    from raymanifold.commands.adversarial import option_error, parse_ints
     from raymanifold.schema import ConfigError
 
-    for k in ("n", "adaptive_n", "pgd_iterations", "patch_iterations", "adaptive_iterations", "elbo_iterations",
-              "eot", "dt"):
-        if getattr(args, k) < 1:
-            raise UsageError(f"--{k.replace('_', '-')}: must be >= 1, got {getattr(args, k)}")
     for k, hi in (("linf_eps", 1.0), ("l2_eps", 28.0)):
         if not 0 < getattr(args, k) <= hi:
             raise UsageError(f"--{k.replace('_', '-')}: must be in (0, {hi}] (pixels in [0, 1]), got {getattr(args, k)}")
     try:
         grid = tuple(int(t) for t in args.t_star.split(",") if t.strip())
-        DiffPurifyBudget(sampler=args.sampler, dt=args.dt)
     except ValueError as exc:
-        raise UsageError(f"--t-star / --sampler: {exc}") from None
+        raise UsageError(f"--t-star: {exc}") from None
     if not grid:
         raise UsageError("--t-star: give at least one integer step")
-    d = DefenceBudgets()
+    if args.pgd_iterations < 1:
+        raise UsageError(f"--pgd-iterations: must be >= 1, got {args.pgd_iterations}")
+    if args.elbo_iterations < 1:
+        raise UsageError(f"--elbo-iterations: must be >= 1, got {args.elbo_iterations}")
     try:
-        return DefenceBudgets(n=args.n, adaptive_n=args.adaptive_n, linf_eps=args.linf_eps, l2_eps=args.l2_eps,
-                              pgd_iterations=args.pgd_iterations, linf_step=2.5 * args.linf_eps / args.pgd_iterations,
-                              l2_step=2.5 * args.l2_eps / args.pgd_iterations, patch_iterations=args.patch_iterations,
-                              elbo=replace(d.elbo, iterations=args.elbo_iterations), t_star_grid=grid,
-                              diffusion_sampler=args.sampler, diffusion_dt=args.dt,
-                              adaptive_iterations=args.adaptive_iterations, eot=args.eot)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+        return quick(DefenceBudgets(), n=args.n, adaptive_n=args.adaptive_n, draws=args.draws, linf_eps=args.linf_eps,
+                     l2_eps=args.l2_eps, pgd_iterations=args.pgd_iterations,
+                     linf_step=2.5 * args.linf_eps / args.pgd_iterations, l2_step=2.5 * args.l2_eps / args.pgd_iterations,
+                     patch_iterations=args.patch_iterations, elbo_iterations=args.elbo_iterations, t_star_grid=grid,
+                     diffusion_sampler=args.sampler, diffusion_dt=args.dt, apgd_iterations=args.apgd_iterations,
+                     apgd_restarts=args.apgd_restarts, eot=args.eot, backprop_iterations=args.backprop_iterations,
+                     backprop_eot=args.backprop_eot, square_queries=args.square_queries,
+                     square_queries_purified=args.square_queries_purified,
+                     eot_curve=parse_ints(args.eot_curve, "--eot-curve"))
+    except (ConfigError, ValueError) as exc:
+        msg = str(exc)
+        msg = "--" + msg.split(".", 1)[1] if msg.startswith(("purify.sampler", "purify.dt")) else option_error(exc)
+        raise UsageError(msg) from None
 
 
 def _check_t_star(budgets, T: int):
@@ -126,6 +138,10 @@ def cmd_defences(args) -> int:
     sets = apply_common(args)
     configs = {r: load_config(find_config(c), sets) for r, (_, c) in ROLES.items()
                if getattr(args, f"model_{r}") is None}
+    from raymanifold.commands.adversarial import check_n_against_test_split
+
+    held_out = load_config(find_config(ROLES["undefended"][1]), []).data
+    check_n_against_test_split(budgets.n + budgets.t_star_select_n, {"undefended (n + t_star_select_n)": held_out})
     n = len(ROLES) + 2
     loaded, info = {}, {}
     want = {r: "diffusion" if r == "ddpm" else "vae_classifier" for r in ROLES}
@@ -160,6 +176,10 @@ def cmd_defences(args) -> int:
     runs.log_study("study_defences", "adversarial", {"budgets": budgets.as_dict(), **info}, summary, args.out,
                    tracking_uri=args.tracking_uri, tags={"family": "vae_classifier", "study": "defences"})
     print("\n".join(open(f"{args.out}/defences.md").read().splitlines()[:12]))
+    for row, cs in result["checks"].items():
+        for c in cs:
+            if not c["passed"]:
+                print(f"!!! sanity check FAILED ({row}): {c['check']} (see {args.out}/defences.md)")
     print(f"study wall time {info['study_wall_s']} s")
     return 0
 
@@ -213,7 +233,10 @@ def cmd_hmc(args) -> int:
 
     def f(v, k=3):
         return "" if v is None else f"{v:.{k}f}"
-    rows = [[name, t, f(r["skl"], 2), f(r["skl_median"], 2), f(r["mean_mahalanobis2"], 2), f(100 * r["probe_accuracy"], 1), f(r["recon_error"], 2),
+    from raymanifold.analysis.intervals import fmt_pct
+
+    rows = [[name, t, f(r["skl"], 2), f(r["skl_median"], 2), f(r["mean_mahalanobis2"], 2),
+             fmt_pct(r["probe_accuracy"], r["probe_accuracy_ci"]), f(r["recon_error"], 2),
              f(r["accept_rate"]), f(r["wall_s"], 1)]
             for name, per_t in result["rows"].items() for t, r in sorted(per_t.items())]
     md = ["# The HMC defence against T (slides 002)\n",
@@ -221,7 +244,8 @@ def cmd_hmc(args) -> int:
           f"{budgets.attack_iterations} iterations (mean SKL of the attacked encoder to the clean one: "
           + ", ".join(f"{k} {v:.2f} nats" for k, v in result["attack_skl"].items()) + "). HMC: "
           + ", ".join(f"{k} {v}" for k, v in vars(hcfg).items()) + ".\n",
-          markdown_table(["input", "T", "SKL to q(z|x_r) (nats, mean)", "median", "chain mean: Mahalanobis^2 to mu(x_r)", "probe accuracy %",
+          markdown_table(["input", "T", "SKL to q(z|x_r) (nats, mean)", "median", "chain mean: Mahalanobis^2 to mu(x_r)",
+                          "probe accuracy % [95% CI]",
                           "recon. error vs clean recon.", "acceptance", "wall s"], rows), "",
           "## Run\n", *(f"- {k}: {v}" for k, v in info.items()), ""]
     with report_dir(args.out) as tmp:

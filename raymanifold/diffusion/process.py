@@ -39,17 +39,20 @@ def q_jump(alpha_bar: torch.Tensor, s: int, t: int) -> tuple[float, float]:
     return math.sqrt(ratio), 1.0 - ratio
 
 
-def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, ab_t, clip: float | None = None) -> torch.Tensor:
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, ab_t, clip: float | None = None, *,
+               straight_through: bool = False) -> torch.Tensor:
     """f_theta^t(x_t) = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)  (Eq. 31).
 
     ``clip`` > 0 clamps x0_hat to [-clip, clip] (improved-diffusion's clip_denoised).
+    ``straight_through``: the clamp's value with the identity's derivative (for attacks that differentiate
+    through a sampler: a plain clamp has derivative 0 on every clipped entry, which masks the gradient).
     This matters at large t: 1 / sqrt(alpha_bar_T) is about 2000 for a cosine
     T = 100 schedule, so a small error in eps becomes a huge error in x0_hat.
     """
     ab_t = _bcast(ab_t, x_t)
     x0 = (x_t - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
     if clip:
-        x0 = x0.clamp(-clip, clip)
+        x0 = x0.clamp(-clip, clip).detach() + (x0 - x0.detach()) if straight_through else x0.clamp(-clip, clip)
     return x0
 
 
@@ -122,14 +125,15 @@ def eps_model(model, x_t: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def backward_kernel(model, x_t: torch.Tensor, t: int, s: int, alpha_bar: torch.Tensor,
-                    clip: float | None = None, last_step_var: str = "forward"):
+                    clip: float | None = None, last_step_var: str = "forward", *, straight_through: bool = False):
     """Def. 2.1 / Eq. 19-20: p_theta(x_s | x_t) = N(mean, var I) for any s < t.
 
-    Returns ``(mean, var, eps, x0_hat)``; one network evaluation.
+    Returns ``(mean, var, eps, x0_hat)``; one network evaluation. ``straight_through``: see
+    :func:`predict_x0`.
     """
     ab_s, ab_t = float(alpha_bar[s]), float(alpha_bar[t])
     eps = eps_model(model, x_t, t)
-    x0_hat = predict_x0(x_t, eps, ab_t, clip)
+    x0_hat = predict_x0(x_t, eps, ab_t, clip, straight_through=straight_through)
     c_x0, c_xt, _ = posterior_coefficients(ab_s, ab_t)
     mean = c_x0 * x0_hat + c_xt * x_t
     var = backward_variance(alpha_bar, s, t, last_step_var)

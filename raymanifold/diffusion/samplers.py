@@ -70,14 +70,16 @@ def ddim_sigma2(ab_s: float, ab_t: float, eta: float) -> float:
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_s: float, *, eta: float = 0.0,
-              clip: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+              clip: float | None = None, generator: torch.Generator | None = None,
+              straight_through: bool = False) -> torch.Tensor:
     """DDIM step x_t -> x_s given eps (Song et al. 2021, Eq. 12):
 
     x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps' + sigma z,
     with x0_hat = f_theta^t(x_t) (Eq. 31, clipped if ``clip``) and eps' the eps
-    consistent with the clipped x0_hat. ``eta = 0``: deterministic.
+    consistent with the clipped x0_hat. ``eta = 0``: deterministic. ``straight_through``: the clip's
+    derivative is the identity (see :func:`raymanifold.diffusion.process.predict_x0`).
     """
-    x0 = predict_x0(x_t, eps, ab_t, clip)
+    x0 = predict_x0(x_t, eps, ab_t, clip, straight_through=straight_through)
     if clip:
         eps = (x_t - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
     sig2 = ddim_sigma2(ab_s, ab_t, eta) if ab_s < 1 else 0.0
