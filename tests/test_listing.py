@@ -132,3 +132,14 @@ def test_run_configs_are_named_by_their_file_and_filed_under_their_family():
             continue
         assert raw["name"] == p.stem, p
         assert raw["experiment"] == ("demo" if p.stem == "demo_swiss_roll" else raw["family"]), p
+
+
+def test_docs_index_links_every_page_and_the_readme_stays_short():
+    index = (REPO_ROOT / "docs" / "index.md").read_text()
+    pages = [p.relative_to(REPO_ROOT / "docs").as_posix() for p in (REPO_ROOT / "docs").rglob("*.md")]
+    missing = [p for p in pages if p != "index.md" and f"({p})" not in index]
+    assert not missing, f"docs/index.md does not link {missing}"
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < 120 and "docs/getting-started.md" in readme and "docs/index.md" in readme
+    for text in [readme, index, (REPO_ROOT / "docs" / "getting-started.md").read_text()]:
+        assert "REFERENCE.md" not in text and "issue item" not in text
