@@ -39,7 +39,7 @@ def _model(uri):
         install_uri_resolver()
         model = ckpt.load_model(uri)[0]
     else:
-        cfg = load_config("jobs/configs/vae_classifier_mnist5k.yaml", [])
+        cfg = load_config("jobs/configs/train/vae_classifier_mnist5k.yaml", [])
         torch.manual_seed(0)
         model = get_recipe(cfg.family).build(cfg)
     model.eval()
@@ -101,7 +101,7 @@ def _early_stop(model, budget, args) -> dict:
     from raymanifold.adversarial.evaluation import eval_set
     from raymanifold.config import load_config
 
-    cfg = load_config("jobs/configs/vae_classifier_mnist5k.yaml", [])
+    cfg = load_config("jobs/configs/train/vae_classifier_mnist5k.yaml", [])
     x, y = eval_set(cfg, args.early_stop_n)
     d = Defence("elbo", model, ElboPurifier(model, budget), chunk=args.chunk)
     b = AttackBudget(method="apgd", eps=1.0, step=1.0, iterations=args.early_stop_iterations,

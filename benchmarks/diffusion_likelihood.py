@@ -91,8 +91,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dts = [int(v) for v in args.dts.split(",")]
-    for name, path, batch, d in (("2-D eps-MLP", "jobs/configs/diffusion_swiss_roll.yaml", args.batch, dts),
-                                 ("digits U-Net", "jobs/configs/diffusion_digits.yaml", args.image_batch,
+    for name, path, batch, d in (("2-D eps-MLP", "jobs/configs/train/diffusion_swiss_roll.yaml", args.batch, dts),
+                                 ("digits U-Net", "jobs/configs/train/diffusion_digits.yaml", args.image_batch,
                                   [int(v) for v in args.image_dts.split(",")])):
         cfg = load_config(ROOT / path)
         model = R.build(cfg).eval()

@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--venues", default="inproc1,inproc2,ray,tune")
     ap.add_argument("--raw-threads", action="store_true", help="in-process: use the caller's threads (no pin)")
-    ap.add_argument("--config", default="jobs/configs/gridvae_two_digit.yaml")
+    ap.add_argument("--config", default="jobs/configs/train/gridvae_two_digit.yaml")
     args = ap.parse_args()
 
     from raymanifold import checkpoint as ckpt

@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="raymanifold",
-        description="Probabilistic and semantic models of image manifolds on Ray, tracked in MLflow.")
+        description="Probabilistic and semantic models of image manifolds on Ray, tracked in MLflow. "
+                    "Start with docs/getting-started.md; `raymanifold list` shows configs, data sets, families, "
+                    "experiments and studies. Outputs go under RAYMANIFOLD_HOME (default: the current directory).")
+    parser.add_argument("--version", action="version", version=f"raymanifold {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     study = sub.add_parser("study", help="reproduce a study of the papers; writes reports/<name>/")
     study_sub = study.add_subparsers(dest="study", metavar="STUDY")
@@ -44,7 +47,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: commands that write nothing under the output root (no start-up line naming it; serve's first line is its own)
+NO_ROOT_LINE = ("list", "compare", "serve")
+#: option names (argparse dests) that name input files or folders; see :func:`_absolute_inputs`
+INPUT_DESTS = ("config", "glow_config", "config_dir", "model", "ddpm", "data", "ood", "classifier", "reference")
+
+
+def _absolute_inputs(args) -> None:
+    """Before the CLI changes into ``RAYMANIFOLD_HOME``: input paths given relative to the caller's directory that
+    exist there (``--config``, ``--model``, ``--model-<role>``, ``--ddpm``, ``--data`` ...) are made absolute, so
+    they keep meaning the caller's files. Outputs (``--out``) stay relative and land in the home."""
+    from raymanifold.paths import absolute, is_uri
+
+    for dest, value in vars(args).items():
+        if not (dest in INPUT_DESTS or dest.startswith("model_")) or not isinstance(value, str) or not value:
+            continue
+        if not is_uri(value) and not os.path.isabs(value) and os.path.exists(value):
+            setattr(args, dest, absolute(value))
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("raymanifold")
+    except Exception:  # running from a source tree that is not installed
+        return "unknown"
+
+
 def main(argv=None) -> int:
+    from raymanifold import paths
+
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -55,7 +88,18 @@ def main(argv=None) -> int:
         # one store for the whole command: runs:/ URIs given to --model & co. resolve against --tracking-uri,
         # and Ray workers inherit it (as raymanifold.commands.apply_common does)
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    start, saved_caller, saved_home = os.getcwd(), os.environ.get(paths.CALLER_ENV), os.environ.get(paths.HOME_ENV)
     try:
+        # one output root (raymanifold.paths): inputs keep meaning the caller's files, outputs land in the home
+        os.environ[paths.CALLER_ENV] = start
+        home = paths.home()
+        if saved_home:
+            os.environ[paths.HOME_ENV] = str(home)  # absolute: a relative RAYMANIFOLD_HOME means the caller's
+        if args.command not in NO_ROOT_LINE:
+            print(f"output root: {home} ({paths.home_source()})", file=sys.stderr, flush=True)
+        if str(home) != start:
+            _absolute_inputs(args)
+            os.chdir(home)
         rc = args.func(args)
     except _expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -63,6 +107,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        os.chdir(start)  # in-process callers (tests) get their directory and environment back
+        for key, saved in ((paths.CALLER_ENV, saved_caller), (paths.HOME_ENV, saved_home)):
+            if saved is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = saved
     return int(rc or 0)
 
 

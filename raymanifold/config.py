@@ -1,6 +1,6 @@
 """Typed, validated experiment configuration.
 
-A run is described by one YAML file (``jobs/configs/*.yaml``) that maps onto
+A run is described by one YAML file (``jobs/configs/{train,cluster}/*.yaml``) that maps onto
 frozen dataclasses::
 
     family: diffusion          # which recipe (raymanifold.recipes)
@@ -36,7 +36,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -49,7 +49,7 @@ class DataConfig:
     name: str = param("swiss_roll", help="data set name (see raymanifold.data.available())")
     n_train: int = param(10_000, lo=1, help="points to draw for generated (2-D) sets")
     n_test: int = param(10_000, lo=1, help="points for the evaluation split of generated sets")
-    root: Optional[str] = param(None, help="folder for on-disk data sets (never downloaded)")
+    root: Optional[str] = param(None, path="input", help="folder for on-disk data sets (never downloaded)")
     image_size: int = param(0, lo=0, help="resize images to this size (0 = native)")
     seed: int = param(0, lo=0, help="seed for generation and the fixed train/test split")
 
@@ -84,11 +84,25 @@ class RayConfig:
     address: Optional[str] = param(None, help="Ray cluster address; None = embedded local Ray (or RAY_ADDRESS)")
     num_cpus: int = param(0, lo=0, help="CPUs of an embedded Ray (0 = all of the machine)")
     num_workers: int = param(2, lo=1, help="Ray Train workers (DDP processes)")
-    use_gpu: bool = param(False)
+    use_gpu: Union[bool, Literal["auto"]] = param("auto",
+                                      help="Train workers on GPUs: true, false, or auto (GPUs when the cluster has "
+                                           "one per worker when the run starts; an autoscaling cluster without a "
+                                           "GPU node up yet needs true)")
     cpus_per_worker: float = param(1.0, lo=0.0, lo_open=True, hi=256)
     gpus_per_worker: float = param(0.0, lo=0.0, hi=16)
     max_failures: int = param(0, lo=-1, help="worker-group restarts from the last checkpoint; -1 = unlimited")
-    storage_path: str = param("ray_results", help="Ray Train storage (shared storage for multi-node)")
+    storage_path: str = param("ray_results", path="output",
+                              help="Ray Train storage (shared storage for multi-node); relative: under the output root")
+
+    def worker_gpus(self, cluster_gpus: float) -> float:
+        """GPUs each Train worker asks for on a cluster with ``cluster_gpus`` GPUs: ``gpus_per_worker`` when set,
+        else 1 with ``use_gpu: true``, 0 with ``false``; ``auto`` is 1 when the cluster has at least one GPU per
+        worker, else 0 (the embedded Ray of a CPU machine: 0)."""
+        if self.gpus_per_worker > 0:
+            return self.gpus_per_worker
+        if self.use_gpu == "auto":
+            return 1.0 if cluster_gpus >= self.num_workers else 0.0
+        return 1.0 if self.use_gpu else 0.0
 
 
 @dataclass(frozen=True)
@@ -261,9 +275,36 @@ def config_from_dict(raw: dict) -> ExperimentConfig:
     return cfg
 
 
-def read_yaml(path, what: str = "config file"):
-    """Parse a YAML file; missing, malformed or empty files raise :class:`ConfigError`."""
+#: the shipped configs: jobs/configs/{train,sweep,study,cluster}/ of the repository
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+CONFIG_FOLDERS = ("train", "sweep", "study", "cluster")
+_moved_warned: set = set()
+
+
+def moved_config(path) -> Optional[Path]:
+    """A config named by its old flat path ``jobs/configs/<stem>.yaml`` (relative to the repository or absolute),
+    which now lives in one of :data:`CONFIG_FOLDERS`: that file, after one deprecation line on stderr per path;
+    None for any other path."""
     p = Path(path)
+    a = p if p.is_absolute() else CONFIG_DIR.parents[1] / p
+    if p.exists() or a.parent.resolve() != CONFIG_DIR:
+        return None
+    found = [CONFIG_DIR / f / a.name for f in CONFIG_FOLDERS if (CONFIG_DIR / f / a.name).is_file()]
+    if len(found) != 1:
+        return None
+    if str(path) not in _moved_warned:
+        _moved_warned.add(str(path))
+        print(f"deprecated: {path} moved to {found[0].relative_to(CONFIG_DIR.parents[1])} (the old flat path still "
+              "works)", file=sys.stderr, flush=True)
+    return found[0]
+
+
+def read_yaml(path, what: str = "config file"):
+    """Parse a YAML file; missing, malformed or empty files raise :class:`ConfigError`. An old flat config path
+    (``jobs/configs/<stem>.yaml``) reads the file in its folder (:func:`moved_config`)."""
+    p = Path(path)
+    if not p.is_file():
+        p = moved_config(path) or p
     if not p.is_file():
         raise ConfigError(f"{what} {str(p)!r} does not exist")
     try:
@@ -276,10 +317,39 @@ def read_yaml(path, what: str = "config file"):
 
 
 def load_config(path, overrides=()) -> ExperimentConfig:
-    """Load ``path`` (YAML), apply ``--set`` overrides, validate."""
-    return config_from_dict(apply_overrides(read_yaml(path), overrides))
+    """Load ``path`` (YAML), apply ``--set`` overrides, validate; relative paths made absolute (:func:`resolve_paths`)."""
+    return resolve_paths(config_from_dict(apply_overrides(read_yaml(path), overrides)))
 
 
 def replace(cfg: ExperimentConfig, overrides) -> ExperimentConfig:
-    """A validated copy of ``cfg`` with dotted-key overrides."""
-    return config_from_dict(apply_overrides(to_dict(cfg), overrides))
+    """A validated copy of ``cfg`` with dotted-key overrides (relative paths made absolute, :func:`resolve_paths`)."""
+    return resolve_paths(config_from_dict(apply_overrides(to_dict(cfg), overrides)))
+
+
+def _resolved(obj, base):
+    from raymanifold.paths import absolute
+
+    changes = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            new = _resolved(v, base)
+        elif f.metadata.get("path") == "input" and isinstance(v, str):
+            new = absolute(v, base)
+        else:
+            continue
+        if new is not v and new != v:
+            changes[f.name] = new
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def resolve_paths(cfg: ExperimentConfig, base=None) -> ExperimentConfig:
+    """``cfg`` with every input path field (``param(path="input")``: ``data.root``, ``model.ddpm``,
+    ``model.ae_checkpoint`` ...) absolute against ``base`` (default: the caller's directory,
+    :func:`raymanifold.paths.caller_dir`); URIs (``runs:/``, ``s3://``) unchanged. Output paths
+    (``ray.storage_path``) stay as written: they are placed under the output root where they are used
+    (:func:`raymanifold.paths.output`), so a logged config does not name one machine's folders.
+
+    Run in the driver before a config travels to Ray workers, whose working directory is elsewhere: a relative
+    ``model.ddpm`` that exists where the command runs would otherwise be looked up inside the worker."""
+    return _resolved(cfg, base)

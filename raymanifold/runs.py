@@ -85,12 +85,25 @@ class RunHandle:
         return f"{self.model_uri} ({'Ray Train' if self.backend == 'ray' else 'in-process'})"
 
 
+def check_resume(cfg):
+    """The earlier run that a Ray Train run of ``cfg`` would resume (:class:`raymanifold.resume.Prior`), None when
+    there is none; raises :class:`raymanifold.resume.ResumeConflict` (exit 2 on the CLI) when its checkpoints were
+    trained with a config that differs in more than ``train.steps``, ``ray.*`` and other keys that leave the weights
+    alone (:mod:`raymanifold.resume`)."""
+    from raymanifold import resume
+    from raymanifold.config import to_dict
+
+    return resume.check(cfg.name, resume.prior_run(resume.run_folder(cfg)), to_dict(cfg))
+
+
 def train(cfg, *, backend: str = "ray", tracking_uri: Optional[str] = None, fresh: bool = False,
           tags: Optional[dict] = None, verbose: bool = True) -> RunHandle:
     """Train ``cfg`` inside an MLflow run and evaluate the final checkpoint.
 
     ``backend="ray"``: Ray Train (:func:`raymanifold.distributed.train.fit`; joins ``cfg.ray.address`` /
-    ``RAY_ADDRESS`` or starts an embedded Ray; resumes a run with the same ``cfg.name`` unless ``fresh``).
+    ``RAY_ADDRESS`` or starts an embedded Ray; resumes a run with the same ``cfg.name`` unless ``fresh``, and only
+    when its checkpoints were trained by this config (:func:`check_resume`; the run is then tagged
+    ``resumed_from_step`` and ``resumed_from_run_id``).
     ``backend="local"``: this process (:func:`raymanifold.training.train_inprocess`, tag ``trainer=inprocess``).
     """
     from raymanifold import tracking
@@ -98,9 +111,22 @@ def train(cfg, *, backend: str = "ray", tracking_uri: Optional[str] = None, fres
 
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not allowed; choose one of {list(BACKENDS)}")
+    from raymanifold.config import resolve_paths
+
+    cfg = resolve_paths(cfg)  # relative data roots / checkpoints: the caller's, not a Ray worker's directory
+    if backend == "ray":
+        from raymanifold.distributed.runtime import check_target
+
+        check_target(cfg.ray.address)  # a Jobs URL in RAY_ADDRESS fails here, before the MLflow run opens
+    prior = check_resume(cfg) if backend == "ray" and not fresh else None
     uri = tracking.resolve_uri(tracking_uri)
     install_uri_resolver(uri)  # e.g. a phase-2 flow's model.ae_checkpoint=runs:/<id> in this store
     all_tags = {"family": cfg.family, **({"trainer": "inprocess"} if backend == "local" else {}), **(tags or {})}
+    if prior is not None:  # provenance: which run's weights this one continues
+        all_tags.update({"resumed_from_step": prior.step, "resumed_from_run_id": prior.run_id or "unknown"})
+        if verbose:
+            print(f"resuming run {cfg.name!r} from step {prior.step} in {prior.folder}"
+                  + (f" (MLflow run {prior.run_id})" if prior.run_id else "") + "; --fresh starts over", flush=True)
     with tracking.start_run(cfg.experiment, cfg.name, config=to_dict(cfg), uri=uri, tags=all_tags) as run:
         run_id = run.info.run_id
         with tempfile.TemporaryDirectory() as tmp:

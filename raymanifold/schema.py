@@ -22,13 +22,18 @@ class ConfigError(ValueError):
 
 
 def param(default=dataclasses.MISSING, *, lo=None, hi=None, lo_open=False, choices=None,
-          help: str = "", default_factory=dataclasses.MISSING):
+          help: str = "", default_factory=dataclasses.MISSING, path: str = ""):
     """A dataclass field with validation metadata.
 
     ``lo``/``hi`` bound numbers (inclusive unless ``lo_open``); ``choices``
-    restricts to a set of values.
+    restricts to a set of values. ``path="input"`` marks a file or folder the run reads (a data root, a
+    checkpoint; relative values are made absolute against the caller's directory before work is shipped to
+    Ray), ``path="output"`` one it writes (relative values land under the output root); see
+    :func:`raymanifold.config.resolve_paths`.
     """
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "help": help}
+    if path not in ("", "input", "output"):
+        raise ValueError(f"param(path=...): {path!r} is not allowed; choose 'input' or 'output'")
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "help": help, "path": path}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -38,7 +43,10 @@ def param(default=dataclasses.MISSING, *, lo=None, hi=None, lo_open=False, choic
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(a) for a in args)
+    if tp is bool:
+        return "true or false"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple):

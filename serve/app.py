@@ -42,6 +42,7 @@ from serve import auth, codec, web
 from serve.model import ModelServer
 from serve.operations import OPERATIONS, InputError, check_options, check_seed
 from serve.settings import REPO_ROOT, Limits, SettingsError, parse_settings, resolve_model_uri
+from serve.settings import absolute_model_uris  # noqa: F401 (raymanifold serve's hook: relative paths, output root)
 
 MODEL_DEFAULTS = {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64,
                   "health_check_period_s": 10.0, "health_check_timeout_s": 30.0}
@@ -374,8 +375,8 @@ def _check_local_checkpoints(settings):
                 resolve(uri)
             except CheckpointError:
                 raise SettingsError(f"args.models.{i}.uri: {m.uri!r} ({uri}) does not exist; train it first "
-                                    "(make demo writes ray_results/demo_swiss_roll/step_00008000) or give a "
-                                    "checkpoint file/folder or runs:/<run_id>") from None
+                                    "(make demo writes ray_results/demo_swiss_roll/step_00008000 under the output "
+                                    "root) or serve any run with raymanifold serve --model NAME=runs:/<run_id>") from None
 
 
 def configured_keys(args: dict) -> list[str]:

@@ -3,9 +3,11 @@
 Unknown keys and out-of-range values are refused before anything is deployed,
 with the key's path and what is allowed (:class:`SettingsError`).
 
-Relative checkpoint paths are resolved against the repository root (the
-folder holding ``serve/``), so ``ray_results/demo_swiss_roll/...`` works
-from any working directory; ``runs:/`` and ``models:/`` URIs go to MLflow.
+Relative checkpoint paths name outputs of training runs: ``raymanifold serve`` makes them absolute against
+the output root (``RAYMANIFOLD_HOME`` or the current directory, where ``make demo`` leaves
+``ray_results/``; :func:`absolute_model_uris`) before anything is deployed. An application deployed
+otherwise (``serve deploy``) resolves what is still relative against the repository root (the folder
+holding ``serve/``; :func:`resolve_model_uri`). ``runs:/`` and ``models:/`` URIs go to MLflow.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ class CardSettings(_Strict):
 
 class ModelEntry(_Strict):
     name: str = Field(description="URL name: /v1/models/<name>/...")
-    uri: str = Field(description="checkpoint file/folder (relative to the repo root) or runs:/<run_id>")
+    uri: str = Field(description="checkpoint file/folder (relative: to the output root) or runs:/<run_id>")
     use_ema: bool = True
     torch_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads per replica")
     input_shape: Optional[list[int]] = Field(None, description="override the per-example input shape")
@@ -157,8 +159,24 @@ def parse_settings(args: dict | None) -> AppSettings:
         raise SettingsError("; ".join(lines)) from None
 
 
+def absolute_model_uris(args: dict, base) -> dict:
+    """A copy of the application ``args`` whose relative ``models[].uri`` paths are absolute against ``base``
+    (``raymanifold serve``: the output root); URIs and absolute paths unchanged."""
+    out = dict(args or {})
+    models = []
+    for m in out.get("models") or []:
+        if isinstance(m, dict) and isinstance(m.get("uri"), str) and m["uri"] \
+                and not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/", m["uri"]):
+            p = Path(m["uri"]).expanduser()
+            m = {**m, "uri": str(p if p.is_absolute() else Path(base) / p)}
+        models.append(m)
+    if "models" in out:
+        out["models"] = models
+    return out
+
+
 def resolve_model_uri(uri: str) -> str:
-    """MLflow URIs as they are; relative paths against the repository root."""
+    """MLflow URIs as they are; relative paths (left relative by ``serve deploy``) against the repository root."""
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/", uri):
         return uri
     p = Path(uri).expanduser()

@@ -1,6 +1,7 @@
 """The web page's demo: train small models (cached), serve them, and write screenshots of the page.
 
-    python -m serve.webdemo screenshots [--out reports/web] [--models reports/web/models]   (make screenshots)
+    python -m serve.webdemo screenshots [--out reports/web] [--models reports/web/models] [--docs docs/web_page.png]
+                                                                        (make screenshots; outputs under the root)
     python -m serve.webdemo serve [--port 8000]     the same models, page at http://127.0.0.1:8000/ until Ctrl-C
 
 Models, trained once and reused from ``--models`` while their config is unchanged (the times are in
@@ -26,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 MLFLOW_UI = "http://127.0.0.1:5000"
 TRAIN = {"checkpoint_every": 100000, "log_every": 50, "batch_size": 64, "seed": 0}
@@ -204,10 +204,13 @@ def screenshots(url: str, out: Path, docs_copy: Optional[Path] = None) -> list[P
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serve.webdemo", description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["screenshots", "serve"])
-    ap.add_argument("--out", default=str(REPO / "reports" / "web"), help="screenshots folder")
-    ap.add_argument("--models", default=str(REPO / "reports" / "web" / "models"), help="trained models (cache)")
-    ap.add_argument("--docs", default=str(REPO / "docs" / "web_page.png"),
-                    help="copy the main screenshot here ('' = no copy)")
+    from raymanifold.paths import home
+
+    ap.add_argument("--out", default=str(home() / "reports" / "web"), help="screenshots folder (default: "
+                    "reports/web under the output root, RAYMANIFOLD_HOME or the current directory)")
+    ap.add_argument("--models", default=str(home() / "reports" / "web" / "models"), help="trained models (cache)")
+    ap.add_argument("--docs", default="",
+                    help="also copy the main screenshot here, e.g. docs/web_page.png (default: no copy)")
     ap.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one; serve: 8000)")
     args = ap.parse_args(argv)
     if args.what == "screenshots" and find_chromium() is None:

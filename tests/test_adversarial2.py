@@ -47,8 +47,8 @@ def test_adv_training_config_error_names_the_field():
     from raymanifold.recipes import get_recipe
 
     with pytest.raises(ConfigError, match=r"model\.adv_eps.*larger than the data range"):
-        load_config("jobs/configs/vae_classifier_mnist5k_at_linf.yaml", ["model.adv_eps=1.5"])
-    get_recipe("vae_classifier").validate(load_config("jobs/configs/vae_classifier_mnist5k_at_l2.yaml"))
+        load_config("jobs/configs/train/vae_classifier_mnist5k_at_linf.yaml", ["model.adv_eps=1.5"])
+    get_recipe("vae_classifier").validate(load_config("jobs/configs/train/vae_classifier_mnist5k_at_l2.yaml"))
 
 
 @pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.7)])
@@ -146,8 +146,8 @@ def test_defence_study_strongest_is_the_per_example_minimum_on_every_row():
     clf = VAEClassifier((1, 28, 28), 4, 10, width=4)
     torch.manual_seed(0)
     net = UNet(1, 28, channels=8, channel_mult=(1, 2), attention=False)
-    cfg = load_config("jobs/configs/vae_classifier_mnist5k.yaml", [])
-    ddpm_cfg = load_config("jobs/configs/diffusion_mnist5k.yaml", ["model.T=20", "model.channels=8"])
+    cfg = load_config("jobs/configs/train/vae_classifier_mnist5k.yaml", [])
+    ddpm_cfg = load_config("jobs/configs/train/diffusion_mnist5k.yaml", ["model.T=20", "model.channels=8"])
     b = DefenceBudgets(n=5, adaptive_n=2, draws=2, pgd_iterations=2, patch_iterations=2, apgd_iterations=2,
                        patch={"height": 2, "width": 4, "top": 1, "left": 1}, elbo=PurifyBudget(iterations=2, step=0.02),
                        eot=2, backprop_iterations=1, backprop_eot=1, square_queries=2, square_queries_purified=1,

@@ -116,7 +116,7 @@ def test_pareto_front_against_brute_force():
 def test_sweep_spec_pareto_option():
     from raymanifold.distributed.spec import load_spec, parse_spec
 
-    spec = load_spec("jobs/configs/sweep_purification.yaml")
+    spec = load_spec("jobs/configs/sweep/sweep_purification.yaml")
     assert spec.pareto[0] == ("purified_clean_accuracy", "max") and spec.kind == "eval"
     base = {"kind": "eval", "name": "s", "metric": "m", "evaluator": "purification",
             "space": {"params.iterations": {"grid": [1, 2]}}}

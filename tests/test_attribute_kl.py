@@ -13,8 +13,8 @@ from raymanifold.cli import main
 from raymanifold.recognition.losses import supcon_loss
 from raymanifold.schema import ConfigError
 
-SHAPES_STUDY = "jobs/configs/study_attribute_kl_shapes.yaml"
-MNIST_STUDY = "jobs/configs/study_attribute_kl_mnist5k.yaml"
+SHAPES_STUDY = "jobs/configs/study/study_attribute_kl_shapes.yaml"
+MNIST_STUDY = "jobs/configs/study/study_attribute_kl_mnist5k.yaml"
 #: a small, fast version of the shapes recognition model (about 17 s of training in-process on one core). At
 #: 16x16 and width 8 the smallest shapes are ~3 pixels, too few to learn the shape in 400 steps, so the short run
 #: takes identity = (colour, scale); the full (shape, colour, scale) check is the study's (docs/recognition.md)
@@ -211,7 +211,7 @@ def test_bad_input_fails_before_any_work(capsys, tmp_path, tracking_uri):
     with pytest.raises(ConfigError, match="model.views"):
         from raymanifold.config import load_config
 
-        load_config("jobs/configs/recognition_shapes.yaml", ["model.identity=[]", "model.views=1"])
+        load_config("jobs/configs/train/recognition_shapes.yaml", ["model.identity=[]", "model.views=1"])
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -288,12 +288,12 @@ def test_celeba_study_on_ray_data_matches_in_process(tmp_path, tracking_uri, cap
     from raymanifold.training import train_inprocess
 
     _celeba_fixture(tmp_path)
-    cfg = load_config("jobs/configs/recognition_celeba.yaml",
+    cfg = load_config("jobs/configs/cluster/recognition_celeba.yaml",
                       [f"data.root={tmp_path}", "data.image_size=16", "model.width=4", "model.embed_dim=4",
                        "train.steps=2", "train.batch_size=6", "model.eval_points=12"])
     train_inprocess(cfg, checkpoint_dir=tmp_path / "m")
     out = tmp_path / "rep"
-    argv = ["study", "attribute-kl", "--config", "jobs/configs/study_attribute_kl_celeba.yaml",
+    argv = ["study", "attribute-kl", "--config", "jobs/configs/cluster/study_attribute_kl_celeba.yaml",
             "--model", str(tmp_path / "m"), "--out", str(out), "--set", "study.batch_size=5", "--set", "study.actors=2"]
     assert main(argv) == 0
     rep = json.loads((out / "attribute_kl.json").read_text())

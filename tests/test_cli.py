@@ -8,10 +8,17 @@ import pytest
 from raymanifold.cli import main
 
 
+def _without_root_line(err: str) -> str:
+    """stderr without the start-up line naming the output root (raymanifold.paths)."""
+    lines = err.splitlines(keepends=True)
+    assert lines and lines[0].startswith("output root: "), err
+    return "".join(lines[1:])
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["train", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
-    (["train", "--config", "jobs/configs/demo_swiss_roll.yaml", "--set", "data.name=nope"], "data.name: unknown data set 'nope'"),
-    (["train", "--config", "jobs/configs/demo_swiss_roll.yaml", "--set", "train.steps=0"], "train.steps: 0 is out of range"),
+    (["train", "--config", "jobs/configs/train/demo_swiss_roll.yaml", "--set", "data.name=nope"], "data.name: unknown data set 'nope'"),
+    (["train", "--config", "jobs/configs/train/demo_swiss_roll.yaml", "--set", "train.steps=0"], "train.steps: 0 is out of range"),
     (["likelihood", "--model", "runs:/doesnotexist"], "MLflow run 'doesnotexist' not found"),
     (["likelihood", "--model", "no/such/checkpoint.pt"], "does not exist"),
     (["sample", "--model", "no/such/checkpoint.pt"], "does not exist"),
@@ -20,15 +27,21 @@ from raymanifold.cli import main
 ])
 def test_bad_input_one_line_error(argv, fragment, capsys, tracking_uri):
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    err = _without_root_line(capsys.readouterr().err).strip()
     assert err.startswith("error: ") and fragment in err and "\n" not in err
 
 
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "raymanifold.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for cmd in ("train", "likelihood", "sample", "demo", "study"):
+    for cmd in ("train", "likelihood", "sample", "demo", "study", "list", "cache", "serve", "compare"):
         assert cmd in out.stdout
+    assert "docs/getting-started.md" in out.stdout
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "raymanifold.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("raymanifold ") and "unknown" not in out.stdout
 
 
 def test_likelihood_and_sample_on_a_checkpoint(tmp_path, capsys, tracking_uri):
@@ -90,7 +103,7 @@ def test_old_train_keys_on_the_command_line_warn_once_and_still_apply(capsys, mo
     from raymanifold import config as C
 
     monkeypatch.setattr(C, "_warned", set())
-    assert main(["train", "--config", "jobs/configs/demo_swiss_roll.yaml", "--set", "train.num_workers=0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    assert main(["train", "--config", "jobs/configs/train/demo_swiss_roll.yaml", "--set", "train.num_workers=0"]) == 2
+    err = _without_root_line(capsys.readouterr().err).strip().splitlines()
     assert len(err) == 2 and err[0].startswith("deprecated: train.num_workers -> ray.num_workers")
     assert err[1].startswith("error: ray.num_workers: 0 is out of range")

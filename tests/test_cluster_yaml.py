@@ -58,6 +58,8 @@ def test_mlflow_server_and_token_auth(cluster):
     assert "--artifacts-destination /mnt/shared/" in cmds["head_start_ray_commands"]
     for k in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert "RAY_AUTH_MODE=token" in cmds[k] and "MLFLOW_TRACKING_URI=http://" in cmds[k]
+        # serve/config.yaml's default direct_ingress needs it on every node; exported before `ray start`
+        assert re.search(r"export [^;]*RAY_SERVE_ENABLE_DIRECT_INGRESS=1[^;]*;[^\n]*ray start", cmds[k]), k
     assert "$RAY_HEAD_IP:5000" in cmds["worker_start_ray_commands"]
     assert cluster["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
     assert "ray start --head" in cmds["head_start_ray_commands"]

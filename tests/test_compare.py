@@ -25,14 +25,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, _mlflow_template):
+    import shutil
+
     d = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copyfile(_mlflow_template, d / "mlflow.db")  # a migrated store: the server skips the migrations
     port = _free_port()
     log = open(d / "server.log", "w")
+    # MLflow 3's server also starts a job runner (5 huey workers) by default; these tests run no server jobs
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen([str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
                              "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:

@@ -29,8 +29,9 @@ def test_yaml_file_and_overrides(tmp_path):
     ("model.depth=3", "model.depth: unknown key"),
     ("train.steps=abc", "train.steps: expected an integer"),
     ("train.steps=2.5", "train.steps: expected an integer"),
-    ("ray.use_gpu=3", "ray.use_gpu: expected true or false"),
-    ("train.use_gpu=3", "ray.use_gpu: expected true or false"),  # old name: moved, then validated
+    ("ray.use_gpu=3", "ray.use_gpu: expected true or false or 'auto', got 3"),
+    ("ray.use_gpu=maybe", "ray.use_gpu: expected true or false or 'auto', got 'maybe'"),
+    ("train.use_gpu=3", "ray.use_gpu: expected true or false or 'auto'"),  # old name: moved, then validated
     ("train.steps=0", "train.steps: 0 is out of range; allowed: >= 1"),
     ("train.lr=0", "train.lr: 0.0 is out of range; allowed: > 0.0"),
     ("model.schedule=quadratic", "model.schedule: 'quadratic' is not allowed; choose one of ['cosine', 'linear']"),
@@ -84,7 +85,7 @@ def test_shipped_configs_load(tmp_path):
 
     make_celeba(tmp_path)  # CelebA configs are checked against CelebA's native files (40 attribute names)
     root = Path(__file__).resolve().parents[1] / "jobs" / "configs"
-    files = sorted(root.glob("*.yaml"))
+    files = sorted(root.rglob("*.yaml"))
     assert files, "jobs/configs holds no config"
     for f in files:
         raw = yaml.safe_load(f.read_text())

@@ -252,7 +252,7 @@ def test_cluster_configs_validate_and_take_a_step_on_native_fixtures(tmp_path, c
     from raymanifold.config import load_config
 
     (make_cifar if data == "cifar10" else make_celeba)(tmp_path)
-    cfg = load_config(f"jobs/configs/{config}", [f"data.root={tmp_path}", "train.device=cpu",
+    cfg = load_config(f"jobs/configs/cluster/{config}", [f"data.root={tmp_path}", "train.device=cpu",
                                                  f"model.ddpm={tiny_ddpm(size=size, T=100, data=data)}"])
     assert cfg.model.d == 512 and cfg.model.segments == 64 and cfg.train.batch_size == 128
     ds = rdata.load_split(cfg.data, "train")
@@ -261,7 +261,7 @@ def test_cluster_configs_validate_and_take_a_step_on_native_fixtures(tmp_path, c
     loss, m = R.loss(model, (ds.x[:2],), cfg, 1, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and "diffusion" in m and "simsiam" in m
     with pytest.raises(ConfigError, match="model.ddpm: the frozen DDPM takes"):
-        load_config(f"jobs/configs/{config}", [f"data.root={tmp_path}", f"model.ddpm={tiny_ddpm(size=16, T=100)}"])
+        load_config(f"jobs/configs/cluster/{config}", [f"data.root={tmp_path}", f"model.ddpm={tiny_ddpm(size=16, T=100)}"])
 
 
 def test_serve_exposes_counterfactual_and_encode_from_the_recipe():

@@ -57,7 +57,7 @@ def analytic_gap(ab, plan, last_step_var="forward", d=2):
 def test_pinned_schedule_values():
     ab = schedules.cosine_alpha_bar(100)
     assert ab.dtype == torch.float64 and ab.shape == (101,) and ab[0] == 1.0
-    assert float(ab[-1]) == pytest.approx(2.4286e-7, rel=1e-3)  # REFERENCE.md: about 2e-7
+    assert float(ab[-1]) == pytest.approx(2.4286e-7, rel=1e-3)  # the cosine schedule at T = 100
     assert float(ab[50]) == pytest.approx(0.49384, abs=1e-4)  # cos^2(0.508/1.008 pi/2) / cos^2(0.008/1.008 pi/2)
     assert float(schedules.betas(ab)[0]) == pytest.approx(6.32e-4, rel=1e-2)
     lin = schedules.linear_alpha_bar(1000)

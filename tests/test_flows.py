@@ -317,7 +317,7 @@ def test_config_validation_names_the_field():
         config_from_dict({**_flow_cfg(), "data": {"name": "moons", "image_size": 8}})
     with pytest.raises(ConfigError, match="model.levels"):
         config_from_dict({"family": "glow", "data": {"name": "moons"}, "model": {"channels": 2, "levels": 2}})
-    for path in ("jobs/configs/flow_digits.yaml", "jobs/configs/flow_digits_glow.yaml"):
+    for path in ("jobs/configs/train/flow_digits.yaml", "jobs/configs/train/flow_digits_glow.yaml"):
         load_config(path)
 
 
@@ -414,8 +414,8 @@ def test_study_flow_through_ray_links_both_phases(tmp_path, monkeypatch):
     tiny = ["train.steps=2", "train.checkpoint_every=2", "model.hidden=4", "model.flow_depth=1",
             "model.flow_hidden=4", "model.eval_examples=8", f"train.storage_path={tmp_path / 'ray'}",
             "ray.num_cpus=2", "ray.num_workers=2", "ray.cpus_per_worker=0.5", "train.batch_size=8"]
-    argv = ["study", "flow", "--config", str(REPO_ROOT / "jobs/configs/flow_digits.yaml"),
-            "--glow-config", str(REPO_ROOT / "jobs/configs/flow_digits_glow.yaml"), "--tracking-uri", uri,
+    argv = ["study", "flow", "--config", str(REPO_ROOT / "jobs/configs/train/flow_digits.yaml"),
+            "--glow-config", str(REPO_ROOT / "jobs/configs/train/flow_digits_glow.yaml"), "--tracking-uri", uri,
             "--n-eval", "8", "--out", str(tmp_path / "report"), "--fresh",
             "--glow-set", "train.steps=2", "--glow-set", "model.depth=1", "--glow-set", "model.hidden=4",
             "--glow-set", "model.eval_examples=8"]

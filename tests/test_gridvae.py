@@ -372,7 +372,7 @@ def test_guided_kl_without_labels_names_the_field():
     from raymanifold.schema import ConfigError
     from raymanifold.vae.elbo import kl_terms
 
-    cfg = load_config("jobs/configs/gridvae_shapes_guided.yaml")
+    cfg = load_config("jobs/configs/train/gridvae_shapes_guided.yaml")
     d = cfg.model.latent_dim
     mu, logvar = torch.zeros(3, d), torch.zeros(3, d)
     with pytest.raises(ConfigError, match="model.guidance: .* needs labels"):

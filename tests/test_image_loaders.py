@@ -150,7 +150,7 @@ def test_celeba_attributes_guide_gridvae(tmp_path, config):
     make_celeba(tmp_path)
     small = [f"data.root={tmp_path}", "data.image_size=16", "data.n_train=3", "data.n_test=2", "model.width=4",
              "model.eval_points=100", "train.steps=2", "train.batch_size=3", "train.device=cpu"]
-    cfg = load_config(f"jobs/configs/{config}", small)
+    cfg = load_config(f"jobs/configs/cluster/{config}", small)
     assert cfg.model.latent_dim == 40
     model, _, _ = train_inprocess(cfg)
     m = evaluate_model(model.eval(), cfg)["metrics"]
@@ -160,7 +160,7 @@ def test_celeba_attributes_guide_gridvae(tmp_path, config):
     for name in guided:
         assert 0.0 <= m[f"acc_{name}"] <= 1.0
     with pytest.raises(ConfigError, match="unknown attribute 'Smiles'.*allowed: .*Smiling"):
-        load_config(f"jobs/configs/{config}", small + ["model.guidance=partial",
+        load_config(f"jobs/configs/cluster/{config}", small + ["model.guidance=partial",
                                                        "model.guided_labels=[Smiles, Male]"])
 
 

@@ -178,7 +178,7 @@ def test_pinned_schedule_values():
     f = lambda t: math.cos((t / 100 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     assert ab[0] == 1.0 and len(ab) == 101
     assert ab[50].item() == pytest.approx(f(50) / f(0), rel=1e-12)
-    # the last beta is clipped at 0.999 (f(100) = 0), leaving alpha_bar_T of about 2e-7 (REFERENCE.md)
+    # the last beta is clipped at 0.999 (f(100) = 0), leaving alpha_bar_T of about 2.4e-7
     assert ab[100].item() == pytest.approx(f(99) / f(0) * (1 - 0.999), rel=1e-9)
     assert 1e-7 < ab[100].item() < 3e-7
     lin = linear_alpha_bar(1000)

@@ -47,6 +47,15 @@ def test_interrupted_run_resumes_from_checkpoint(local_ray, tmp_path, tracking_u
     # same name and storage: Ray Train restores the step-100 checkpoint (fault fires only once)
     h = runs.train(cfg, tracking_uri=tracking_uri, verbose=False)
     assert h.start_step == 100 and h.step == 300 and h.metrics["resumed_from_step"] == 100
+    # provenance: the resumed run names the run whose checkpoint it continued (raymanifold.resume)
+    tags = tracking.get_run(h.run_id, tracking_uri).data.tags
+    assert tags["resumed_from_run_id"] == found["run_id"][0] and tags["resumed_from_step"] == "100"
+    # the same name with another learning rate is refused before any work (exit 2 on the CLI)
+    from raymanifold.config import replace
+    from raymanifold.resume import ResumeConflict
+
+    with pytest.raises(ResumeConflict, match=r"train.lr: 0.002 -> 0.0123"):
+        runs.train(replace(cfg, ["train.lr=0.0123"]), tracking_uri=tracking_uri, verbose=False)
 
 
 def test_worker_crash_recovers_with_max_failures(local_ray, tmp_path, tracking_uri):

@@ -326,6 +326,80 @@ def test_an_app_without_keys_is_refused_off_loopback(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- happy paths
 @pytest.mark.ray
+def _points_checkpoint(folder):
+    from raymanifold import checkpoint as ckpt
+    from raymanifold.config import config_from_dict
+    from raymanifold.training import train_inprocess
+
+    cfg = config_from_dict({**CONFIGS["points"], "train": {**CONFIGS["points"]["train"], "steps": 2}})
+    model, _, info = train_inprocess(cfg)
+    return ckpt.save(folder / "checkpoint.pt", model, cfg, info["step"])
+
+
+def test_serve_model_option_parsing_and_the_image_hint(tmp_path, monkeypatch):
+    """--model NAME=URI: names checked, relative paths the caller's, the file's other settings kept; the first
+    line says when no served model takes images."""
+    from raymanifold.commands import UsageError
+    from raymanifold.commands.serve import image_hint, parse_models
+    from raymanifold.distributed import serving
+
+    monkeypatch.chdir(tmp_path)
+    assert parse_models(["a=runs:/x", "b=ck"]) == [("a", "runs:/x"), ("b", str(tmp_path / "ck"))]
+    for bad, msg in ((["a"], "expected NAME=URI"), (["a b=x"], "not a valid model name"),
+                     (["a=x", "a=y"], "given twice")):
+        with pytest.raises(UsageError, match=msg):
+            parse_models(bad)
+    cfg = serving.with_models(serving.load_config(serving.DEFAULT_CONFIG), [("roll", "/abs/ck")])
+    args = cfg["applications"][0]["args"]
+    assert [m["name"] for m in args["models"]] == ["roll"] and args["models"][0]["torch_threads"] == 1
+    assert args["topology"] == "fused" and args["limits"]["max_examples"] == 1024  # the file's settings stay
+    _points_checkpoint(tmp_path / "ck")
+    hint = image_hint(serving.with_models(cfg, [("roll", str(tmp_path / "ck"))]))
+    assert hint.startswith("no image model among the served ones (roll)") and "make web-demo" in hint
+    from raymanifold import checkpoint as ckpt
+    from raymanifold.config import config_from_dict
+    from raymanifold.recipes import get_recipe
+
+    img = config_from_dict(CONFIGS["digits"])
+    ckpt.save(tmp_path / "img" / "checkpoint.pt", get_recipe("diffusion").build(img), img, 1)
+    assert image_hint(serving.with_models(cfg, [("roll", str(tmp_path / "ck")),
+                                                ("digits", str(tmp_path / "img"))])) is None
+
+
+def test_default_serve_without_a_trained_demo_says_how_to_get_models(tmp_path, monkeypatch, capsys):
+    """A fresh clone: the default model is not trained. The first line says how to get an image model, the
+    error how to train the default one; nothing starts."""
+    from raymanifold.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAYMANIFOLD_HOME", raising=False)
+    assert main(["serve", "--check", "--port", str(_free_port())]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].startswith("no image model among the served ones (swiss_roll)")
+    assert "make demo" in err and "--model NAME=runs:/<run_id>" in err
+
+
+def test_serve_cli_serves_a_run_given_with_model(tmp_path, monkeypatch, capsys):
+    """`raymanifold serve --model roll=<relative path> --check`: the run is served under that name, no YAML edited.
+    In this process, before the module's app starts (the fixture below shuts this Ray down first)."""
+    from raymanifold.cli import main
+    from raymanifold.distributed import runtime
+
+    _points_checkpoint(tmp_path / "ck")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runtime.shutdown()
+    try:
+        rc = main(["serve", "--model", "roll=ck", "--check", "--port", str(_free_port()), "--num-cpus", "2"])
+    finally:
+        runtime.shutdown()
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert out.splitlines()[0].startswith("no image model among the served ones (roll)")
+    report = json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
+    assert [m["name"] for m in report["models"]["models"]] == ["roll"] and report["healthz"]["status_code"] == 200
+
+
 def test_models_listing_and_docs(server):
     r = _get(server, "/v1/models")
     assert r.status_code == 200

@@ -87,11 +87,11 @@ def test_space_accepts_moved_keys_under_either_name():
 
 
 def test_shipped_sweep_files_validate():
-    spec = load_spec(REPO / "jobs/configs/sweep_diffusion_dt.yaml")
+    spec = load_spec(REPO / "jobs/configs/sweep/sweep_diffusion_dt.yaml")
     assert spec.kind == "eval" and spec.n_trials == len(spec.space["params.dt"].values)
     base = yaml.safe_load((REPO / spec.base).read_text())
     check_space(spec, to_dict(config_from_dict(base)))
-    for f in sorted((REPO / "jobs/configs").glob("sweep_*.yaml")):
+    for f in sorted((REPO / "jobs/configs/sweep").glob("sweep_*.yaml")):
         s = load_spec(f)
         if s.kind == "train":
             from raymanifold.distributed.spec import base_config_dict

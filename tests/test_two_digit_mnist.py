@@ -29,7 +29,7 @@ def test_study_accepts_the_28x28_config():
     from raymanifold.config import load_config
     from raymanifold.vae.gridvae_study import check_two_digit
 
-    cfg = load_config("jobs/configs/gridvae_two_digit_mnist.yaml")
+    cfg = load_config("jobs/configs/train/gridvae_two_digit_mnist.yaml")
     check_two_digit(cfg)
     assert cfg.data.name == "two_digit_mnist" and cfg.model.grid_min == (-2,) and cfg.model.grid_max == (3,)
 
@@ -38,7 +38,7 @@ def test_study_accepts_the_28x28_config():
 def _mnist_cfg(**model):
     from raymanifold.config import load_config, replace
 
-    cfg = load_config("jobs/configs/gridvae_two_digit_mnist.yaml")
+    cfg = load_config("jobs/configs/train/gridvae_two_digit_mnist.yaml")
     return replace(cfg, [("model.width", 4), ("model.eval_points", 144), ("data.n_train", 144),
                          ("data.n_test", 144)] + [(f"model.{k}", v) for k, v in model.items()])
 
@@ -158,7 +158,7 @@ def test_bad_network_fields_name_the_field(key, value, match):
     from raymanifold.config import ConfigError, load_config, replace
 
     with pytest.raises(ConfigError, match=match):
-        replace(load_config("jobs/configs/gridvae_two_digit_mnist.yaml"), [(key, value)])
+        replace(load_config("jobs/configs/train/gridvae_two_digit_mnist.yaml"), [(key, value)])
 
 
 def test_study_scores_the_28x28_source_against_its_own_targets():

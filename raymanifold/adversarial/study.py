@@ -46,11 +46,11 @@ PAPER = {"no_defence": {"clean": 97.86, "patch_pgd": 13.14, "patch_nag": 6.83},
 
 #: setting -> (config file, patch rectangle, what the patch covers)
 SETTINGS = {
-    "mnist5k": ("jobs/configs/vae_classifier_mnist5k.yaml", {"height": 8, "width": 16, "top": 4, "left": 6},
+    "mnist5k": ("jobs/configs/train/vae_classifier_mnist5k.yaml", {"height": 8, "width": 16, "top": 4, "left": 6},
                 "8x16 patch on the upper part of the digit (label-relevant pixels)"),
-    "pair": ("jobs/configs/vae_classifier_mnist5k_pair.yaml", {"height": 12, "width": 24, "top": 8, "left": 30},
+    "pair": ("jobs/configs/train/vae_classifier_mnist5k_pair.yaml", {"height": 12, "width": 24, "top": 8, "left": 30},
              "12x24 patch over the right digit; the label is the left digit (label-irrelevant content)"),
-    "celeba": ("jobs/configs/vae_classifier_celeba_gender.yaml", {"height": 16, "width": 32, "top": 6, "left": 16},
+    "celeba": ("jobs/configs/cluster/vae_classifier_celeba_gender.yaml", {"height": 16, "width": 32, "top": 6, "left": 16},
                "the paper's 16x32 forehead patch on CelebA-Gender 64x64 (cluster only)"),
 }
 #: settings run by default on this machine

@@ -44,18 +44,18 @@ def register(sub, study_sub):
     p.add_argument("--random-search-queries", type=int, default=d.random_search_queries,
                    help="queries of the gradient-free patch random search (0: skip)")
     p.add_argument("--seed", type=int, default=0)
-    add_training_options(p, threads=1, no_ray=False)
+    add_training_options(p, threads=1, no_ray=False, fresh=True)
     p.add_argument("--out", default="reports/table1")
     p.set_defaults(func=cmd_table1)
 
     p = study_sub.add_parser("fig9", help="VAE-classifier with a 2-D latent: clean -> attacked -> purified "
                                           "trajectories (Fig. 9)")
     p.add_argument("--model", default=None, help="trained 2-D-latent vae_classifier (path or runs:/<id>); "
-                                                 "default: train jobs/configs/vae_classifier_mnist5k_latent2.yaml")
-    p.add_argument("--config", default="jobs/configs/vae_classifier_mnist5k_latent2.yaml")
+                                                 "default: train jobs/configs/train/vae_classifier_mnist5k_latent2.yaml")
+    p.add_argument("--config", default="jobs/configs/train/vae_classifier_mnist5k_latent2.yaml")
     p.add_argument("--paths", type=int, default=12, help="examples drawn as trajectories")
     p.add_argument("--seed", type=int, default=0)
-    add_training_options(p, threads=1, no_ray=False)
+    add_training_options(p, threads=1, no_ray=False, fresh=True)
     p.add_argument("--out", default="reports/fig9")
     p.set_defaults(func=cmd_fig9)
 
@@ -137,7 +137,8 @@ def cmd_table1(args) -> int:
     for s in settings:
         i += 1
         model, cfg, recipe = load_or_train(getattr(args, f"model_{s}"), configs.get(s), name=s, i=i, n=n,
-                                           tracking_uri=args.tracking_uri, study="table1", info=info)
+                                           tracking_uri=args.tracking_uri, study="table1", info=info,
+                                           fresh=args.fresh)
         if cfg.family != "vae_classifier":
             raise UsageError(f"--model-{s}: a {cfg.family} model; table1 needs a vae_classifier")
         models[s] = (model, cfg)
@@ -182,7 +183,7 @@ def cmd_fig9(args) -> int:
     else:
         cfg = load_config(find_config(args.config), apply_common(args))
         stage(1, 3, f"training {cfg.name} ({cfg.train.steps} steps, Ray Train)")
-        h = runs.train(cfg, tracking_uri=args.tracking_uri, tags={"study": "fig9"})
+        h = runs.train(cfg, tracking_uri=args.tracking_uri, fresh=args.fresh, tags={"study": "fig9"})
         model, cfg, _ = runs.load(str(h.checkpoint))
         source = h.model_uri
     if cfg.family != "vae_classifier" or cfg.model.latent_dim != 2:

@@ -1,5 +1,6 @@
 """``raymanifold compare``: a readable table of an MLflow experiment's runs, best first.
 
+    raymanifold compare                                   # the experiments, with their run counts
     raymanifold compare --experiment demo
     raymanifold compare --experiment sweeps --metric auroc_mean
     raymanifold compare --experiment demo --metric test_nll_nats_dt10 --filter "attributes.status = 'FINISHED'" --out runs.md
@@ -88,7 +89,8 @@ START = "start_time"
 
 def register(sub, study_sub):
     p = sub.add_parser("compare", help="table of MLflow runs of an experiment, best first (Markdown/CSV)")
-    p.add_argument("--experiment", required=True, help="MLflow experiment name")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment name (without it: the store's experiments with their run counts)")
     p.add_argument("--metric", default=None,
                    help="sort by this metric (default: the sweep's metric, else the family's primary metric, "
                         "else start time)")
@@ -101,7 +103,7 @@ def register(sub, study_sub):
     p.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
     p.add_argument("--out", default=None, help="also write the table: *.md (Markdown) or *.csv")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else <output root>/mlflow.db)")
     p.set_defaults(func=cmd_compare)
 
 
@@ -285,6 +287,11 @@ def cmd_compare(args) -> int:
 
     if args.limit < 1:
         raise UsageError(f"--limit: must be >= 1, got {args.limit}")
+    if args.experiment is None:  # what there is to compare
+        from raymanifold.commands.listing import list_experiments
+
+        print(list_experiments(args.tracking_uri))
+        return 0
     if args.out and Path(args.out).suffix not in (".md", ".csv"):
         raise UsageError(f"--out: must end in .md or .csv, got {args.out!r}")
     uri = tracking.resolve_uri(args.tracking_uri)

@@ -17,6 +17,9 @@ def register(sub, study_sub):
     add_common(p, config=True)
     p.add_argument("--fresh", action="store_true",
                    help="discard checkpoints of an earlier run with the same name instead of resuming it")
+    p.add_argument("--name", default=None,
+                   help="run name (default: the config's `name`): checkpoints go to <ray.storage_path>/<name>, and a "
+                        "run with checkpoints under this name resumes them if its config trained them")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("likelihood", help="Fig. 5 protocol: log p of the 2-D sets under a trained DDPM")
@@ -45,7 +48,7 @@ def register(sub, study_sub):
 
     p = sub.add_parser("demo", help="the main job: Swiss-roll DDPM on Ray Train, Fig. 5 likelihoods, samples")
     add_common(p)
-    p.add_argument("--config", default="jobs/configs/demo_swiss_roll.yaml")
+    p.add_argument("--config", default="jobs/configs/train/demo_swiss_roll.yaml")
     p.add_argument("--rounds", type=int, default=10, help="Eq. 15 rounds per point (default 10; the paper uses 100)")
     p.add_argument("--points", type=int, default=10_000, help="points per set")
     p.add_argument("--dts", default="1,2,10", help="step sizes for likelihood and sampling")
@@ -93,7 +96,7 @@ def cmd_train(args) -> int:
     from raymanifold import runs
     from raymanifold.config import load_config
 
-    cfg = load_config(find_config(args.config), apply_common(args))
+    cfg = load_config(find_config(args.config), apply_common(args) + ([("name", args.name)] if args.name else []))
     print(f"training {cfg.family} {cfg.name!r} on {cfg.data.name}: {cfg.train.steps} steps, "
           f"{cfg.ray.num_workers} worker(s), storage {cfg.ray.storage_path}", flush=True)
     h = runs.train(cfg, tracking_uri=args.tracking_uri, fresh=args.fresh)

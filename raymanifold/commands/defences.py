@@ -13,10 +13,10 @@ import time
 from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, load_or_train, set_threads, stage
 
 #: role -> (option, default config trained when the option is not given)
-ROLES = {"undefended": ("--model", "jobs/configs/vae_classifier_mnist5k.yaml"),
-         "adv_training_linf": ("--model-linf", "jobs/configs/vae_classifier_mnist5k_at_linf.yaml"),
-         "adv_training_l2": ("--model-l2", "jobs/configs/vae_classifier_mnist5k_at_l2.yaml"),
-         "ddpm": ("--model-ddpm", "jobs/configs/diffusion_mnist5k.yaml")}
+ROLES = {"undefended": ("--model", "jobs/configs/train/vae_classifier_mnist5k.yaml"),
+         "adv_training_linf": ("--model-linf", "jobs/configs/train/vae_classifier_mnist5k_at_linf.yaml"),
+         "adv_training_l2": ("--model-l2", "jobs/configs/train/vae_classifier_mnist5k_at_l2.yaml"),
+         "ddpm": ("--model-ddpm", "jobs/configs/train/diffusion_mnist5k.yaml")}
 
 
 def register(sub, study_sub):
@@ -54,7 +54,7 @@ def register(sub, study_sub):
     p.add_argument("--eot-curve", default=",".join(map(str, d.eot_curve)),
                    help="further APGD-CE (BPDA) runs at these EOT draws: the convergence against draws ('' = none)")
     p.add_argument("--seed", type=int, default=0)
-    add_training_options(p, threads=1, no_ray=False)
+    add_training_options(p, threads=1, no_ray=False, fresh=True)
     p.add_argument("--out", default="reports/defences")
     p.set_defaults(func=cmd_defences)
 
@@ -63,7 +63,7 @@ def register(sub, study_sub):
     h = HMCStudyBudgets()
     p = study_sub.add_parser("hmc", help="VAE latent attack (symmetric KL) and the HMC defence against T (slides 002)")
     p.add_argument("--model", default=None, help="trained vae_classifier (path or runs:/<id>); default: train "
-                                                 "jobs/configs/vae_classifier_mnist5k.yaml")
+                                                 "jobs/configs/train/vae_classifier_mnist5k.yaml")
     p.add_argument("--n", type=int, default=h.n, help="test examples")
     p.add_argument("--chains", type=int, default=h.chains, help="HMC chains per example")
     p.add_argument("--eps", default=",".join(f"{e:g}" for e in h.eps), help="L-inf radii of the latent attack")
@@ -74,7 +74,7 @@ def register(sub, study_sub):
     p.add_argument("--target-accept", type=float, default=h.hmc.target_accept)
     p.add_argument("--adapt-steps", type=int, default=h.hmc.adapt_steps)
     p.add_argument("--seed", type=int, default=0)
-    add_training_options(p, threads=1, no_ray=False)
+    add_training_options(p, threads=1, no_ray=False, fresh=True)
     p.add_argument("--out", default="reports/hmc")
     p.set_defaults(func=cmd_hmc)
 
@@ -152,7 +152,8 @@ def cmd_defences(args) -> int:
             ddpm_T = (loaded["ddpm"][1] if "ddpm" in loaded else configs["ddpm"]).model.T
             _check_t_star(budgets, ddpm_T)
         model, cfg, _ = load_or_train(getattr(args, f"model_{role}"), configs.get(role), name=role, i=i, n=n,
-                                      tracking_uri=args.tracking_uri, study="defences", info=info)
+                                      tracking_uri=args.tracking_uri, study="defences", info=info,
+                                      fresh=args.fresh)
         if cfg.family != want[role]:
             raise UsageError(f"{ROLES[role][0]}: a {cfg.family} model; {role} needs a {want[role]} model")
         loaded[role] = (model, cfg)
@@ -218,7 +219,7 @@ def cmd_hmc(args) -> int:
     else:
         cfg = load_config(find_config(ROLES["undefended"][1]), apply_common(args))
         stage(1, 3, f"training {cfg.name} ({cfg.train.steps} steps, Ray Train)")
-        h = runs.train(cfg, tracking_uri=args.tracking_uri, tags={"study": "hmc"})
+        h = runs.train(cfg, tracking_uri=args.tracking_uri, fresh=args.fresh, tags={"study": "hmc"})
         model, cfg, _ = runs.load(str(h.checkpoint))
         info["model"] = h.model_uri
     if cfg.family != "vae_classifier":

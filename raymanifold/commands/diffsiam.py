@@ -16,7 +16,7 @@ from raymanifold.commands import UsageError, add_training_options, apply_common,
 def register(sub, study_sub):
     p = study_sub.add_parser("diffsiam-probes", help="SimSiam vs DiffSiam variants at equal budget: linear and "
                                                      "few-shot probes over seeds (Tables 4.1-4.2 in miniature)")
-    p.add_argument("--config", default="jobs/configs/diffsiam_shapes.yaml")
+    p.add_argument("--config", default="jobs/configs/train/diffsiam_shapes.yaml")
     p.add_argument("--ddpm", default=None, help="frozen DDPM (checkpoint path or runs:/<id>); default: the config's")
     p.add_argument("--variants", default="simsiam,hierarchical,sequential,detach,pdae")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (comma-separated)")

@@ -23,9 +23,9 @@ def register(sub, study_sub):
     p = study_sub.add_parser("flow", help="Figs. 2-4: hierarchical AE + flow vs Glow (per-level log p, OOD AUROC, "
                                           "samples, super-resolution, bits/dim)")
     add_common(p)
-    p.add_argument("--config", default="jobs/configs/flow_digits.yaml",
+    p.add_argument("--config", default="jobs/configs/train/flow_digits.yaml",
                    help="hierarchical model config (phase 1; phase 2 derives from it)")
-    p.add_argument("--glow-config", default="jobs/configs/flow_digits_glow.yaml", help="Glow baseline config")
+    p.add_argument("--glow-config", default="jobs/configs/train/flow_digits_glow.yaml", help="Glow baseline config")
     p.add_argument("--phase2-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override only for phase 2 (flows), e.g. --phase2-set train.steps=2000")
     p.add_argument("--glow-set", action="append", default=[], metavar="KEY=VALUE",

@@ -20,7 +20,7 @@ def register(sub, study_sub):
                              help="GridVAE on two digits: cluster / per-dimension accuracy, Figs. 11-12")
     p.add_argument("--model", default=None, help="trained gridvae checkpoint (path or runs:/<id>); "
                                                  "default: train one from --config")
-    p.add_argument("--config", default="jobs/configs/gridvae_two_digit.yaml", help="config to train from")
+    p.add_argument("--config", default="jobs/configs/train/gridvae_two_digit.yaml", help="config to train from")
     p.add_argument("--restarts", type=int, default=None,
                    help=f"train K models with seeds train.seed .. train.seed+K-1 (concurrently, as a Ray Tune sweep; "
                         f"one after another with --no-ray) and keep the one with the best unsupervised train ELBO "
@@ -40,9 +40,9 @@ def register(sub, study_sub):
                                   "MIG, DCI, attribute accuracy, traversals (Figs. 14-16)")
     p.add_argument("--model", action="append", default=[], metavar="VARIANT=URI",
                    help=f"use a trained checkpoint for a variant ({', '.join(SHAPES_VARIANTS)}); repeatable. "
-                        "Variants without one are trained from jobs/configs/gridvae_shapes_<variant>.yaml")
+                        "Variants without one are trained from jobs/configs/train/gridvae_shapes_<variant>.yaml")
     p.add_argument("--variants", default=",".join(SHAPES_VARIANTS), help="variants to compare")
-    p.add_argument("--config-dir", default="jobs/configs", help="folder of gridvae_shapes_<variant>.yaml")
+    p.add_argument("--config-dir", default="jobs/configs/train", help="folder of gridvae_shapes_<variant>.yaml")
     add_training_options(p)
     p.add_argument("--out", default="reports/gridvae_shapes")
     p.set_defaults(func=cmd_shapes)

@@ -14,7 +14,7 @@ from raymanifold.commands import apply_common, find_config, set_threads, stage
 def register(sub, study_sub):
     p = study_sub.add_parser("attribute-kl", help="attribute vs recognition manifold: nearest-neighbour KL per "
                                                   "attribute, ranked (Sec. 4.3, Fig. 17)")
-    p.add_argument("--config", required=True, help="study file (jobs/configs/study_attribute_kl_*.yaml)")
+    p.add_argument("--config", required=True, help="study file (jobs/configs/study/study_attribute_kl_*.yaml)")
     p.add_argument("--model", default=None, help="trained recognition checkpoint (path or runs:/<id>); "
                                                  "default: train the study file's config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -1,4 +1,4 @@
-"""``raymanifold sweep``: Ray Tune sweeps declared in YAML (jobs/configs/sweep_*.yaml).
+"""``raymanifold sweep``: Ray Tune sweeps declared in YAML (jobs/configs/sweep/sweep_*.yaml).
 
 MLflow: one parent run per sweep (the sweep file as params, best-trial table
 as ``best_trials.md`` / ``best_trials.json``, the report folder), and one child
@@ -79,7 +79,8 @@ def cmd_sweep(args) -> int:
         cfg = config_from_dict(base)
         stage(i, n, f"training the model to evaluate: {spec.base} ({cfg.train.steps} steps; resumes/reuses "
                     f"{cfg.ray.storage_path}/{cfg.name})")
-        model_path = str(runs.train(cfg, tracking_uri=uri, tags={"job": f"sweep:{spec.name}"}, verbose=False).checkpoint)
+        model_path = str(runs.train(cfg, tracking_uri=uri, fresh=args.fresh, tags={"job": f"sweep:{spec.name}"},
+                                    verbose=False).checkpoint)
         i += 1
     stage(i, n, f"{spec.kind}-time sweep {spec.name!r}: {spec.n_trials} trial(s) over {list(spec.space)}; "
                 f"metric {spec.metric} ({spec.mode}){'; resuming' if args.resume else ''}")

@@ -68,6 +68,7 @@ class _Entry:
     doc: str
     shape: Callable[[int], tuple]
     labels: Optional[Callable[[Optional[str]], tuple]]
+    bundled: bool = True
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -75,8 +76,11 @@ SPLITS = ("train", "test")
 
 
 def register(name: str, kind: str, doc: str = "", *, shape: Callable[[int], tuple],
-             labels: Optional[Callable[[Optional[str]], tuple]] = None):
+             labels: Optional[Callable[[Optional[str]], tuple]] = None, bundled: bool = True):
     """Decorator: register ``fn(split, n, seed, root, image_size) -> ArrayDataset``.
+
+    ``bundled=False``: the set is read from ``data.root`` on disk (never downloaded), so its configs need a
+    machine that holds it (``raymanifold list datasets`` / ``list configs`` say so).
 
     ``shape(image_size)`` is the per-example shape ``load`` will give, from the
     arguments alone (raise :class:`DataError` naming ``data.image_size`` when
@@ -85,7 +89,7 @@ def register(name: str, kind: str, doc: str = "", *, shape: Callable[[int], tupl
     label columns (cheap: metadata only), for sets whose labels guide models.
     """
     def deco(fn):
-        _REGISTRY[name] = _Entry(fn, kind, doc or (fn.__doc__ or "").strip().splitlines()[0], shape, labels)
+        _REGISTRY[name] = _Entry(fn, kind, doc or (fn.__doc__ or "").strip().splitlines()[0], shape, labels, bundled)
         return fn
     return deco
 
@@ -130,6 +134,14 @@ _OPTIONAL_MODULES: list[str] = [
 def available() -> list[str]:
     _ensure_registered()
     return sorted(_REGISTRY)
+
+
+def describe(name: str) -> dict:
+    """``{"name", "kind", "doc", "bundled"}`` of a registered data set (for listings)."""
+    _ensure_registered()
+    _check_name(name)
+    e = _REGISTRY[name]
+    return {"name": name, "kind": e.kind, "doc": e.doc, "bundled": e.bundled}
 
 
 def kind_of(name: str) -> str:

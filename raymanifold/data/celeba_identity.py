@@ -63,7 +63,7 @@ def load_images(paths, image_size: int = 0) -> torch.Tensor:
     return I._load_rgb(list(paths), I.CELEBA_CROP, image_size or I.CELEBA_DEFAULT_SIZE)
 
 
-@register("celeba_identity", "image", shape=square_shape(3, I.CELEBA_DEFAULT_SIZE), labels=_labels)
+@register("celeba_identity", "image", shape=square_shape(3, I.CELEBA_DEFAULT_SIZE), labels=_labels, bundled=False)
 def celeba_identity(split, n=None, seed=0, root=None, image_size=0):
     """CelebA faces with labels (40 attributes, identity): the recognition-manifold view of CelebA."""
     idx = index(root, split, n, seed)

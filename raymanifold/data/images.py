@@ -108,13 +108,13 @@ def _mnist_like(name: str, cls_name: str, split, n, seed, root, image_size):
     return ArrayDataset(x, y, _info(x, num_classes=len(ds.classes), classes=list(ds.classes)))
 
 
-@register("mnist", "image", shape=square_shape(1, 28))
+@register("mnist", "image", shape=square_shape(1, 28), bundled=False)
 def mnist(split, n=None, seed=0, root=None, image_size=0):
     """MNIST from data.root/MNIST/raw (IDX files), values in [0, 1]."""
     return _mnist_like("mnist", "MNIST", split, n, seed, root, image_size)
 
 
-@register("fashion_mnist", "image", shape=square_shape(1, 28))
+@register("fashion_mnist", "image", shape=square_shape(1, 28), bundled=False)
 def fashion_mnist(split, n=None, seed=0, root=None, image_size=0):
     """Fashion-MNIST from data.root/FashionMNIST/raw (IDX files), values in [0, 1]."""
     return _mnist_like("fashion_mnist", "FashionMNIST", split, n, seed, root, image_size)
@@ -140,7 +140,7 @@ def _cifar_class():
     return _CIFAR10
 
 
-@register("cifar10", "image", shape=square_shape(3, 32))
+@register("cifar10", "image", shape=square_shape(3, 32), bundled=False)
 def cifar10(split, n=None, seed=0, root=None, image_size=0):
     """CIFAR-10 from data.root/cifar-10-batches-py (pickled batches), values in [0, 1]."""
     base = _need_root("cifar10", root)
@@ -196,7 +196,7 @@ def _celeba_labels(root) -> tuple:
     return names, (2,) * len(names)
 
 
-@register("celeba", "image", shape=square_shape(3, CELEBA_DEFAULT_SIZE), labels=_celeba_labels)
+@register("celeba", "image", shape=square_shape(3, CELEBA_DEFAULT_SIZE), labels=_celeba_labels, bundled=False)
 def celeba(split, n=None, seed=0, root=None, image_size=0):
     """CelebA aligned faces with the 40 attributes, cropped 148x148 and resized (default 64)."""
     base = _need_root("celeba", root)
@@ -222,7 +222,7 @@ def celeba(split, n=None, seed=0, root=None, image_size=0):
                                     identity=ds.identity[sel].reshape(-1).long()))
 
 
-@register("image_folder", "image", shape=square_shape(3, 0, what="image_folder"))
+@register("image_folder", "image", shape=square_shape(3, 0, what="image_folder"), bundled=False)
 def image_folder(split, n=None, seed=0, root=None, image_size=0):
     """Any torchvision ImageFolder root (class sub-folders), RGB in [0, 1]."""
     import torchvision

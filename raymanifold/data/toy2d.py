@@ -1,7 +1,7 @@
 """The 2-D point sets of Fig. 5, from scikit-learn's generators.
 
 Placement (documented choice). Fig. 5 shows the four shapes over the same
-square. We use the Swiss roll as in REFERENCE.md: ``make_swiss_roll(noise=0.3)``,
+square. We use the Swiss roll ``make_swiss_roll(noise=0.3)``,
 columns (x, z) divided by 10, which spans roughly [-1.0, 1.3] x [-1.2, 1.5]
 with its centre of mass near (0.1, 0.1). Each other shape gets a fixed affine
 map (no data-dependent normalisation, so every draw is placed identically)

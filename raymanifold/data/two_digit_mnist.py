@@ -4,7 +4,7 @@ Built like :mod:`raymanifold.data.two_digit` (same pair composition, labels ``[d
 balanced classes, ``info["source_index"]``), but from the bundled ``mnist5k`` digits
 (:mod:`raymanifold.data.mnist5k`): its train split (400 per class, 2,400 images of 0-5) composes the train
 pairs, its disjoint test split (100 per class) the test pairs. ``x`` has shape (N, 1, 28, 56) in [0, 1]
-(256 grey levels). ``raymanifold study gridvae-two-digit --config jobs/configs/gridvae_two_digit_mnist.yaml``
+(256 grey levels). ``raymanifold study gridvae-two-digit --config jobs/configs/train/gridvae_two_digit_mnist.yaml``
 selects this source; the 8x8 ``two_digit`` stays the fast default.
 """
 from __future__ import annotations

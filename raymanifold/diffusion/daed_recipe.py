@@ -28,7 +28,7 @@ FINISHS = ("dae", "ddpm_x0", "reverse")
 
 @dataclass(frozen=True)
 class DAEDConfig:
-    ddpm: str = param("", help="the trained DDPM (diffusion family): checkpoint path/folder or runs:/<id>")
+    ddpm: str = param("", path="input", help="the trained DDPM (diffusion family): checkpoint path/folder or runs:/<id>")
     t_s: int = param(10, lo=1, help="reverse steps replaced by the denoiser (5-20% of T); D is trained on t <= t_s")
     hidden: int = param(128, lo=1, help="points: MLP width of D")
     layers: int = param(3, lo=1, help="points: MLP hidden layers of D")

@@ -8,7 +8,7 @@ bits/dim of the discrete pixel values (see :func:`bits_per_dim`).
 
 Images: the number of grey levels K comes from ``model.levels`` or, when that
 is 0, from the data set (17 for the bundled ``digits``, whose pixels are
-k / 16; 256 for 8-bit sets). The embedded default (jobs/configs/diffusion_digits.yaml)
+k / 16; 256 for 8-bit sets). The embedded default (jobs/configs/train/diffusion_digits.yaml)
 is digits padded to 16x16, a compact U-Net and T = 1000.
 
 The schedule and the sampling/likelihood options live in one

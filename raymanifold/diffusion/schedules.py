@@ -19,7 +19,7 @@ def cosine_alpha_bar(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch
     """Nichol & Dhariwal (2021) cosine schedule, betas clipped at ``max_beta``.
 
     alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi / 2).
-    For T = 100 this gives alpha_bar_T of about 2e-7 (REFERENCE.md).
+    For T = 100 this gives alpha_bar_T of about 2.4e-7 (tests/test_diffusion_core.py).
     Returns float64 (T + 1,).
     """
     if T < 1:

@@ -31,17 +31,20 @@ KNOWN_APP_KEYS = {"name", "route_prefix", "import_path", "args"}
 
 
 def load_config(path=DEFAULT_CONFIG) -> dict:
-    """Read and validate a Serve config file (Serve's own ServeDeploySchema)."""
+    """Read and validate a Serve config file (Serve's own ServeDeploySchema); a dict is validated as it is."""
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config: {str(p)!r} does not exist (expected a Serve config such as serve/config.yaml)")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config: {str(p)!r} is not valid YAML ({exc})") from None
+    if isinstance(path, dict):
+        raw, p = path, "the Serve config"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: {str(p)!r} does not exist (expected a Serve config such as serve/config.yaml)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config: {str(p)!r} is not valid YAML ({exc})") from None
     try:
         ServeDeploySchema.model_validate(raw)
     except ValidationError as exc:
@@ -182,6 +185,30 @@ def _app_module_fn(app_cfg: dict, name: str):
     return getattr(importlib.import_module(module), name, None)
 
 
+def with_models(cfg: dict, models: list) -> dict:
+    """A copy of a Serve config whose (single) application serves ``models`` = ``[(name, uri), ...]`` instead of
+    the file's, with the file's other settings (limits, auth, ingress, direct ingress); ``raymanifold serve
+    --model NAME=URI``."""
+    apps = cfg.get("applications") or []
+    if len(apps) != 1:
+        raise ConfigError(f"--model: the Serve config has {len(apps)} applications; --model replaces the models of "
+                          "exactly one")
+    args = dict(apps[0].get("args") or {})
+    template = {k: v for k, v in ((args.get("models") or [{}])[0]).items() if k not in ("name", "uri", "card")}
+    args["models"] = [{**template, "name": n, "uri": u} for n, u in models]
+    return {**cfg, "applications": [{**apps[0], "args": args}]}
+
+
+def absolute_uris(cfg: dict, base) -> dict:
+    """A copy of a Serve config whose applications' relative model paths are absolute against ``base`` (through
+    the application module's ``absolute_model_uris(args, base)``, when it has one)."""
+    apps = []
+    for a in cfg.get("applications") or []:
+        fn = _app_module_fn(a, "absolute_model_uris")
+        apps.append({**a, "args": fn(a.get("args") or {}, base)} if fn is not None else a)
+    return {**cfg, "applications": apps}
+
+
 def start(config=DEFAULT_CONFIG, *, port: Optional[int] = None, host: Optional[str] = None,
           address: Optional[str] = None, num_cpus: int = 0, **builder_kwargs) -> Served:
     """Run every application of a Serve config file; returns its URLs (:class:`Served`).
@@ -191,7 +218,9 @@ def start(config=DEFAULT_CONFIG, *, port: Optional[int] = None, host: Optional[s
     With ``args.direct_ingress`` (the application module's ``direct_ingress_port(args, port)``) the embedded
     Ray runs Serve's direct ingress: the ingress replica answers on its own port (default ``port + 1``) too.
     """
-    cfg = load_config(config)
+    from raymanifold.paths import home
+
+    cfg = absolute_uris(load_config(config), home())  # relative model paths: outputs under the output root
     apps = [build(a, **builder_kwargs) for a in cfg["applications"]]  # bad args fail before Ray starts
     http = cfg.get("http_options") or {}
     host = host or http.get("host") or "127.0.0.1"

@@ -7,7 +7,7 @@ turns it into a Ray Tune experiment. Two kinds::
     kind: train
     name: sweep_gridvae_sigma0          # stable: results in <storage_path>/<name>, --resume finds them
     experiment: sweeps                  # MLflow experiment (parent run + one child run per trial)
-    base: jobs/configs/gridvae_shapes.yaml
+    base: jobs/configs/train/gridvae_shapes_unsupervised.yaml
     set: [train.steps=600]              # overrides applied to base before the space
     space:
       model.sigma0: {grid: [0.1, 0.3, 1.0]}
@@ -224,7 +224,7 @@ def parse_spec(raw: dict, *, source: str = "sweep") -> SweepSpec:
         spec = _with_pareto(spec, raw["pareto"])
     if spec.kind == "train":
         if not spec.base:
-            raise ConfigError("base: a train-time sweep needs the config YAML to train (base: jobs/configs/X.yaml)")
+            raise ConfigError("base: a train-time sweep needs the config YAML to train (base: jobs/configs/train/X.yaml)")
         if spec.param_keys():
             raise ConfigError(f"space.params.{spec.param_keys()[0]}: 'params.*' keys exist only in eval sweeps; "
                               "train-time sweeps vary config keys (model.*, train.*, data.*)")
@@ -369,6 +369,6 @@ def plan_concurrency(free_cpu: float, total_cpu: float, per_trial_cpu: float, n_
 def train_trial_resources(cfg_dict: dict) -> tuple[float, float]:
     """(CPU, GPU) one train-time trial holds: the Tune trial actor plus its Train workers."""
     t = cfg_dict["ray"]
-    gpu = (t["gpus_per_worker"] or (1.0 if t["use_gpu"] else 0.0)) * t["num_workers"]
+    gpu = (t["gpus_per_worker"] or (1.0 if t["use_gpu"] is True else 0.0)) * t["num_workers"]  # auto: resolved first
     return TRIAL_DRIVER_CPU + t["num_workers"] * t["cpus_per_worker"], gpu
 

@@ -41,7 +41,7 @@ from ray.train.torch import TorchTrainer
 
 from raymanifold import checkpoint as ckpt
 from raymanifold import data as rdata
-from raymanifold.config import config_from_dict, to_dict
+from raymanifold.config import config_from_dict, resolve_paths, to_dict
 from raymanifold.distributed.runtime import ensure_ray
 from raymanifold.recipes import get_recipe
 from raymanifold.training import EMA, batch_stream, make_optimizer, progress_line, run_steps, train_threads
@@ -60,8 +60,10 @@ class FitResult:
 
 
 def _storage_path(cfg) -> str:
-    sp = cfg.ray.storage_path
-    return sp if "://" in sp else str(Path(sp).resolve())
+    """``ray.storage_path``: URIs as given, relative paths under the output root (:func:`raymanifold.paths.home`)."""
+    from raymanifold.paths import output
+
+    return output(cfg.ray.storage_path)
 
 
 def _quiet_report_logs():
@@ -190,14 +192,15 @@ def trainer_for(cfg, *, run_id: Optional[str] = None, tracking_uri: Optional[str
     storage = _storage_path(cfg)
     t = cfg.ray
     resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu or t.gpus_per_worker > 0:
-        resources["GPU"] = t.gpus_per_worker or 1.0
+    gpus = t.worker_gpus(ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0)
+    if gpus > 0:
+        resources["GPU"] = gpus
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
                            "storage_dir": str(Path(storage) / cfg.name) if "://" not in storage else storage,
                            "verbose": verbose, "progress_every": progress_every},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpus > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=t.max_failures),
@@ -213,13 +216,21 @@ def fit(cfg, *, run_id: Optional[str] = None, tracking_uri: Optional[str] = None
         out_dir=None, verbose: bool = True) -> FitResult:
     """Train ``cfg`` on Ray Train; return the final checkpoint copied to ``out_dir``.
 
-    Joins ``cfg.ray.address`` / ``RAY_ADDRESS`` or starts an embedded Ray.
+    Joins ``cfg.ray.address`` / ``RAY_ADDRESS`` or starts an embedded Ray. Writes the run's record
+    (:data:`raymanifold.resume.RECORD`: this config and MLflow run) next to its checkpoints, which the next run of
+    the same name compares its config with before resuming (:func:`raymanifold.resume.check`, in the run service).
     """
+    from raymanifold import resume
+
+    cfg = resolve_paths(cfg)
     ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     storage = _storage_path(cfg)
     run_dir = Path(storage) / cfg.name
-    if fresh and "://" not in storage and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if fresh:
+        resume.delete_folder(f"{storage.rstrip('/')}/{cfg.name}")
+    resume.write_record(f"{storage.rstrip('/')}/{cfg.name}", {
+        "run_id": run_id, "tracking_uri": tracking_uri, "name": cfg.name, "family": cfg.family,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": to_dict(cfg)})
     t0 = time.perf_counter()
     result = trainer_for(cfg, run_id=run_id, tracking_uri=tracking_uri, verbose=verbose).fit()
     if result.error is not None:

@@ -84,9 +84,10 @@ class SweepResult:
 
 
 def experiment_path(spec: SweepSpec) -> str:
-    sp = spec.storage_path
-    root = sp if "://" in sp else str(Path(sp).resolve())
-    return f"{root.rstrip('/')}/{spec.name}"
+    """``<storage_path>/<name>``: relative storage under the output root (:func:`raymanifold.paths.home`)."""
+    from raymanifold.paths import output
+
+    return f"{output(spec.storage_path).rstrip('/')}/{spec.name}"
 
 
 # ----------------------------------------------------------------------------- trainables
@@ -197,6 +198,45 @@ def _scheduler(spec: SweepSpec, base: Optional[dict]):
 
 
 # ----------------------------------------------------------------------------- driver
+#: sweep-file keys that may change between a sweep and its --resume (how it runs, not what its trials compute)
+SWEEP_FREE_KEYS = ("spec.max_concurrent", "spec.cpus_per_trial", "spec.storage_path", "spec.experiment")
+
+
+def sweep_record(spec: SweepSpec, base: Optional[dict], model_path: Optional[str]) -> dict:
+    """What a sweep's trials compute: the validated sweep file, the base config and (eval-time) the model's
+    SHA-256. Stored in the sweep's folder; ``--resume`` compares it (:func:`check_sweep_resume`)."""
+    import hashlib
+
+    from raymanifold.schema import to_dict
+
+    spec_d = to_dict(spec)
+    spec_d["space"] = {k: {"kind": d.kind, "values": list(d.values)} for k, d in spec.space.items()}
+    spec_d.pop("model", None)  # the file's model: path is compared by content below
+    digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest() if model_path else None
+    return {"spec": spec_d, "base": base, "model_sha256": digest}
+
+
+def check_sweep_resume(spec: SweepSpec, path: str, record: dict) -> None:
+    """Refuse ``--resume`` when the sweep file, its base config or its model changed since the sweep started: its
+    finished trials would be reported next to trials of something else under the new file's parameters."""
+    import json
+
+    from raymanifold import resume as rs
+
+    text = rs.read_text(path, rs.RECORD)
+    if text is None:
+        return  # a sweep started before records existed: nothing to compare
+    old = json.loads(text)
+    diffs = rs.compare(old, json.loads(json.dumps(record, default=str)),
+                       free=lambda k: any(k == f or k.startswith(f + ".") for f in SWEEP_FREE_KEYS)
+                       or k.startswith("base.ray.") or k.startswith("base.faults."))
+    if diffs:
+        raise rs.ResumeConflict(
+            f"--resume: sweep {spec.name!r} in {path} was started with a different sweep file, base config or model: "
+            f"{rs.describe(diffs)}. Its finished trials would be reported under parameters that did not produce them. "
+            f"Resume with the original file and options, pass --fresh to start over, or --set name=NEW for a new sweep")
+
+
 def check_start(spec: SweepSpec, *, resume: bool, fresh: bool) -> str:
     """The sweep's Tune folder, after checking ``resume``/``fresh`` against what exists there."""
     path = experiment_path(spec)
@@ -226,12 +266,25 @@ def run_sweep(spec: SweepSpec, *, base: Optional[dict] = None, model_path: Optio
         raise ConfigError("base: a train-time sweep needs its base config")
     if spec.kind == "eval" and model_path is None:
         raise ConfigError("model: an eval-time sweep needs a trained model")
+    record = sweep_record(spec, base, model_path)
+    if resume:
+        check_sweep_resume(spec, path, record)
+    else:
+        from raymanifold import resume as rs
+
+        rs.write_record(path, record)
 
     # train-time trials run for minutes and print one progress line per checkpoint, so their worker output
     # reaches the driver; eval trials are short and only their result matters
     ensure_ray(address, num_cpus, quiet=not verbose and spec.kind == "eval")
     total, free = ray.cluster_resources(), ray.available_resources()
     if spec.kind == "train":
+        from raymanifold.config import resolve_paths, to_dict
+
+        base_cfg = resolve_paths(config_from_dict(base))  # relative data roots / checkpoints: the caller's
+        base = to_dict(base_cfg)
+        # ray.use_gpu: auto decided once here, so every trial and the concurrency plan agree
+        base["ray"]["use_gpu"] = base_cfg.ray.worker_gpus(ray.cluster_resources().get("GPU", 0.0)) > 0
         cpu, gpu = train_trial_resources(base)
         trainable = tune.with_parameters(_train_trial, base=base, sweep=spec.name,
                                          storage=f"{path}_runs")

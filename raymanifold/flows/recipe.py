@@ -33,7 +33,7 @@ AE_FIELDS = ("channels", "levels", "hidden", "latent_channels", "latent_down")
 @dataclass(frozen=True)
 class FlowModelConfig:
     phase: str = param("ae", choices=PHASES, help="training phase: 'ae' (Eq. 4) or 'flow' (Eq. 5, frozen AEs)")
-    ae_checkpoint: Optional[str] = param(None, help="phase 'flow': phase-1 checkpoint (path or runs:/<id>)")
+    ae_checkpoint: Optional[str] = param(None, path="input", help="phase 'flow': phase-1 checkpoint (path or runs:/<id>)")
     channels: int = param(1, lo=1, hi=64, help="image channels (1 grey, 3 RGB)")
     levels: int = param(3, lo=1, hi=8, help="number of levels L (x_{i+1} = 2x2 average pool of x_i)")
     hidden: int = param(32, lo=1, help="autoencoder conv channels")

@@ -1,6 +1,6 @@
 """The attribute vs recognition manifold study (Sec. 4.3, the eight steps, Fig. 17) as plain functions.
 
-``raymanifold study attribute-kl --config jobs/configs/study_attribute_kl_<set>.yaml`` parses arguments
+``raymanifold study attribute-kl --config jobs/configs/study/study_attribute_kl_<set>.yaml`` parses arguments
 and calls :func:`prepare` (every check, before any work), :func:`obtain_model` (a checkpoint, or training
 the recognition config through the run service on Ray Train), :func:`run` (embed, nearest neighbours,
 attribute table, ranking) and :func:`raymanifold.recognition.report.write`.
@@ -9,7 +9,7 @@ A study file::
 
     name: attribute_kl_shapes          # report folder reports/<name>, MLflow run name
     experiment: recognition
-    config: jobs/configs/recognition_shapes.yaml   # the recognition model (trained unless --model is given)
+    config: jobs/configs/train/recognition_shapes.yaml   # the recognition model (trained unless --model is given)
     study:
       attributes: shapes               # attribute set (raymanifold.analysis.attributes): shapes | mnist5k | columns | celeba
       columns: []                      # columns/celeba: restrict to these binary label columns

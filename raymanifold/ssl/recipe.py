@@ -47,7 +47,7 @@ AUGMENTS = augment.POLICIES
 @dataclass(frozen=True)
 class DiffSiamModelConfig:
     variant: str = param("hierarchical", choices=VARIANTS, help="DiffSiam variant or baseline (see module doc)")
-    ddpm: str = param("", help="frozen DDPM: checkpoint path/folder or runs:/<id> of a diffusion run with "
+    ddpm: str = param("", path="input", help="frozen DDPM: checkpoint path/folder or runs:/<id> of a diffusion run with "
                                "net=unet (not used by variant=simsiam)")
     d: int = param(64, lo=1, help="representation size (z in R^d)")
     segments: int = param(8, lo=1, help="n: segments of z (must divide d)")

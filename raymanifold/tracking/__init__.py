@@ -1,9 +1,11 @@
 """MLflow tracking: the only module of raymanifold that imports mlflow.
 
 Tracking URI, in order: the explicit ``uri`` argument (``--tracking-uri``),
-``MLFLOW_TRACKING_URI``, else a local SQLite store ``sqlite:///<cwd>/mlflow.db``
-(MLflow 3 rejects the old ./mlruns file store). Artifacts of the local store
-go to ``<cwd>/mlartifacts``.
+``MLFLOW_TRACKING_URI``, else a local SQLite store ``sqlite:///<root>/mlflow.db``
+under the output root (``RAYMANIFOLD_HOME`` or the current directory;
+:mod:`raymanifold.paths`; MLflow 3 rejects the old ./mlruns file store).
+Artifacts of the local store go to ``<root>/mlartifacts``; checkpoints of
+``runs:/`` URIs are cached in ``<root>/run_cache`` (:func:`cache_dir`).
 
 Runs started with :func:`start_run` log the resolved config as params and as
 ``config.yaml``; an exception inside the ``with`` block marks the run FAILED.
@@ -37,7 +39,11 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def default_uri(workdir=None) -> str:
-    return f"sqlite:///{Path(workdir or os.getcwd()).resolve() / DEFAULT_DB}"
+    """``sqlite:///<output root>/mlflow.db`` (:func:`raymanifold.paths.home`: ``RAYMANIFOLD_HOME`` or the current
+    directory; artifacts in ``mlartifacts/`` beside it)."""
+    from raymanifold.paths import home
+
+    return f"sqlite:///{Path(workdir or home()).resolve() / DEFAULT_DB}"
 
 
 REACH_TIMEOUT_S = 5.0
@@ -206,11 +212,89 @@ def log_checkpoint(path, *, run_id: Optional[str] = None):
     log_artifact(path, "model", run_id=run_id)
 
 
+CACHE_DIR = "run_cache"
+
+
 def cache_dir() -> Path:
-    """Where run checkpoints are kept on this machine: ``RAYMANIFOLD_CACHE``, else ``<tmp>/raymanifold-runs``.
-    One file per (tracking store, run, artifact path): resolving the same ``runs:/`` URI again (every Serve
-    replica, Ray Data actor or sweep trial does) reuses it instead of downloading another copy."""
-    return Path(os.environ.get("RAYMANIFOLD_CACHE") or Path(tempfile.gettempdir()) / "raymanifold-runs")
+    """The run cache: ``RAYMANIFOLD_CACHE``, else ``<output root>/run_cache`` (:func:`raymanifold.paths.home`).
+    One checkpoint file per (tracking store, run, artifact path): resolving the same ``runs:/`` URI again (every
+    Serve replica, Ray Data actor or sweep trial does) reuses it instead of downloading another copy. Files are
+    never needed again once their run is in the store: ``raymanifold cache clear`` empties it, and
+    :func:`prune_cache` keeps it under ``RAYMANIFOLD_CACHE_MAX_GB`` (default 5) after every new entry."""
+    from raymanifold.paths import home
+
+    return Path(os.environ.get("RAYMANIFOLD_CACHE") or home() / CACHE_DIR)
+
+
+CACHE_MAX_GB_ENV = "RAYMANIFOLD_CACHE_MAX_GB"
+DEFAULT_CACHE_MAX_GB = 5.0
+
+
+def cache_files(root: Optional[Path] = None) -> list[Path]:
+    """The checkpoint files in the run cache (no partial downloads), oldest first (by modification time)."""
+    root = Path(root or cache_dir())
+    if not root.is_dir():
+        return []
+    files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and ".download-" not in str(p)]
+    return sorted(files, key=lambda p: p.stat().st_mtime)
+
+
+def cache_max_bytes() -> int:
+    """The run cache's cap: ``RAYMANIFOLD_CACHE_MAX_GB`` (default 5; 0 = no cap) in bytes."""
+    raw = os.environ.get(CACHE_MAX_GB_ENV, str(DEFAULT_CACHE_MAX_GB))
+    try:
+        gb = float(raw)
+    except ValueError:
+        raise ConfigError(f"{CACHE_MAX_GB_ENV}: expected a number of gigabytes, got {raw!r}") from None
+    if gb < 0:
+        raise ConfigError(f"{CACHE_MAX_GB_ENV}: must be >= 0, got {raw!r}")
+    return int(gb * 1e9)
+
+
+def _remove_entry(path: Path, root: Path) -> None:
+    path.unlink(missing_ok=True)
+    d = path.parent
+    while d != root and d.is_dir() and not any(d.iterdir()):  # empty run / store folders go too
+        d.rmdir()
+        d = d.parent
+
+
+def prune_cache(max_bytes: Optional[int] = None, keep: Optional[Path] = None) -> int:
+    """Delete the oldest cached checkpoints until the cache holds at most ``max_bytes`` (default
+    :func:`cache_max_bytes`; 0 = no cap), never ``keep``. Returns the bytes freed. A deleted run is downloaded
+    again from the tracking store the next time its ``runs:/`` URI is resolved."""
+    cap = cache_max_bytes() if max_bytes is None else max_bytes
+    if cap <= 0:
+        return 0
+    root = cache_dir()
+    files = cache_files(root)
+    total = sum(p.stat().st_size for p in files)
+    freed = 0
+    for p in files:
+        if total - freed <= cap:
+            break
+        if keep is not None and p == Path(keep):
+            continue
+        size = p.stat().st_size
+        _remove_entry(p, root)
+        freed += size
+    return freed
+
+
+def clear_cache(older_than_days: float = 0.0) -> tuple[int, int]:
+    """Delete cached checkpoints (all, or those not modified for ``older_than_days``); returns (files, bytes)."""
+    import time
+
+    root = cache_dir()
+    cutoff = time.time() - older_than_days * 86400
+    n = freed = 0
+    for p in cache_files(root):
+        st = p.stat()
+        if older_than_days and st.st_mtime > cutoff:
+            continue
+        _remove_entry(p, root)
+        n, freed = n + 1, freed + st.st_size
+    return n, freed
 
 
 def _cache_slot(store: str, run_id: str, sub: str) -> Path:
@@ -228,6 +312,7 @@ def cache_checkpoint(path, run_id: str, tracking_uri: Optional[str] = None) -> P
     part = slot / f".{FILENAME}.{os.getpid()}.part"
     shutil.copy2(path, part)
     os.replace(part, slot / FILENAME)
+    prune_cache(keep=slot / FILENAME)
     return slot / FILENAME
 
 
@@ -269,6 +354,7 @@ def download_checkpoint(uri: str, tracking_uri: Optional[str] = None) -> Path:
         return local
     os.replace(local, slot / FILENAME)
     shutil.rmtree(dst, ignore_errors=True)
+    prune_cache(keep=slot / FILENAME)
     return slot / FILENAME
 
 
@@ -282,3 +368,27 @@ def search_runs(experiment: str, *, filter_string: str = "", order_by=None, uri:
 
 def get_run(run_id: str, uri: Optional[str] = None):
     return MlflowClient(resolve_uri(uri)).get_run(run_id)
+
+
+def store_exists(uri: str) -> bool:
+    """False for a ``sqlite:///`` store whose file does not exist yet (nothing tracked; reading it would create it)."""
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
+
+
+def experiment_counts(uri: Optional[str] = None) -> list[dict]:
+    """Every experiment of the store with its run count and the start of its newest run (UTC ISO), most runs first:
+    ``[{"experiment", "runs", "last_run"}]``; [] when a local store does not exist yet."""
+    import datetime as dt
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    check_reachable(uri)
+    if not store_exists(uri):
+        return []
+    client = MlflowClient(uri)
+    out = []
+    for exp in client.search_experiments():
+        runs = client.search_runs([exp.experiment_id], max_results=50_000, order_by=["attributes.start_time DESC"])
+        last = (dt.datetime.fromtimestamp(runs[0].info.start_time / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+                if runs else "")
+        out.append({"experiment": exp.name, "runs": len(runs), "last_run": last})
+    return sorted(out, key=lambda e: (-e["runs"], e["experiment"]))
