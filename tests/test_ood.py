@@ -399,3 +399,37 @@ def test_column_set_through_ray_data_equals_the_inprocess_scorer(local_ray, tiny
         np.testing.assert_allclose(t["eq15_dt5"].to_numpy(), ref, rtol=0, atol=1e-9)
         assert "sec_png" in t and (t["png_bits"] > 0).all()
     assert res.compute == "tasks" and "crossover" in res.compute_reason   # 150 tiny rows: a small job
+
+
+# ----------------------------------------------------------------------------- the web page's model card
+def test_card_uses_the_benchmarks_calibrated_detector_and_threshold(tiny, tmp_path):
+    import json
+
+    from serve.card import build_card
+    from serve.settings import CardSettings
+
+    limits = {"max_examples": 64, "max_body_bytes": 8_000_000, "max_samples": 64, "max_rounds": 64,
+              "max_abs": 1000.0, "timeout_s": 60.0}
+    model, cfg, recipe = ckpt.load_model(tiny["flow"])
+    entry = {"role": "flow", "uri": tiny["flow"], "detector": "flow.log_pz_2", "label": "flow log p(z_2)",
+             "options": {"level": 2, "quantity": "log_pz"}, "threshold": -123.5, "fpr_in": 0.05,
+             "mean_auroc": 0.9, "best_detector": "flow.log_pz_2"}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"fpr_in": 0.05, "models": {tiny["flow"]: entry}}))
+    card = build_card(model, cfg, recipe, uri=tiny["flow"], limits=limits,
+                      settings=CardSettings(reference_examples=20, ood_calibration=str(path)))
+    ref = card["reference"]
+    assert ref["threshold"] == -123.5 and ref["threshold_quantile"] == 0.05
+    assert ref["options"] == {"level": 2, "quantity": "log_pz"} and ref["calibration"]["detector"] == "flow.log_pz_2"
+    from raymanifold import data as rdata
+
+    xs = rdata.load_split(cfg.data, "train").x
+    idx = torch.randperm(len(xs), generator=torch.Generator().manual_seed(0))[:20]
+    want = recipe.log_prob(model, xs[idx], cfg, level=2, quantity="log_pz").double().numpy()
+    assert ref["quantiles"]["0.5"] == pytest.approx(np.median(want), rel=1e-6)
+    other = build_card(model, cfg, recipe, uri="runs:/not-in-the-benchmark", limits=limits,
+                       settings=CardSettings(reference_examples=20, ood_calibration=str(path)))["reference"]
+    assert "calibration" not in other and other["options"] == {}       # not benchmarked: the training quantile
+    with pytest.raises(ValueError, match="card.ood_calibration"):
+        build_card(model, cfg, recipe, uri=tiny["flow"], limits=limits,
+                   settings=CardSettings(reference_examples=20, ood_calibration=str(tmp_path / "missing.json")))
