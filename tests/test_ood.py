@@ -239,6 +239,12 @@ def test_servable_detectors_are_the_recipes_log_prob(tiny):
     torch.testing.assert_close(cols["eq15_dt5"], want.double(), rtol=0, atol=1e-9)
 
 
+def _tiny_flow_path(cfg):
+    import tempfile
+
+    return ckpt.save(Path(tempfile.mkdtemp()) / "flow.pt", get_recipe("flow").build(cfg).eval(), cfg, 0)
+
+
 def test_derived_detectors_refuse_what_they_cannot_use():
     cfgs = {r: _cfg(r) for r in TINY}
     names = D.default_detector_names(cfgs, (1, 5))
@@ -246,6 +252,13 @@ def test_derived_detectors_refuse_what_they_cannot_use():
     assert "complexity:ddpm.eq15_dt5" not in names and not any(n.startswith("glow_background") for n in names)
     dets = D.resolve(names, cfgs, (1, 5))
     assert D.roles_needed(dets) == set(TINY)
+    assert D.role_options("flow", cfgs["flow"], dets) == {"flow_volume": True}
+    few = D.resolve(["flow.log_pz_2", "typicality:ddpm.eq15_dt5"], cfgs, (1, 5))
+    assert D.role_options("flow", cfgs["flow"], few) == {"flow_volume": False}   # no log p(x): no volume pass
+    assert D.role_options("ddpm", cfgs["ddpm"], few) == {"dts": (5,)}
+    model, cfg, _ = ckpt.load_model(str(_tiny_flow_path(cfgs["flow"])))
+    cols = D.score_columns(model, S.in_distribution(2), cfg, flow_volume=False)
+    assert "log_pz_2" in cols and "log_px_1" not in cols and "log_prob" not in cols and "sec_flow_volume" not in cols
     for bad, fragment in [("complexity:vae_classifier.max_softmax", "class probability"),
                           ("typicality:flow.log_pz_1", "latent density"),
                           ("ratio:ddpm.eq15_dt1", "background model"),

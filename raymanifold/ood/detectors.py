@@ -102,10 +102,12 @@ def gridvae_elbo(model, x: torch.Tensor, cfg, generator: torch.Generator) -> tor
 
 @torch.no_grad()
 def score_columns(model, x: torch.Tensor, cfg, *, generator: Optional[torch.Generator] = None,
-                  dts: tuple = DEFAULT_DTS) -> dict:
+                  dts: tuple = DEFAULT_DTS, flow_volume: bool = True) -> dict:
     """The per-example detector columns of ``cfg.family`` for images ``x`` (B, 1, H, W) in [0, 1] (module doc),
     plus ``log_prob`` (the family's log p(x) or ELBO, nats), ``png_bits`` and ``sec_<pass>`` (seconds per example
-    of each pass, the batch's time / B). Raises ValueError naming the family when it has no detectors."""
+    of each pass, the batch's time / B). ``dts``: the DDPM's Eq. 15 step sizes; ``flow_volume=False`` skips the
+    flow's Eq. 7 volume pass (then no ``log_px_i`` and no ``log_prob``). Raises ValueError naming the family when
+    it has no detectors."""
     from raymanifold.recipes import get_recipe
 
     family = cfg.family
@@ -119,14 +121,16 @@ def score_columns(model, x: torch.Tensor, cfg, *, generator: Optional[torch.Gene
     if family == "flow":
         m = cfg.model
         lat = t("flow_latent", lambda: model.log_prob_levels(x, volume="none"))
-        full = t("flow_volume", lambda: model.log_prob_levels(
-            x, volume=m.volume, exact_max_dim=m.exact_max_dim, probes=m.slq_probes, steps=m.slq_steps,
-            generator=_sub_generator(seed, "volume")))
         for i in range(model.L):
             cols[f"log_pz_{i + 1}"] = lat["log_pz"][i]
             cols[f"log_py_{i + 1}"] = lat["log_py"][i]
-            cols[f"log_px_{i + 1}"] = full["log_px"][i]
-        cols["log_prob"] = cols["log_px_1"]
+        if flow_volume:
+            full = t("flow_volume", lambda: model.log_prob_levels(
+                x, volume=m.volume, exact_max_dim=m.exact_max_dim, probes=m.slq_probes, steps=m.slq_steps,
+                generator=_sub_generator(seed, "volume")))
+            for i in range(model.L):
+                cols[f"log_px_{i + 1}"] = full["log_px"][i]
+            cols["log_prob"] = cols["log_px_1"]
     elif family == "glow":
         cols["log_px"] = t("glow", lambda: recipe.log_prob(model, x, cfg, dequantize="center"))
         cols["log_prob"] = cols["log_px"]
@@ -319,6 +323,17 @@ def resolve(names, roles_cfg: dict, dts: tuple = DEFAULT_DTS, typicality_batch: 
     if len({d.name for d in out}) != len(out):
         raise DetectorError(f"detectors: each detector once, got {list(names)}")
     return out
+
+
+def role_options(role: str, cfg, detectors: list) -> dict:
+    """The column-set options of the model in ``role`` that compute just what ``detectors`` read: the DDPM's
+    ``dts``, and whether the flow's volume pass runs."""
+    cols = {c for d in detectors for r, c in d.passes if r == role}
+    if cfg.family == "diffusion":
+        return {"dts": tuple(sorted(int(c[len("sec_eq15_dt"):]) for c in cols if c.startswith("sec_eq15_dt")))}
+    if cfg.family == "flow":
+        return {"flow_volume": "sec_flow_volume" in cols}
+    return {}
 
 
 def roles_needed(detectors: list) -> set:

@@ -74,10 +74,14 @@ def failures(res: dict) -> list[str]:
 
 
 def winners(res: dict) -> list[str]:
-    """The best detector per OOD set by AUROC, and the detectors whose intervals overlap it."""
+    """The best per-example detector per OOD set by AUROC, and the detectors whose intervals overlap it (the
+    typicality test scores batches and is listed apart)."""
     out = []
     for s in res["budget"]["sets"]:
-        ranked = sorted(res["detectors"], key=lambda d: -res["table"][d["name"]][s]["auroc"])
+        ranked = sorted([d for d in res["detectors"] if d["kind"] != "typicality"],
+                        key=lambda d: -res["table"][d["name"]][s]["auroc"])
+        if not ranked:
+            continue
         top = res["table"][ranked[0]["name"]][s]
         tied = [d["name"] for d in ranked[1:] if res["table"][d["name"]][s]["auroc_ci"][1] >= top["auroc_ci"][0]]
         out.append(f"- **{s}**: `{ranked[0]['name']}` {_ci(top['auroc'], top['auroc_ci'])}"
@@ -230,7 +234,7 @@ def write(folder: Path, res: dict):
            "ELBOs: -ELBO / (D ln 2) of a Bernoulli decoder on grey pixels (not a code length); the flow's "
            "log p(x_1) is a density on its learned manifold (units not comparable).\n",
            bpd_table(res), "",
-           "## Best detector per OOD set\n", *winners(res), "",
+           "## Best per-example detector per OOD set\n", *winners(res), "",
            "## Where likelihood fails (AUROC interval entirely below 0.5)\n",
            *(f"- {f}" for f in failures(res) or ["none"]), "",
            "## Calibrated thresholds (web page)\n",

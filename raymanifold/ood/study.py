@@ -306,7 +306,7 @@ def run(p: Plan, *, train: Callable, load_model: Callable, score: Callable, out_
     scores, jobs = {}, {}
     t_scoring = time.perf_counter()
     for role in p.roles:
-        opts = {"dts": tuple(b.dts)} if p.configs[role].family == "diffusion" else {}
+        opts = D.role_options(role, p.configs[role], p.detectors)
         folder = out_dir / "scores" / role
         say(f"scoring {role} ({p.configs[role].family}) on {len(dataset)} rows")
         t0 = time.perf_counter()
