@@ -335,4 +335,4 @@ def run(p: Plan, *, train: Callable, load_model: Callable, score: Callable, out_
                      for k, v in sets.items()},
             "detectors": [dataclasses.asdict(d) for d in p.detectors], "table": table, "costs": costs,
             "jobs": jobs, "calibration": calib, "scores": all_scores,
-            "images": {k: v[:8].numpy() for k, v in sets.items()}}
+            "images": {k: v[np.linspace(0, len(v) - 1, 8).astype(int)].numpy() for k, v in sets.items()}}
