@@ -20,6 +20,12 @@ the density-threshold test of Sec. 2 (log p(x) as the manifold's
 probabilistic description). The verdict only means something for requests with
 the same options, so ``options`` and ``seed`` are part of the card.
 
+With ``card.ood_calibration`` (the ``calibration.json`` of ``raymanifold study ood``, docs/ood.md) naming this
+model's URI, the verdict uses the benchmark's calibrated threshold instead: the model's best detector that its
+``log_prob`` computes (e.g. the flow's log p(z_2): options ``{level: 2, quantity: log_pz}``), thresholded at 5% FPR
+on held-out in-distribution data. The reference is then scored with that detector's options (the page's
+defaults), and ``reference.calibration`` says which detector, its options, FPR and mean AUROC.
+
 The MLflow run is read with :mod:`raymanifold.tracking` when the model's URI
 is ``runs:/<run_id>``; a local checkpoint reports its step and stored metrics.
 """
@@ -141,6 +147,22 @@ def grid_info(cfg) -> Optional[dict]:
             "labels": labels + [None] * (n - len(labels)), "sigma0": float(getattr(m, "sigma0", 0.0))}
 
 
+def ood_calibration(path: Optional[str], uri: str) -> Optional[dict]:
+    """This model's entry of an OOD benchmark's ``calibration.json`` (keyed by model URI), or None (no file given,
+    or the model is not in it). A file that cannot be read raises ValueError naming ``card.ood_calibration``."""
+    if not path:
+        return None
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"card.ood_calibration: cannot read {path!r} ({exc.__class__.__name__})") from None
+    entry = (data.get("models") or {}).get(uri)
+    return entry if entry and entry.get("detector") else None
+
+
 def build_card(model, cfg, recipe, *, uri: str, settings, limits: dict, tracking_uri: Optional[str] = None) -> dict:
     """The card of one served model (see the module docstring); ``settings`` is a ModelEntry's ``card``."""
     card = {"source": source_info(uri, cfg, tracking_uri, settings.mlflow_ui), "reference": None,
@@ -148,16 +170,23 @@ def build_card(model, cfg, recipe, *, uri: str, settings, limits: dict, tracking
     if recipe.log_prob is not None and settings.reference_examples > 0:
         from serve.operations import InputError, check_options, option_specs
 
+        calib = ood_calibration(getattr(settings, "ood_calibration", None), uri)
+        options = {**dict(settings.options), **(calib["options"] if calib else {})}
         specs = option_specs(recipe.log_prob, cfg, max_rounds=limits["max_rounds"])
         try:
-            check_options(dict(settings.options), specs, fixed=())
+            check_options(options, specs, fixed=())
         except InputError as exc:  # a config mistake: the replica does not start, the message names the key
-            raise ValueError(f"card.options.{exc.field}: {exc.message}") from None
+            where = "ood_calibration" if calib and exc.field in calib["options"] else f"options.{exc.field}"
+            raise ValueError(f"card.{where}: {exc.message}") from None
         try:
             card["reference"] = reference_scores(model, cfg, recipe, examples=settings.reference_examples,
-                                                 options=dict(settings.options), seed=settings.seed,
+                                                 options=options, seed=settings.seed,
                                                  threshold_quantile=settings.threshold_quantile,
                                                  max_nfe=settings.max_nfe)
         except Exception as exc:  # e.g. an on-disk data set missing on this node: the model still serves
             card["reference"] = {"error": f"training set not scored: {exc.__class__.__name__}: {exc}"[:300]}
+        if calib and "error" not in card["reference"]:  # the benchmark's threshold replaces the training quantile
+            card["reference"].update(threshold=float(calib["threshold"]), threshold_quantile=float(calib["fpr_in"]),
+                                     calibration={k: calib.get(k) for k in ("detector", "label", "options", "fpr_in",
+                                                                            "mean_auroc", "best_detector")})
     return card

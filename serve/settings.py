@@ -64,6 +64,8 @@ class CardSettings(_Strict):
                                                    "examples (at least 16) when the options cost more per example")
     mlflow_ui: Optional[str] = Field(None, description="base URL of an MLflow UI on the model's tracking store "
                                                         "(the page links the run)")
+    ood_calibration: Optional[str] = Field(None, description="calibration.json of `raymanifold study ood`: the verdict "
+                                                             "uses its threshold and detector for this model's URI")
 
 
 class ModelEntry(_Strict):

@@ -237,7 +237,8 @@ def test_ray_scores_match_inprocess_and_survive_a_killed_actor(local_ray, tiny_m
     written exactly once and each score equals the plain in-process loop's."""
     out = tmp_path / "scores"
     rc = main(["score", "--model", str(tiny_model), "--data", "swiss_roll?n=1500", "--ood", "circle?n=700",
-               "--out", str(out), "--dt", "10", "--batch-size", "128", "--fail-at-batch", "2", "--actors", "2"])
+               "--out", str(out), "--dt", "10", "--batch-size", "128", "--fail-at-batch", "2", "--actors", "2",
+               "--compute", "actors"])
     assert rc == 0
     assert (out / ".scores.fault").exists()           # the fault really fired
     t = pq.read_table(out / "scores").to_pandas()

@@ -35,9 +35,13 @@ def register(sub, study_sub):
     p.add_argument("--estimator", default=None, help="diffusion: eq15 | bound | mc")
     p.add_argument("--actors", type=int, default=0, help="scoring actors (0 = free CPUs / --cpus-per-actor)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--compute", choices=("actors", "tasks"), default="actors",
-                   help="actors: a new actor pool per job; tasks: Ray's pooled workers, which keep imports and "
-                        "the model between jobs (--ood's second job starts warm; docs/ray.md)")
+    p.add_argument("--compute", choices=("auto", "actors", "tasks"), default="auto",
+                   help="auto (default): tasks for small jobs, actors for large ones, from the job's work timed on a "
+                        "trial batch (raymanifold.scoring.compute; docs/ray.md); actors: a new actor pool per job; "
+                        "tasks: Ray's pooled workers, which keep imports and the model between jobs")
+    p.add_argument("--columns", default=None,
+                   help="score a column set instead of log p: 'ood' (the OOD benchmark's detectors of the model's "
+                        "family, docs/ood.md) or package.module:function")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=int, default=0, help="CPUs of an embedded Ray (0 = all)")
@@ -75,16 +79,19 @@ def cmd_score(args) -> int:
     install_uri_resolver(uri)                               # --model may be runs:/<id> (resolved in the driver)
     spec = scoring.parse_data_spec(args.data)
     ood = scoring.parse_data_spec(args.ood) if args.ood else None
-    prep = scoring.prepare(args.model, spec, opts)          # every check before Ray starts
-    prep_ood = scoring.prepare(args.model, ood, opts) if ood else None
+    time_rows = 16 if args.compute == "auto" else 0
+    prep = scoring.prepare(args.model, spec, opts, columns=args.columns, time_rows=time_rows)  # checks before Ray
+    prep_ood = scoring.prepare(args.model, ood, opts, columns=args.columns, time_rows=time_rows) if ood else None
     out = Path(args.out)
     kw = dict(actors=args.actors, batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor, seed=args.seed,
               address=args.address, num_cpus=args.num_cpus, tracking_uri=uri, compute=args.compute)
     print(f"scoring {prep.n_rows} rows of {args.data!r} with {prep.family} model {args.model!r}"
+          + (f", column set {args.columns!r}" if args.columns else "")
           + (f" (+ {prep_ood.n_rows} rows of {args.ood!r})" if ood else ""), flush=True)
     with tracking.start_run(args.experiment, f"score-{spec.label}", uri=uri,
                             config={"model": args.model, "data": args.data, "ood": args.ood, "opts": opts,
-                                    "batch_size": args.batch_size, "seed": args.seed},
+                                    "batch_size": args.batch_size, "seed": args.seed, "columns": args.columns,
+                                    "compute": args.compute},
                             tags={"raymanifold.kind": "score", "family": prep.family}) as run:
         with report_dir(out.resolve()) as d:
             res = score_to_parquet(prep, spec, str(d / "scores"), fail_at_batch=args.fail_at_batch, **kw)
@@ -100,6 +107,7 @@ def cmd_score(args) -> int:
             summary.update({"unit": "nats per example", "model": args.model, "data": args.data, "ood": args.ood,
                             "opts": opts, "rows_per_s": res.rows_out / res.wall_s, "wall_s": res.wall_s,
                             "actors": res.actors, "nodes": res.nodes, "rows_in": res.rows_in,
+                            "compute": res.compute, "compute_reason": res.compute_reason, "columns": args.columns,
                             "rows_out": res.rows_out, "unique_ids": res.unique_ids, "mlflow_run_id": run.info.run_id})
             scoring.plot_histogram(lp, lp_ood, d / "histogram.png", labels=(args.data, args.ood or ""))
             write_json(d / "summary.json", summary)
@@ -114,7 +122,8 @@ def cmd_score(args) -> int:
             if extra:
                 md.append(markdown_table(["column", "mean over rows"], [[k[5:], v] for k, v in extra.items()]) + "\n")
             md.append(f"{res.rows_out} rows in {res.wall_s:.1f} s ({summary['rows_per_s']:.0f} rows/s) on "
-                      f"{res.actors} actor(s), {len(res.nodes)} node(s).\n\n![histogram](histogram.png)\n")
+                      f"{res.actors} {'task slot' if res.compute == 'tasks' else 'actor'}(s), {len(res.nodes)} "
+                      f"node(s); compute: {res.compute_reason}.\n\n![histogram](histogram.png)\n")
             (d / "summary.md").write_text("\n".join(md))
             tracking.log_artifact(d / "summary.json")
             tracking.log_artifact(d / "summary.md")

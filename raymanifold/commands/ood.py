@@ -1,0 +1,115 @@
+"""``raymanifold study ood``: the cross-family OOD benchmark on real digits (docs/ood.md).
+
+Argument parsing and one call: :func:`raymanifold.ood.study.plan` checks everything before any work,
+:func:`raymanifold.ood.study.run` trains or loads the models, builds the sets and scores them with Ray Data,
+:func:`raymanifold.ood.report.write` writes ``reports/ood/`` (complete or not at all); the study is logged to
+one MLflow run (experiment ``ood``).
+"""
+from __future__ import annotations
+
+from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, set_threads
+
+
+def register(sub, study_sub):
+    from raymanifold.ood.detectors import DEFAULT_DTS, ROLES
+    from raymanifold.ood.sets import OOD_SETS
+    from raymanifold.ood.study import CONFIGS, OODBudget
+
+    b = OODBudget()
+    p = study_sub.add_parser("ood", help="cross-family OOD benchmark on mnist5k digits 0-4: flow, Glow, DDPM, "
+                                         "GridVAE, VAE-classifier; likelihood ratio, complexity, typicality; "
+                                         "AUROC / FPR@95 / AUPR with intervals, scored on Ray Data")
+    p.add_argument("--model", action="append", default=[], metavar="ROLE=URI",
+                   help=f"a trained model for a role (path or runs:/<id>; repeatable); roles {sorted(ROLES)}; "
+                        f"default: train {', '.join(sorted(set(CONFIGS.values())))}")
+    p.add_argument("--sets", default=",".join(OOD_SETS), help="OOD sets, comma-separated")
+    p.add_argument("--detectors", default="",
+                   help="detectors, comma-separated (ROLE.COLUMN or ratio:|complexity:|typicality:ROLE.COLUMN); "
+                        "default: every detector the models support (docs/ood.md)")
+    p.add_argument("--n", type=int, default=b.n, help="examples per set (the held-out digits cap it at 500)")
+    p.add_argument("--n-reference", type=int, default=b.n_reference, help="training digits for the typicality H_hat")
+    p.add_argument("--dts", default=",".join(map(str, DEFAULT_DTS)), help="DDPM Eq. 15 step sizes")
+    p.add_argument("--typicality-batch", type=int, default=b.typicality_batch, help="M of the typicality test")
+    p.add_argument("--resamples", type=int, default=b.resamples, help="bootstrap resamples")
+    p.add_argument("--fpr-in", type=float, default=b.fpr_in, help="in-distribution rejection of the calibration")
+    p.add_argument("--blur-sigma", type=float, default=b.blur_sigma)
+    p.add_argument("--patch-iterations", type=int, default=b.patch_iterations)
+    p.add_argument("--patch-step", type=float, default=b.patch_step)
+    p.add_argument("--batch-size", type=int, default=b.batch_size, help="rows per scoring batch")
+    p.add_argument("--compute", choices=("auto", "actors", "tasks"), default="auto",
+                   help="how each scoring job runs on Ray Data (auto: by its estimated work, docs/ray.md)")
+    p.add_argument("--seed", type=int, default=b.seed)
+    add_training_options(p, threads=1)
+    p.add_argument("--out", default="reports/ood")
+    p.set_defaults(func=cmd_ood)
+
+
+def _budget(args):
+    from raymanifold.ood.study import OODBudget
+    from raymanifold.schema import ConfigError
+
+    def items(text, what, conv=str):
+        try:
+            return tuple(conv(t.strip()) for t in text.split(",") if t.strip())
+        except ValueError:
+            raise UsageError(f"--{what}: comma-separated values, got {text!r}") from None
+    raw = {"sets": items(args.sets, "sets"), "detectors": items(args.detectors, "detectors"),
+           "dts": items(args.dts, "dts", int), "n": args.n, "n_reference": args.n_reference,
+           "typicality_batch": args.typicality_batch, "resamples": args.resamples, "fpr_in": args.fpr_in,
+           "blur_sigma": args.blur_sigma, "patch_iterations": args.patch_iterations, "patch_step": args.patch_step,
+           "batch_size": args.batch_size, "seed": args.seed}
+    try:
+        return OODBudget.from_dict(raw)
+    except ConfigError as exc:  # "ood.<field>: ..." -> "--<field>: ..."
+        msg = str(exc)
+        if msg.startswith("ood."):
+            field, _, rest = msg[4:].partition(":")
+            msg = f"--{field.replace('_', '-')}:{rest}"
+        raise UsageError(msg) from None
+
+
+def cmd_ood(args) -> int:
+    from pathlib import Path
+
+    from raymanifold import runs, scoring, tracking
+    from raymanifold.config import load_config
+    from raymanifold.distributed.scoring import score_to_parquet
+    from raymanifold.ood import report, study
+    from raymanifold.reports import report_dir
+
+    set_threads(args)
+    budget = _budget(args)
+    overrides = apply_common(args)
+    try:
+        given = study.parse_models(args.model)
+        p = study.plan(budget, given, overrides, load_config=lambda path, ov: load_config(find_config(path), ov),
+                       load_model=runs.load)
+    except study.StudyError as exc:
+        raise UsageError(str(exc)) from None
+    uri_store = tracking.resolve_uri(args.tracking_uri)
+    print(f"ood study: roles {p.roles} ({', '.join(f'{r} given' for r in p.given) or 'all trained here'}), "
+          f"{len(p.detectors)} detectors, sets {list(budget.sets)}", flush=True)
+
+    def train(cfg):
+        return runs.train(cfg, backend="local" if args.no_ray else "ray", tracking_uri=args.tracking_uri,
+                          tags={"study": "ood"})
+
+    def score(role, uri, dataset, opts, folder):
+        spec = scoring.DataSpec("dataset", f"ood-sets:{role}")
+        prep = scoring.prepare(uri, spec, opts, columns="ood", dataset=dataset, time_rows=16)
+        return score_to_parquet(prep, spec, str(folder), batch_size=budget.batch_size, seed=budget.seed,
+                                address=args.address, tracking_uri=uri_store, compute=args.compute)
+
+    out = Path(args.out)
+    with report_dir(out) as tmp:
+        res = study.run(p, train=train, load_model=runs.load, score=score, out_dir=tmp,
+                        say=lambda text: print(f"[ood] {text}", flush=True))
+        report.write(tmp, res)
+    config = {"budget": res["budget"], "models": {r: m["uri"] for r, m in res["models"].items()},
+              "compute": args.compute}
+    runs.log_study("study_ood", study.EXPERIMENT, config, report.summary_metrics(res), out,
+                   tracking_uri=args.tracking_uri, tags={"study": "ood"})
+    print("\n".join((out / "ood.md").read_text().splitlines()[:40]))
+    print(f"\nreport: {out}/ood.md; study wall time {res['info']['study_wall_s']} s "
+          f"(scoring {res['info']['scoring_wall_s']} s)")
+    return 0
