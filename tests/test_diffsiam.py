@@ -533,10 +533,13 @@ def test_cluster_configs_follow_the_simsiam_recipe(config):
 def test_study_arms_and_their_bad_input():
     from raymanifold.ssl import study
 
-    assert study.arm_overrides("simsiam+fullz") == {"variant": "hierarchical", "segments": 1}
-    assert study.arm_overrides("hierarchical+spread", 7) == {"variant": "hierarchical", "k_stride": 7}
-    assert study.arm_overrides("simsiam+fullz+additive") == {"variant": "hierarchical", "segments": 1,
-                                                             "conditioning": "additive"}
+    assert study.arm_overrides("simsiam+fullz") == {"model.variant": "hierarchical", "model.segments": 1}
+    assert study.arm_overrides("hierarchical+spread", 7) == {"model.variant": "hierarchical", "model.k_stride": 7}
+    assert study.arm_overrides("simsiam+fullz+additive") == {"model.variant": "hierarchical", "model.segments": 1,
+                                                             "model.conditioning": "additive"}
+    sgd = study.arm_overrides("simsiam+sgd", batch_size=64)
+    assert sgd["train.optimizer"] == "sgd" and sgd["train.lr"] == pytest.approx(0.05 * 64 / 256)
+    assert sgd["train.lr_schedule"] == "cosine" and sgd["model.fix_predictor_lr"] is True
     with pytest.raises(study.StudyError, match="--arms: unknown arm 'hierarchy'"):
         study.arm_overrides("hierarchy")
     with pytest.raises(study.StudyError, match="simsiam has no decoder"):
@@ -546,10 +549,12 @@ def test_study_arms_and_their_bad_input():
     assert cfg.model.segments == 1 and cfg.model.variant == "hierarchical" and cfg.train.seed == 3
     assert cfg.name == "t_diffsiam_simsiam_simsiam_fullz_s3"
     assert study.contrasts(["simsiam", "hierarchical", "simsiam+fullz", "hierarchical+additive",
-                            "hierarchical+spread"]) == [
+                            "hierarchical+spread", "simsiam+sgd"]) == [
         ("hierarchical", "simsiam"), ("simsiam+fullz", "simsiam"), ("hierarchical+additive", "simsiam"),
-        ("hierarchical+spread", "simsiam"), ("hierarchical", "hierarchical+additive"),
+        ("hierarchical+spread", "simsiam"), ("simsiam+sgd", "simsiam"), ("hierarchical", "hierarchical+additive"),
         ("hierarchical", "simsiam+fullz"), ("hierarchical+spread", "hierarchical")]
+    cfg = study.arm_config(base, "hierarchical+additive+sgd", 0, None, tiny_ddpm())
+    assert cfg.train.optimizer == "sgd" and cfg.model.conditioning == "additive" and cfg.train.lr == 0.05 * 16 / 256
 
 
 def test_probes_study_refuses_bad_arms_before_any_training(monkeypatch):

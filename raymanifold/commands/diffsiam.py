@@ -21,8 +21,9 @@ def register(sub, study_sub):
     p.add_argument("--ddpm", default=None, help="frozen DDPM (checkpoint path or runs:/<id>); default: the config's")
     p.add_argument("--arms", "--variants", dest="arms", default="simsiam,hierarchical,simsiam+fullz,hierarchical+additive",
                    help="comma-separated arms: simsiam, hierarchical, sequential, detach, pdae, simsiam+fullz "
-                        "(hierarchical with segments 1), hierarchical+spread (k_stride = --spread-stride); a suffix "
-                        "+additive / +modulation sets the decoder conditioning of that arm")
+                        "(hierarchical with segments 1), hierarchical+spread (k_stride = --spread-stride); suffixes "
+                        "+additive / +modulation set the decoder conditioning of that arm, +sgd the published "
+                        "SimSiam optimiser recipe (SGD 0.9, lr 0.05 x batch / 256, wd 1e-4, cosine)")
     p.add_argument("--seeds", default="0,1,2,3,4,5,6", help="training seeds (comma-separated; default 7 seeds)")
     # defaults: the quick setting (docs/diffsiam.md gives its wall time); the reported tables state their budget
     p.add_argument("--steps", type=int, default=60,

@@ -37,20 +37,29 @@ EVAL_SETS = ("shapes", "mnist5k", "digits")
 FEATURES = ("backbone", "z")
 #: the k_stride of the ``hierarchical+spread`` arm unless the study says otherwise (T = 1000, n = 8: k s up to 400)
 SPREAD_STRIDE = 50
-#: study arms: name -> model overrides (``{stride}`` is the spread stride). ``simsiam+fullz`` is SimSiam plus
+#: study arms: name -> config overrides (``{stride}`` is the spread stride). ``simsiam+fullz`` is SimSiam plus
 #: full-z compensation (hierarchical with one segment: z_bar = z at every t), the control that separates the
 #: effect of adding Eq. 3.11 from the effect of the segments.
 ARMS = {
-    "simsiam": {"variant": "simsiam"},
-    "hierarchical": {"variant": "hierarchical"},
-    "sequential": {"variant": "sequential"},
-    "detach": {"variant": "detach"},
-    "pdae": {"variant": "pdae"},
-    "simsiam+fullz": {"variant": "hierarchical", "segments": 1},
-    "hierarchical+spread": {"variant": "hierarchical", "k_stride": "{stride}"},
+    "simsiam": {"model.variant": "simsiam"},
+    "hierarchical": {"model.variant": "hierarchical"},
+    "sequential": {"model.variant": "sequential"},
+    "detach": {"model.variant": "detach"},
+    "pdae": {"model.variant": "pdae"},
+    "simsiam+fullz": {"model.variant": "hierarchical", "model.segments": 1},
+    "hierarchical+spread": {"model.variant": "hierarchical", "model.k_stride": "{stride}"},
 }
-#: an arm name may end with one of these: the decoder conditioning of that arm (model.conditioning)
-CONDITIONING_SUFFIX = {"+additive": "additive", "+modulation": "modulation"}
+#: suffixes an arm name may end with (several may follow each other): the decoder conditioning, or the published
+#: SimSiam optimiser recipe (SGD momentum 0.9, lr 0.05 x batch / 256, weight decay 1e-4, cosine decay to 0,
+#: predictor lr fixed, no clipping; ``{lr}`` is filled from the batch size)
+MODIFIERS = {
+    "+additive": {"model.conditioning": "additive"},
+    "+modulation": {"model.conditioning": "modulation"},
+    "+sgd": {"train.optimizer": "sgd", "train.momentum": 0.9, "train.lr": "{lr}", "train.weight_decay": 1e-4,
+             "train.lr_schedule": "cosine", "train.lr_min": 0.0, "train.grad_clip": 0.0,
+             "model.fix_predictor_lr": True},
+}
+CONDITIONING_SUFFIX = {k: v["model.conditioning"] for k, v in MODIFIERS.items() if "model.conditioning" in v}
 DEFAULT_ARMS = ("simsiam", "hierarchical", "simsiam+fullz", "hierarchical+additive")
 
 
@@ -58,21 +67,28 @@ class StudyError(ValueError):
     """A study argument is invalid (the command turns it into a usage error)."""
 
 
-def arm_overrides(name: str, spread_stride: int = SPREAD_STRIDE) -> dict:
-    """``{model field: value}`` of a study arm (see :data:`ARMS`, :data:`CONDITIONING_SUFFIX`)."""
-    base, cond = name, None
-    for suffix, value in CONDITIONING_SUFFIX.items():
-        if name.endswith(suffix) and name[: -len(suffix)] in ARMS:
-            base, cond = name[: -len(suffix)], value
-    if base not in ARMS:
-        raise StudyError(f"--arms: unknown arm {name!r}; allowed: {sorted(ARMS)}, each optionally with a suffix "
-                         f"{sorted(CONDITIONING_SUFFIX)}")
-    out = {k: (int(spread_stride) if v == "{stride}" else v) for k, v in ARMS[base].items()}
-    if cond is not None:
-        if out["variant"] == "simsiam":
+def split_arm(name: str) -> tuple[str, list[str]]:
+    """``(base arm, [modifiers])`` of an arm name such as ``simsiam+fullz+additive+sgd``."""
+    base, mods = name, []
+    while base not in ARMS:
+        suffix = next((m for m in MODIFIERS if base.endswith(m)), None)
+        if suffix is None:
+            raise StudyError(f"--arms: unknown arm {name!r}; allowed: {sorted(ARMS)}, each optionally followed by "
+                             f"modifiers {sorted(MODIFIERS)}")
+        base, mods = base[: -len(suffix)], [suffix, *mods]
+    return base, mods
+
+
+def arm_overrides(name: str, spread_stride: int = SPREAD_STRIDE, batch_size: int = 256) -> dict:
+    """``{dotted config key: value}`` of a study arm (see :data:`ARMS`, :data:`MODIFIERS`)."""
+    base, mods = split_arm(name)
+    fill = {"{stride}": int(spread_stride), "{lr}": 0.05 * batch_size / 256}
+    out = dict(ARMS[base])
+    for m in mods:
+        if m in CONDITIONING_SUFFIX and out["model.variant"] == "simsiam":
             raise StudyError(f"--arms: {name!r}: simsiam has no decoder to condition")
-        out["conditioning"] = cond
-    return out
+        out.update(MODIFIERS[m])
+    return {k: fill.get(v, v) if isinstance(v, str) else v for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- data for probes
@@ -147,14 +163,14 @@ def arm_config(base, arm: str, seed: int, steps: Optional[int], ddpm: Optional[s
     """The config of one arm and seed (validated: bad overrides fail here, before any training)."""
     from raymanifold.config import replace
 
-    over = arm_overrides(arm, spread_stride)
+    over = arm_overrides(arm, spread_stride, base.train.batch_size)
     tag = arm.replace("+", "_")
-    sets = [f"model.{k}={v}" for k, v in over.items()] + [f"train.seed={seed}", f"name={base.name}_{tag}_s{seed}"]
+    sets = [(k, v) for k, v in over.items()] + [f"train.seed={seed}", f"name={base.name}_{tag}_s{seed}"]
     if steps:
         sets.append(f"train.steps={steps}")
-    if over["variant"] != "simsiam" and ddpm:
+    if over["model.variant"] != "simsiam" and ddpm:
         sets.append(f"model.ddpm={ddpm}")
-    if over["variant"] == "simsiam":
+    if over["model.variant"] == "simsiam":
         sets.append("model.ddpm=")
     return replace(base, sets)
 
@@ -165,17 +181,23 @@ def variant_config(base, variant: str, seed: int, steps: Optional[int], ddpm: Op
 
 
 def contrasts(arms) -> list[tuple[str, str]]:
-    """The paired comparisons (a, b) read as a - b: every arm vs simsiam, each ``X+additive`` vs X (the
-    conditioning change), hierarchical vs simsiam+fullz (the segments beyond full-z compensation) and
-    hierarchical+spread vs hierarchical (the k_stride lever), where both arms are present."""
+    """The paired comparisons (a, b) read as a - b: every arm vs simsiam; every arm with a modifier vs the same
+    arm without its last modifier (e.g. hierarchical - hierarchical+additive: the conditioning change,
+    simsiam+sgd - simsiam: the optimiser); hierarchical vs simsiam+fullz (the segments beyond full-z
+    compensation) and hierarchical+spread vs hierarchical (the k_stride lever), where both arms are present."""
     arms = list(arms)
     out = [(a, "simsiam") for a in arms if a != "simsiam"]
     for a in arms:
-        for suffix in CONDITIONING_SUFFIX:
-            if a.endswith(suffix) and a[: -len(suffix)] in arms:
-                out.append((a[: -len(suffix)], a))
+        base, mods = split_arm(a)
+        if not mods:
+            continue
+        without = base + "".join(mods[:-1])
+        if without in arms:
+            pair = (a, without) if mods[-1] == "+sgd" else (without, a)
+            if pair not in out and pair[::-1] not in out:
+                out.append(pair)
     for a, b in (("hierarchical", "simsiam+fullz"), ("hierarchical+spread", "hierarchical")):
-        if a in arms and b in arms:
+        if a in arms and b in arms and (a, b) not in out:
             out.append((a, b))
     return out
 
