@@ -65,6 +65,9 @@ class TrainConfig:
                                   "lr_min at the last step (a function of the step, so resuming continues it)")
     lr_min: float = param(0.0, lo=0.0, hi=10.0, help="final learning rate of the cosine schedule")
     weight_decay: float = param(0.0, lo=0.0)
+    optimizer: str = param("adamw", choices=("adamw", "sgd"),
+                           help="'adamw' (torch AdamW) or 'sgd' (torch SGD with train.momentum; SimSiam's recipe)")
+    momentum: float = param(0.9, lo=0.0, hi=0.999, help="SGD momentum (train.optimizer=sgd only)")
     grad_clip: float = param(1.0, lo=0.0, help="max grad norm; 0 disables")
     ema_decay: float = param(0.0, lo=0.0, hi=1.0, lo_open=False, help="0 disables EMA weights")
     checkpoint_every: int = param(1000, lo=1, help="steps between checkpoints")

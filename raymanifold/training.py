@@ -98,8 +98,15 @@ class EMA:
 
 
 def make_optimizer(model, tcfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
-                             weight_decay=tcfg.weight_decay)
+    """``train.optimizer`` over the model's trainable parameters: AdamW, or SGD with ``train.momentum``.
+
+    A model may define ``optimizer_groups()`` (a list of torch parameter groups); a group marked
+    ``fixed_lr: True`` keeps ``train.lr`` when ``train.lr_schedule`` changes the others (:func:`run_steps`)."""
+    groups = model.optimizer_groups() if callable(getattr(model, "optimizer_groups", None)) else \
+        [p for p in model.parameters() if p.requires_grad]
+    if tcfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
 
 
 def progress_line(cfg, step: int, metrics: dict) -> str:
@@ -143,7 +150,8 @@ def run_steps(recipe, model, optimizer, batches: Iterator, cfg, *, start_step: i
         if cfg.train.lr_schedule != "constant":
             lr = lr_at(cfg.train, step)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                if not group.get("fixed_lr"):
+                    group["lr"] = lr
             metrics["lr"] = lr
         optimizer.step()
         if ema is not None:

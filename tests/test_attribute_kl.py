@@ -104,6 +104,66 @@ def test_synthetic_manifold_ranks_identity_tied_attributes_first():
     assert [r["rank"] for r in out["rows"]] == list(range(1, 7))
 
 
+# ----------------------------------------------------------------------------- uncertainty of the ranking
+def _tied_colours(n=3000, seed=0):
+    """Identity = one of 12 (colour x 3 others); red / green / blue / yellow are each 1/4 of the identities and
+    perfectly shared by a neighbour of the same identity; 'half' is tied too; 'noise' is independent."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(12, size=n)
+    z = np.eye(12)[ids] * 3 + rng.normal(size=(n, 12)) * 0.3
+    colour = ids % 4
+    A = np.stack([colour == 0, colour == 1, colour == 2, ids < 6, rng.random(n) < 0.5], 1).astype(np.int64)
+    return z, A, ["red", "green", "blue", "half", "noise"]
+
+
+def test_pair_stats_equal_the_table_and_the_cap():
+    z, A, names = _tied_colours()
+    nn = K.nearest_neighbours(z)
+    for alpha in (0.0, 1.0):
+        rows = K.attribute_table(A, nn, names, alpha)
+        st = K.pair_stats(A, A[nn], alpha)
+        for i, r in enumerate(rows):
+            for key in ("kl_nn0", "mutual_information", "mi_normalized", "kl_nn0_fraction", "p", "p_nn0", "p_nn1"):
+                assert st[key][i] == pytest.approx(r[key], rel=1e-9, abs=1e-12), (key, r["attribute"])
+    # an attribute copied exactly by the neighbour (no smoothing) reaches the cap -log(1 - p): fraction 1, NMI 1
+    rows = {r["attribute"]: r for r in K.attribute_table(A, nn, names, 0.0)}
+    for c in ("red", "green", "blue", "half"):
+        assert rows[c]["kl_nn0"] == pytest.approx(-math.log(1 - rows[c]["p"]), rel=1e-9)
+        assert rows[c]["kl_nn0_fraction"] == pytest.approx(1.0) and rows[c]["mi_normalized"] == pytest.approx(1.0)
+    assert rows["half"]["kl_nn0"] > 2 * rows["red"]["kl_nn0"]  # the base-rate bias the cap explains
+
+
+def test_permutation_null_and_bootstrap_show_ties_as_ties():
+    z, A, names = _tied_colours()
+    nn = K.nearest_neighbours(z)
+    null = K.permutation_null(A, nn, names, permutations=99, generator=np.random.default_rng(0))
+    p = null["kl_nn0"]["p"]
+    assert all(p[i] == pytest.approx(1 / 100) for i in range(4))  # tied: beyond every permutation
+    assert p[4] > 0.05 and null["kl_nn0"]["observed"][4] < null["kl_nn0"]["null_q95"][4] * 3
+    boot = K.bootstrap_ranks(A, nn, names, replicates=300, generator=np.random.default_rng(1))
+    for key in ("kl_nn0", "mi_normalized"):
+        ranking = K.ranking_with_ties(names, K.pair_stats(A, A[nn])[key], boot[key]["values"])
+        group = {r["attribute"]: r["group"] for r in ranking}
+        assert group["red"] == group["green"] == group["blue"]      # same base rate, same sharing: one tie group
+        assert group["noise"] != group["red"] and ranking[-1]["attribute"] == "noise"
+        lo, hi = boot[key]["rank_lo"], boot[key]["rank_hi"]
+        assert all(lo[i] < hi[i] for i in range(3))                 # their bootstrap ranks overlap
+    by_kl = K.ranking_with_ties(names, K.pair_stats(A, A[nn])["kl_nn0"], boot["kl_nn0"]["values"])
+    assert by_kl[0]["attribute"] == "half" and by_kl[0]["rank_label"] == "1"   # KL_0's base-rate lift
+    assert by_kl[1]["rank_label"] == "2-4"
+
+
+def test_ranking_with_ties_by_hand():
+    vals = np.array([[3.0, 2.9, 1.0], [2.9, 3.0, 1.1], [3.1, 2.8, 0.9], [3.0, 3.05, 1.0]])
+    rows = K.ranking_with_ties(["a", "b", "c"], np.array([3.0, 2.9, 1.0]), vals)
+    assert [(r["attribute"], r["rank_label"], r["group"]) for r in rows] == [("a", "1-2", 1), ("b", "1-2", 1),
+                                                                             ("c", "3", 2)]
+    with pytest.raises(ValueError, match="permutations"):
+        K.permutation_null(np.zeros((4, 1), int), [1, 0, 3, 2], ["a"], permutations=0)
+    with pytest.raises(ValueError, match="bootstrap"):
+        K.bootstrap_ranks(np.zeros((4, 1), int), [1, 0, 3, 2], ["a"], replicates=1)
+
+
 def test_check_binary_names_the_column():
     with pytest.raises(ValueError, match="column 'b' is not binary"):
         K.check_binary(np.array([[0, 2], [1, 0]]), ["a", "b"])
@@ -207,6 +267,10 @@ def test_bad_input_fails_before_any_work(capsys, tmp_path, tracking_uri):
     assert "study.attributes: set 'mnist5k' applies to data ['mnist5k']" in err
     err = _err(capsys, base + ["--set", "study.distance=manhattan"])
     assert "study.distance" in err
+    err = _err(capsys, base + ["--set", "study.bootstrap=1"])
+    assert "study.bootstrap: need 0 (off) or at least 2 replicates" in err
+    err = _err(capsys, base + ["--set", "study.permutations=-1"])
+    assert "study.permutations" in err
     assert not (tmp_path / "rep").exists() and not (tmp_path / "mlflow.db").exists()
     with pytest.raises(ConfigError, match="model.views"):
         from raymanifold.config import load_config
@@ -227,7 +291,11 @@ def test_shapes_study_end_to_end_known_answer(tmp_path, tracking_uri, capsys):
     assert res["tied_rank_above"] is True, [(r["attribute"], round(r["kl_nn0"], 3)) for r in res["rows"]]
     assert res["metrics"]["nn_identity_agreement"] > 0.5 and res["metrics"]["examples"] == 800
     assert {p.name for p in out.iterdir()} >= {"attribute_kl.md", "fig17a_probabilities.png", "fig17b_kl.png"}
-    assert "Known-answer check: **met**" in (out / "attribute_kl.md").read_text()
+    md = (out / "attribute_kl.md").read_text()
+    assert "Known-answer check: **met**" in md and "KL_0 next to the normalised mutual information" in md
+    unc = res["uncertainty"]
+    assert set(unc) == {"kl_nn0", "mi_normalized"} and unc["kl_nn0"]["bootstrap"] == 1000
+    assert {r["attribute"] for r in unc["mi_normalized"]["ranking"]} == {r["attribute"] for r in res["rows"]}
     from raymanifold import tracking
 
     df = tracking.search_runs("recognition", uri=tracking_uri)

@@ -5,6 +5,7 @@ import torch
 
 from diffsiam_fixtures import diffsiam_cfg, diffsiam_raw, tiny_ddpm, tiny_other_family
 from raymanifold.config import ConfigError, config_from_dict
+from raymanifold.diffusion.unet import ResBlock
 from raymanifold.recipes import get_recipe
 from raymanifold.ssl import augment, editing, objectives, probes
 from raymanifold.ssl import recipe as R
@@ -145,15 +146,19 @@ def test_variants_train_a_step(variant):
 def test_bad_configs_name_the_field():
     with pytest.raises(ConfigError, match="model.segments: 5 does not divide model.d=16"):
         diffsiam_cfg(segments=5)
-    with pytest.raises(ConfigError, match=r"model.segments: t ~ U\(1, T - n s\) is empty"):
+    with pytest.raises(ConfigError, match=r"model.k_stride: t \+ k s reaches past T"):
         diffsiam_cfg(d=64, segments=32, k_stride=2)  # T = 50 < 64
+    with pytest.raises(ConfigError, match=r"model.segments: t \+ k s reaches past T"):
+        diffsiam_cfg(d=64, segments=64)  # k_stride 1: the segments alone pass T = 50
     with pytest.raises(ConfigError, match="model.ddpm: .* need family diffusion with net=unet"):
         diffsiam_cfg(ddpm=tiny_ddpm("mlp"))
     with pytest.raises(ConfigError, match="model.ddpm: .* is a 'gridvae' run; need family diffusion"):
         diffsiam_cfg(ddpm=tiny_other_family())
-    with pytest.raises(ConfigError, match=r"model.segments: t ~ U\(1, T - n s\) is empty \(T=50, segments=16, "
+    with pytest.raises(ConfigError, match=r"model.k_stride: .*t ~ U\(1, T - n s\) is empty \(T=50, segments=16, "
                                           r"k_stride=4\)"):
         diffsiam_cfg(segments=16, k_stride=4)  # t + k s would pass T = 50
+    with pytest.raises(ConfigError, match="model.conditioning"):
+        diffsiam_cfg(conditioning="film")
     raw = diffsiam_raw()
     raw["data"]["image_size"] = 24
     raw["model"]["image_size"] = 24
@@ -323,3 +328,368 @@ def test_compensation_table_measures_the_decoders_share_of_the_frozen_error():
     assert all(r["removed"] == pytest.approx(1.0, abs=1e-4) for r in rows[1:])
     with pytest.raises(study.StudyError, match="simsiam"):
         study.compensation(R.build(diffsiam_cfg("simsiam")), diffsiam_cfg("simsiam"), x)
+
+
+# ----------------------------------------------------------------------------- decoder conditioning (issue 28)
+def _decoder_inputs(model, cfg, b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(b, 3, 16, 16, generator=g)
+    t = torch.randint(1, 50, (b,), generator=g)
+    from raymanifold.ssl.nets import frozen_pass
+
+    eps, hs, h, emb = frozen_pass(model.unet, x_t, t)
+    return x_t, t, eps, hs, h, emb
+
+
+def _randomise(module, std=0.1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_modulation_with_z_zero_adds_nothing_and_the_additive_design_does():
+    """PDAE's block h <- (1 + z_s)(GN(h)(1 + t_s) + t_b) + z_b: with z = 0 (z_s = z_b = 0) the decoder equals its
+    z-free self exactly, in every block and at the output; the earlier additive conditioning adds MLP(0) != 0."""
+    from raymanifold.ssl.nets import ModulatedResBlock
+
+    cfg = diffsiam_cfg("hierarchical", conditioning="modulation")
+    torch.manual_seed(0)
+    model = R.build(cfg).eval()
+    _randomise(model.decoder)  # every weight non-zero, the output layer included
+    x_t, t, eps, hs, h, emb = _decoder_inputs(model, cfg)
+    z0 = torch.zeros(3, 16)
+    with torch.no_grad():
+        g0 = model.decoder(hs, h, z0, t, emb)
+        free = model.decoder(hs, h, None, t, emb)
+        assert torch.equal(g0, free) and g0.abs().sum() > 0
+        blk = next(m for m in model.decoder.modules() if isinstance(m, ModulatedResBlock))
+        zs, zb = blk.modulation_terms(model.decoder.zemb(z0))
+        assert torch.equal(zs, torch.zeros_like(zs)) and torch.equal(zb, torch.zeros_like(zb))
+        z = torch.randn(3, 16)
+        assert not torch.allclose(model.decoder(hs, h, z, t, emb), free, atol=1e-4)  # z does act
+    n_mod = sum(isinstance(m, ModulatedResBlock) for m in model.decoder.modules())
+    n_res = sum(isinstance(m, ResBlock) for m in R.build(diffsiam_cfg("hierarchical", conditioning="additive"))
+                .decoder.modules())
+    assert n_mod == n_res > 0  # every residual block of the middle / up path is modulated
+    # z reaches every block: each block's z map gets a gradient
+    z = torch.randn(3, 16, requires_grad=True)
+    model.decoder(hs, h, z, t, emb).pow(2).sum().backward()
+    assert all(m.zmod.weight.grad.abs().sum() > 0 for m in model.decoder.modules() if isinstance(m, ModulatedResBlock))
+    assert z.grad.abs().sum() > 0
+    # the earlier design: z = 0 still shifts every block by zproj(0) (its biases), so its added term is not 0
+    add = R.build(diffsiam_cfg("hierarchical", conditioning="additive")).eval()
+    _randomise(add.decoder)
+    with torch.no_grad():
+        assert add.decoder.zproj(z0).abs().sum() > 0
+
+
+def test_modulation_reads_the_frozen_time_embedding():
+    from raymanifold.diffusion.nets import timestep_embedding
+
+    cfg = diffsiam_cfg("hierarchical")
+    torch.manual_seed(0)
+    model = R.build(cfg).eval()
+    assert not hasattr(model.decoder, "time")  # no time MLP of its own (the additive design trains one)
+    assert hasattr(R.build(diffsiam_cfg("hierarchical", conditioning="additive")).decoder, "time")
+    own = {id(p) for p in model.decoder.parameters()}
+    assert not own & {id(p) for p in model.unet.parameters()} and all(p.requires_grad for p in model.decoder.parameters())
+    _randomise(model.decoder)
+    x_t, t, eps, hs, h, emb = _decoder_inputs(model, cfg)
+    assert torch.equal(emb, model.unet.time(timestep_embedding(t, model.unet.channels)))
+    z = torch.randn(3, 16)
+    with torch.no_grad():
+        before = model.compensation(x_t, t, z)[1]
+        model.unet.time[0].bias.add_(0.5)  # change the frozen model's time embedding: g follows it
+        after = model.compensation(x_t, t, z)[1]
+    assert not torch.allclose(before, after, atol=1e-5)
+    with pytest.raises(ValueError, match="emb"):
+        model.decoder(hs, h, z, t, None)
+
+
+def test_frozen_unet_outputs_are_unchanged_by_diffsiam(tmp_path):
+    """The DDPM U-Net every diffusion model uses is untouched: a checkpoint loads in the diffusion family and in
+    DiffSiam with identical parameters, the frozen pass equals its forward bit for bit, and training DiffSiam
+    leaves it as loaded."""
+    from raymanifold import checkpoint as ckpt
+    from raymanifold.ssl.nets import frozen_pass
+
+    unet, dcfg, _ = ckpt.load_model(tiny_ddpm())
+    cfg = diffsiam_cfg("hierarchical")
+    model = R.build(cfg)
+    assert set(model.unet.state_dict()) == set(unet.state_dict())
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, model.unet.state_dict()[k]), k
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([1, 10, 25, 50])
+    with torch.no_grad():
+        ref = unet(x, t)
+    assert torch.equal(frozen_pass(model.unet, x, t)[0], ref) and torch.equal(model.unet(x, t), ref)
+    loss, _ = R.loss(model.train(), (torch.rand(8, 3, 16, 16),), cfg, 1, torch.Generator().manual_seed(0))
+    loss.backward()
+    with torch.no_grad():
+        assert torch.equal(model.unet(x, t), ref)
+
+
+def test_checkpoint_of_the_earlier_conditioning_loads_and_computes_the_same(tmp_path):
+    """A DiffSiam checkpoint saved before model.conditioning existed (additive decoder, no key in its config)
+    loads with the default config and gives the outputs it gave."""
+    import warnings
+
+    from raymanifold import checkpoint as ckpt
+
+    cfg = diffsiam_cfg("hierarchical", conditioning="additive")
+    torch.manual_seed(0)
+    model = R.build(cfg).eval()
+    _randomise(model.decoder)
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save(path, model, cfg, 3)
+    state = torch.load(path, weights_only=True)
+    del state["config"]["model"]["conditioning"]  # as written by the earlier code
+    torch.save(state, path)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        loaded, lcfg, _ = ckpt.load_model(str(path))
+    assert lcfg.model.conditioning == "modulation" and loaded.conditioning == "additive"
+    assert any("model.conditioning" in str(x.message) for x in w)
+    x_t, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 40])
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.compensation(x_t, t, z)[1], model.compensation(x_t, t, z)[1])
+
+
+# ----------------------------------------------------------------------------- gradient diagnostic, optimiser
+def test_encoder_gradient_norms_per_term_and_no_side_effects():
+    cfg = diffsiam_cfg("hierarchical", grad_probe_every=5)
+    torch.manual_seed(0)
+    model = R.build(cfg).train()
+    _randomise(model.decoder.out, std=0.05)  # g depends on z from the start
+    x = torch.rand(8, 3, 16, 16)
+    # the norms equal the ones computed with a plain backward pass of each term alone
+    terms, _, _ = R.loss_terms(model, x, cfg, torch.Generator().manual_seed(0))
+    norms = R.encoder_grad_norms(model.encoder, terms)
+    for name, term in terms.items():
+        model.zero_grad()
+        term.backward(retain_graph=True)
+        want = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.encoder.parameters() if p.grad is not None))
+        assert norms[name] == pytest.approx(float(want), rel=1e-6) and norms[name] > 0
+    model.zero_grad()
+    # probing does not change the loss nor the gradients of the step
+    grads = []
+    for step in (5, 6):  # 5: probed; 6: not
+        model.zero_grad()
+        loss, m = R.loss(model, (x,), cfg, step, torch.Generator().manual_seed(0))
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        assert ("grad_ratio" in m) == (step == 5)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert m["loss"] == pytest.approx(float(loss.detach()))
+    _, m1 = R.loss(model, (x,), cfg, 1, torch.Generator().manual_seed(0))
+    assert m1["grad_ratio"] == pytest.approx(m1["grad_enc_diffusion"] / m1["grad_enc_simsiam"])
+    # a term that does not reach the encoder has norm 0
+    assert R.encoder_grad_norms(model.encoder, {"none": model.decoder.out[-1].weight.sum()})["none"] == 0.0
+    # SimSiam alone or pdae: one term, nothing to compare
+    for v in ("simsiam", "pdae"):
+        c = diffsiam_cfg(v)
+        _, m = R.loss(R.build(c).train(), (x,), c, 1, torch.Generator().manual_seed(0))
+        assert "grad_ratio" not in m
+
+
+def test_sgd_recipe_and_fixed_predictor_lr():
+    from raymanifold.config import replace
+    from raymanifold.training import lr_at, make_optimizer, run_steps
+
+    cfg = replace(diffsiam_cfg("simsiam", fix_predictor_lr=True),
+                  ["train.optimizer=sgd", "train.momentum=0.9", "train.lr=0.05", "train.weight_decay=0.0001",
+                   "train.lr_schedule=cosine", "train.steps=3"])
+    torch.manual_seed(0)
+    model = R.build(cfg)
+    opt = make_optimizer(model, cfg.train)
+    assert isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == 2
+    assert all(g["momentum"] == 0.9 and g["weight_decay"] == 1e-4 for g in opt.param_groups)
+    pred = {id(p) for p in model.predictor.parameters()}
+    assert {id(p) for p in opt.param_groups[1]["params"]} == pred and opt.param_groups[1]["fixed_lr"]
+    batches = iter([(torch.rand(8, 3, 16, 16),)] * 3)
+    run_steps(R.RECIPE, model, opt, batches, cfg, start_step=0, end_step=3, generator=torch.Generator())
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(cfg.train, 3)) and opt.param_groups[0]["lr"] < 0.05
+    assert opt.param_groups[1]["lr"] == 0.05  # the predictor's lr is not decayed
+    # default: AdamW over one group, no fixed lr
+    plain = diffsiam_cfg("simsiam")
+    opt = make_optimizer(R.build(plain), plain.train)
+    assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("config", ["diffsiam_cifar10.yaml", "diffsiam_celeba64.yaml"])
+def test_cluster_configs_follow_the_simsiam_recipe(config):
+    import yaml
+
+    raw = yaml.safe_load(open(f"jobs/configs/{config}"))
+    tr, m = raw["train"], raw["model"]
+    assert tr["optimizer"] == "sgd" and tr["momentum"] == 0.9 and tr["weight_decay"] == 1e-4
+    assert tr["lr"] == pytest.approx(0.05 * tr["batch_size"] / 256) and tr["lr_schedule"] == "cosine"
+    assert m["fix_predictor_lr"] is True and m["conditioning"] == "modulation"
+
+
+# ----------------------------------------------------------------------------- study arms, statistics
+def test_study_arms_and_their_bad_input():
+    from raymanifold.ssl import study
+
+    assert study.arm_overrides("simsiam+fullz") == {"model.variant": "hierarchical", "model.segments": 1}
+    assert study.arm_overrides("hierarchical+spread", 7) == {"model.variant": "hierarchical", "model.k_stride": 7}
+    assert study.arm_overrides("simsiam+fullz+additive") == {"model.variant": "hierarchical", "model.segments": 1,
+                                                             "model.conditioning": "additive"}
+    sgd = study.arm_overrides("simsiam+sgd", batch_size=64)
+    assert sgd["train.optimizer"] == "sgd" and sgd["train.lr"] == pytest.approx(0.05 * 64 / 256)
+    assert sgd["train.lr_schedule"] == "cosine" and sgd["model.fix_predictor_lr"] is True
+    with pytest.raises(study.StudyError, match="--arms: unknown arm 'hierarchy'"):
+        study.arm_overrides("hierarchy")
+    with pytest.raises(study.StudyError, match="simsiam has no decoder"):
+        study.arm_overrides("simsiam+additive")
+    base = diffsiam_cfg("simsiam")
+    cfg = study.arm_config(base, "simsiam+fullz", 3, 5, tiny_ddpm())
+    assert cfg.model.segments == 1 and cfg.model.variant == "hierarchical" and cfg.train.seed == 3
+    assert cfg.name == "t_diffsiam_simsiam_simsiam_fullz_s3"
+    assert study.contrasts(["simsiam", "hierarchical", "simsiam+fullz", "hierarchical+additive",
+                            "hierarchical+spread", "simsiam+sgd"]) == [
+        ("hierarchical", "simsiam"), ("simsiam+fullz", "simsiam"), ("hierarchical+additive", "simsiam"),
+        ("hierarchical+spread", "simsiam"), ("simsiam+sgd", "simsiam"), ("hierarchical", "hierarchical+additive"),
+        ("hierarchical", "simsiam+fullz"), ("hierarchical+spread", "hierarchical")]
+    cfg = study.arm_config(base, "hierarchical+additive+sgd", 0, None, tiny_ddpm())
+    assert cfg.train.optimizer == "sgd" and cfg.model.conditioning == "additive" and cfg.train.lr == 0.05 * 16 / 256
+
+
+def test_probes_study_refuses_bad_arms_before_any_training(monkeypatch):
+    from raymanifold import runs
+    from raymanifold.ssl import study
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before validating")
+
+    monkeypatch.setattr(runs, "train", no_training)
+    base = diffsiam_cfg("simsiam")
+    # a spread stride that reaches past T = 50 (4 segments x 20): refused, naming the field
+    with pytest.raises(ConfigError, match="model.k_stride: t \\+ k s reaches past T"):
+        study.probes_study(base, arms=["simsiam", "hierarchical+spread"], seeds=[0, 1], ddpm=tiny_ddpm(),
+                           spread_stride=20, backend="local")
+    with pytest.raises(study.StudyError, match="must include simsiam"):
+        study.probes_study(base, arms=["hierarchical"], seeds=[0, 1], ddpm=tiny_ddpm())
+    with pytest.raises(study.StudyError, match="--seeds"):
+        study.probes_study(base, arms=["simsiam"], seeds=[0], ddpm=tiny_ddpm())
+
+
+def test_paired_intervals_and_holm():
+    iv = probes.seed_interval([1.0, 2.0, 3.0, 2.0])
+    from scipy import stats
+
+    assert iv["p"] == pytest.approx(stats.ttest_1samp([1.0, 2.0, 3.0, 2.0], 0).pvalue)
+    # Holm by hand: p = (0.01, 0.04, 0.03, 0.5), m = 4 -> sorted 0.01*4, 0.03*3, 0.04*2 (monotone), 0.5*1
+    np.testing.assert_allclose(probes.holm([0.01, 0.04, 0.03, 0.5]), [0.04, 0.09, 0.09, 0.5])
+    out = probes.holm([0.2, np.nan, 0.01])
+    assert np.isnan(out[1]) and out[2] == pytest.approx(0.02) and out[0] == pytest.approx(0.2)
+    lo, hi = probes.wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+
+
+def test_summarise_pairs_by_seed_and_adjusts_the_reported_family():
+    from raymanifold.ssl import study
+
+    rng = np.random.default_rng(0)
+    seeds = list(range(7))
+    metrics = list(study.DIFF_METRICS)
+    per = {}
+    for s in seeds:
+        common = rng.normal(0, 5, len(metrics))  # seed effect shared by the arms: pairing removes it
+        for a, shift in (("simsiam", 0.0), ("hierarchical", 3.0), ("simsiam+fullz", 0.0)):
+            res = {m: 50 + common[i] + shift + rng.normal(0, 0.2) for i, m in enumerate(metrics)}
+            per[(a, s)] = {**res, "train_wall_s": 1.0, "grad": {}}
+    res = study.summarise(per, ["simsiam", "hierarchical", "simsiam+fullz"], seeds, diffsiam_cfg("simsiam"), 10, 5)
+    d = res["diff"]["hierarchical - simsiam"]["backbone/transfer/linear_mean"]
+    assert d["mean"] == pytest.approx(3.0, abs=0.3) and d["lo"] > 0 and d["p_holm"] < 0.05
+    assert res["family_size"] == 3 * len(metrics)  # contrasts: h-s, f-s, h-f
+    assert res["diff"]["simsiam+fullz - simsiam"]["z/mnist5k/5shot"]["p_holm"] > 0.05
+    assert res["primary"]["contrast"] == "hierarchical - simsiam" and res["primary"]["lo"] > 0
+    from raymanifold.ssl import study_report
+
+    md = study_report.probes_markdown(res)
+    assert "†" in md and "Primary comparison" in md
+
+
+def test_probe_model_reads_backbone_and_z_and_shapes_fewshot_is_shape_only():
+    from raymanifold.ssl import study
+
+    cfg = diffsiam_cfg("simsiam")
+    torch.manual_seed(0)
+    model = R.build(cfg).eval()
+    sets = study.eval_sets(cfg, n=400)
+    assert set(sets["shapes"][1]) == {"shape", "scale", "rotation", "x", "y", "colour"}
+    assert study.FEWSHOT["shapes"] == ("shape", 3)
+    res = study.probe_model(model, sets, episodes=3)
+    for kind in ("backbone", "z"):
+        assert {f"{kind}/transfer/linear_mean", f"{kind}/shapes/5shot", f"{kind}/shapes/linear_colour"} <= set(res)
+    f = model.features(sets["digits"][0][:5])
+    assert f["backbone"].shape == (5, 32) and f["z"].shape == (5, 16)
+    assert torch.allclose(f["z"], model(sets["digits"][0][:5])["z"])
+
+
+# ----------------------------------------------------------------------------- Alg. 2 / Alg. 3 rows
+def test_counterfactual_parts_separate_z_and_x_T():
+    cfg = diffsiam_cfg("hierarchical")
+    torch.manual_seed(0)
+    model = R.build(cfg).eval()
+    _randomise(model.decoder.out, std=0.05)
+    x, xo = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    z, zo = model(x)["z"], model(xo)["z"]
+    x_T, x_To = editing.invert(model, x, cfg, dt=25), editing.invert(model, xo, cfg, dt=25)
+    kw = dict(dt=25, x_T=x_T, x_T_other=x_To)
+    both = editing.counterfactual(model, x, xo, [1, 2], 1.0, cfg, **kw)
+    z_only = editing.counterfactual(model, x, xo, [1, 2], 1.0, cfg, parts="z", **kw)
+    xT_only = editing.counterfactual(model, x, xo, [1, 2], 1.0, cfg, parts="x_T", **kw)
+    zs = objectives.lerp_segments(z, zo, [1, 2], 4, 1.0)
+    assert torch.allclose(both, editing.guided_sample(model, zs, cfg, x_T=objectives.slerp(x_T, x_To, 1.0), dt=25))
+    assert torch.allclose(z_only, editing.guided_sample(model, zs, cfg, x_T=x_T, dt=25))
+    assert torch.allclose(xT_only, editing.guided_sample(model, z, cfg, x_T=objectives.slerp(x_T, x_To, 1.0), dt=25))
+    assert not torch.allclose(z_only, xT_only)
+    with pytest.raises(ValueError, match="parts"):
+        editing.counterfactual(model, x, xo, [1], 1.0, cfg, parts="zz", **kw)
+
+
+def test_sparse_direction_standardises_and_refits():
+    """The ProbMask stand-in picks the dimensions that carry the attribute whatever their units: rescaling a
+    dimension changes neither the kept set nor the classifier's predictions (ranking by raw |coef / sd| would
+    promote a dimension of tiny spread); the refit beats the truncated L1 fit's shrunk coefficients."""
+    from raymanifold.ssl.edits_study import sparse_direction
+
+    rng = np.random.default_rng(0)
+    n, d = 2000, 12
+    z = rng.normal(size=(n, d))
+    y = (1.5 * z[:, 0] - 1.0 * z[:, 3] + 0.8 * z[:, 7] + 0.5 * rng.normal(size=n) > 0).astype(int)
+    w, info = sparse_direction(z, y, 3)
+    assert sorted(info["dims"]) == [0, 3, 7] and (w != 0).sum() == 3
+    scaled = z.copy()
+    scaled[:, 5] *= 1e-3   # a noise dimension of tiny spread
+    scaled[:, 3] *= 100.0  # a signal dimension in large units
+    w2, info2 = sparse_direction(scaled, y, 3)
+    assert info2["dims"] == info["dims"]
+    pred = lambda zz, ww, ii: (zz @ ww.numpy().astype(float) + ii["intercept"] > 0).astype(int)  # noqa: E731
+    assert (pred(z, w, info) == pred(scaled, w2, info2)).mean() > 0.999
+    assert info["train_accuracy"] > 0.85
+    with pytest.raises(ValueError, match="--d-sparse"):
+        sparse_direction(z, y, 0)
+
+
+# ----------------------------------------------------------------------------- the simsiam_weight sweep file
+def test_simsiam_weight_sweep_validates_with_a_ddpm(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    from raymanifold.distributed.spec import base_config_dict, check_space, load_spec
+
+    f = Path("jobs/configs/sweep/sweep_diffsiam_simsiam_weight.yaml")
+    spec = load_spec(f)
+    assert spec.kind == "train" and list(spec.space) == ["model.simsiam_weight"] and spec.n_trials == 5
+    with pytest.raises(ConfigError, match="model.ddpm"):  # the placeholder is refused until a DDPM is named
+        base_config_dict(spec, f"jobs/configs/{Path(spec.base).name}")
+    sets = yaml.safe_load(f.read_text())["set"]
+    sets = [s for s in sets if not s.startswith("model.ddpm=")] + [f"model.ddpm={tiny_ddpm(size=24, T=100)}"]
+    spec = load_spec(f, [("set", sets)])
+    check_space(spec, base_config_dict(spec, f"jobs/configs/{Path(spec.base).name}"))

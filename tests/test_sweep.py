@@ -93,6 +93,8 @@ def test_shipped_sweep_files_validate():
     check_space(spec, to_dict(config_from_dict(base)))
     for f in sorted((REPO / "jobs/configs/sweep").glob("sweep_*.yaml")):
         s = load_spec(f)
+        if any(str(v).startswith("runs:/REPLACE_WITH") for _, v in s.overrides):
+            continue  # names a model trained first (a frozen DDPM): validated with a fixture in its family's tests
         if s.kind == "train":
             from raymanifold.distributed.spec import base_config_dict
 

@@ -10,6 +10,7 @@ The paper's eight steps, and where each one is done::
     6. p(a | a of the nearest neighbour = 0)                     attribute_table (and = 1)
     7. KL divergence between the two                             attribute_table (both directions)
     8. rank attributes by that KL                                rank
+       ... with uncertainty (not in the paper)                   permutation_null, bootstrap_ranks, ranking_with_ties
 
 Choices the paper leaves open (REFERENCE.md, "Sec. 4.3"), stated here and in every report:
 
@@ -33,6 +34,14 @@ Choices the paper leaves open (REFERENCE.md, "Sec. 4.3"), stated here and in eve
   only partly; ``mi_normalized`` is 1 for any attribute the neighbour determines and compares attributes
   of different base rates.
 
+* **Uncertainty of the ranking** (not in the paper). :func:`permutation_null` shuffles the neighbours'
+  attributes across examples (a_nn of example i becomes that of a random other example's neighbour): the
+  null of "the manifold's neighbour says nothing about the attribute", with the base rate kept, so each
+  statistic gets its chance level and a permutation p-value. :func:`bootstrap_ranks` resamples the
+  (example, neighbour) pairs with replacement (the neighbours found on the whole set are kept: a
+  simplification, the search is not redone) and ranks every replicate; :func:`ranking_with_ties` joins
+  neighbours in the ranking whose bootstrap difference interval contains 0 into one tie group.
+
 Bernoulli KL (nats): D_KL(Ber(p) || Ber(q)) = p log(p/q) + (1 - p) log((1 - p)/(1 - q)), with 0 log 0 = 0.
 
 Shapes: ``A`` is (N, K) with values in {0, 1}; embeddings ``z`` are (N, d) float; indices are int64.
@@ -46,7 +55,8 @@ import numpy as np
 import torch
 
 DISTANCES = ("euclidean", "cosine")
-RANK_KEYS = ("kl_nn0", "kl_nn0_reverse", "kl_nn1", "kl_nn1_reverse", "mutual_information", "mi_normalized")
+RANK_KEYS = ("kl_nn0", "kl_nn0_reverse", "kl_nn1", "kl_nn1_reverse", "mutual_information", "mi_normalized",
+             "kl_nn0_fraction")
 
 
 # ----------------------------------------------------------------------------- step 4: nearest neighbours
@@ -155,7 +165,9 @@ def attribute_table(A, nn_index, names: Sequence[str], alpha: float = 1.0) -> li
     p(a=1 | a_nn=1); the counts ``n``, ``n_nn0``, ``n_nn1``; ``agreement`` = fraction with a = a_nn;
     ``kl_nn0`` = D_KL(p(a|a_nn=0) || p(a)), ``kl_nn0_reverse`` = D_KL(p(a) || p(a|a_nn=0)), ``kl_nn1``,
     ``kl_nn1_reverse`` likewise, ``mutual_information`` = I(a; a_nn) (nats, with the smoothed estimates),
-    ``mi_normalized`` = I(a; a_nn) / H(a).
+    ``mi_normalized`` = I(a; a_nn) / H(a) (normalised mutual information, Theil's U), ``kl_nn0_max`` =
+    -log(1 - p), the largest KL_0 an attribute of base rate p can have (reached when p(a | a_nn = 0) = 0),
+    and ``kl_nn0_fraction`` = KL_0 / kl_nn0_max.
     """
     A = check_binary(A, names)
     nn = np.asarray(nn_index, dtype=np.int64)
@@ -181,7 +193,132 @@ def attribute_table(A, nn_index, names: Sequence[str], alpha: float = 1.0) -> li
                      "agreement": float((a == b).mean()),
                      "kl_nn0": kl0, "kl_nn0_reverse": float(bernoulli_kl(p, p0)),
                      "kl_nn1": kl1, "kl_nn1_reverse": float(bernoulli_kl(p, p1)),
-                     "mutual_information": mi, "mi_normalized": mi / h if h > 0 else float("nan")})
+                     "mutual_information": mi, "mi_normalized": mi / h if h > 0 else float("nan"),
+                     "kl_nn0_max": float(-np.log1p(-p)) if p < 1 else float("inf"),
+                     "kl_nn0_fraction": kl0 / float(-np.log1p(-p)) if 0 < p < 1 else float("nan")})
+    return rows
+
+
+# ----------------------------------------------------------------------------- uncertainty of step 8
+def pair_stats(a: np.ndarray, b: np.ndarray, alpha: float = 1.0) -> dict:
+    """The statistics of :func:`attribute_table` for all K attributes at once, from the example attributes
+    ``a`` (N, K) and their neighbours' ``b`` (N, K) (0/1): {key: (K,) float64} for ``kl_nn0``,
+    ``kl_nn0_fraction``, ``mutual_information``, ``mi_normalized``, ``p``, ``p_nn0``, ``p_nn1`` (equal to the
+    table's values; used by the permutation null and the bootstrap)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    n = len(a)
+    n1 = b.sum(0)
+    n0 = n - n1
+    k_all, k1 = a.sum(0), (a * b).sum(0)
+    k0 = k_all - k1
+    p, p0, p1 = smoothed(k_all, n, alpha), smoothed(k0, n0, alpha), smoothed(k1, n1, alpha)
+    w1 = smoothed(n1, n, alpha)
+    kl0, kl1 = bernoulli_kl(p0, p), bernoulli_kl(p1, p)
+    mi = np.nan_to_num((1 - w1) * kl0) + np.nan_to_num(w1 * kl1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(np.where(p > 0, p * np.log(p), 0.0) + np.where(p < 1, (1 - p) * np.log1p(-p), 0.0))
+        cap = -np.log1p(-p)
+        return {"kl_nn0": kl0, "kl_nn0_fraction": np.where((p > 0) & (p < 1), kl0 / cap, np.nan),
+                "mutual_information": mi, "mi_normalized": np.where(h > 0, mi / h, np.nan), "p": p, "p_nn0": p0,
+                "p_nn1": p1}
+
+
+def _check_pairs(A, nn_index, names):
+    A = check_binary(A, names)
+    nn = np.asarray(nn_index, dtype=np.int64)
+    if nn.shape != (len(A),) or (nn < 0).any() or (nn >= len(A)).any():
+        raise ValueError(f"nn_index: expected ({len(A)},) indices in [0, N)")
+    return A, A[nn]
+
+
+def permutation_null(A, nn_index, names: Sequence[str], *, alpha: float = 1.0, keys=("kl_nn0", "mi_normalized"),
+                     permutations: int = 200, generator: Optional[np.random.Generator] = None) -> dict:
+    """The permutation null of each statistic: the neighbours' attribute rows are shuffled across examples
+    (one permutation of the N rows per replicate, shared by all attributes), which keeps every base rate and
+    breaks the link between an example and its neighbour.
+
+    Returns {key: {"observed" (K,), "null_mean" (K,), "null_q95" (K,), "p" (K,)}} with the permutation
+    p-value p = (1 + #{null >= observed}) / (1 + permutations)."""
+    if permutations < 1:
+        raise ValueError(f"permutations: must be >= 1, got {permutations}")
+    A, B = _check_pairs(A, nn_index, names)
+    rng = generator if generator is not None else np.random.default_rng(0)
+    obs = pair_stats(A, B, alpha)
+    null = {k: np.empty((permutations, A.shape[1])) for k in keys}
+    for r in range(permutations):
+        st = pair_stats(A, B[rng.permutation(len(B))], alpha)
+        for k in keys:
+            null[k][r] = st[k]
+    return {k: {"observed": obs[k], "null_mean": null[k].mean(0), "null_q95": np.quantile(null[k], 0.95, axis=0),
+                "p": (1 + (null[k] >= obs[k][None]).sum(0)) / (1 + permutations)} for k in keys}
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """(R, K) 1-based ranks of each row, largest first (NaN last; exact ties by column order)."""
+    v = np.where(np.isnan(values), -np.inf, np.atleast_2d(values))
+    order = np.argsort(-v, axis=1, kind="stable")
+    ranks = np.empty(v.shape, dtype=np.int64)
+    ranks[np.arange(len(v))[:, None], order] = np.arange(1, v.shape[1] + 1)[None]
+    return ranks
+
+
+def bootstrap_ranks(A, nn_index, names: Sequence[str], *, alpha: float = 1.0, keys=("kl_nn0", "mi_normalized"),
+                    replicates: int = 1000, level: float = 0.95,
+                    generator: Optional[np.random.Generator] = None) -> dict:
+    """Bootstrap of the ranking: the N (example, neighbour) pairs are resampled with replacement
+    ``replicates`` times and the K attributes ranked in each replicate by each key.
+
+    Returns {key: {"values" (R, K), "ranks" (R, K) int, "rank_lo", "rank_hi" (K,) (the ``level`` percentile
+    interval of each attribute's rank), "rank_median" (K,), "value_lo", "value_hi" (K,)}}."""
+    if replicates < 2:
+        raise ValueError(f"bootstrap: need at least 2 replicates, got {replicates}")
+    A, B = _check_pairs(A, nn_index, names)
+    rng = generator if generator is not None else np.random.default_rng(0)
+    vals = {k: np.empty((replicates, A.shape[1])) for k in keys}
+    for r in range(replicates):
+        idx = rng.integers(0, len(A), len(A))
+        st = pair_stats(A[idx], B[idx], alpha)
+        for k in keys:
+            vals[k][r] = st[k]
+    q = ((1 - level) / 2, 1 - (1 - level) / 2)
+    out = {}
+    for k in keys:
+        rk = _ranks(vals[k])
+        lo, hi = np.quantile(rk, q, axis=0, method="inverted_cdf")
+        vlo, vhi = np.nanquantile(vals[k], q, axis=0)
+        out[k] = {"values": vals[k], "ranks": rk, "rank_lo": lo.astype(int), "rank_hi": hi.astype(int),
+                  "rank_median": np.median(rk, axis=0), "value_lo": vlo, "value_hi": vhi}
+    return out
+
+
+def ranking_with_ties(names: Sequence[str], observed: np.ndarray, boot_values: np.ndarray,
+                      level: float = 0.95) -> list[dict]:
+    """The ranking by ``observed`` (K,) (largest first) with tie groups: two attributes adjacent in the ranking
+    are tied when the ``level`` bootstrap percentile interval of their difference (from ``boot_values`` (R, K),
+    the same replicates for both) contains 0; chains of ties form one group, whose members share the rank
+    label "a-b" (positions a..b). Returns one dict per attribute in ranked order: ``attribute``, ``value``,
+    ``position`` (1-based), ``group`` (1-based tie group), ``rank_label``, ``tied_with_next`` (bool)."""
+    obs = np.asarray(observed, dtype=float)
+    order = [int(i) for i in np.argsort(-np.where(np.isnan(obs), -np.inf, obs), kind="stable")]
+    q = ((1 - level) / 2, 1 - (1 - level) / 2)
+    tied_next = []
+    for i, j in zip(order[:-1], order[1:]):
+        d = boot_values[:, i] - boot_values[:, j]
+        d = d[~np.isnan(d)]
+        lo, hi = np.quantile(d, q) if len(d) else (np.nan, np.nan)
+        tied_next.append(bool(lo <= 0 <= hi) if len(d) else True)
+    tied_next.append(False)
+    groups, g = [], 1
+    for pos in range(len(order)):
+        groups.append(g)
+        if not tied_next[pos]:
+            g += 1
+    rows = []
+    for pos, i in enumerate(order):
+        members = [p for p in range(len(order)) if groups[p] == groups[pos]]
+        label = f"{members[0] + 1}" if len(members) == 1 else f"{members[0] + 1}-{members[-1] + 1}"
+        rows.append({"attribute": names[i], "value": float(obs[i]), "position": pos + 1, "group": groups[pos],
+                     "rank_label": label, "tied_with_next": tied_next[pos]})
     return rows
 
 

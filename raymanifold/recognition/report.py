@@ -10,17 +10,57 @@ from pathlib import Path
 
 from raymanifold.reports import markdown_table, write_json
 
-COLUMNS = ("rank", "attribute", "kl_nn0", "kl_nn0_reverse", "kl_nn1", "mutual_information", "mi_normalized", "p",
-           "p_nn0", "p_nn1", "agreement")
+COLUMNS = ("rank", "attribute", "kl_nn0", "kl_nn0_max", "kl_nn0_fraction", "kl_nn0_reverse", "kl_nn1",
+           "mutual_information", "mi_normalized", "p", "p_nn0", "p_nn1", "agreement")
 
 
 def table_markdown(result: dict) -> str:
     tied = set(result["tied"])
     rows = [[r["rank"], r["attribute"] + (" *" if r["attribute"] in tied else "")] + [r[c] for c in COLUMNS[2:]]
             for r in result["rows"]]
-    return markdown_table(["rank", "attribute", "KL(p(a|nn=0) || p(a))", "KL(p(a) || p(a|nn=0))",
-                           "KL(p(a|nn=1) || p(a))", "I(a; a_nn)", "I / H(a)", "p(a=1)", "p(a=1|nn=0)", "p(a=1|nn=1)",
-                           "agreement"], rows)
+    return markdown_table(["rank", "attribute", "KL_0 = KL(p(a|nn=0) || p(a))", "cap -log(1-p)", "KL_0 / cap",
+                           "KL(p(a) || p(a|nn=0))", "KL(p(a|nn=1) || p(a))", "I(a; a_nn)", "I / H(a)", "p(a=1)",
+                           "p(a=1|nn=0)", "p(a=1|nn=1)", "agreement"], rows)
+
+
+def uncertainty_markdown(result: dict) -> str:
+    """KL_0 and I/H(a) rankings side by side, each with its tie groups, bootstrap rank interval, bootstrap value
+    interval and permutation null (empty string when the study ran without them)."""
+    unc = result.get("uncertainty") or {}
+    if not unc:
+        return ""
+    tied = set(result["tied"])
+    kl, nmi = unc.get("kl_nn0"), unc.get("mi_normalized")
+    lines = ["## The ranking with uncertainty: KL_0 next to the normalised mutual information", "",
+             "KL_0 is capped at -log(1 - p(a)) (the `cap` column above), so an attribute of high base rate can rank "
+             "high by construction; I(a; a_nn) / H(a) (NMI, 1 when the neighbour determines the attribute) is "
+             "compared across base rates. `rank` joins attributes adjacent in the ranking whose bootstrap 95% "
+             "interval of the difference contains 0 into one tie group (a range such as 6-8 = tied); `boot rank` is "
+             f"the 95% percentile interval of the attribute's rank over {kl.get('bootstrap', 0)} bootstrap "
+             "replicates ((example, neighbour) pairs resampled, neighbours kept); `null q95` is the 95th percentile "
+             f"of the statistic over {kl.get('permutations', 0)} permutations of the neighbours' attributes (chance "
+             "level at the same base rates) and `p` the permutation p-value.", ""]
+
+    def part(entry, name):
+        r = next(x for x in entry["ranking"] if x["attribute"] == name)
+        rk = (entry.get("ranks") or {}).get(name)
+        nl = (entry.get("null") or {}).get(name)
+        return [r["rank_label"], f"{r['value']:.4f}",
+                f"[{rk['value_lo']:.4f}, {rk['value_hi']:.4f}]" if rk else "-",
+                f"{rk['rank_lo']}-{rk['rank_hi']}" if rk else "-",
+                f"{nl['null_q95']:.4f}" if nl else "-", f"{nl['p']:.3g}" if nl else "-"]
+
+    order = [x["attribute"] for x in kl["ranking"]]
+    rows = [[a + (" *" if a in tied else ""), *part(kl, a), *part(nmi, a)] for a in order]
+    lines.append(markdown_table(["attribute", "KL_0 rank", "KL_0", "KL_0 95% CI", "KL_0 boot rank", "KL_0 null q95",
+                                 "KL_0 p", "NMI rank", "NMI", "NMI 95% CI", "NMI boot rank", "NMI null q95", "NMI p"],
+                                rows))
+    for key, entry in (("KL_0", kl), ("NMI", nmi)):
+        groups = {}
+        for x in entry["ranking"]:
+            groups.setdefault(x["group"], []).append(x["attribute"])
+        lines += ["", f"{key} order with ties: " + " > ".join(" = ".join(g) for g in groups.values())]
+    return "\n".join(lines)
 
 
 def write(folder, result: dict) -> list[Path]:
@@ -41,8 +81,9 @@ def write(folder, result: dict) -> list[Path]:
              "of the identity fields).", ""]
     if "nn_identity_agreement" in m:
         lines += [f"Fraction of examples whose neighbour has the same identity: {m['nn_identity_agreement']:.4f}.", ""]
-    lines += [f"Known-answer check: {check}.", "", table_markdown(result), "",
+    lines += [f"Known-answer check: {check}.", "", table_markdown(result), "", uncertainty_markdown(result), "",
               f"Wall time: data {m['data_wall_s']:.1f} s, embedding + search {m['embed_nn_wall_s']:.1f} s"
+              + (f", null + bootstrap {m['uncertainty_wall_s']:.1f} s" if m.get("uncertainty_wall_s") else "")
               + (f", training {m['train_wall_s']:.1f} s" if m.get("train_wall_s") is not None else "") + "."]
     files = [folder / "attribute_kl.md"]
     files[0].write_text("\n".join(lines) + "\n")

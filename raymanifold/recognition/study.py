@@ -22,6 +22,9 @@ A study file::
       ray_min_examples: 20000
       actors: 0                        # Ray Data actors (0 = free CPUs)
       batch_size: 512
+      permutations: 200                # permutation null (neighbours' attributes shuffled); 0 = off
+      bootstrap: 1000                  # bootstrap replicates of the ranking (pairs resampled); 0 = off
+      uncertainty_seed: 0              # numpy seed of both
 """
 from __future__ import annotations
 
@@ -57,6 +60,10 @@ class AttributeKLConfig:
     ray_min_examples: int = param(20_000, lo=1, help="auto: set size from which Ray Data embeds and searches")
     actors: int = param(0, lo=0, help="Ray Data actors (0 = as many as free CPUs)")
     batch_size: int = param(512, lo=1, help="examples per embedding / search batch")
+    permutations: int = param(200, lo=0, help="permutation-null replicates (neighbours' attributes shuffled); 0 = off")
+    bootstrap: int = param(1000, lo=0, help="bootstrap replicates of the ranking ((example, neighbour) pairs "
+                                            "resampled); 0 = off, else >= 2")
+    uncertainty_seed: int = param(0, lo=0, help="numpy seed of the permutation null and the bootstrap")
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,8 @@ def load_study_file(path, overrides=()) -> StudyFile:
 
     raw = apply_overrides(read_yaml(path, "study file"), list(overrides))
     spec = build_dataclass(StudyFile, raw)
+    if spec.study.bootstrap == 1:
+        raise ConfigError("study.bootstrap: need 0 (off) or at least 2 replicates, got 1")
     if spec.study.attributes not in ("shapes", "mnist5k", "columns", "celeba"):
         raise ConfigError(f"study.attributes: unknown attribute set {spec.study.attributes!r}; "
                           f"allowed: ['celeba', 'columns', 'mnist5k', 'shapes']")
@@ -233,12 +242,52 @@ def run(prep: Prepared, model, cfg, info: dict, *, address=None) -> dict:
         metrics["train_wall_s"] = info["train_wall_s"]
     for r in rows:
         metrics[f"{s.rank_by}_{r['attribute']}"] = r[s.rank_by]
+    t2 = time.perf_counter()
+    unc = uncertainty(table.values, nn, table.names, s)
+    metrics["uncertainty_wall_s"] = time.perf_counter() - t2
     if above is not None:
         metrics["identity_tied_rank_above"] = float(above)
     return {"name": prep.spec.name, "model": info["source"], "identity": identity, "tied": tied,
-            "tied_rank_above": above, "rows": rows, "metrics": metrics, "study": to_dict(s),
+            "tied_rank_above": above, "rows": rows, "metrics": metrics, "study": to_dict(s), "uncertainty": unc,
             "config": to_dict(cfg), "embedding": "Ray Data" if ray_used else "in-process",
             "arrays": {"nn_index": nn, "z": z}}
+
+
+#: the rankings read with uncertainty: the paper's KL_0 and the normalised mutual information I(a; a_nn) / H(a)
+UNCERTAINTY_KEYS = ("kl_nn0", "mi_normalized")
+
+
+def uncertainty(A, nn, names, s: AttributeKLConfig) -> dict:
+    """The permutation null and the bootstrapped ranks of KL_0 and of I/H(a) (:mod:`raymanifold.analysis.attribute_kl`):
+    {key: {"ranking": [rows with rank_label / group], "null": {attribute: {null_mean, null_q95, p}},
+    "ranks": {attribute: {rank_lo, rank_hi, rank_median, value_lo, value_hi}}}} ({} when both are off)."""
+    from raymanifold.analysis import attribute_kl as K
+
+    if not s.permutations and not s.bootstrap:
+        return {}
+    obs = K.pair_stats(A, np.asarray(A)[nn], s.smoothing)
+    out = {}
+    null = (K.permutation_null(A, nn, names, alpha=s.smoothing, keys=UNCERTAINTY_KEYS, permutations=s.permutations,
+                               generator=np.random.default_rng(s.uncertainty_seed)) if s.permutations else None)
+    boot = (K.bootstrap_ranks(A, nn, names, alpha=s.smoothing, keys=UNCERTAINTY_KEYS, replicates=s.bootstrap,
+                              generator=np.random.default_rng(s.uncertainty_seed + 1)) if s.bootstrap else None)
+    for key in UNCERTAINTY_KEYS:
+        entry = {"permutations": s.permutations, "bootstrap": s.bootstrap}
+        if null is not None:
+            entry["null"] = {n: {"null_mean": float(null[key]["null_mean"][i]), "null_q95": float(null[key]["null_q95"][i]),
+                                 "p": float(null[key]["p"][i])} for i, n in enumerate(names)}
+        if boot is not None:
+            b = boot[key]
+            entry["ranks"] = {n: {"rank_lo": int(b["rank_lo"][i]), "rank_hi": int(b["rank_hi"][i]),
+                                  "rank_median": float(b["rank_median"][i]), "value_lo": float(b["value_lo"][i]),
+                                  "value_hi": float(b["value_hi"][i])} for i, n in enumerate(names)}
+            entry["ranking"] = K.ranking_with_ties(list(names), obs[key], b["values"])
+        else:
+            order = np.argsort(-np.nan_to_num(obs[key], nan=-np.inf), kind="stable")
+            entry["ranking"] = [{"attribute": names[i], "value": float(obs[key][i]), "position": p + 1, "group": p + 1,
+                                 "rank_label": str(p + 1), "tied_with_next": False} for p, i in enumerate(order)]
+        out[key] = entry
+    return out
 
 
 def summary_line(result: dict) -> str:

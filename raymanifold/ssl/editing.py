@@ -93,19 +93,27 @@ def parse_segments(text, n: int) -> list[int]:
     return sorted(set(out))
 
 
+#: what a counterfactual moves: Alg. 2 as printed (both), the segments of z only, the start x_T only
+PARTS = ("z+x_T", "z", "x_T")
+
+
 @torch.no_grad()
 def counterfactual(model, x, x_other, segments, scale: float, cfg, *, dt: int = 20, guided_inversion: bool = True,
-                   x_T=None, x_T_other=None) -> torch.Tensor:
+                   x_T=None, x_T_other=None, parts: str = "z+x_T") -> torch.Tensor:
     """Algorithm 2 for each pair (x[b], x_other[b]): invert both, z_S = lerp(z, z', S; scale),
-    x_T = slerp(x_T, x'_T; scale), guided DDIM. ``x_T`` / ``x_T_other`` reuse earlier inversions."""
+    x_T = slerp(x_T, x'_T; scale), guided DDIM. ``parts``: ``"z+x_T"`` as printed; ``"z"`` moves only the
+    segments (x_T stays x's own inversion); ``"x_T"`` moves only the start (z stays x's). ``x_T`` /
+    ``x_T_other`` reuse earlier inversions."""
+    if parts not in PARTS:
+        raise ValueError(f"parts: unknown {parts!r}; allowed: {list(PARTS)}")
     model.eval()
     z, zo = model(x)["z"], model(x_other)["z"]
     if x_T is None:
         x_T = invert(model, x, cfg, z=z, dt=dt, guided=guided_inversion)
-    if x_T_other is None:
+    if x_T_other is None and parts != "z":
         x_T_other = invert(model, x_other, cfg, z=zo, dt=dt, guided=guided_inversion)
-    z_s = objectives.lerp_segments(z, zo, segments, cfg.model.segments, scale)
-    start = objectives.slerp(x_T, x_T_other, scale)
+    z_s = objectives.lerp_segments(z, zo, segments, cfg.model.segments, scale if parts != "x_T" else 0.0)
+    start = objectives.slerp(x_T, x_T_other, scale) if parts != "z" else x_T
     return guided_sample(model, z_s, cfg, x_T=start, dt=dt)
 
 

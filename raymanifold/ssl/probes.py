@@ -4,7 +4,10 @@
 * :func:`few_shot` -- N-way K-shot episodes with Q queries per class; a logistic regression fitted on
   the support set of each episode (Table 4.2's "linear classifier on the frozen backbone") on
   l2-normalised features; mean accuracy and the 95% confidence interval 1.96 s / sqrt(episodes).
-* :func:`seed_interval` -- mean and t-interval over seeds (e.g. of DiffSiam - SimSiam differences).
+* :func:`seed_interval` -- mean and t-interval over seeds (e.g. of DiffSiam - SimSiam differences), with the
+  two-sided p-value of a one-sample t-test against 0 (the paired t-test when the values are differences).
+* :func:`holm` -- Holm's step-down adjustment of a family of p-values (family-wise error rate control).
+* :func:`wilson` -- Wilson 95% interval of a proportion k/n (scipy's ``binomtest``).
 
 Everything takes numpy arrays: features (N, d), integer labels (N,).
 """
@@ -70,7 +73,8 @@ def few_shot(z: np.ndarray, y: np.ndarray, *, ways: int = 5, shots: int = 1, que
 
 
 def seed_interval(values, level: float = 0.95) -> dict:
-    """Mean, sample std and the Student-t interval half-width of ``values`` (one per seed)."""
+    """Mean, sample std, the Student-t interval (half-width ``half``, ``lo``, ``hi``) of ``values`` (one per seed)
+    and ``p``, the two-sided p-value of the one-sample t-test of mean 0 (NaN for n < 2 or zero spread)."""
     from scipy import stats
 
     v = np.asarray(values, dtype=float)
@@ -78,4 +82,32 @@ def seed_interval(values, level: float = 0.95) -> dict:
     mean = float(v.mean())
     sd = float(v.std(ddof=1)) if n > 1 else float("nan")
     half = float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / np.sqrt(n)) if n > 1 else float("nan")
-    return {"mean": mean, "std": sd, "half": half, "lo": mean - half, "hi": mean + half, "n": n}
+    p = float(stats.ttest_1samp(v, 0.0).pvalue) if n > 1 and sd > 0 else float("nan")
+    return {"mean": mean, "std": sd, "half": half, "lo": mean - half, "hi": mean + half, "n": n, "p": p}
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm (1979) step-down adjusted p-values of a family: sort p ascending, p_adj(i) = max_{j <= i}
+    min(1, (m - j + 1) p(j)); NaN entries are left out of the family (and stay NaN). Rejecting where
+    p_adj <= alpha controls the family-wise error rate at alpha."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    if not m:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    adj = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+    out[order] = adj
+    return out
+
+
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson interval of the proportion k/n (``scipy.stats.binomtest(k, n).proportion_ci(method='wilson')``);
+    (NaN, NaN) when n = 0."""
+    from scipy.stats import binomtest
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)

@@ -37,7 +37,7 @@ from raymanifold.config import ConfigError, param
 from raymanifold.recipes import Recipe
 from raymanifold.ssl import augment, editing, objectives
 from raymanifold.ssl.frozen import ddpm_config, ddpm_state, diffusion, weights  # noqa: F401 (re-exported)
-from raymanifold.ssl.nets import DiffSiam
+from raymanifold.ssl.nets import CONDITIONINGS, DiffSiam
 from raymanifold.ssl.objectives import TIME_LABELS, VARIANTS, WEIGHTINGS
 
 BACKBONES = ("conv", "resnet10", "resnet18")
@@ -56,6 +56,13 @@ class DiffSiamModelConfig:
     weighting: str = param("pdae", choices=WEIGHTINGS, help="lambda_t, w_t of Eq. 3.11")
     gamma: float = param(0.1, lo=0.0, help="PDAE's SNR exponent in lambda_t")
     simsiam_weight: float = param(1.0, lo=0.0, help="weight of Eq. 3.9 in Eq. 3.12 (1 as printed)")
+    conditioning: str = param("modulation", choices=CONDITIONINGS,
+                              help="how z enters the decoder: PDAE's per-block modulation with the frozen time "
+                                   "embedding, or the earlier additive time-embedding bias")
+    fix_predictor_lr: bool = param(False, help="keep the predictor's learning rate constant under train.lr_schedule "
+                                               "(SimSiam's recipe)")
+    grad_probe_every: int = param(0, lo=0, help="log the per-term gradient norm at the encoder every this many "
+                                                "steps and at step 1 (0 = at train.log_every)")
     backbone: str = param("conv", choices=BACKBONES, help="encoder backbone (thesis: ResNet-10)")
     width: int = param(32, lo=1, help="conv backbone: base channels")
     in_channels: int = param(3, lo=1)
@@ -99,8 +106,10 @@ def validate(cfg):
         raise ConfigError(f"model.ddpm: the frozen DDPM takes {dshape} images but this model takes {want}")
     T = dcfg.model.T
     if m.variant != "pdae" and T - m.segments * m.k_stride < 1:
-        raise ConfigError(f"model.segments: t ~ U(1, T - n s) is empty (T={T}, segments={m.segments}, "
-                          f"k_stride={m.k_stride}); t and t + k s must stay in [1, T]")
+        field = "model.k_stride" if m.k_stride > 1 else "model.segments"
+        raise ConfigError(f"{field}: t + k s reaches past T: t ~ U(1, T - n s) is empty (T={T}, "
+                          f"segments={m.segments}, k_stride={m.k_stride}); need segments * k_stride < T so that "
+                          "t and t + k s stay in [1, T]")
 
 
 # ----------------------------------------------------------------------------- build
@@ -112,14 +121,17 @@ def build(cfg) -> DiffSiam:
 
         state = ddpm_state(m.ddpm)
         dcfg = ddpm_config(cfg)
-        unet = build_ddpm(dcfg)
+        with torch.random.fork_rng(devices=[]):  # its weights are loaded: keep the global RNG for the encoder,
+            unet = build_ddpm(dcfg)              # so every arm of a seed starts from the same encoder weights
         unet.load_state_dict(state.get("ema") or state["model"])
         dm = dcfg.model
         kw = dict(in_channels=dm.in_channels, image_size=dm.image_size, channels=dm.channels,
                   channel_mult=tuple(dm.channel_mult), num_res_blocks=dm.num_res_blocks,
                   attention=dm.attention, dropout=0.0)
     return DiffSiam(m.in_channels, m.d, backbone=m.backbone, width=m.width, unet=unet, unet_kwargs=kw,
-                    predictor=m.variant != "pdae", segments=m.segments, variant=m.variant)
+                    predictor=m.variant != "pdae", segments=m.segments, variant=m.variant,
+                    conditioning=m.conditioning, fix_predictor_lr=m.fix_predictor_lr)
+
 
 
 def input_shape(cfg) -> tuple[int, ...]:
@@ -137,16 +149,33 @@ def _policy(name: str, size: int, channels: int):
 
 
 # ----------------------------------------------------------------------------- loss
-def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
-    """Eq. 3.12 = Eq. 3.11 (diffusion, unless simsiam) + simsiam_weight * Eq. 3.9 (unless pdae), one batch.
+def encoder_grad_norms(encoder, terms: dict) -> dict:
+    """||d term / d omega||_2 over the encoder's parameters omega (backbone + projector), per term, without
+    touching ``.grad`` (``torch.autograd.grad`` with the graph kept for the real backward pass).
 
-    Draws from ``generator`` (CPU), in order: the two views (per example), t and k (Algorithm 1), eps.
-    ``step`` is unused. Metrics: ``loss``, ``simsiam`` (in [-1, 1]), ``diffusion`` (Eq. 3.11) and
-    ``diffusion_frozen`` (the same without g: what the decoder has to compensate), ``z_std`` (std of
-    the l2-normalised z per dimension times sqrt(d): about 1 without collapse, 0 when collapsed).
-    """
+    ``terms``: name -> scalar tensor as it enters Eq. 3.12 (the SimSiam term already times simsiam_weight).
+    Returns {name: norm}; a term that does not reach the encoder has norm 0."""
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    out = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        out[name] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)
+                                     if any(g is not None for g in grads) else torch.zeros((), dtype=torch.float64)))
+    return out
+
+
+def _probe_step(cfg, step: int) -> bool:
+    every = cfg.model.grad_probe_every or cfg.train.log_every
+    return step == 1 or step % every == 0
+
+
+def loss_terms(model, x: torch.Tensor, cfg, generator) -> tuple[dict, dict, dict]:
+    """The terms of Eq. 3.12 for one batch ``x`` (B, C, H, W) in [0, 1]: ``(terms, out, metrics)`` with
+    ``terms`` = {"simsiam": simsiam_weight * Eq. 3.9 (unless pdae or weight 0), "diffusion": Eq. 3.11
+    (unless simsiam)} (scalar tensors), ``out`` the model's outputs and ``metrics`` the unweighted values.
+
+    Draws from ``generator`` (CPU), in order: the two views (per example), t and k (Algorithm 1), eps."""
     m = cfg.model
-    x = batch[0]
     dev = x.device
     views = None
     if m.variant != "pdae" and m.simsiam_weight > 0:
@@ -164,24 +193,42 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
         x_t = diff.q_sample(x0, t_noise, eps).to(x.dtype)
         kw = dict(x_t=x_t, t=label, k=k.to(dev))
     out = model(x, views=views, **kw)
-    total = torch.zeros((), device=dev)
-    metrics = {}
+    terms, metrics = {}, {}
     if views is not None:
         ss = objectives.simsiam_loss(out["p1"], out["p2"], out["z1"], out["z2"])
-        total = total + m.simsiam_weight * ss
+        terms["simsiam"] = m.simsiam_weight * ss
         metrics["simsiam"] = float(ss.detach())
     if kw:
         ab = diff.alpha_bar_on(dev)[label]
         lam, w = (v.to(dev)[label] for v in weights(cfg))
         u = objectives.x0_from_eps(x_t, out["eps"], ab)
-        dl = objectives.diffusion_loss(x0, u, out["g"], lam, w)
-        total = total + dl
-        metrics["diffusion"] = float(dl.detach())
+        terms["diffusion"] = objectives.diffusion_loss(x0, u, out["g"], lam, w)
+        metrics["diffusion"] = float(terms["diffusion"].detach())
         with torch.no_grad():
             metrics["diffusion_frozen"] = float(objectives.diffusion_loss(x0, u, torch.zeros_like(u), lam, w))
+    return terms, out, metrics
+
+
+def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
+    """Eq. 3.12 = Eq. 3.11 (diffusion, unless simsiam) + simsiam_weight * Eq. 3.9 (unless pdae), one batch
+    (:func:`loss_terms`). ``step`` selects the steps of the gradient diagnostic. Metrics: ``loss``,
+    ``simsiam`` (in [-1, 1]), ``diffusion`` (Eq. 3.11) and ``diffusion_frozen`` (the same without g: what
+    the decoder has to compensate), ``z_std`` (std of the l2-normalised z per dimension times sqrt(d):
+    about 1 without collapse, 0 when collapsed); at step 1 and every ``model.grad_probe_every`` (else
+    ``train.log_every``) steps, with both terms present, ``grad_enc_simsiam`` and ``grad_enc_diffusion``
+    (L2 norms of each term's gradient over the encoder's parameters, the SimSiam term weighted as in
+    Eq. 3.12) and their ratio ``grad_ratio`` = diffusion / simsiam.
+    """
+    x = batch[0]
+    terms, out, metrics = loss_terms(model, x, cfg, generator)
+    total = sum(terms.values()) if terms else torch.zeros((), device=x.device)
+    if len(terms) == 2 and torch.is_grad_enabled() and _probe_step(cfg, step):
+        norms = encoder_grad_norms(getattr(model, "module", model).encoder, terms)
+        metrics["grad_enc_simsiam"], metrics["grad_enc_diffusion"] = norms["simsiam"], norms["diffusion"]
+        metrics["grad_ratio"] = norms["diffusion"] / norms["simsiam"] if norms["simsiam"] > 0 else float("nan")
     with torch.no_grad():
         zn = torch.nn.functional.normalize(out["z"].detach(), dim=1)
-        metrics["z_std"] = float(zn.std(0).mean() * m.d ** 0.5) if x.shape[0] > 1 else 0.0
+        metrics["z_std"] = float(zn.std(0).mean() * cfg.model.d ** 0.5) if x.shape[0] > 1 else 0.0
     metrics["loss"] = float(total.detach())
     return total, metrics
 
@@ -264,8 +311,9 @@ def cost(cfg, op: str, **opts) -> dict:
 
 
 def evaluate(model, cfg) -> dict:
-    """Quick in-domain linear probe (:func:`raymanifold.ssl.probes.linear_probe`) on the test split:
-    z of ``eval_points`` examples, half to fit, half to score, per label column (factor); accuracy."""
+    """Quick in-domain linear probes (:func:`raymanifold.ssl.probes.linear_probe`) on the test split: z and the
+    backbone features of ``eval_points`` examples, half to fit, half to score, per label column (factor);
+    accuracy in [0, 1]: ``probe_acc_<factor>`` / ``probe_acc_mean`` on z, ``..._backbone`` on the backbone."""
     from raymanifold import data as rdata
     from raymanifold.ssl.probes import linear_probe
 
@@ -277,16 +325,22 @@ def evaluate(model, cfg) -> dict:
     x = ds.x[: cfg.model.eval_points]
     y = ds.y[: cfg.model.eval_points]
     model.eval()
-    z = torch.cat([encode(model, x[i:i + 256], cfg) for i in range(0, len(x), 256)]).cpu().numpy()
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        feats = [model.features(x[i:i + 256].to(dev)) for i in range(0, len(x), 256)]
     y = y.numpy().reshape(len(x), -1)
     names = list((ds.info or {}).get("factor_names") or (ds.info or {}).get("label_names") or [])
     cols = range(min(y.shape[1], len(names) or 1))
     half = len(x) // 2
     out = {}
-    for c in cols:
-        name = names[c] if names else "label"
-        out[f"probe_acc_{name}"] = linear_probe(z[:half], y[:half, c], z[half:], y[half:, c])
-    out["probe_acc_mean"] = float(sum(out.values()) / len(out))
+    for kind, suffix in (("z", ""), ("backbone", "_backbone")):
+        f = torch.cat([p[kind] for p in feats]).cpu().numpy()
+        accs = {}
+        for c in cols:
+            name = names[c] if names else "label"
+            accs[f"probe_acc_{name}{suffix}"] = linear_probe(f[:half], y[:half, c], f[half:], y[half:, c])
+        out.update(accs)
+        out[f"probe_acc_mean{suffix}"] = float(sum(accs.values()) / len(accs))
     return out
 
 

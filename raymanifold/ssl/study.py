@@ -3,17 +3,23 @@
 Plain functions returning result dicts; :mod:`raymanifold.ssl.study_report` writes them. Training goes
 through the run service (:func:`raymanifold.runs.train`: Ray Train + MLflow, or in-process).
 
-**Probes.** Every variant (SimSiam, hierarchical, sequential, detach, pdae) is trained with the same
-config, steps and batch (equal budget) for each seed; the encoders' z (d dims) are probed on
+**Probes.** Every arm (:data:`ARMS`: the variants, and the controls ``simsiam+fullz`` and
+``hierarchical+spread``; a ``+additive`` suffix trains the arm with the earlier decoder conditioning) is
+trained with the same config, steps and batch (equal budget) for each seed; two frozen features of each
+encoder are probed side by side: the backbone's pooled output (SimSiam's protocol) and z (the projector
+output that DiffSiam segments), on
 
-* ``shapes`` (in-domain): a linear probe per ground-truth factor (mean over the 6 factors);
-  few-shot classes = shape x colour (12 classes);
+* ``shapes`` (in-domain): a linear probe per ground-truth factor (mean over the 6 factors); few-shot
+  classes = the shape alone (3 classes, so 3-way): a task no SimSiam augmentation is invariant to by
+  construction (colour jitter would penalise a colour-defined task, random crops a scale-defined one);
 * ``mnist5k`` (transfer): 28x28 grey digits resized to the model's size, grey copied to 3 channels;
 * ``digits`` (transfer): scikit-learn's 8x8 digits, upsampled the same way.
 
 Linear probe: logistic regression on half of each set's examples, accuracy on the other half. Few-shot:
-5-way 1/5/10-shot, 15 queries, ``episodes`` episodes, 95% CI. Across seeds: mean, std, t-interval;
-variant - SimSiam differences are paired by seed.
+N-way 1/5/10-shot (N = 5, 3 on shapes), 15 queries, ``episodes`` episodes, 95% CI. Across seeds: mean,
+std, t-interval; differences between arms are paired by seed (every arm vs SimSiam, plus the contrasts of
+:func:`contrasts`), with a two-sided paired t-test per cell and Holm's adjustment over the reported family.
+After training, :func:`gradient_norms` measures each term's gradient norm at the encoder.
 """
 from __future__ import annotations
 
@@ -25,14 +31,64 @@ import torch
 import torch.nn.functional as F
 
 from raymanifold.ssl import editing, probes
-from raymanifold.ssl.objectives import VARIANTS
 
 SHOTS = (1, 5, 10)
 EVAL_SETS = ("shapes", "mnist5k", "digits")
+FEATURES = ("backbone", "z")
+#: the k_stride of the ``hierarchical+spread`` arm unless the study says otherwise (T = 1000, n = 8: k s up to 400)
+SPREAD_STRIDE = 50
+#: study arms: name -> config overrides (``{stride}`` is the spread stride). ``simsiam+fullz`` is SimSiam plus
+#: full-z compensation (hierarchical with one segment: z_bar = z at every t), the control that separates the
+#: effect of adding Eq. 3.11 from the effect of the segments.
+ARMS = {
+    "simsiam": {"model.variant": "simsiam"},
+    "hierarchical": {"model.variant": "hierarchical"},
+    "sequential": {"model.variant": "sequential"},
+    "detach": {"model.variant": "detach"},
+    "pdae": {"model.variant": "pdae"},
+    "simsiam+fullz": {"model.variant": "hierarchical", "model.segments": 1},
+    "hierarchical+spread": {"model.variant": "hierarchical", "model.k_stride": "{stride}"},
+}
+#: suffixes an arm name may end with (several may follow each other): the decoder conditioning, or the published
+#: SimSiam optimiser recipe (SGD momentum 0.9, lr 0.05 x batch / 256, weight decay 1e-4, cosine decay to 0,
+#: predictor lr fixed, no clipping; ``{lr}`` is filled from the batch size)
+MODIFIERS = {
+    "+additive": {"model.conditioning": "additive"},
+    "+modulation": {"model.conditioning": "modulation"},
+    "+sgd": {"train.optimizer": "sgd", "train.momentum": 0.9, "train.lr": "{lr}", "train.weight_decay": 1e-4,
+             "train.lr_schedule": "cosine", "train.lr_min": 0.0, "train.grad_clip": 0.0,
+             "model.fix_predictor_lr": True},
+}
+CONDITIONING_SUFFIX = {k: v["model.conditioning"] for k, v in MODIFIERS.items() if "model.conditioning" in v}
+DEFAULT_ARMS = ("simsiam", "hierarchical", "simsiam+fullz", "hierarchical+additive")
 
 
 class StudyError(ValueError):
     """A study argument is invalid (the command turns it into a usage error)."""
+
+
+def split_arm(name: str) -> tuple[str, list[str]]:
+    """``(base arm, [modifiers])`` of an arm name such as ``simsiam+fullz+additive+sgd``."""
+    base, mods = name, []
+    while base not in ARMS:
+        suffix = next((m for m in MODIFIERS if base.endswith(m)), None)
+        if suffix is None:
+            raise StudyError(f"--arms: unknown arm {name!r}; allowed: {sorted(ARMS)}, each optionally followed by "
+                             f"modifiers {sorted(MODIFIERS)}")
+        base, mods = base[: -len(suffix)], [suffix, *mods]
+    return base, mods
+
+
+def arm_overrides(name: str, spread_stride: int = SPREAD_STRIDE, batch_size: int = 256) -> dict:
+    """``{dotted config key: value}`` of a study arm (see :data:`ARMS`, :data:`MODIFIERS`)."""
+    base, mods = split_arm(name)
+    fill = {"{stride}": int(spread_stride), "{lr}": 0.05 * batch_size / 256}
+    out = dict(ARMS[base])
+    for m in mods:
+        if m in CONDITIONING_SUFFIX and out["model.variant"] == "simsiam":
+            raise StudyError(f"--arms: {name!r}: simsiam has no decoder to condition")
+        out.update(MODIFIERS[m])
+    return {k: fill.get(v, v) if isinstance(v, str) else v for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- data for probes
@@ -48,7 +104,7 @@ def to_model_images(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
 
 
 def eval_sets(cfg, n: int = 2000, seed: int = 0) -> dict:
-    """{set: (x (N, C, S, S) in [0, 1], labels {task: (N,) int})} for the probe sets."""
+    """{set: (x (N, C, S, S) in [0, 1], labels {task: (N,) int})} for the probe sets (shapes: its 6 factors)."""
     from raymanifold import data as rdata
 
     m = cfg.model
@@ -56,9 +112,7 @@ def eval_sets(cfg, n: int = 2000, seed: int = 0) -> dict:
     sh = rdata.load("shapes", "test", n=n, seed=seed, image_size=m.image_size)
     y = sh.y.numpy()
     names = sh.info["factor_names"]
-    tasks = {f: y[:, i] for i, f in enumerate(names)}
-    tasks["shape_colour"] = y[:, names.index("shape")] * 4 + y[:, names.index("colour")]
-    out["shapes"] = (to_model_images(sh.x, m.in_channels, m.image_size), tasks)
+    out["shapes"] = (to_model_images(sh.x, m.in_channels, m.image_size), {f: y[:, i] for i, f in enumerate(names)})
     g = torch.Generator().manual_seed(seed)
     for name in ("mnist5k", "digits"):  # transfer sets: a random subset of train + test (labels unused in training)
         parts = [rdata.load(name, split, seed=seed) for split in ("train", "test")]
@@ -70,98 +124,202 @@ def eval_sets(cfg, n: int = 2000, seed: int = 0) -> dict:
 
 
 @torch.no_grad()
-def features(model, x: torch.Tensor, batch: int = 500) -> np.ndarray:
+def features(model, x: torch.Tensor, batch: int = 500) -> dict:
+    """{"backbone": (N, F), "z": (N, d)} numpy features of ``x`` (eval mode)."""
     model.eval()
-    return torch.cat([model(x[i:i + batch])["z"] for i in range(0, len(x), batch)]).numpy()
+    parts = [model.features(x[i:i + batch]) for i in range(0, len(x), batch)]
+    return {k: torch.cat([p[k] for p in parts]).numpy() for k in FEATURES}
 
 
-FEWSHOT_TASK = {"shapes": "shape_colour", "mnist5k": "digit", "digits": "digit"}
+#: few-shot task and its number of ways per probe set
+FEWSHOT = {"shapes": ("shape", 3), "mnist5k": ("digit", 5), "digits": ("digit", 5)}
 
 
 def probe_model(model, sets: dict, *, episodes: int = 200, seed: int = 0) -> dict:
-    """Linear (per task; shapes: mean over the 6 factors) and few-shot accuracies (%) of one encoder."""
+    """Linear (per task; shapes: mean over the 6 factors) and few-shot accuracies (%) of one encoder, for each
+    feature kind: keys ``<kind>/<set>/linear``, ``<kind>/<set>/<k>shot`` (+ ``_ci95``), ``<kind>/transfer/linear_mean``
+    with kind in :data:`FEATURES`."""
     res = {}
     for name, (x, tasks) in sets.items():
-        z = features(model, x)
-        half = len(z) // 2
-        lin = {t: 100 * probes.linear_probe(z[:half], y[:half], z[half:], y[half:])
-               for t, y in tasks.items() if t != "shape_colour"}
-        res[f"{name}/linear"] = float(np.mean(list(lin.values())))
-        if len(lin) > 1:
-            res.update({f"{name}/linear_{t}": v for t, v in lin.items()})
-        for k in SHOTS:
-            r = probes.few_shot(z, tasks[FEWSHOT_TASK[name]], ways=5, shots=k, queries=15, episodes=episodes,
-                                seed=seed + k)
-            res[f"{name}/{k}shot"] = 100 * r["acc"]
-            res[f"{name}/{k}shot_ci95"] = 100 * r["ci95"]
-    res["transfer/linear_mean"] = float(np.mean([res[f"{s}/linear"] for s in sets if s != "shapes"]))
+        feats = features(model, x)
+        for kind, z in feats.items():
+            half = len(z) // 2
+            lin = {t: 100 * probes.linear_probe(z[:half], y[:half], z[half:], y[half:]) for t, y in tasks.items()}
+            res[f"{kind}/{name}/linear"] = float(np.mean(list(lin.values())))
+            if len(lin) > 1:
+                res.update({f"{kind}/{name}/linear_{t}": v for t, v in lin.items()})
+            task, ways = FEWSHOT[name]
+            for k in SHOTS:
+                r = probes.few_shot(z, tasks[task], ways=ways, shots=k, queries=15, episodes=episodes, seed=seed + k)
+                res[f"{kind}/{name}/{k}shot"] = 100 * r["acc"]
+                res[f"{kind}/{name}/{k}shot_ci95"] = 100 * r["ci95"]
+    for kind in FEATURES:
+        res[f"{kind}/transfer/linear_mean"] = float(np.mean([res[f"{kind}/{s}/linear"] for s in sets if s != "shapes"]))
     return res
 
 
-def variant_config(base, variant: str, seed: int, steps: Optional[int], ddpm: Optional[str]):
+def arm_config(base, arm: str, seed: int, steps: Optional[int], ddpm: Optional[str],
+               spread_stride: int = SPREAD_STRIDE):
+    """The config of one arm and seed (validated: bad overrides fail here, before any training)."""
     from raymanifold.config import replace
 
-    sets = [f"model.variant={variant}", f"train.seed={seed}", f"name={base.name}_{variant}_s{seed}"]
+    over = arm_overrides(arm, spread_stride, base.train.batch_size)
+    tag = arm.replace("+", "_")
+    sets = [(k, v) for k, v in over.items()] + [f"train.seed={seed}", f"name={base.name}_{tag}_s{seed}"]
     if steps:
         sets.append(f"train.steps={steps}")
-    if variant != "simsiam" and ddpm:
+    if over["model.variant"] != "simsiam" and ddpm:
         sets.append(f"model.ddpm={ddpm}")
-    if variant == "simsiam":
+    if over["model.variant"] == "simsiam":
         sets.append("model.ddpm=")
     return replace(base, sets)
 
 
-def probes_study(base, *, variants=VARIANTS, seeds=(0, 1, 2), steps: Optional[int] = None,
+def variant_config(base, variant: str, seed: int, steps: Optional[int], ddpm: Optional[str]):
+    """The config of a plain variant (an arm without overrides beyond the variant)."""
+    return arm_config(base, variant, seed, steps, ddpm)
+
+
+def contrasts(arms) -> list[tuple[str, str]]:
+    """The paired comparisons (a, b) read as a - b: every arm vs simsiam; every arm with a modifier vs the same
+    arm without its last modifier (e.g. hierarchical - hierarchical+additive: the conditioning change,
+    simsiam+sgd - simsiam: the optimiser); hierarchical vs simsiam+fullz (the segments beyond full-z
+    compensation) and hierarchical+spread vs hierarchical (the k_stride lever), where both arms are present."""
+    arms = list(arms)
+    out = [(a, "simsiam") for a in arms if a != "simsiam"]
+    for a in arms:
+        base, mods = split_arm(a)
+        if not mods:
+            continue
+        without = base + "".join(mods[:-1])
+        if without in arms:
+            pair = (a, without) if mods[-1] == "+sgd" else (without, a)
+            if pair not in out and pair[::-1] not in out:
+                out.append(pair)
+    for a, b in (("hierarchical", "simsiam+fullz"), ("hierarchical+spread", "hierarchical")):
+        if a in arms and b in arms and (a, b) not in out:
+            out.append((a, b))
+    return out
+
+
+def probes_study(base, *, arms=DEFAULT_ARMS, seeds=(0, 1, 2, 3, 4, 5, 6), steps: Optional[int] = None,
                  ddpm: Optional[str] = None, backend: str = "ray", tracking_uri: Optional[str] = None,
-                 episodes: int = 200, n_eval: int = 2000, log=print) -> dict:
-    """Train every variant for every seed at equal budget and probe the encoders (see module doc)."""
+                 episodes: int = 200, n_eval: int = 2000, spread_stride: int = SPREAD_STRIDE, grad_batches: int = 8,
+                 log=print) -> dict:
+    """Train every arm for every seed at equal budget and probe the encoders (see module doc).
+
+    Every config is built (and validated) before the first training run."""
     from raymanifold import runs
 
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        raise StudyError(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
-    if "simsiam" not in variants:
-        raise StudyError("--variants: must include simsiam (the baseline of every difference)")
-    cfgs = {(v, s): variant_config(base, v, s, steps, ddpm) for s in seeds for v in variants}  # validate first
+    arms = list(arms)
+    if not arms or len(set(arms)) != len(arms):
+        raise StudyError(f"--arms: need distinct arm names, got {arms}")
+    if "simsiam" not in arms:
+        raise StudyError("--arms: must include simsiam (the baseline of every difference)")
+    if len(seeds) < 2:
+        raise StudyError(f"--seeds: paired intervals need at least 2 seeds, got {list(seeds)}")
+    cfgs = {(a, s): arm_config(base, a, s, steps, ddpm, spread_stride) for s in seeds for a in arms}
     sets = eval_sets(base, n_eval)
     per = {}
-    for (v, s), cfg in cfgs.items():
+    for (a, s), cfg in cfgs.items():
         t0 = time.perf_counter()
         handle = runs.train(cfg, backend=backend, tracking_uri=tracking_uri, fresh=True, verbose=False,
-                            tags={"study": "diffsiam_probes", "variant": v})
+                            tags={"study": "diffsiam_probes", "arm": a, "variant": cfg.model.variant})
         model, _, _ = runs.load(str(handle.checkpoint))
         res = probe_model(model, sets, episodes=episodes, seed=1000 * s)
         if model.unet is not None:  # the decoder's share of the frozen DDPM's x_0 error, per t range
             res["compensation"] = compensation(model, cfg, sets["shapes"][0][:500], seed=s)
-        res.update(train_wall_s=handle.wall_s, run_id=handle.run_id,
-                   final_loss=handle.metrics.get("final_loss"), final_diffusion=handle.metrics.get("final_diffusion"),
-                   final_simsiam=handle.metrics.get("final_simsiam"), final_z_std=handle.metrics.get("final_z_std"))
-        per[(v, s)] = res
-        log(f"  {v} seed {s}: shapes linear {res['shapes/linear']:.1f}, transfer linear "
-            f"{res['transfer/linear_mean']:.1f}, mnist5k 5-shot {res['mnist5k/5shot']:.1f} "
-            f"({handle.wall_s:.0f} s train, {time.perf_counter() - t0:.0f} s total)")
-    return summarise(per, variants, seeds, base, steps or base.train.steps, episodes)
+        res["grad"] = gradient_norms(model, cfg, batches=grad_batches, seed=s)
+        res.update(train_wall_s=handle.wall_s, run_id=handle.run_id, total_wall_s=time.perf_counter() - t0)
+        per[(a, s)] = res
+        g = res["grad"]
+        log(f"  {a} seed {s}: transfer linear backbone {res['backbone/transfer/linear_mean']:.1f} / z "
+            f"{res['z/transfer/linear_mean']:.1f}, mnist5k 5-shot {res['backbone/mnist5k/5shot']:.1f} / "
+            f"{res['z/mnist5k/5shot']:.1f}"
+            + (f", grad ratio {g['ratio']:.3g}" if "ratio" in g else "")
+            + f" ({handle.wall_s:.0f} s train, {time.perf_counter() - t0:.0f} s total)")
+    return summarise(per, arms, seeds, base, steps or base.train.steps, episodes,
+                     spread_stride=spread_stride, n_eval=n_eval)
 
 
-def summarise(per: dict, variants, seeds, base, steps: int, episodes: int) -> dict:
-    metrics = [k for k in next(iter(per.values())) if "/" in k and not k.endswith("ci95")]
+#: the metrics of the difference table (the Holm family is these x the contrasts)
+DIFF_METRICS = tuple(f"{k}/{m}" for k in FEATURES for m in ("shapes/linear", "mnist5k/linear", "digits/linear",
+                                                           "transfer/linear_mean", "shapes/5shot", "mnist5k/5shot",
+                                                           "digits/5shot"))
+#: the one pre-specified comparison (the thesis's Table 4.1 claim, on SimSiam's probe features): no multiplicity
+PRIMARY = ("hierarchical", "simsiam", "backbone/transfer/linear_mean")
+
+
+def summarise(per: dict, arms, seeds, base, steps: int, episodes: int, *, spread_stride: int = SPREAD_STRIDE,
+              n_eval: int = 0) -> dict:
+    metrics = [k for k in next(iter(per.values())) if k.count("/") == 2 and not k.endswith("ci95")]
     table, diffs = {}, {}
-    for v in variants:
-        table[v] = {m: probes.seed_interval([per[(v, s)][m] for s in seeds]) for m in metrics}
-        table[v]["train_wall_s"] = probes.seed_interval([per[(v, s)]["train_wall_s"] for s in seeds])
-        if v != "simsiam":
-            diffs[v] = {m: probes.seed_interval([per[(v, s)][m] - per[("simsiam", s)][m] for s in seeds])
-                        for m in metrics}
+    for a in arms:
+        table[a] = {m: probes.seed_interval([per[(a, s)][m] for s in seeds]) for m in metrics}
+        table[a]["train_wall_s"] = probes.seed_interval([per[(a, s)]["train_wall_s"] for s in seeds])
+        grads = [per[(a, s)]["grad"] for s in seeds]
+        if all("ratio" in g for g in grads):
+            for key in ("simsiam", "diffusion", "ratio"):
+                table[a][f"grad/{key}"] = probes.seed_interval([g[key] for g in grads])
+    pairs = contrasts(arms)
+    for a, b in pairs:
+        diffs[f"{a} - {b}"] = {m: probes.seed_interval([per[(a, s)][m] - per[(b, s)][m] for s in seeds])
+                               for m in metrics}
+    # Holm over the reported family: every contrast x DIFF_METRICS
+    cells = [(c, m) for c in diffs for m in DIFF_METRICS if m in diffs[c]]
+    adj = probes.holm([diffs[c][m]["p"] for c, m in cells])
+    for (c, m), pa in zip(cells, adj):
+        diffs[c][m]["p_holm"] = float(pa)
     comp = {}
-    for v in variants:
-        rows = [per[(v, s)].get("compensation") for s in seeds]
+    for a in arms:
+        rows = [per[(a, s)].get("compensation") for s in seeds]
         if all(rows):
-            comp[v] = [{"t_lo": r0["t_lo"], "t_hi": r0["t_hi"],
+            comp[a] = [{"t_lo": r0["t_lo"], "t_hi": r0["t_hi"],
                         "removed": probes.seed_interval([100 * r[i]["removed"] for r in rows])}
                        for i, r0 in enumerate(rows[0])]
-    return {"variants": list(variants), "seeds": list(seeds), "steps": steps, "compensation": comp, "batch_size": base.train.batch_size,
-            "episodes": episodes, "metrics": metrics, "table": table, "diff_vs_simsiam": diffs,
-            "per_seed": {f"{v}/s{s}": r for (v, s), r in per.items()}, "base_config": base.name}
+    prim = f"{PRIMARY[0]} - {PRIMARY[1]}"
+    return {"arms": list(arms), "variants": list(arms), "seeds": list(seeds), "steps": steps,
+            "batch_size": base.train.batch_size, "episodes": episodes, "n_eval": n_eval,
+            "spread_stride": spread_stride, "conditioning": base.model.conditioning,
+            "optimizer": base.train.optimizer, "lr": base.train.lr, "lr_schedule": base.train.lr_schedule,
+            "metrics": metrics, "table": table, "diff": diffs, "family_size": len(cells),
+            "primary": {"contrast": prim, "metric": PRIMARY[2],
+                        **(diffs[prim][PRIMARY[2]] if prim in diffs else {})},
+            "compensation": comp, "per_seed": {f"{a}/s{s}": r for (a, s), r in per.items()},
+            "base_config": base.name}
+
+
+# ----------------------------------------------------------------------------- gradient diagnostic
+def gradient_norms(model, cfg, *, batches: int = 8, seed: int = 0) -> dict:
+    """Per-term gradient norm at the encoder of a trained model: mean over ``batches`` training batches of
+    ||d(simsiam_weight Eq. 3.9)/d omega|| and ||d(Eq. 3.11)/d omega|| (omega = backbone + projector), with the
+    loss's own draws (views, t, k, eps) from a generator seeded ``seed``, in training mode (batch statistics,
+    as during training); no parameter changes. ``ratio`` = mean over batches of diffusion / simsiam.
+    {} when the arm has only one of the two terms."""
+    from raymanifold import data as rdata
+    from raymanifold.ssl import recipe as R
+
+    m = cfg.model
+    if model.unet is None or model.predictor is None or m.simsiam_weight == 0:
+        return {}
+    ds = rdata.load_split(cfg.data, "train")
+    g = torch.Generator().manual_seed(10_000 + seed)
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # BatchNorm running stats move in train mode
+    model.train()
+    rows = []
+    try:
+        for _ in range(batches):
+            idx = torch.randint(0, len(ds), (cfg.train.batch_size,), generator=g)
+            x = ds.x[idx]
+            terms = R.loss_terms(model, x, cfg, g)[0]
+            rows.append(R.encoder_grad_norms(model.encoder, terms))
+    finally:
+        model.load_state_dict(state)
+        model.eval()
+    sims = np.array([r["simsiam"] for r in rows])
+    difs = np.array([r["diffusion"] for r in rows])
+    return {"simsiam": float(sims.mean()), "diffusion": float(difs.mean()), "ratio": float((difs / sims).mean()),
+            "batches": batches}
 
 
 # ----------------------------------------------------------------------------- decoder compensation
@@ -211,179 +369,3 @@ def compensation(model, cfg, x: torch.Tensor, *, seed: int = 0, batch: int = 250
         rows.append({"t_lo": a, "t_hi": b, "mse_frozen": num_f / n, "mse_guided": num_g / n,
                      "removed": 1 - num_g / num_f if num_f > 0 else float("nan")})
     return rows
-
-
-# ----------------------------------------------------------------------------- edits (Alg. 2 / 3)
-def train_factor_classifier(cfg, *, steps: int = 600, n: int = 6000, seed: int = 0, log=print):
-    """A small CNN predicting the 6 ``shapes`` factors (one head each) from images: the judge of which
-    factors a counterfactual changed. Returns ``(net, test accuracy per factor)``."""
-    from raymanifold import data as rdata
-
-    m = cfg.model
-    tr = rdata.load("shapes", "train", n=n, seed=seed, image_size=m.image_size)
-    te = rdata.load("shapes", "test", n=1000, seed=seed, image_size=m.image_size)
-    sizes = tr.info["label_cardinality"][:6]
-    torch.manual_seed(seed)
-    c = 32
-    body = torch.nn.Sequential(torch.nn.Conv2d(m.in_channels, c, 3, padding=1), torch.nn.ReLU(),
-                               torch.nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), torch.nn.ReLU(),
-                               torch.nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1), torch.nn.ReLU(),
-                               torch.nn.Flatten(), torch.nn.LazyLinear(128), torch.nn.ReLU(),
-                               torch.nn.Linear(128, sum(sizes)))
-    body(tr.x[:2])
-    opt = torch.optim.Adam(body.parameters(), 2e-3)
-    g = torch.Generator().manual_seed(seed)
-    y = tr.y[:, :6]
-    splits = np.cumsum([0, *sizes])
-    for step in range(steps):
-        idx = torch.randint(0, len(tr.x), (128,), generator=g)
-        out = body(tr.x[idx])
-        loss = sum(F.cross_entropy(out[:, splits[i]:splits[i + 1]], y[idx, i]) for i in range(6))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    body.eval()
-    pred = predict_factors((body, splits), te.x)
-    acc = {f: float((pred[:, i] == te.y[:, i].numpy()).mean()) for i, f in enumerate(tr.info["factor_names"])}
-    log("  factor classifier test accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    return (body, splits), acc
-
-
-@torch.no_grad()
-def predict_factors(clf, x: torch.Tensor) -> np.ndarray:
-    body, splits = clf
-    out = torch.cat([body(x[i:i + 500]) for i in range(0, len(x), 500)])
-    return np.stack([out[:, splits[i]:splits[i + 1]].argmax(1).numpy() for i in range(len(splits) - 1)], 1)
-
-
-def segment_groups(n: int) -> list[list[int]]:
-    """Early / middle / late groups of the n segments, plus all of them (Fig. 4.1's rows in miniature)."""
-    q = max(1, n // 4)
-    groups = [list(range(1, q + 1)), list(range(q + 1, 2 * q + 1)), list(range(2 * q + 1, n + 1)),
-              list(range(1, n + 1))]
-    return [g for g in groups if g]
-
-
-def edits_study(model, cfg, *, pairs: int = 48, dt: int = 50, scales=(0.0, 1 / 3, 2 / 3, 1.0),
-                lambdas=(1.0, 2.0, 4.0, 8.0), attributes=("warm", "large", "left", "is_cross"),
-                d_sparse: int = 8, classifier_steps: int = 600, seed: int = 0, log=print) -> dict:
-    """Counterfactuals (Alg. 2) per segment group and attribute manipulation (Alg. 3) on ``shapes``.
-
-    Counterfactuals: ``pairs`` random test pairs; for each group S and scale, the fraction of pairs in
-    which each ground-truth factor (read by the factor classifier) of the result differs from x's, and
-    equals x''s. The scale-0 row is the reconstruction (DDIM inversion + guided DDIM).
-
-    Manipulation: an L1-sparse logistic regression on z for each binary attribute, kept to its top
-    ``d_sparse`` weights (a documented stand-in for ProbMask), z' = z + lambda sigma w / ||w||; flip
-    rate of the attribute (each example pushed towards its other value: sign -1 where it is 1) and the
-    fraction of the factors not defining the attribute that stay unchanged, per lambda.
-    """
-    from raymanifold import data as rdata
-    from raymanifold.ssl.recipe import encode
-
-    if model.unet is None:
-        raise StudyError("--model: the edits study needs a DiffSiam or pdae model (variant simsiam has no decoder)")
-    if cfg.data.name != "shapes":
-        raise StudyError(f"--model: trained on {cfg.data.name!r}; the edits study needs data 'shapes'")
-    t0 = time.perf_counter()
-    clf, clf_acc = train_factor_classifier(cfg, steps=classifier_steps, seed=seed, log=log)
-    te = rdata.load("shapes", "test", n=max(2 * pairs, 400), seed=seed + 1, image_size=cfg.model.image_size)
-    names = list(te.info["factor_names"])
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(te.x), generator=g)[: 2 * pairs]
-    xa, xb = te.x[perm[:pairs]], te.x[perm[pairs:]]
-    fa, fb = predict_factors(clf, xa), predict_factors(clf, xb)
-    za, zb = encode(model, xa, cfg), encode(model, xb, cfg)
-    x_Ta = editing.invert(model, xa, cfg, z=za, dt=dt)
-    x_Tb = editing.invert(model, xb, cfg, z=zb, dt=dt)
-    comp = compensation(model, cfg, te.x[:500], seed=seed)
-    log("  decoder removes " + ", ".join(f"{r['removed']:.0%} (t {r['t_lo']}-{r['t_hi']})" for r in comp)
-        + " of the frozen DDPM's x_0 error")
-    groups = segment_groups(cfg.model.segments)
-    cf_rows, grids = [], {}
-    recon = None  # scale 0 is the same reconstruction for every group: decode it once
-    for grp in groups:
-        for lam in scales:
-            if lam == 0 and recon is not None:
-                out = recon
-            else:
-                out = editing.counterfactual(model, xa, xb, grp, lam, cfg, dt=dt, x_T=x_Ta, x_T_other=x_Tb)
-            if lam == 0:
-                recon = out
-            f = predict_factors(clf, out)
-            row = {"segments": f"{grp[0]}-{grp[-1]}", "scale": round(float(lam), 3),
-                   "mse_to_x": float(((out - xa) ** 2).mean())}
-            for i, name in enumerate(names):
-                differ = fa[:, i] != fb[:, i]
-                row[f"changed_{name}"] = float((f[:, i] != fa[:, i]).mean())
-                row[f"took_{name}"] = float((f[differ, i] == fb[differ, i]).mean()) if differ.any() else float("nan")
-            cf_rows.append(row)
-            grids.setdefault(row["segments"], []).append(out[:6])
-        log(f"  counterfactuals on segments {grp[0]}-{grp[-1]} done ({time.perf_counter() - t0:.0f} s)")
-    # --- Alg. 3
-    tr = rdata.load("shapes", "train", n=3000, seed=seed, image_size=cfg.model.image_size)
-    ztr = features(model, tr.x)
-    sigma = torch.as_tensor(ztr.std(0), dtype=torch.float32)
-    attr_names = list(te.info["label_names"])
-    man_rows = []
-    for a in attributes:
-        col = attr_names.index(a)
-        w = sparse_direction(ztr, tr.y[:, col].numpy(), d_sparse)
-        base_attr = attribute_of(a, fa)  # as the factor classifier reads the originals
-        sign = np.where(base_attr == 1, -1.0, 1.0)  # push each example towards the attribute's other value
-        for lam in lambdas:
-            outs = []
-            for s in (-1.0, 1.0):
-                idx = np.flatnonzero(sign == s)
-                if len(idx):
-                    outs.append((idx, editing.manipulate(model, xa[idx], w, sigma, s * lam, cfg, dt=dt,
-                                                         x_T=x_Ta[idx])))
-            f_new = np.zeros_like(fa)
-            for idx, o in outs:
-                f_new[idx] = predict_factors(clf, o)
-            flipped = attribute_of(a, f_new) != base_attr
-            others = [i for i, nme in enumerate(names) if nme not in ATTRIBUTE_FACTOR[a]]
-            kept = (f_new[:, others] == fa[:, others]).mean()
-            man_rows.append({"attribute": a, "lambda": float(lam),
-                             "flip_rate": float(flipped.mean()), "other_factors_unchanged": float(kept),
-                             "nonzero_weights": int((w != 0).sum()),
-                             "segments_used": sorted({int(i) // (cfg.model.d // cfg.model.segments) + 1
-                                                      for i in torch.nonzero(w).flatten()})})
-        log(f"  manipulation of {a} done ({time.perf_counter() - t0:.0f} s)")
-    return {"factor_names": names, "classifier_accuracy": clf_acc, "pairs": pairs, "dt": dt,
-            "compensation": comp, "counterfactuals": cf_rows, "manipulation": man_rows, "groups": [f"{g[0]}-{g[-1]}" for g in groups],
-            "scales": [float(s) for s in scales], "wall_s": time.perf_counter() - t0,
-            "_grids": grids, "_pairs": (xa[:6], xb[:6])}
-
-
-#: which ground-truth factors define each binary attribute of ``shapes``
-ATTRIBUTE_FACTOR = {"large": ("scale",), "left": ("x",), "top": ("y",), "tilted": ("rotation",),
-                    "warm": ("colour",), "is_cross": ("shape",)}
-
-
-def attribute_of(name: str, factors: np.ndarray) -> np.ndarray:
-    """The binary attribute computed from (N, 6) factor indices (as :func:`raymanifold.data.shapes.attributes`)."""
-    from raymanifold.data.shapes import ATTRIBUTES, attributes
-
-    return attributes(factors)[:, ATTRIBUTES.index(name)]
-
-
-def sparse_direction(z: np.ndarray, y: np.ndarray, d_sparse: int) -> torch.Tensor:
-    """w (d,) of an L1 logistic regression on standardised z, kept to its ``d_sparse`` largest |w|
-    (a stand-in for ProbMask's d' non-zero weights), mapped back to z's units (w / std)."""
-    import warnings
-
-    from sklearn.linear_model import LogisticRegression
-
-    mu, sd = z.mean(0), z.std(0) + 1e-8
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clf = LogisticRegression(penalty="l1", C=0.05, solver="liblinear", max_iter=2000).fit((z - mu) / sd, y)
-    w = clf.coef_[0] / sd
-    keep = np.argsort(-np.abs(w))[:d_sparse]
-    out = np.zeros_like(w)
-    out[keep] = w[keep]
-    if not np.any(out):
-        raise StudyError("attribute classifier has no non-zero weight; increase d_sparse or C")
-    return torch.as_tensor(out, dtype=torch.float32)
-

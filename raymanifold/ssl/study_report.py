@@ -1,4 +1,5 @@
-"""Report writers of the DiffSiam studies (Markdown + JSON + PNG); see :mod:`raymanifold.ssl.study`."""
+"""Report writers of the DiffSiam studies (Markdown + JSON + PNG); see :mod:`raymanifold.ssl.study` and
+:mod:`raymanifold.ssl.edits_study`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,65 +8,105 @@ import numpy as np
 
 from raymanifold.reports import markdown_table, write_json
 
+LINEAR = ("shapes/linear", "mnist5k/linear", "digits/linear", "transfer/linear_mean")
+FEWSHOT = tuple(f"{s}/{k}shot" for s in ("shapes", "mnist5k", "digits") for k in (1, 5, 10))
+
 
 def _ms(iv: dict) -> str:
     return f"{iv['mean']:.1f} ± {iv['std']:.1f}" if iv["n"] > 1 else f"{iv['mean']:.1f}"
+
+
+def _ci(iv: dict) -> str:
+    return f"{iv['mean']:.1f} [{iv['lo']:.1f}, {iv['hi']:.1f}]" if iv["n"] > 1 else f"{iv['mean']:.1f}"
 
 
 def _diff(iv: dict) -> str:
     if iv["n"] < 2:
         return f"{iv['mean']:+.1f}"
     mark = " *" if iv["lo"] > 0 or iv["hi"] < 0 else ""
+    if iv.get("p_holm", 1.0) <= 0.05:
+        mark += "†"
     return f"{iv['mean']:+.1f} [{iv['lo']:+.1f}, {iv['hi']:+.1f}]{mark}"
 
 
-def _ci(iv: dict, episode_half: float) -> str:
-    head = f"{iv['mean']:.1f} [{iv['lo']:.1f}, {iv['hi']:.1f}]" if iv["n"] > 1 else f"{iv['mean']:.1f}"
-    return f"{head} / ±{episode_half:.1f}"
-
-
-def _episode_ci(res: dict, variant: str, metric: str) -> float:
-    """Mean over seeds of the per-seed episode 95% CI half-width of ``metric`` (e.g. shapes/5shot)."""
-    vals = [res["per_seed"][f"{variant}/s{s}"].get(metric + "_ci95", float("nan")) for s in res["seeds"]]
+def _episode_ci(res: dict, arm: str, metric: str) -> float:
+    """Mean over seeds of the per-seed episode 95% CI half-width of ``metric`` (e.g. z/shapes/5shot)."""
+    vals = [res["per_seed"][f"{arm}/s{s}"].get(metric + "_ci95", float("nan")) for s in res["seeds"]]
     return float(np.mean(vals))
 
 
+def _g(iv: dict) -> str:
+    return f"{iv['mean']:.3g} ± {iv['std']:.2g}" if iv["n"] > 1 else f"{iv['mean']:.3g}"
+
+
 def probes_markdown(res: dict) -> str:
-    v, tab, dif = res["variants"], res["table"], res["diff_vs_simsiam"]
-    lin_cols = ["shapes/linear", "mnist5k/linear", "digits/linear", "transfer/linear_mean"]
-    fs_cols = [f"{s}/{k}shot" for s in ("shapes", "mnist5k", "digits") for k in (1, 5, 10)]
-    out = [f"# DiffSiam probes: {len(v)} variants x {len(res['seeds'])} seeds (seeds {res['seeds']}), "
-           f"{res['steps']} steps of batch {res['batch_size']} each (equal budget)\n",
-           "Accuracy in %, mean ± std over seeds. Linear: logistic regression on z, half of each set to fit, "
-           "half to score (shapes: mean over the 6 factors). Few-shot: 5-way, 15 queries, "
-           f"{res['episodes']} episodes per seed (per-seed 95% CIs in summary.json).\n",
-           "## Linear probe (Table 4.1 in miniature)\n",
-           markdown_table(["variant", *lin_cols, "train s"],
-                          [[x, *(_ms(tab[x][c]) for c in lin_cols), f"{tab[x]['train_wall_s']['mean']:.0f}"]
-                           for x in v]),
-           "\n## Few-shot (Table 4.2 in miniature)\n",
-           "Mean ± std over seeds.\n",
-           markdown_table(["variant", *fs_cols], [[x, *(_ms(tab[x][c]) for c in fs_cols)] for x in v]),
-           "\nThe same as mean [95% interval]: Student-t over the seeds' accuracies (first line of each cell) and the "
-           "episodes' 95% CI half-width averaged over seeds (± after the slash).\n",
-           markdown_table(["variant", *fs_cols], [[x, *(_ci(tab[x][c], _episode_ci(res, x, c)) for c in fs_cols)]
-                                                  for x in v]),
-           "\n## Variant - SimSiam (paired by seed; mean [95% t-interval]; * = interval excludes 0)\n",
-           markdown_table(["variant", *lin_cols, *fs_cols],
-                          [[x, *(_diff(dif[x][c]) for c in lin_cols + fs_cols)] for x in v if x in dif])]
+    arms, tab, dif = res["arms"], res["table"], res["diff"]
+    n = len(res["seeds"])
+    out = [f"# DiffSiam probes: {len(arms)} arms x {n} seeds (seeds {res['seeds']}), {res['steps']} steps of batch "
+           f"{res['batch_size']} each (equal budget)\n",
+           f"Base config `{res['base_config']}`: decoder conditioning `{res['conditioning']}` unless the arm says "
+           f"otherwise (`+additive`), optimizer {res['optimizer']} lr {res['lr']:g} ({res['lr_schedule']}); "
+           f"`hierarchical+spread` uses k_stride {res['spread_stride']}; `simsiam+fullz` = hierarchical with one "
+           f"segment (SimSiam + full-z compensation).\n",
+           "Accuracy in %, mean [95% Student-t interval over seeds]. Two frozen features per encoder, side by side: "
+           "**backbone** (pooled backbone output, SimSiam's probe) and **z** (projector output, d dims). Linear: "
+           "logistic regression on half of each set, scored on the other half (shapes: mean over its 6 factors). "
+           f"Few-shot: 15 queries, {res['episodes']} episodes per seed; shapes is 3-way on the shape alone, the "
+           "digit sets 5-way.\n"]
+    have = set(res["metrics"])
+    for title, cols in (("Linear probe (Table 4.1 in miniature)", LINEAR), ("Few-shot (Table 4.2 in miniature)", FEWSHOT)):
+        cols = [c for c in cols if f"backbone/{c}" in have]
+        out.append(f"## {title}\n")
+        rows = []
+        for a in arms:
+            for kind in ("backbone", "z"):
+                rows.append([a, kind, *(_ci(tab[a][f"{kind}/{c}"]) for c in cols)])
+        out.append(markdown_table(["arm", "features", *cols], rows) + "\n")
+    halves = [_episode_ci(res, a, f"{k}/{c}") for a in arms for k in ("backbone", "z") for c in FEWSHOT
+              if f"{k}/{c}" in have]
+    if halves and not np.isnan(halves).all():
+        out.append(f"Per-seed few-shot episode 95% CI half-widths: {np.nanmin(halves):.1f}-{np.nanmax(halves):.1f} "
+                   "points (summary.json has each); the seed-to-seed spread above dominates them.\n")
+    out.append(f"## Differences (paired by seed; mean [95% t-interval]); * = interval excludes 0; † = survives Holm's "
+               f"adjustment over the {res['family_size']} cells of this table (family-wise error 0.05)\n")
+    cols = [c for c in ("backbone/transfer/linear_mean", "z/transfer/linear_mean", "backbone/shapes/linear",
+                        "z/shapes/linear", "backbone/mnist5k/5shot", "z/mnist5k/5shot", "backbone/digits/5shot",
+                        "z/digits/5shot", "backbone/shapes/5shot", "z/shapes/5shot") if c in have]
+    out.append(markdown_table(["contrast", *cols], [[c, *(_diff(dif[c][m]) for m in cols)] for c in dif]) + "\n")
+    extra = [m for m in res.get("metrics", []) if m in {f"{k}/{s}" for k in ("backbone", "z")
+                                                        for s in ("mnist5k/linear", "digits/linear")}]
+    if extra:
+        out.append(markdown_table(["contrast", *extra], [[c, *(_diff(dif[c][m]) for m in extra)] for c in dif]) + "\n")
+    pr = res.get("primary") or {}
+    if "mean" in pr:
+        out.append(f"**Primary comparison** (pre-specified, no multiplicity): {pr['contrast']} on {pr['metric']}: "
+                   f"{pr['mean']:+.2f} points [{pr['lo']:+.2f}, {pr['hi']:+.2f}] (paired t, {n} seeds, p = {pr['p']:.3g}).\n")
+    grads = [a for a in arms if "grad/ratio" in tab[a]]
+    if grads:
+        out += ["## Gradient norm at the encoder per term (trained models; mean ± std over seeds)\n",
+                "||d(simsiam_weight x Eq. 3.9)/d omega|| and ||d Eq. 3.11/d omega|| over the encoder's parameters, "
+                "mean over 8 training batches at the final weights; ratio = diffusion / SimSiam.\n",
+                markdown_table(["arm", "SimSiam term", "diffusion term", "ratio"],
+                               [[a, _g(tab[a]["grad/simsiam"]), _g(tab[a]["grad/diffusion"]), _g(tab[a]["grad/ratio"])]
+                                for a in grads]) + "\n"]
     comp = res.get("compensation") or {}
     if comp:
         rng = [f"t {r['t_lo']}-{r['t_hi']}" for r in next(iter(comp.values()))]
-        out += ["\n## Decoder compensation: % of the frozen DDPM's x_0 error removed by w_t g(z, t) "
+        out += ["## Decoder compensation: % of the frozen DDPM's x_0 error removed by w_t g(z, t) "
                 "(full z, shapes test images; mean ± std over seeds)\n",
-                markdown_table(["variant", *rng], [[x, *(_ms(r["removed"]) for r in comp[x])] for x in v
-                                                   if x in comp])]
-    factors = [c for c in res["metrics"] if c.startswith("shapes/linear_")]
+                markdown_table(["arm", *rng], [[a, *(_ms(r["removed"]) for r in comp[a])] for a in arms if a in comp])
+                + "\n"]
+    factors = sorted({m.split("_", 1)[1] for m in res["metrics"] if m.startswith("backbone/shapes/linear_")},
+                     key=lambda f: ["shape", "scale", "rotation", "x", "y", "colour"].index(f)
+                     if f in ["shape", "scale", "rotation", "x", "y", "colour"] else 9)
     if factors:
-        out += ["\n## In-domain linear probe per shapes factor\n",
-                markdown_table(["variant", *[c.split("_", 1)[1] for c in factors]],
-                               [[x, *(_ms(tab[x][c]) for c in factors)] for x in v])]
-    return "\n".join(out) + "\n"
+        out += ["## In-domain linear probe per shapes factor\n",
+                markdown_table(["arm", "features", *factors],
+                               [[a, k, *(_ms(tab[a][f"{k}/shapes/linear_{f}"]) for f in factors)]
+                                for a in arms for k in ("backbone", "z")]) + "\n"]
+    out.append("Training wall time per run (s, mean over seeds): " + ", ".join(
+        f"{a} {tab[a]['train_wall_s']['mean']:.0f}" for a in arms) + ".\n")
+    return "\n".join(out)
 
 
 def write_probes(folder, res: dict):
@@ -74,8 +115,17 @@ def write_probes(folder, res: dict):
     (folder / "summary.md").write_text(probes_markdown(res))
 
 
+def _f(cell: dict) -> str:
+    return f"{cell['value']:.2f}" if cell["n"] else "-"
+
+
+def _fci(cell: dict) -> str:
+    return f"{cell['value']:.2f} [{cell['lo']:.2f}, {cell['hi']:.2f}]" if cell["n"] else "-"
+
+
 def edits_markdown(res: dict, source: str = "") -> str:
     names = res["factor_names"]
+    cf = res["counterfactuals"]
     out = [f"# DiffSiam edits on shapes{(' (' + source + ')') if source else ''}\n",
            f"{res['pairs']} test pairs, DDIM step dt = {res['dt']}; factor classifier test accuracy: "
            + ", ".join(f"{k} {v:.3f}" for k, v in res["classifier_accuracy"].items()) + "\n",
@@ -84,22 +134,37 @@ def edits_markdown(res: dict, source: str = "") -> str:
                           [[f"{r['t_lo']}-{r['t_hi']}", f"{r['mse_frozen']:.5f}", f"{r['mse_guided']:.5f}",
                             f"{100 * r['removed']:.1f}%"] for r in res.get("compensation", [])]),
            "\n## Counterfactuals (Alg. 2): fraction of pairs whose factor changed (x -> result)\n",
-           "Scale 0 is the reconstruction (DDIM inversion and guided DDIM with the image's own z); "
-           "its row is the classifier/reconstruction noise floor.\n",
-           markdown_table(["segments", "scale", *names, "MSE to x"],
-                          [[r["segments"], f"{r['scale']:.2f}", *(f"{r['changed_' + n]:.2f}" for n in names),
-                            f"{r['mse_to_x']:.4f}"] for r in res["counterfactuals"]]),
+           "Rows: `reconstruction` (scale 0: DDIM inversion + guided DDIM with the image's own z, the floor); "
+           "`x_T` (only x_T slerped towards x′'s, z kept); per segment group, `z+x_T` (Alg. 2 as printed) and `z` "
+           "(only the segments lerped, x_T kept). Wilson 95% intervals in summary.json; the widest here is "
+           f"±{_max_half(cf):.2f}.\n",
+           markdown_table(["part", "segments", "scale", *names, "MSE to x"],
+                          [[r["part"], r["segments"], f"{r['scale']:.2f}", *(_f(r["changed_" + n]) for n in names),
+                            f"{r['mse_to_x']:.4f}"] for r in cf]),
            "\n## Counterfactuals: fraction of differing pairs where the result took x′'s factor value\n",
-           markdown_table(["segments", "scale", *names],
-                          [[r["segments"], f"{r['scale']:.2f}", *(f"{r['took_' + n]:.2f}" for n in names)]
-                           for r in res["counterfactuals"] if r["scale"] > 0]),
-           "\n## Manipulation (Alg. 3, top-d' L1 logistic direction as a ProbMask stand-in)\n",
-           markdown_table(["attribute", "lambda", "flip rate", "other factors unchanged", "segments used"],
-                          [[r["attribute"], f"{r['lambda']:g}", f"{r['flip_rate']:.2f}",
+           markdown_table(["part", "segments", "scale", *names],
+                          [[r["part"], r["segments"], f"{r['scale']:.2f}", *(_f(r["took_" + n]) for n in names)]
+                           for r in cf]),
+           "\n## Manipulation (Alg. 3; standardised, refitted top-d' logistic direction as a ProbMask stand-in)\n",
+           f"d' = {res['d_sparse']}; lambda = 0 is the reconstruction (each attribute's floor). Flip rate and "
+           "'all other factors unchanged' with Wilson 95% intervals; 'other factors unchanged' is the mean over the "
+           "other factors.\n",
+           markdown_table(["attribute", "lambda", "flip rate", "all others unchanged", "other factors unchanged",
+                           "segments used"],
+                          [[r["attribute"], f"{r['lambda']:g}", _fci(r["flip_rate"]), _fci(r["others_all_unchanged"]),
                             f"{r['other_factors_unchanged']:.2f}", ",".join(map(str, r["segments_used"]))]
                            for r in res["manipulation"]]),
+           "\nAttribute directions (held-out accuracy of the sparse classifier on the test images' z):\n",
+           markdown_table(["attribute", "dims kept (by |beta|)", "train acc", "test acc"],
+                          [[a, ",".join(map(str, d["dims"])), f"{d['train_accuracy']:.3f}", f"{d['test_accuracy']:.3f}"]
+                           for a, d in res.get("directions", {}).items()]),
            f"\nWall time: {res['wall_s']:.0f} s.\n"]
     return "\n".join(out)
+
+
+def _max_half(rows) -> float:
+    halves = [(c["hi"] - c["lo"]) / 2 for r in rows for k, c in r.items() if k.startswith("changed_") and c["n"]]
+    return max(halves) if halves else float("nan")
 
 
 def write_edits(folder, res: dict, source: str = ""):
@@ -110,17 +175,19 @@ def write_edits(folder, res: dict, source: str = ""):
     (folder / "summary.md").write_text(edits_markdown(res, source))
     plt = pyplot()
     xa, xb = res["_pairs"]
-    for grp, outs in res["_grids"].items():
-        cols = [xa] + list(outs) + [xb]
-        n = xa.shape[0]
-        fig, axes = plt.subplots(n, len(cols), figsize=(1.2 * len(cols), 1.2 * n))
-        for i in range(n):
-            for j, c in enumerate(cols):
-                axes[i, j].imshow(np.transpose(c[i].numpy(), (1, 2, 0)).squeeze())
-                axes[i, j].axis("off")
-        titles = ["x"] + [f"{s:.2f}" for s in res["scales"]] + ["x'"]
-        for j, t in enumerate(titles):
-            axes[0, j].set_title(t, fontsize=8)
-        fig.suptitle(f"counterfactuals, segments {grp}", fontsize=9)
-        fig.savefig(folder / f"counterfactual_segments_{grp}.png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
+    for grp, by_part in res["_grids"].items():
+        for part, outs in by_part.items():
+            cols = [xa] + list(outs) + [xb]
+            n = xa.shape[0]
+            fig, axes = plt.subplots(n, len(cols), figsize=(1.2 * len(cols), 1.2 * n))
+            for i in range(n):
+                for j, c in enumerate(cols):
+                    axes[i, j].imshow(np.transpose(c[i].numpy(), (1, 2, 0)).squeeze())
+                    axes[i, j].axis("off")
+            titles = ["x"] + [f"{s:.2f}" for s in res["scales"]] + ["x'"]
+            for j, t in enumerate(titles[:len(cols)]):
+                axes[0, j].set_title(t, fontsize=8)
+            fig.suptitle(f"counterfactuals ({part}), segments {grp}", fontsize=9)
+            fig.savefig(folder / f"counterfactual_{part.replace('+', '_')}_segments_{grp}.png", dpi=90,
+                        bbox_inches="tight")
+            plt.close(fig)
