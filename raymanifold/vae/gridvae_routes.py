@@ -119,15 +119,22 @@ def side_config(cfg, side: str, seed: int, start_uri=None):
 
 # ----------------------------------------------------------------------------- ledger
 def load_ledgers(paths) -> dict:
-    """Union of the ledgers that exist (later files win on a repeated key)."""
+    """Union of the ledgers that exist; on a repeated key the entry that knows more (a model, then metrics) wins,
+    else the later file."""
     out = {}
     for p in paths:
         if Path(p).is_file():
-            out.update(json.loads(Path(p).read_text()))
+            for k, e in json.loads(Path(p).read_text()).items():
+                old = out.get(k, {})
+                if (bool(e.get("model")), "metrics" in e) >= (bool(old.get("model")), "metrics" in old):
+                    out[k] = e
     return out
 
 
-def save_ledger(path, entries: dict):
+def save_ledger(path, entries: dict, routes=None):
+    """Write ``entries`` (only those of ``routes`` when given) to ``path`` atomically."""
+    if routes is not None:
+        entries = {k: e for k, e in entries.items() if k.split("/", 1)[0] in routes}
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
@@ -139,10 +146,38 @@ def key(route: str, side: str, seed: int) -> str:
     return f"{route}/{side}/{seed}"
 
 
+def training_signature(cfg) -> str:
+    """What determines a run's weights: the resolved config without its name and experiment, with the
+    aggregate-posterior fields (``kl_estimate``, ``kl_queue``) neutralised when every latent dimension is guided
+    at every step (then the KL is Eq. 27 at the labels' centres whatever they say: the guided twin of a route that
+    differs only in them is the same run). ``model.init_from`` is kept (a continuation depends on its start)."""
+    from raymanifold.config import to_dict
+
+    d = to_dict(cfg)
+    d.pop("name", None), d.pop("experiment", None)
+    m = d["model"]
+    if m.get("guidance") == "full" and not m.get("guidance_steps"):
+        m["kl_estimate"], m["kl_queue"] = "sample", 0
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _signature(entry: dict) -> str:
+    """An entry's training signature (recorded at training; for entries recorded without one, read from the
+    config saved in its checkpoint, and remembered)."""
+    if "signature" not in entry:
+        from raymanifold import checkpoint as ckpt
+        from raymanifold.config import config_from_dict
+
+        entry["signature"] = training_signature(config_from_dict(ckpt.load(ckpt.resolve(entry["model"]))["config"]))
+    return entry["signature"]
+
+
 def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict, *, backend: str, tracking_uri,
             evaluate: bool = True, log=print) -> dict:
     """Train (or reuse from ``ledger``) every route x seed x side, evaluate each once, record it in ``ledger``
-    (saved to ``ledger_path`` after every step). Returns the ledger."""
+    (saved to ``ledger_path`` after every step). Returns the ledger. A run whose :func:`training_signature` equals
+    that of a run already in the ledger (e.g. another route's guided twin when the routes differ only in the
+    aggregate-posterior KL, which a fully guided run never uses) is not trained again: its entry is shared."""
     from raymanifold.vae import gridvae_study as S
     from raymanifold.vae.evaluation import evaluate_model
 
@@ -153,15 +188,22 @@ def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict
                 k = key(route, side, seed)
                 entry = ledger.get(k, {})
                 cfg = side_config(configs[route], side, seed, uris.get(CONTINUES.get(side)))
+                sig = training_signature(cfg)
+                same = next((k2 for k2, e in ledger.items() if e.get("model") and _signature(e) == sig), None)
+                if not entry.get("model") and same:
+                    entry = {**ledger[same], "shared_with": same}
+                    ledger[k] = entry
+                    save_ledger(ledger_path, ledger, routes)
+                    log(f"[routes] {k}: the same training as {same} ({entry['model']}), shared")
                 if entry.get("model"):
                     model = None
                 else:
                     log(f"[routes] training {k}: {cfg.name} ({cfg.train.steps} steps)")
                     model, cfg, info = S.train(cfg, backend=backend, tracking_uri=tracking_uri)
                     entry = {"model": info["source"], "train_wall_s": info["train_wall_s"], "config": routes[route],
-                             "name": cfg.name}
+                             "name": cfg.name, "signature": sig}
                     ledger[k] = entry
-                    save_ledger(ledger_path, ledger)
+                    save_ledger(ledger_path, ledger, routes)
                 uris[side] = entry["model"]
                 if evaluate and "metrics" not in entry:
                     if model is None:
@@ -171,7 +213,7 @@ def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict
                     entry["metrics"] = {q: m.get(q, math.nan) for q in KEYS}
                     entry["eval_wall_s"] = time.perf_counter() - t0
                     ledger[k] = entry
-                    save_ledger(ledger_path, ledger)
+                    save_ledger(ledger_path, ledger, routes)
                     log(f"[routes] {k}: " + S.summary_line(entry["metrics"], ("train_objective_nats", "train_elbo_nats",
                                                                              "cluster_accuracy",
                                                                              "per_dim_accuracy_min")))
