@@ -6,6 +6,10 @@ and returns scalar ``metrics`` plus the ``arrays`` the figures need:
 * always: test reconstruction and KL (nats per example), and the negative
   ELBO (recon + KL at beta 1, the final sigma0) on the test and on the train
   split (``train_loss_nats``: an unsupervised criterion to choose among restarts);
+  inputs binarised by one fixed draw per split for ``binarize: dynamic`` models;
+* with ``objectives=True`` (the routes study): ``<split>_objective_*`` (the objective the run's last step
+  minimised) and ``<split>_elbo_*`` (the plain negative ELBO), each with its recon / KL split
+  (:func:`score_split`);
 * data sets with ``digit1``/``digit2``/``pair`` labels (``two_digit``):
   grid cells = R(mu) (round, clamp to the grid); ``cluster_accuracy`` maps
   cells to the 36 pairs one-to-one by a Hungarian matching fitted on the

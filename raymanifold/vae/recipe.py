@@ -39,6 +39,17 @@ geometric corruption). The encoder has to infer from T(x) what the decoder
 needs to redraw x, so it cannot rely on nuisance detail (slant, thickness,
 position) that T changes: it is pushed towards the identity of the digit.
 Evaluation, encode and decode never deform.
+
+Issue #28's routes within the paper's method (defaults keep every earlier config):
+
+* ``binarize: dynamic``: each training batch is drawn afresh as x_b ~ Bernoulli(x) (Salakhutdinov and Murray,
+  2008) and both the encoder and the reconstruction term see x_b, so -log p(x_b|z) is a proper discrete
+  likelihood (on grey levels the continuous BCE lacks a logit-dependent normaliser); evaluation uses one fixed
+  draw per split.
+* ``kl_estimate: batch`` with ``kl_queue: Q``: the aggregate posterior q(z) of Eq. 25's "large batch" is estimated
+  over the batch and the posteriors of the last Q training examples (a FIFO kept on the network, no gradient
+  through it; reset when a run resumes), M = B + Q components; Q must hold at least one batch.
+* ``init_from``: start from another gridvae checkpoint's weights (a continuation, e.g. the guided reference).
 """
 from __future__ import annotations
 
