@@ -543,3 +543,31 @@ def test_superres_study_refuses_a_factor_the_hierarchy_lacks_before_training(tmp
     err = capsys.readouterr().err
     assert "--factor: 8 is not a super-resolution factor" in err and "allowed: [2, 4]" in err
     assert not (tmp_path / "sr").exists() and not (tmp_path / "mlflow.db").exists()  # no run was started
+
+
+def test_diverged_draws_are_counted_and_left_out_of_the_sample_metrics():
+    """A draw with a non-finite or huge pixel (the inverse flow overflowed) is counted with a Wilson interval and
+    excluded: the conditional mean is the mean of the usable draws; an input whose draws all diverged drops out."""
+    from raymanifold.flows import superres as S
+
+    m = tiny_model(image_size=28, levels=3)
+    real = m.super_resolve
+
+    def broken(x_low, **kw):
+        out = real(x_low, **kw).clone()
+        k = kw["n_per"]
+        out[0 * k + 0] = float("inf")     # input 0, draw 0: overflow
+        out[1 * k + 1, 0, 0, 0] = 1e6     # input 1, draw 1: one huge pixel
+        out[2 * k:3 * k] = float("nan")   # input 2: every draw
+        return out
+
+    m.super_resolve = broken
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    r = S.evaluate(m, x, 4, samples=3, temperature=1.0)
+    d = r["diverged"]
+    assert (d["diverged"], d["draws"], d["inputs_without_a_usable_draw"]) == (5, 12, 1)
+    assert d["wilson"][0] < 5 / 12 < d["wilson"][1]
+    a = r["arrays"]
+    torch.testing.assert_close(a["mean"][0], a["draws"][0, 1:].mean(0))  # draws 1 and 2 of input 0
+    assert math.isfinite(r["methods"]["flow_sample"]["psnr"][0]) and math.isfinite(r["methods"]["flow_mean"]["psnr"][0])
+    assert math.isfinite(r["diversity"]["pairwise_rms"][0])

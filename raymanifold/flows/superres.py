@@ -13,7 +13,11 @@ on test images, against the nearest and bicubic upsampling of the same x_low:
   onto {x : d^k(x) = x_low} (d^k = f x f average pooling A has A A^T = I / f^2 and A^T = up_f / f^2), so
   the projected image reproduces x_low up to float rounding (measured and tested);
 * **diversity**: per input, the mean pairwise RMS distance between the K draws and the mean per-pixel
-  standard deviation across them.
+  standard deviation across them;
+* **divergence**: a draw whose inverse flow overflows (non-finite pixels, or any |pixel| > ``DIVERGED`` = 10 for
+  data in [0, 1]: Glow's inverse divides by the coupling scales and the learned prior's exp(log sigma), so atypical
+  noise at T = 1 can blow up) is counted (fraction with a Wilson interval) and left out of the sample metrics,
+  the conditional mean and the diversity; an input all of whose draws diverged is left out of them too (counted).
 
 Metrics are computed on images clipped to [0, 1] (the data range; PSNR with peak 1). SSIM is Wang et al.
 (2004): an 11x11 Gaussian window of std 1.5 over the valid region, K1 = 0.01, K2 = 0.03, data range 1,
@@ -32,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 BASELINES = ("nearest", "bicubic")
+#: a draw with a pixel beyond this magnitude (or non-finite) has diverged (data in [0, 1])
+DIVERGED = 10.0
 
 
 def factors(model) -> list[int]:
@@ -108,9 +114,20 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0, window: in
     return m.flatten(1).mean(1)
 
 
-def diversity(samples: torch.Tensor) -> dict:
+def diversity(samples: torch.Tensor, ok: Optional[torch.Tensor] = None) -> dict:
     """``samples`` (B, K, C, H, W): per input the mean pairwise RMS distance between the K draws and the mean
-    per-pixel standard deviation across them (population std), each (B,)."""
+    per-pixel standard deviation across them (population std), each (B,). With a mask ``ok`` (B, K) only the
+    draws it marks count (inputs with fewer than two get NaN)."""
+    if ok is not None and not bool(ok.all()):
+        out = {"pairwise_rms": [], "pixel_std": []}
+        for i in range(len(samples)):
+            sel = samples[i][ok[i]]
+            if len(sel) < 2:
+                out["pairwise_rms"].append(torch.tensor(math.nan)), out["pixel_std"].append(torch.tensor(math.nan))
+                continue
+            d = diversity(sel[None])
+            out["pairwise_rms"].append(d["pairwise_rms"][0]), out["pixel_std"].append(d["pixel_std"][0])
+        return {k: torch.stack(v) for k, v in out.items()}
     b, k = samples.shape[:2]
     flat = samples.reshape(b, k, -1)
     d = torch.cdist(flat, flat) / math.sqrt(flat.shape[-1])  # (B, K, K) RMS distances
@@ -125,6 +142,9 @@ def bootstrap_mean(values, seed: int = 0, n_resamples: int = 2000) -> tuple:
     from scipy.stats import bootstrap
 
     v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return (math.nan, math.nan, math.nan)
     if len(v) < 2 or np.all(v == v[0]):
         return (float(v.mean()), float(v.mean()), float(v.mean()))
     r = bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=0.95, method="percentile",
@@ -166,11 +186,16 @@ def evaluate(model, x: torch.Tensor, factor: int, *, samples: int = 16, temperat
     draws = sample_superres(model, x_low, samples, temperature, g, batch)            # (N, K, C, S, S)
     t_sample = time.perf_counter() - t0
     mode = sample_superres(model, x_low, 1, 0.0, None, batch)[:, 0]                   # T = 0
-    mean = draws.mean(1)
     n, k = draws.shape[:2]
+    ok = torch.isfinite(draws).flatten(2).all(2) & (draws.nan_to_num(0.0).abs().flatten(2).amax(2) <= DIVERGED)
+    draws = torch.where(ok[:, :, None, None, None], draws, torch.zeros(()))           # diverged draws: masked
+    n_ok = ok.sum(1)
+    keep = n_ok > 0                                                                   # inputs with a usable draw
+    mean = draws.sum(1) / n_ok.clamp_min(1)[:, None, None, None]
     flat_draws = draws.reshape(n * k, *draws.shape[2:])
     low_k = x_low.repeat_interleave(k, 0)
     ref_k = x.repeat_interleave(k, 0)
+    okf = ok.reshape(-1).to(x.dtype)
     estimates = {"nearest": upsample(x_low, factor, "nearest"), "bicubic": upsample(x_low, factor, "bicubic"),
                  "flow_mode_T0": mode, "flow_mean": mean}
     per = {}
@@ -181,26 +206,42 @@ def evaluate(model, x: torch.Tensor, factor: int, *, samples: int = 16, temperat
             per[key] = {"psnr": psnr(e.clamp(0, 1), x), "ssim": ssim(e.clamp(0, 1), x),
                         "consistency_max_abs": consistency_error(e, x_low),
                         "consistency_max_abs_clipped": consistency_error(e.clamp(0, 1), x_low)}
+            if name == "flow_mean":  # undefined where every draw diverged
+                per[key] = {m: torch.where(keep, v, torch.tensor(math.nan, dtype=v.dtype)) for m, v in per[key].items()}
+
+    def over_ok(v):  # per-draw values (N K,) -> mean over the input's usable draws (N,), NaN where none
+        return (v.nan_to_num(0.0) * okf).view(n, k).sum(1) / n_ok.clamp_min(1) + torch.where(keep, 0.0, math.nan)
+
+    def max_ok(v):
+        return torch.where(ok, v.view(n, k), torch.tensor(-math.inf, dtype=v.dtype)).amax(1) + torch.where(keep, 0.0,
+                                                                                                              math.nan)
+
     for proj in (False, True):
         e = project(flat_draws, low_k) if proj else flat_draws
         key = "flow_sample" + ("_projected" if proj else "")
-        per[key] = {"psnr": psnr(e.clamp(0, 1), ref_k).view(n, k).mean(1),
-                    "ssim": ssim(e.clamp(0, 1), ref_k).view(n, k).mean(1),
-                    "consistency_max_abs": consistency_error(e, low_k).view(n, k).amax(1),
-                    "consistency_max_abs_clipped": consistency_error(e.clamp(0, 1), low_k).view(n, k).amax(1)}
+        per[key] = {"psnr": over_ok(psnr(e.clamp(0, 1), ref_k)), "ssim": over_ok(ssim(e.clamp(0, 1), ref_k)),
+                    "consistency_max_abs": max_ok(consistency_error(e, low_k)),
+                    "consistency_max_abs_clipped": max_ok(consistency_error(e.clamp(0, 1), low_k))}
     methods = {name: {m: bootstrap_mean(v.numpy(), seed) for m, v in d.items()} for name, d in per.items()}
     diffs = {name: {m: bootstrap_mean((d[m] - per["bicubic"][m]).numpy(), seed) for m in ("psnr", "ssim")}
              for name, d in per.items() if name != "bicubic"}
     div = {}
     for proj in (False, True):
         dr = project(flat_draws, low_k).view_as(draws) if proj else draws
-        for m, v in diversity(dr.clamp(0, 1)).items():
+        for m, v in diversity(dr.clamp(0, 1), ok).items():
             div[m + ("_projected" if proj else "")] = bootstrap_mean(v.numpy(), seed)
+    from scipy.stats import binomtest
+
+    n_bad = int((~ok).sum())
+    ci = binomtest(n_bad, n * k).proportion_ci(method="wilson")
+    diverged = {"draws": int(n * k), "diverged": n_bad, "fraction": n_bad / (n * k),
+                "wilson": (float(ci.low), float(ci.high)), "inputs_without_a_usable_draw": int((~keep).sum()),
+                "threshold_abs": DIVERGED}
     return {"factor": factor, "n": int(n), "samples": int(k), "temperature": float(temperature),
             "low_size": int(x_low.shape[-1]), "size": int(x.shape[-1]), "methods": methods, "diff_vs_bicubic": diffs,
-            "diversity": div, "sample_wall_s": t_sample, "sample_ms_per_draw": 1000 * t_sample / (n * k),
+            "diversity": div, "diverged": diverged, "sample_wall_s": t_sample, "sample_ms_per_draw": 1000 * t_sample / (n * k),
             "wall_s": time.perf_counter() - t0,
-            "arrays": {"x": x, "x_low": x_low, "draws": draws, "mean": mean, "mode": mode,
+            "arrays": {"x": x, "x_low": x_low, "draws": draws, "ok": ok, "mean": mean, "mode": mode,
                        "bicubic": estimates["bicubic"]}}
 
 
@@ -216,14 +257,18 @@ def figure(result: dict, path, rows: int = 8, columns: int = 5):
     f = result["factor"]
     titles = [f"{result['low_size']}x{result['low_size']} input", "real", "bicubic",
               f"mean of {result['samples']}"] + [f"sample {j + 1}" for j in range(columns)]
+    ok = a.get("ok")
     fig, axes = plt.subplots(rows, len(titles), figsize=(1.3 * len(titles), 1.35 * rows), squeeze=False)
     for i in range(rows):
         imgs = [upsample(a["x_low"][i:i + 1], f, "nearest")[0], a["x"][i], a["bicubic"][i], a["mean"][i]]
-        imgs += [a["draws"][i, j] for j in range(columns)]
+        imgs += [a["draws"][i, j] for j in range(columns)]  # the first draws, diverged ones marked
         for j, im in enumerate(imgs):
             ax = axes[i, j]
             ax.imshow(im[0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
+            if j >= 4 and ok is not None and not bool(ok[i, j - 4]):
+                ax.text(0.5, 0.5, "diverged", color="red", ha="center", va="center", fontsize=7,
+                        transform=ax.transAxes)
             if i == 0:
                 ax.set_title(titles[j], fontsize=7)
     fig.suptitle(f"super-resolution x{f} through the hierarchy, temperature {result['temperature']:g}", fontsize=9)
@@ -273,8 +318,12 @@ def markdown(results: list, info: dict) -> str:
                              f"{m['consistency_max_abs'][0]:.2g}", f"{m['consistency_max_abs_clipped'][0]:.2g}"])
         out += [markdown_table(["estimate", "PSNR (dB)", "PSNR - bicubic", "SSIM", "SSIM - bicubic",
                                 "consistency: max abs(d(x_hat) - x_low)", "after clipping"], rows), ""]
-        dv = r["diversity"]
-        out += [f"Diversity among the K draws of one input (mean over inputs [bootstrap 95 %]): pairwise RMS "
+        dv, dg = r["diversity"], r["diverged"]
+        out += [f"Diverged draws (a non-finite pixel or |pixel| > {dg['threshold_abs']:g}: the inverse flow overflowed): "
+                f"{dg['diverged']} of {dg['draws']} = {dg['fraction']:.3f} [Wilson 95 % {dg['wilson'][0]:.3f}, "
+                f"{dg['wilson'][1]:.3f}]; inputs without a usable draw: {dg['inputs_without_a_usable_draw']}. "
+                "The sample rows, the conditional mean and the diversity use the usable draws only.", "",
+                f"Diversity among the K draws of one input (mean over inputs [bootstrap 95 %]): pairwise RMS "
                 f"distance {_ci(dv['pairwise_rms'], '{:.4f}')}, per-pixel std {_ci(dv['pixel_std'], '{:.4f}')}; "
                 f"after projection {_ci(dv['pairwise_rms_projected'], '{:.4f}')} / "
                 f"{_ci(dv['pixel_std_projected'], '{:.4f}')} (pixel values in [0, 1]).", "",
