@@ -269,8 +269,8 @@ def test_super_resolution_uses_the_low_resolution_condition():
 
 # --------------------------------------------------------------------------- bad input
 def test_bad_input_raises_clear_errors():
-    with pytest.raises(ValueError, match="not divisible by"):
-        HierarchicalFlow(image_size=12, levels=3, latent_down=1)
+    with pytest.raises(ValueError, match="image_size: 10 is not a multiple of 4"):
+        HierarchicalFlow(image_size=10, levels=3, latent_down=1)
     with pytest.raises(ValueError, match="not divisible by 2\\^levels"):
         Glow((1, 12, 12), levels=3)
     m = tiny_model()
@@ -308,7 +308,7 @@ def _flow_cfg(**model):
 
 def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match="data.image_size"):
-        config_from_dict({**_flow_cfg(), "data": {"name": "digits", "image_size": 10}})
+        config_from_dict({**_flow_cfg(), "data": {"name": "digits", "image_size": 9}})
     with pytest.raises(ConfigError, match="model.ae_checkpoint"):
         config_from_dict(_flow_cfg(phase="flow"))
     with pytest.raises(ConfigError, match="model.phase"):
@@ -432,3 +432,142 @@ def test_study_flow_through_ray_links_both_phases(tmp_path, monkeypatch):
     assert p1.data.tags["phase2_run_id"] == p2.info.run_id
     assert p2.data.tags["phase1_run_id"] == p1.info.run_id
     assert p2.data.params["model.phase"] == "flow"
+
+
+# --------------------------------------------------------------------------- 28x28: odd level sizes (issue #28 item 7)
+def test_odd_level_sizes_halve_with_a_3x3_conv_and_mirror_back():
+    """28 -> 14 -> 7 pyramid with one encoder downsampling: latents 14x14, 7x7 and 4x4 (7 rounds up); each decoder
+    gives back its level's size; even sizes keep the original 4x4 kernels (old checkpoints load)."""
+    from raymanifold.flows.hierarchical import check_sizes, down_size, latent_shapes
+
+    assert [down_size(s, 1) for s in (28, 14, 7, 4)] == [14, 7, 4, 2]
+    assert latent_shapes(28, 3, 2, 1) == [(2, 14, 14), (2, 7, 7), (2, 4, 4)]
+    m = tiny_model(image_size=28, levels=3)
+    x = torch.rand(2, 1, 28, 28)
+    xs = m.pyramid(x)
+    ys = m.encode(xs)
+    assert [tuple(y.shape[1:]) for y in ys] == [(2, 14, 14), (2, 7, 7), (2, 4, 4)] == [lv.latent_shape for lv in m.levels]
+    rec = m.decode_chain(ys)
+    assert [tuple(r.shape[-2:]) for r in rec] == [(28, 28), (14, 14), (7, 7)]
+    top = m.levels[2]
+    assert top.encoder.net[2].kernel_size == (3, 3) and top.decoder.ups[0].kernel_size == (3, 3)  # 7 <-> 4
+    assert m.levels[0].encoder.net[2].kernel_size == (4, 4) and m.levels[0].decoder.ups[0].kernel_size == (4, 4)
+    old = tiny_model(image_size=16, levels=3, latent_down=1)  # the even network: every resampling 4x4, as before
+    assert all(mod.kernel_size == (4, 4) for mod in old.modules()
+               if isinstance(mod, (torch.nn.ConvTranspose2d,)) or (isinstance(mod, torch.nn.Conv2d) and mod.stride == (2, 2)))
+    lp = m.log_prob_levels(x, volume="none")
+    assert lp["log_px"].shape == (3, 2) and torch.isfinite(lp["log_px"]).all()
+    assert m.super_resolve(torch.rand(2, 1, 7, 7), n_per=2).shape == (4, 1, 28, 28)
+    with pytest.raises(ValueError, match="image_size.*flow_levels"):
+        check_sizes(28, 3, 1, 2)  # the 7x7 level's latent (4x4) cannot be squeezed twice... 14x14 cannot either
+    cfg = load_config("jobs/configs/flow_mnist5k.yaml")
+    assert (cfg.data.name, cfg.data.image_size, cfg.model.levels) == ("mnist5k", 28, 3)
+
+
+def test_projection_makes_super_resolution_consistent_with_its_input():
+    """d^k(project(x_hat, x_low)) = x_low to float precision (the stated tolerance 1e-6 in float32, 1e-12 here); the
+    projection moves a consistent image nowhere; nearest upsampling is consistent by construction."""
+    from raymanifold.flows import superres as S
+
+    g = torch.Generator().manual_seed(0)
+    x_low = torch.rand(5, 1, 7, 7, generator=g)
+    x_hat = torch.rand(5, 1, 28, 28, generator=g)
+    p = S.project(x_hat, x_low)
+    assert S.consistency_error(x_hat, x_low).min() > 0.01
+    assert S.consistency_error(p, x_low).max() < 1e-12
+    torch.testing.assert_close(S.project(p, x_low), p)
+    assert S.consistency_error(S.upsample(x_low, 4, "nearest"), x_low).max() < 1e-12
+    # orthogonal: the correction is orthogonal to every consistent direction (here: p - another consistent image)
+    other = S.project(torch.rand(5, 1, 28, 28, generator=g), x_low)
+    assert abs(float(((x_hat - p) * (p - other)).sum())) < 1e-9
+    m32 = S.project(x_hat.float(), x_low.float())
+    assert S.consistency_error(m32, x_low.float()).max() < 1e-6
+    torch.testing.assert_close(S.downsample_by(x_hat, 4), downsample(downsample(x_hat)))  # f x f = k 2x2 pools
+
+
+def test_psnr_ssim_and_diversity_against_known_values():
+    from raymanifold.flows import superres as S
+
+    ref = torch.zeros(2, 1, 16, 16)
+    x = ref + 0.1  # MSE 0.01 -> 20 dB
+    torch.testing.assert_close(S.psnr(x, ref), torch.full((2,), 20.0))
+    img = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(S.ssim(img, img), torch.ones(3))
+    a, b = torch.full((1, 1, 16, 16), 0.2), torch.full((1, 1, 16, 16), 0.7)  # constants: luminance term only
+    c1 = 0.01 ** 2
+    torch.testing.assert_close(S.ssim(a, b), torch.tensor([(2 * 0.2 * 0.7 + c1) / (0.2 ** 2 + 0.7 ** 2 + c1)]))
+    assert float(S.ssim(img, 1 - img).mean()) < 0.1 < float(S.ssim(img, 0.9 * img + 0.05).mean())
+    with pytest.raises(ValueError, match="smaller than the 11x11"):
+        S.ssim(torch.rand(1, 1, 7, 7), torch.rand(1, 1, 7, 7))
+    same = img[:1].expand(4, 1, 16, 16)[None]  # (1, K=4, ...) identical draws
+    d = S.diversity(same)
+    assert float(d["pairwise_rms"]) == 0 and float(d["pixel_std"]) == 0
+    two = torch.stack([ref[0], x[0]])[None]  # draws 0 and 0.1: RMS distance 0.1, per-pixel std 0.05
+    d = S.diversity(two)
+    torch.testing.assert_close(d["pairwise_rms"], torch.tensor([0.1]))
+    torch.testing.assert_close(d["pixel_std"], torch.tensor([0.05]))
+    m, lo, hi = S.bootstrap_mean([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert m == 3.0 and lo < 3.0 < hi
+
+
+def test_superres_evaluation_measures_every_estimate_and_refuses_a_missing_factor():
+    from raymanifold.flows import superres as S
+
+    m = tiny_model(image_size=28, levels=3)
+    assert S.factors(m) == [2, 4]
+    for bad in (3, 8, 1):
+        with pytest.raises(ValueError, match=f"--factor: {bad} is not a super-resolution factor.*allowed: \\[2, 4\\]"):
+            S.check_factor(m, bad, "--factor")
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    r = S.evaluate(m, x, 4, samples=3, temperature=1.0, seed=0)
+    assert (r["low_size"], r["n"], r["samples"]) == (7, 6, 3)
+    for name in ("nearest", "bicubic", "flow_mode_T0", "flow_mean", "flow_sample"):
+        assert r["methods"][name + "_projected"]["consistency_max_abs"][0] < 1e-9
+    assert r["methods"]["nearest"]["psnr"] == pytest.approx(r["methods"]["nearest_projected"]["psnr"])
+    assert r["diversity"]["pairwise_rms"][0] > 0  # T = 1: the draws differ
+    # the conditional mean is the mean of the K draws
+    torch.testing.assert_close(r["arrays"]["mean"], r["arrays"]["draws"].mean(1))
+    r0 = S.evaluate(m, x, 2, samples=3, temperature=0.0)
+    assert r0["diversity"]["pairwise_rms"][0] == 0  # T = 0: every draw is the mode decode
+    assert r0["methods"]["flow_sample"]["psnr"][0] == pytest.approx(r0["methods"]["flow_mode_T0"]["psnr"][0])
+    with pytest.raises(ValueError, match="factor"):
+        S.evaluate(m, x, 3)
+
+
+def test_superres_study_refuses_a_factor_the_hierarchy_lacks_before_training(tmp_path, capsys):
+    from raymanifold.cli import main
+
+    rc = main(["study", "flow-superres", "--factor", "4,8", "--inprocess", "--tracking-uri",
+               f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path / "sr")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--factor: 8 is not a super-resolution factor" in err and "allowed: [2, 4]" in err
+    assert not (tmp_path / "sr").exists() and not (tmp_path / "mlflow.db").exists()  # no run was started
+
+
+def test_diverged_draws_are_counted_and_left_out_of_the_sample_metrics():
+    """A draw with a non-finite or huge pixel (the inverse flow overflowed) is counted with a Wilson interval and
+    excluded: the conditional mean is the mean of the usable draws; an input whose draws all diverged drops out."""
+    from raymanifold.flows import superres as S
+
+    m = tiny_model(image_size=28, levels=3)
+    real = m.super_resolve
+
+    def broken(x_low, **kw):
+        out = real(x_low, **kw).clone()
+        k = kw["n_per"]
+        out[0 * k + 0] = float("inf")     # input 0, draw 0: overflow
+        out[1 * k + 1, 0, 0, 0] = 1e6     # input 1, draw 1: one huge pixel
+        out[2 * k:3 * k] = float("nan")   # input 2: every draw
+        return out
+
+    m.super_resolve = broken
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    r = S.evaluate(m, x, 4, samples=3, temperature=1.0)
+    d = r["diverged"]
+    assert (d["diverged"], d["draws"], d["inputs_without_a_usable_draw"]) == (5, 12, 1)
+    assert d["wilson"][0] < 5 / 12 < d["wilson"][1]
+    a = r["arrays"]
+    torch.testing.assert_close(a["mean"][0], a["draws"][0, 1:].mean(0))  # draws 1 and 2 of input 0
+    assert math.isfinite(r["methods"]["flow_sample"]["psnr"][0]) and math.isfinite(r["methods"]["flow_mean"]["psnr"][0])
+    assert math.isfinite(r["diversity"]["pairwise_rms"][0])

@@ -12,7 +12,11 @@ import contextlib
 from pathlib import Path
 
 from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, set_threads, stage
+from raymanifold.vae.gridvae_routes import SIDES as ROUTE_SIDES
 from raymanifold.vae.gridvae_study import DEFAULT_RESTARTS, SHAPES_VARIANTS
+
+#: the routes of ``study gridvae-routes`` when none is given (the first is the baseline the others are compared with)
+DEFAULT_ROUTES = ("base", "bin", "bin_queue", "bin_s16")
 
 
 def register(sub, study_sub):
@@ -34,6 +38,28 @@ def register(sub, study_sub):
     add_training_options(p)
     p.add_argument("--out", default="reports/gridvae_two_digit")
     p.set_defaults(func=cmd_two_digit)
+
+    p = study_sub.add_parser("gridvae-routes",
+                             help="GridVAE 28x28 two digits per route (binarised, queue KL, sigma0 1/16, ...): "
+                                  "unsupervised / guided / guided-reference models over seeds, each scored on its "
+                                  "own objective; guided-reference gaps with intervals")
+    p.add_argument("--route", action="append", default=[], metavar="NAME=CONFIG",
+                   help="a route: a two_digit(_mnist) gridvae config (repeatable; default: the four "
+                        "jobs/configs/gridvae_two_digit_mnist_route_*.yaml, base first: the others are compared "
+                        "with the first route given)")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds of every side (default 0,1,2)")
+    p.add_argument("--sides", default=",".join(ROUTE_SIDES),
+                   help=f"sides to train per seed, from {list(ROUTE_SIDES)} (reference needs guided)")
+    p.add_argument("--ledger", action="append", default=[], metavar="JSON",
+                   help="run ledger(s): route/side/seed -> trained run and its metrics; trained runs found in any "
+                        "are reused, new ones are recorded in the first (default: <out>.runs.json)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--train-only", action="store_true", help="train and evaluate into the ledger, no report")
+    mode.add_argument("--report-only", action="store_true",
+                      help="build the report from the ledgers; refuses to train (every run must be recorded)")
+    add_training_options(p)
+    p.add_argument("--out", default="reports/gridvae_routes")
+    p.set_defaults(func=cmd_routes)
 
     p = study_sub.add_parser("gridvae-shapes",
                              help="standard VAE vs unsupervised / guided / partially guided GridVAE on shapes: "
@@ -133,6 +159,64 @@ def cmd_two_digit(args) -> int:
     runs.log_study("study_two_digit", "gridvae", {"model": result["config"]}, m, args.out,
                    tracking_uri=args.tracking_uri, tags={"family": "gridvae", "study": "study_two_digit"})
     print(S.summary_line(m, ["cluster_accuracy", "dim1_accuracy", "dim2_accuracy", "train_wall_s"]))
+    return 0
+
+
+# ----------------------------------------------------------------------------- routes
+def cmd_routes(args) -> int:
+    import time
+
+    from raymanifold import runs
+    from raymanifold.reports import report_dir
+    from raymanifold.vae import gridvae_report
+    from raymanifold.vae import gridvae_routes as R
+
+    set_threads(args)
+    try:
+        routes = R.parse_routes(args.route or [f"{r}=jobs/configs/gridvae_two_digit_mnist_route_{r}.yaml"
+                                               for r in DEFAULT_ROUTES])
+        seeds, sides = R.parse_seeds(args.seeds), R.parse_sides(args.sides)
+    except R.RoutesError as exc:
+        raise UsageError(str(exc)) from None
+    configs = {name: _config(path, args) for name, path in routes.items()}  # every config checked before any work
+    for name, cfg in configs.items():
+        with _usage():
+            try:
+                R.check_route_config(name, cfg)
+            except R.RoutesError as exc:
+                raise UsageError(str(exc)) from None
+    ledgers = args.ledger or [f"{args.out.rstrip('/')}.runs.json"]
+    ledger = R.load_ledgers(ledgers)
+    if args.report_only:
+        missing = [R.key(r, s, k) for r in routes for s in sides for k in seeds
+                   if not ledger.get(R.key(r, s, k), {}).get("model")]
+        if missing:
+            raise UsageError(f"--report-only: {len(missing)} run(s) are not in the ledger(s) {ledgers}, e.g. "
+                             f"{missing[0]}; train them first (without --report-only)")
+    n = len(routes) * len(seeds) * len(sides)
+    stage(1, 2, f"{'evaluating' if args.report_only else 'training / evaluating'} {n} models: routes "
+                f"{list(routes)}, seeds {seeds}, sides {sides} (ledger {ledgers[0]})")
+    t0 = time.perf_counter()
+    with _usage():
+        ledger = R.run_all(routes, configs, seeds, sides, ledgers[0], ledger, backend=_backend(args),
+                           tracking_uri=args.tracking_uri)
+    if args.train_only:
+        return 0
+    stage(2, 2, f"writing {args.out}")
+    summary = R.summarise(ledger, routes, seeds, sides)
+    summary["routes_configs"] = routes
+    summary["wall_s"] = time.perf_counter() - t0
+    with report_dir(args.out) as tmp:
+        gridvae_report.write_routes(tmp, summary)
+    flat = {}
+    for route, r in summary["routes"].items():
+        for q, g in r.get("gap", {}).items():
+            flat[f"{route}_gap_{q}"] = g["mean"]
+        for side, sd in r["sides"].items():
+            flat[f"{route}_{side}_cluster_accuracy"] = sd["mean_ci"]["cluster_accuracy"][0]
+    runs.log_study("study_gridvae_routes", "gridvae", {"routes": routes, "seeds": seeds}, flat, args.out,
+                   tracking_uri=args.tracking_uri, tags={"family": "gridvae", "study": "study_gridvae_routes"})
+    print(gridvae_report.routes_console(summary))
     return 0
 
 

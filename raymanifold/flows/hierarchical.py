@@ -50,21 +50,52 @@ def downsample(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, 2)
 
 
+def down_size(size: int, steps: int) -> int:
+    """Spatial size after ``steps`` stride-2 encoder convolutions: ceil(size / 2) per step (an even size
+    halves exactly; an odd one, e.g. 7 -> 4, is padded by the 3x3 kernel, see :class:`Encoder`)."""
+    for _ in range(steps):
+        size = (size + 1) // 2
+    return size
+
+
 def required_divisor(levels: int, latent_down: int, flow_levels: int) -> int:
-    """Image sizes must be multiples of this: L-1 poolings, the encoder's downsamplings, and the
-    latent flow's squeezes (a multi-scale latent flow squeezes once per scale)."""
-    return 2 ** (levels - 1 + latent_down + (flow_levels if flow_levels > 1 else 0))
+    """The image size must be a multiple of this: the L-1 poolings of the pyramid (2x2 average pooling needs an
+    even size at every level but the last). The encoders' downsamplings take any size (odd sizes round up,
+    :func:`down_size`); a multi-scale latent flow's squeezes are checked on the latent sizes
+    (:func:`check_sizes`)."""
+    return 2 ** (levels - 1)
+
+
+def check_sizes(image_size: int, levels: int, latent_down: int, flow_levels: int):
+    """Raise ``ValueError`` (naming ``image_size``) unless the pyramid and every latent flow fit ``image_size``."""
+    f = required_divisor(levels, latent_down, flow_levels)
+    if image_size % f or image_size < f:
+        raise ValueError(f"image_size: {image_size} is not a multiple of {f} = 2^(levels - 1) (levels={levels}): "
+                         f"each of the {levels - 1} 2x2 average poolings needs an even size; choose a multiple of "
+                         f"{f} or fewer levels")
+    if flow_levels > 1:
+        q = 2 ** flow_levels
+        for i in range(levels):
+            s = down_size(image_size // 2 ** i, latent_down)
+            if s % q:
+                raise ValueError(f"image_size: level {i + 1}'s latent is {s}x{s}, not divisible by 2^flow_levels = "
+                                 f"{q} (flow_levels={flow_levels} squeezes); choose another image_size, latent_down "
+                                 f"or flow_levels")
 
 
 class Encoder(nn.Module):
-    """f_i: (B, C, H, W) -> y_i (B, c_lat, H / 2^k, W / 2^k); smooth activations, no batch statistics
-    (so per-example Jacobians are well defined)."""
+    """f_i: (B, C, H, W) -> y_i (B, c_lat, ceil(H / 2^k), ...); smooth activations, no batch statistics
+    (so per-example Jacobians are well defined). Each downsampling is a 4x4 stride-2 conv on an even size
+    and a 3x3 stride-2 conv (padding 1) on an odd one, so 7 -> 4 (``size``: the input size; 0 = even
+    throughout, the original network)."""
 
-    def __init__(self, channels: int, hidden: int, latent_channels: int, down: int):
+    def __init__(self, channels: int, hidden: int, latent_channels: int, down: int, size: int = 0):
         super().__init__()
         layers = [nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU()]
         for _ in range(down):
-            layers += [nn.Conv2d(hidden, hidden, 4, stride=2, padding=1), nn.SiLU()]
+            k = 3 if size % 2 else 4
+            layers += [nn.Conv2d(hidden, hidden, k, stride=2, padding=1), nn.SiLU()]
+            size = down_size(size, 1)
         layers += [nn.Conv2d(hidden, latent_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
@@ -75,14 +106,20 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """f'_i(y | c): latent -> image; the condition image c (x'_{i+1}) is concatenated with the input of
     every upsampling layer and of the output layer (Sec. 2.3.1), and its 2x nearest upsampling is the
-    residual base of the output."""
+    residual base of the output. Each upsampling mirrors the encoder: a 4x4 stride-2 transposed conv
+    doubles the size, a 3x3 one gives 2s - 1 where the encoder halved an odd size (4 -> 7)."""
 
-    def __init__(self, channels: int, hidden: int, latent_channels: int, up: int, cond_channels: int):
+    def __init__(self, channels: int, hidden: int, latent_channels: int, up: int, cond_channels: int, size: int = 0):
         super().__init__()
         self.cond_channels = cond_channels
         self.inp = nn.Conv2d(latent_channels, hidden, 3, padding=1)
-        self.ups = nn.ModuleList(nn.ConvTranspose2d(hidden + cond_channels, hidden, 4, stride=2, padding=1)
-                                 for _ in range(up))
+        sizes = [size]
+        for _ in range(up):
+            sizes.append(down_size(sizes[-1], 1))
+        # upsampling j goes from sizes[up - j] to sizes[up - j - 1]
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(hidden + cond_channels, hidden, 3 if sizes[up - j - 1] % 2 else 4,
+                                                    stride=2, padding=1)
+                                 for j in range(up))
         self.out = nn.Conv2d(hidden + cond_channels, channels, 3, padding=1)
         self.act = nn.SiLU()
 
@@ -102,8 +139,9 @@ class Decoder(nn.Module):
 
 
 def latent_shapes(image_size: int, levels: int, latent_channels: int, latent_down: int) -> list[tuple[int, int, int]]:
-    """Shape (latent_channels, S_i / 2^latent_down, S_i / 2^latent_down) of each latent y_i, S_i = image_size / 2^i."""
-    return [(latent_channels, (image_size // 2 ** i) // 2 ** latent_down, (image_size // 2 ** i) // 2 ** latent_down)
+    """Shape (latent_channels, s_i, s_i) of each latent y_i, s_i = S_i after latent_down stride-2 convs
+    (:func:`down_size`), S_i = image_size / 2^i."""
+    return [(latent_channels, down_size(image_size // 2 ** i, latent_down), down_size(image_size // 2 ** i, latent_down))
             for i in range(levels)]
 
 
@@ -114,8 +152,8 @@ class Level(nn.Module):
                  conditioned, learn_prior):
         super().__init__()
         cc = channels if conditioned else 0
-        self.encoder = Encoder(channels, hidden, latent_channels, down)
-        self.decoder = Decoder(channels, hidden, latent_channels, down, cc)
+        self.encoder = Encoder(channels, hidden, latent_channels, down, size)
+        self.decoder = Decoder(channels, hidden, latent_channels, down, cc, size)
         self.latent_shape = latent_shapes(size, 1, latent_channels, down)[0]
         self.flow = Glow(self.latent_shape, levels=flow_levels, depth=flow_depth, hidden=flow_hidden,
                          cond_channels=cc, learn_prior=learn_prior, squeeze=flow_levels > 1)
@@ -135,12 +173,7 @@ class HierarchicalFlow(nn.Module):
                  latent_channels: int = 4, latent_down: int = 2, flow_depth: int = 4, flow_hidden: int = 32,
                  flow_levels: int = 1, learn_prior: bool = True):
         super().__init__()
-        factor = required_divisor(levels, latent_down, flow_levels)
-        if image_size % factor:
-            raise ValueError(
-                f"image_size: {image_size} is not divisible by {factor} = 2^(levels - 1 + latent_down"
-                f"{' + flow_levels' if flow_levels > 1 else ''}) (levels={levels}, latent_down={latent_down}, "
-                f"flow_levels={flow_levels}); choose a multiple of {factor} or fewer levels")
+        check_sizes(image_size, levels, latent_down, flow_levels)
         self.channels, self.image_size, self.L = channels, image_size, levels
         self.levels = nn.ModuleList(
             Level(channels, image_size // 2 ** i, hidden, latent_channels, latent_down, flow_depth, flow_hidden,

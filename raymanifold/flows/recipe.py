@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from raymanifold.config import ConfigError, param
-from raymanifold.flows.hierarchical import VOLUME_METHODS, HierarchicalFlow, latent_shapes, required_divisor
+from raymanifold.flows.hierarchical import VOLUME_METHODS, HierarchicalFlow, check_sizes, latent_shapes
 from raymanifold.recipes import Recipe
 
 PHASES = ("ae", "flow")
@@ -67,11 +67,11 @@ def validate(cfg):
     if given != input_shape(cfg):
         raise ConfigError(f"model.channels: data set {cfg.data.name!r} gives examples of shape {given}, but the "
                           f"model takes {input_shape(cfg)}; set model.channels to {given[0]} (square images only)")
-    f = required_divisor(m.levels, m.latent_down, m.flow_levels)
-    if cfg.data.image_size % f:
-        raise ConfigError(f"data.image_size: {cfg.data.image_size} is not divisible by {f} = 2^(levels - 1 + "
-                          f"latent_down{' + flow_levels' if m.flow_levels > 1 else ''}) with model.levels={m.levels}, "
-                          f"model.latent_down={m.latent_down}, model.flow_levels={m.flow_levels}")
+    try:
+        check_sizes(cfg.data.image_size, m.levels, m.latent_down, m.flow_levels)
+    except ValueError as exc:
+        raise ConfigError(f"data.{exc} (model.levels={m.levels}, model.latent_down={m.latent_down}, "
+                          f"model.flow_levels={m.flow_levels})") from None
     if m.flow_levels == 1 and m.latent_channels < 2:
         raise ConfigError("model.latent_channels: must be >= 2 when model.flow_levels=1 (a coupling splits channels)")
     if m.phase == "flow" and not m.ae_checkpoint:

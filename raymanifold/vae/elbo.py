@@ -98,15 +98,18 @@ def kl_terms(cfg, mu, logvar, z, y=None, sigma0=None) -> torch.Tensor:
     return torch.cat([guided, free[:, k:]], dim=1)
 
 
-def kl_per_example(cfg, mu, logvar, z, y=None, sigma0=None) -> torch.Tensor:
+def kl_per_example(cfg, mu, logvar, z, y=None, sigma0=None, bank=None) -> torch.Tensor:
     """KL term of Eq. 23 per example, (B,) nats (``sigma0``: prior std, default ``cfg.model.sigma0``).
 
     With ``kl_estimate: batch`` (grid mixture) the unguided dimensions use the
     minibatch estimate of the aggregate posterior,
-    log q(z_i) ~= logsumexp_j log q(z_i | x_j) - log B, in place of
+    log q(z_i) ~= logsumexp_j log q(z_i | x_j) - log M, in place of
     log q(z_i | x_i) (our reading of Sec. 4.1.1, "estimate the log probability of
     the posterior using a large batch size"): this is KL(q(z) || p(z)) without
-    the mutual-information term I(x; z), so it is not an ELBO.
+    the mutual-information term I(x; z), so it is not an ELBO. The mixture runs
+    over the batch (j = 1..B) and, when ``bank`` = (mu_q, logvar_q) (Q, n) is
+    given, over Q more posteriors of earlier batches (``model.kl_queue``, no
+    gradient through them): M = B + Q.
     """
     m = cfg.model
     s0 = m.sigma0 if sigma0 is None else sigma0
@@ -118,12 +121,45 @@ def kl_per_example(cfg, mu, logvar, z, y=None, sigma0=None) -> torch.Tensor:
         if y is None:
             raise ConfigError(f"model.guidance: {m.guidance!r} needs labels, but the batch has none")
         total = priors.kl_nearest_centre(mu[:, :k], logvar[:, :k], guided_centres(cfg, y, mu.dtype), s0)
+        if k == mu.shape[1]:  # every dimension guided: no free dimension left for the aggregate posterior
+            return total
     zf, muf, lvf = z[:, k:], mu[:, k:], logvar[:, k:]
-    pair = priors.gaussian_log_prob(zf[:, None, :], muf[None], lvf[None]).sum(-1)  # (B, B): log q(z_i | x_j)
-    log_qz = torch.logsumexp(pair, dim=1) - math.log(len(z))
+    if bank is not None and len(bank[0]):
+        muf = torch.cat([muf, bank[0][:, k:].to(muf)])
+        lvf = torch.cat([lvf, bank[1][:, k:].to(lvf)])
+    log_qz = aggregate_log_q(zf, muf, lvf)
     lo, hi = m.grid_bounds()
     axes = priors.grid_axes(lo[k:], hi[k:])
     return total + log_qz - priors.grid_log_prob(zf, axes, s0)
+
+
+def aggregate_log_q(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log q(z_i) of the aggregate posterior q(z) = 1/M sum_j q(z | x_j) (Eq. 25's "large batch" estimate):
+    logsumexp_j log N(z_i; mu_j, exp(logvar_j)) - log M for z (B, n) and M posteriors mu, logvar (M, n);
+    (B,) nats, computed ``chunk`` rows of z at a time."""
+    out = []
+    for s in range(0, len(z), chunk):
+        pair = priors.gaussian_log_prob(z[s:s + chunk, None, :], mu[None], logvar[None]).sum(-1)  # (b, M)
+        out.append(torch.logsumexp(pair, dim=1))
+    return torch.cat(out) - math.log(len(mu))
+
+
+def push_bank(bank, mu: torch.Tensor, logvar: torch.Tensor, size: int):
+    """FIFO of the last ``size`` posteriors (detached): ``bank`` = None or (mu_q, logvar_q) (Q, n); the newest
+    rows come last. Returns the new bank."""
+    mu, logvar = mu.detach(), logvar.detach()
+    if bank is not None:
+        mu, logvar = torch.cat([bank[0], mu]), torch.cat([bank[1], logvar])
+    return mu[-size:], logvar[-size:]
+
+
+def binarize(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Dynamic binarisation (Salakhutdinov and Murray, 2008): pixel intensities in [0, 1] read as Bernoulli
+    probabilities, x_b ~ Bernoulli(x), a fresh draw each call (from ``generator``, on the CPU); same shape.
+    On binary data the Bernoulli decoder's -log p(x|z) is a proper discrete likelihood (on grey levels the
+    continuous BCE is not normalised)."""
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return (u < x).to(x.dtype)
 
 
 def recon_nats(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

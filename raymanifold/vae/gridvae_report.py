@@ -164,3 +164,164 @@ def shapes_markdown(variants, results, cfgs, infos, factor_names) -> str:
     text += "![mutual information](mutual_information.png)\n\n"
     text += "\n".join(f"![{v}](traversals_{v}.png)" for v in variants) + "\n"
     return text
+
+
+# ----------------------------------------------------------------------------- routes (issue #28 item 6)
+def _ci(t, fmt="{:.3f}") -> str:
+    """'mean [lo, hi]' of a (mean, lo, hi) triple."""
+    m, lo, hi = t
+    if not np.isfinite(m):
+        return "-"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return fmt.format(m)
+    return f"{fmt.format(m)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def _verdict(g: dict) -> str:
+    if not (np.isfinite(g["lo"]) and np.isfinite(g["hi"])):
+        return "-"
+    if g["lo"] > 0:
+        return "prefers the digits"
+    if g["hi"] < 0:
+        return "prefers the restarts"
+    return "undecided"
+
+
+def routes_markdown(s: dict) -> str:
+    seeds = s["seeds"]
+    out = ["# GridVAE 28x28 two digits: routes within the paper's method (issue #28 item 6)\n",
+           f"Seeds {seeds}; per route and seed four models: **unsupervised** (the route's config, no labels), "
+           "**continued** (it, continued on its objective for half as many steps at the final KL weight and sigma0, "
+           "a fresh cosine cycle), **guided** (its guided twin, Sec. 4.2.2, the same schedule) and **reference** (the "
+           "guided model continued exactly like *continued*: same budget and schedule, labels only in its first "
+           "part). Every model is "
+           "scored on the train split (3,600 pairs) on the **objective its last step minimised** (recon + beta_T KL, "
+           "encoder input deformed as in training, the route's KL estimate; the aggregate-posterior KL over all "
+           "3,600 scored pairs) and on the **plain negative ELBO** (Eq. 23 at beta 1, clean input, single-sample "
+           "Eq. 25 KL). Accuracies on the test split (3,600 pairs from 600 source digits). Intervals over seeds "
+           "are 95 % Student t intervals (n = number of seeds; with 3 seeds t = 4.30, so they are wide).\n"]
+    head = ["route", "side", "n", "cluster acc", "per-dim min", "per-dim mean", "train objective (nats)",
+            "= recon", "+ beta x KL", "beta", "train -ELBO (nats)", "= recon", "+ KL"]
+    rows = []
+    for route, r in s["routes"].items():
+        for side, sd in r["sides"].items():
+            c = sd["mean_ci"]
+            beta = c["objective_beta"][0]
+            kl_w = tuple(beta * v for v in c["train_objective_kl_nats"])
+            rows.append([route, side, len(sd["rows"]), _ci(c["cluster_accuracy"]), _ci(c["per_dim_accuracy_min"]),
+                         _ci(c["per_dim_accuracy_mean"]), _ci(c["train_objective_nats"], "{:.2f}"),
+                         _ci(c["train_objective_recon_nats"], "{:.2f}"), _ci(kl_w, "{:.2f}"),
+                         f"{beta:.3g}" if np.isfinite(beta) else "-", _ci(c["train_elbo_nats"], "{:.2f}"),
+                         _ci(c["train_elbo_recon_nats"], "{:.2f}"), _ci(c["train_elbo_kl_nats"], "{:.2f}")])
+    out += ["## Per route and side (mean [95 % t-interval] over seeds)\n", markdown_table(head, rows), ""]
+    head = ["route", "quantity", "gap: continued - reference (nats) [95 % paired t]", "per seed", "p", "p (Holm)",
+            "verdict"]
+    rows = []
+    for route, r in s["routes"].items():
+        for q, g in r.get("gap", {}).items():
+            rows.append([route, "objective" if q == "train_objective_nats" else "-ELBO",
+                         _ci((g["mean"], g["lo"], g["hi"]), "{:+.2f}"),
+                         ", ".join(f"{x:+.2f}" for x in g["per_seed"]),
+                         f"{g['p']:.3g}" if np.isfinite(g["p"]) else "-",
+                         f"{g['p_holm']:.3g}" if "p_holm" in g else "-", _verdict(g)])
+    out += ["## Can selection by the objective find the digits? (guided-reference gap)\n",
+            "Gap > 0: the reference (next to the digit partition) has the lower (better) objective, so selection "
+            "by the objective can find the digits; < 0: the objective prefers what the unsupervised restarts found "
+            "(both sides continued alike, paired by seed). "
+            f"Holm's adjustment runs over the {len(s['holm_family'])} gaps of this table (family-wise 5 %).\n",
+            markdown_table(head, rows), ""]
+    head = ["route", "selected restart (lowest objective among continued)", "cluster acc [Wilson]", "per-dim min [Wilson]",
+            "lowest objective among restarts + references"]
+    rows = []
+    for route, r in s["routes"].items():
+        if "selected" not in r:
+            continue
+        b, pool = r["selected"], r.get("selected_from_pool", {})
+        rows.append([route, f"seed {b['seed']} ({b['train_objective_nats']:.2f} nats)",
+                     f"{b['cluster_accuracy']:.3f} [{b['cluster_accuracy_wilson'][0]:.3f}, "
+                     f"{b['cluster_accuracy_wilson'][1]:.3f}]",
+                     f"{b['per_dim_accuracy_min']:.3f} [{b['per_dim_accuracy_min_wilson'][0]:.3f}, "
+                     f"{b['per_dim_accuracy_min_wilson'][1]:.3f}]",
+                     f"{pool.get('side')} seed {pool.get('seed')} (cluster acc {pool.get('cluster_accuracy', 0):.3f})"])
+    out += ["## What the objective selects\n",
+            "Wilson intervals over the 3,600 test pairs; the pairs reuse 600 source digits, so these intervals are "
+            "narrower than the spread over source digits would give.\n", markdown_table(head, rows), ""]
+    base = s.get("baseline_route")
+    rows = []
+    for route, r in s["routes"].items():
+        for side, ch in r.get(f"change_vs_{base}", {}).items():
+            for q, w in ch.items():
+                rows.append([route, side, q, _ci((w["mean"], w["lo"], w["hi"]), "{:+.3f}"),
+                             f"{w['p']:.3g}" if np.isfinite(w["p"]) else "-"])
+    if rows:
+        out += [f"## What each route changes against `{base}` (Welch 95 % interval of the difference of means)\n",
+                "Not adjusted for multiplicity: read as estimates with their spread; an interval excluding 0 at "
+                f"this many comparisons ({len(rows)}) is a lead, not a finding, unless its p survives Holm.\n",
+                markdown_table(["route", "side", "metric", f"route - {base}", "p"], rows), ""]
+    head = ["route", "side", "seed", "model", "train objective", "recon", "KL", "train -ELBO", "ELBO recon", "ELBO KL",
+            "test objective", "cluster acc", "dim1", "dim2", "train s"]
+    rows = []
+    for route, r in s["routes"].items():
+        for side, sd in r["sides"].items():
+            for row in sd["rows"]:
+                rows.append([route, side, row["seed"], f"`{row['model']}`", row["train_objective_nats"],
+                             row["train_objective_recon_nats"], row["train_objective_kl_nats"], row["train_elbo_nats"],
+                             row["train_elbo_recon_nats"], row["train_elbo_kl_nats"], row["test_objective_nats"],
+                             row["cluster_accuracy"], row["dim1_accuracy"], row["dim2_accuracy"],
+                             row.get("train_wall_s") or float("nan")])
+    out += ["## Every model\n", markdown_table(head, rows), ""]
+    missing = [k for r in s["routes"].values() for k in r["missing"]]
+    if missing:
+        out += [f"Missing (not trained or not evaluated): {', '.join(missing)}\n"]
+    out += ["![accuracy and gap per route](routes.png)\n"]
+    return "\n".join(out)
+
+
+def routes_figure(s: dict, path):
+    """Left: test cluster accuracy per route and side (one dot per seed); right: the objective gap per seed with
+    its paired 95 % t-interval."""
+    from raymanifold.analysis.plotting import pyplot as _plt
+
+    plt = _plt()
+    routes = list(s["routes"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {"unsupervised": "tab:cyan", "continued": "tab:blue", "guided": "tab:green", "reference": "tab:orange"}
+    for i, route in enumerate(routes):
+        for j, (side, sd) in enumerate(s["routes"][route]["sides"].items()):
+            xs = [i + 0.18 * (j - 1.5)] * len(sd["rows"])
+            axes[0].scatter(xs, [r["cluster_accuracy"] for r in sd["rows"]], color=colours.get(side, "k"),
+                            label=side if i == 0 else None, s=18)
+        g = s["routes"][route].get("gap", {}).get("train_objective_nats")
+        if g:
+            axes[1].scatter([i] * len(g["per_seed"]), g["per_seed"], color="tab:purple", s=18)
+            if np.isfinite(g["lo"]):
+                axes[1].errorbar([i], [g["mean"]], yerr=[[g["mean"] - g["lo"]], [g["hi"] - g["mean"]]], fmt="_",
+                                 color="k", capsize=6)
+    axes[0].axhline(0.95, color="grey", ls=":", lw=0.8)
+    axes[0].set(xticks=range(len(routes)), xticklabels=routes, ylabel="test cluster accuracy", ylim=(0, 1.02),
+                title="accuracy per seed")
+    axes[0].legend(fontsize=8)
+    axes[1].axhline(0, color="grey", lw=0.8)
+    axes[1].set(xticks=range(len(routes)), xticklabels=routes, ylabel="gap (nats per pair)",
+                title="continued - reference objective (> 0: the digits win)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_routes(folder, summary: dict):
+    d = Path(folder)
+    write_json(d / "routes.json", summary)
+    routes_figure(summary, d / "routes.png")
+    (d / "routes.md").write_text(routes_markdown(summary))
+
+
+def routes_console(s: dict) -> str:
+    lines = []
+    for route, r in s["routes"].items():
+        for side, sd in r["sides"].items():
+            lines.append(f"  {route:12s} {side:12s} cluster acc {_ci(sd['mean_ci']['cluster_accuracy'])}  "
+                         f"objective {_ci(sd['mean_ci']['train_objective_nats'], '{:.2f}')}")
+        for q, g in r.get("gap", {}).items():
+            lines.append(f"  {route:12s} gap {q}: {_ci((g['mean'], g['lo'], g['hi']), '{:+.2f}')} ({_verdict(g)})")
+    return "\n".join(lines)

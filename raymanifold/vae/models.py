@@ -200,6 +200,7 @@ class GridVAE(nn.Module):
         self.pose_per_tile = POSE_DIMS if pose == "affine" else 0
         self.pose_scale = pose_scale
         self.pose_kl = None
+        self.kl_bank = None  # (mu, logvar) of earlier training examples for model.kl_queue (not a weight)
         enc_dim = latent_dim + self.pose_per_tile * encoder_tiles
         if encoder_tiles == 1:
             self.encoder = Encoder(ch, h, w, enc_dim, width, stem_stride, channel_mult)

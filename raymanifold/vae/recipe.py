@@ -39,10 +39,22 @@ geometric corruption). The encoder has to infer from T(x) what the decoder
 needs to redraw x, so it cannot rely on nuisance detail (slant, thickness,
 position) that T changes: it is pushed towards the identity of the digit.
 Evaluation, encode and decode never deform.
+
+Issue #28's routes within the paper's method (defaults keep every earlier config):
+
+* ``binarize: dynamic``: each training batch is drawn afresh as x_b ~ Bernoulli(x) (Salakhutdinov and Murray,
+  2008) and both the encoder and the reconstruction term see x_b, so -log p(x_b|z) is a proper discrete
+  likelihood (on grey levels the continuous BCE lacks a logit-dependent normaliser); evaluation uses one fixed
+  draw per split.
+* ``kl_estimate: batch`` with ``kl_queue: Q``: the aggregate posterior q(z) of Eq. 25's "large batch" is estimated
+  over the batch and the posteriors of the last Q training examples (a FIFO kept on the network, no gradient
+  through it; reset when a run resumes), M = B + Q components; Q must hold at least one batch.
+* ``init_from``: start from another gridvae checkpoint's weights (a continuation, e.g. the guided reference).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -50,8 +62,8 @@ from raymanifold.schema import ConfigError, param
 from raymanifold.data.augment import random_affine, random_thickness
 from raymanifold.recipes import Recipe
 from raymanifold.vae.elbo import (  # noqa: F401  (re-exported: the objective's terms)
-    beta_at, guided_centres, guided_columns, kl_per_example, kl_terms, label_columns, recon_nats, sigma0_at,
-    unguided)
+    beta_at, binarize, guided_centres, guided_columns, kl_per_example, kl_terms, label_columns, push_bank,
+    recon_nats, sigma0_at, unguided)
 from raymanifold.vae.models import CHANNEL_MULT, STEM_STRIDES, GridVAE
 
 PRIORS = ("normal", "grid_mixture", "nearest")
@@ -59,6 +71,7 @@ GUIDANCE = ("none", "full", "partial")
 KL_ESTIMATES = ("sample", "batch")
 POSES = ("none", "affine")
 DECODERS = ("resnet", "prototype")
+BINARIZE = ("none", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -120,11 +133,22 @@ class GridVAEModelConfig:
                              help="grid_mixture only: 'sample' = log q(z|x) - log p(z) per example (ELBO); "
                                   "'batch' = log q(z) - log p(z) with the aggregate posterior q(z) estimated "
                                   "over the batch")
+    kl_queue: int = param(0, lo=0, hi=1_000_000,
+                          help="kl_estimate 'batch': also use the posteriors of this many earlier training examples "
+                               "(a FIFO queue, no gradient) in the aggregate-posterior estimate, so it runs over "
+                               "batch + queue posteriors; 0 = the batch alone. Must be >= train.batch_size")
+    binarize: str = param("none", choices=BINARIZE,
+                          help="'dynamic': every training batch is binarised afresh, x ~ Bernoulli(pixel) "
+                               "(evaluation uses one fixed draw per split), so the Bernoulli decoder is a proper "
+                               "likelihood; 'none': grey levels as they are (continuous BCE)")
     guidance: str = param("none", choices=GUIDANCE, help="none | full | partial (Sec. 4.2.2)")
     guided_labels: tuple[str, ...] = param((), help="label columns guiding latent dims 0..m-1, in order")
     guidance_steps: int = param(0, lo=0, help="guide only the first N optimizer steps, then train on the "
                                               "unsupervised ELBO (labels ignored): a guided start; 0 = guide "
                                               "every step")
+    init_from: Optional[str] = param(None, help="start from the weights of this gridvae checkpoint (path or "
+                                                 "runs:/<id>) with the same network; read whenever the model is "
+                                                 "built, so give a runs:/ URI to make the run portable")
     eval_points: int = param(5000, lo=100, hi=1_000_000, help="examples encoded by evaluate()")
     encoder_augment: EncoderAugmentConfig = param(
         default_factory=EncoderAugmentConfig,
@@ -164,6 +188,10 @@ class GridVAEModelConfig:
         if self.kl_estimate == "batch" and self.prior != "grid_mixture":
             raise ConfigError(f"model.kl_estimate: 'batch' applies to prior 'grid_mixture' only, "
                               f"got prior {self.prior!r}; use kl_estimate: sample")
+        if self.kl_queue and self.kl_estimate != "batch":
+            raise ConfigError(f"model.kl_queue: a queue of {self.kl_queue} posteriors feeds the aggregate-posterior "
+                              f"KL of model.kl_estimate 'batch', got kl_estimate {self.kl_estimate!r}; set "
+                              "kl_estimate: batch or kl_queue: 0")
         if (self.sigma0_start > 0) != (self.sigma0_anneal > 0):
             raise ConfigError(f"model.sigma0_anneal: annealing needs both model.sigma0_start > 0 and "
                               f"model.sigma0_anneal > 0 steps, got sigma0_start={self.sigma0_start}, "
@@ -232,6 +260,9 @@ def validate(cfg):
     if shape[2] % (4 * m.encoder_tiles):
         raise ConfigError(f"model.encoder_tiles: the image width {shape[2]} of {cfg.data.name!r} must split into "
                           f"{m.encoder_tiles} tiles of a width divisible by 4")
+    if m.kl_queue and m.kl_queue < cfg.train.batch_size:
+        raise ConfigError(f"model.kl_queue: {m.kl_queue} is smaller than train.batch_size ({cfg.train.batch_size}); "
+                          f"the queue must hold at least one batch (>= {cfg.train.batch_size}), or 0 for none")
     tiles = m.encoder_augment.tiles
     if shape[2] % tiles:
         raise ConfigError(f"model.encoder_augment.tiles: the image width {shape[2]} of {cfg.data.name!r} is not "
@@ -256,10 +287,41 @@ def validate(cfg):
                               f"need centres {lo[j]}..{lo[j] + k - 1}, but the grid is [{lo[j]}, {hi[j]}]")
 
 
+#: model fields that fix the network's weights' shapes (``model.init_from`` must match them)
+NETWORK_FIELDS = ("latent_dim", "width", "stem_stride", "channel_mult", "encoder_tiles", "pose", "decoder")
+
+
 def build(cfg) -> torch.nn.Module:
     m = cfg.model
-    return GridVAE(input_shape(cfg), m.latent_dim, m.width, m.stem_stride, m.channel_mult, m.encoder_tiles, m.pose,
-                   m.pose_scale, m.decoder, list(range(m.grid_min[0], m.grid_max[0] + 1)), m.sigma0)
+    model = GridVAE(input_shape(cfg), m.latent_dim, m.width, m.stem_stride, m.channel_mult, m.encoder_tiles, m.pose,
+                    m.pose_scale, m.decoder, list(range(m.grid_min[0], m.grid_max[0] + 1)), m.sigma0)
+    if m.init_from:
+        load_init(model, m.init_from, cfg)
+    return model
+
+
+def load_init(model: GridVAE, uri: str, cfg) -> None:
+    """Copy the weights of the gridvae checkpoint ``uri`` into ``model`` (``model.init_from``); the network fields
+    and the data shape must match, else a ConfigError naming the field."""
+    from raymanifold import checkpoint as ckpt
+    from raymanifold import data as rdata
+
+    try:
+        state = ckpt.load(ckpt.resolve(uri))
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"model.init_from: {exc}") from None
+    if state.get("family") != "gridvae":
+        raise ConfigError(f"model.init_from: {uri!r} is a {state.get('family')!r} checkpoint, not 'gridvae'")
+    src = state["config"]
+    for k in NETWORK_FIELDS:
+        a, b = src["model"].get(k), getattr(cfg.model, k)
+        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            raise ConfigError(f"model.init_from: the checkpoint's model.{k} is {a!r}, this config's is {b!r} ({uri})")
+    shape = rdata.shape_of(src["data"]["name"], src["data"].get("image_size", 0))
+    if tuple(shape) != tuple(input_shape(cfg)):
+        raise ConfigError(f"model.init_from: the checkpoint was trained on images of shape {tuple(shape)}, this "
+                          f"config's data gives {tuple(input_shape(cfg))} ({uri})")
+    model.load_state_dict(state["ema"] or state["model"])
 
 
 
@@ -271,6 +333,8 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
     x = batch[0]
     y = batch[1] if len(batch) > 1 else None
     net = getattr(model, "module", model)
+    if cfg.model.binarize == "dynamic":  # a fresh Bernoulli draw of the batch, drawn before the other noise
+        x = binarize(x, generator)
     eps = torch.randn((x.shape[0], getattr(net, "noise_dim", cfg.model.latent_dim)),
                       generator=generator).to(x.device, x.dtype)
     aug = cfg.model.encoder_augment
@@ -290,7 +354,10 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
     kl_cfg = cfg
     if cfg.model.guidance_steps and step > cfg.model.guidance_steps:  # after a guided start: the plain ELBO
         kl_cfg, y = unguided(cfg), None
-    kl = kl_per_example(kl_cfg, mu, logvar, z, y, s0)
+    bank = getattr(net, "kl_bank", None) if cfg.model.kl_queue else None
+    kl = kl_per_example(kl_cfg, mu, logvar, z, y, s0, bank=bank)
+    if cfg.model.kl_queue and model.training:  # the queue of earlier posteriors (training batches only)
+        net.kl_bank = push_bank(bank, mu, logvar, cfg.model.kl_queue)
     if cfg.model.pose != "none":  # the pose latent's KL to N(0, I), part of the same ELBO
         kl = kl + net.pose_kl
     kl = kl.mean()
