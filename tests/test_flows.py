@@ -460,7 +460,7 @@ def test_odd_level_sizes_halve_with_a_3x3_conv_and_mirror_back():
     assert m.super_resolve(torch.rand(2, 1, 7, 7), n_per=2).shape == (4, 1, 28, 28)
     with pytest.raises(ValueError, match="image_size.*flow_levels"):
         check_sizes(28, 3, 1, 2)  # the 7x7 level's latent (4x4) cannot be squeezed twice... 14x14 cannot either
-    cfg = load_config("jobs/configs/flow_mnist5k.yaml")
+    cfg = load_config("jobs/configs/train/flow_mnist5k.yaml")
     assert (cfg.data.name, cfg.data.image_size, cfg.model.levels) == ("mnist5k", 28, 3)
 
 

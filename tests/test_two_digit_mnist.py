@@ -378,14 +378,14 @@ def test_routes_study_refuses_a_queue_smaller_than_the_batch_before_any_work(tmp
     from raymanifold.cli import main
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(Path("jobs/configs/gridvae_two_digit_mnist_route_bin_queue.yaml").read_text()
+    bad.write_text(Path("jobs/configs/train/gridvae_two_digit_mnist_route_bin_queue.yaml").read_text()
                    .replace("kl_queue: 512", "kl_queue: 32"))
     rc = main(["study", "gridvae-routes", "--route", f"q={bad}", "--no-ray", "--out", str(tmp_path / "out")])
     assert rc == 2
     err = capsys.readouterr().err
     assert "model.kl_queue: 32 is smaller than train.batch_size (64)" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.runs.json").exists()
-    rc = main(["study", "gridvae-routes", "--route", "b=jobs/configs/gridvae_two_digit_mnist_route_bin.yaml",
+    rc = main(["study", "gridvae-routes", "--route", "b=jobs/configs/train/gridvae_two_digit_mnist_route_bin.yaml",
                "--report-only", "--ledger", str(tmp_path / "none.json"), "--out", str(tmp_path / "out")])
     assert rc == 2 and "--report-only" in capsys.readouterr().err
 
@@ -399,7 +399,7 @@ def test_routes_study_end_to_end_in_process(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     route = tmp_path / "route.yaml"
-    route.write_text(Path("jobs/configs/gridvae_two_digit_mnist_route_bin_queue.yaml").read_text()
+    route.write_text(Path("jobs/configs/train/gridvae_two_digit_mnist_route_bin_queue.yaml").read_text()
                      .replace("two_digit_mnist\n", "two_digit\n").replace("kl_queue: 512", "kl_queue: 16"))
     sets = []
     for s in ["train.steps=4", "train.batch_size=8", "train.checkpoint_every=4", "model.kl_warmup=4",

@@ -48,7 +48,7 @@ def register(sub, study_sub):
     add_common(p)
     p.add_argument("--model", default=None,
                    help="trained phase-2 flow checkpoint (path or runs:/<id>); default: train both phases of --config")
-    p.add_argument("--config", default="jobs/configs/flow_mnist5k.yaml",
+    p.add_argument("--config", default="jobs/configs/train/flow_mnist5k.yaml",
                    help="hierarchical model config to train when no --model is given (phase 1, then phase 2)")
     p.add_argument("--phase2-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override only for phase 2 (flows)")

@@ -45,7 +45,7 @@ def register(sub, study_sub):
                                   "own objective; guided-reference gaps with intervals")
     p.add_argument("--route", action="append", default=[], metavar="NAME=CONFIG",
                    help="a route: a two_digit(_mnist) gridvae config (repeatable; default: the four "
-                        "jobs/configs/gridvae_two_digit_mnist_route_*.yaml, base first: the others are compared "
+                        "jobs/configs/train/gridvae_two_digit_mnist_route_*.yaml, base first: the others are compared "
                         "with the first route given)")
     p.add_argument("--seeds", default="0,1,2", help="training seeds of every side (default 0,1,2)")
     p.add_argument("--sides", default=",".join(ROUTE_SIDES),
@@ -173,7 +173,7 @@ def cmd_routes(args) -> int:
 
     set_threads(args)
     try:
-        routes = R.parse_routes(args.route or [f"{r}=jobs/configs/gridvae_two_digit_mnist_route_{r}.yaml"
+        routes = R.parse_routes(args.route or [f"{r}=jobs/configs/train/gridvae_two_digit_mnist_route_{r}.yaml"
                                                for r in DEFAULT_ROUTES])
         seeds, sides = R.parse_seeds(args.seeds), R.parse_sides(args.sides)
     except R.RoutesError as exc:
