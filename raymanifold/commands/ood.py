@@ -40,6 +40,9 @@ def register(sub, study_sub):
                    help="how each scoring job runs on Ray Data (auto: by its estimated work, docs/ray.md)")
     p.add_argument("--seed", type=int, default=b.seed)
     add_training_options(p, threads=1)
+    p.add_argument("--scores-from", default=None, metavar="DIR",
+                   help="an earlier report folder of this study: roles given with the same model URI whose rows "
+                        "were built alike read its scores instead of scoring again (the report says which)")
     p.add_argument("--out", default="reports/ood")
     p.set_defaults(func=cmd_ood)
 
@@ -84,6 +87,7 @@ def cmd_ood(args) -> int:
         given = study.parse_models(args.model)
         p = study.plan(budget, given, overrides, load_config=lambda path, ov: load_config(find_config(path), ov),
                        load_model=runs.load)
+        reuse = study.reusable_scores(args.scores_from, p) if args.scores_from else None
     except study.StudyError as exc:
         raise UsageError(str(exc)) from None
     uri_store = tracking.resolve_uri(args.tracking_uri)
@@ -103,10 +107,10 @@ def cmd_ood(args) -> int:
     out = Path(args.out)
     with report_dir(out) as tmp:
         res = study.run(p, train=train, load_model=runs.load, score=score, out_dir=tmp,
-                        say=lambda text: print(f"[ood] {text}", flush=True))
+                        say=lambda text: print(f"[ood] {text}", flush=True), reuse=reuse)
         report.write(tmp, res)
     config = {"budget": res["budget"], "models": {r: m["uri"] for r, m in res["models"].items()},
-              "compute": args.compute}
+              "compute": args.compute, "scores_from": args.scores_from}
     runs.log_study("study_ood", study.EXPERIMENT, config, report.summary_metrics(res), out,
                    tracking_uri=args.tracking_uri, tags={"study": "ood"})
     print("\n".join((out / "ood.md").read_text().splitlines()[:40]))

@@ -250,7 +250,9 @@ def write(folder: Path, res: dict):
            "## Per-set histograms\n", "![histograms](histograms.png)\n",
            "## Scoring jobs (Ray Data)\n",
            markdown_table(["role", "rows", "compute", "why", "workers", "wall (s)"],
-                          [[r, j["rows"], j["compute"], j["compute_reason"], j["workers"], j["wall_s"]]
+                          [[r, j["rows"], j["compute"], j["compute_reason"]
+                            + (f" (scores reused from `{j['reused_from']}`, wall time of that job)"
+                               if j.get("reused_from") else ""), j["workers"], j["wall_s"]]
                            for r, j in res["jobs"].items()]), "",
            "## Run\n", *(f"- {k}: {v}" for k, v in info.items()), ""]
     (folder / "ood.md").write_text("\n".join(md))
