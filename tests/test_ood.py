@@ -413,6 +413,21 @@ def test_a_study_reuses_an_earlier_reports_scores_only_for_the_same_rows(tiny, t
     assert sorted(study.reusable_scores(first, p3)) == ["glow"]
 
 
+def test_no_ray_scores_in_this_process_with_the_ray_jobs_columns(tiny, tmp_path, tracking_uri):
+    """--no-ray: the study scores with the same Scorer in the driver (no Ray Data job) and writes the report."""
+    import json
+
+    out = tmp_path / "rep"
+    rc = main(["study", "ood", "--no-ray", "--model", f"glow={tiny['glow']}", "--detectors", "glow.log_px",
+               "--sets", "noise,constant", "--n", "20", "--n-reference", "20", "--resamples", "100",
+               "--batch-size", "7", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "ood.json").read_text())
+    assert res["jobs"]["glow"]["compute"] == "in-process" and res["jobs"]["glow"]["rows"] == 80
+    t = pq.read_table(out / "scores" / "glow").to_pydict()
+    assert sorted(t["id"]) == list(range(80)) and np.isfinite(t["log_px"]).all() and "sec_glow" in t
+
+
 def test_a_failing_study_leaves_no_report(tiny, tmp_path, monkeypatch, capsys, tracking_uri):
     import raymanifold.distributed.scoring as dscoring
 

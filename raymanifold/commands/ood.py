@@ -100,9 +100,32 @@ def cmd_ood(args) -> int:
 
     def score(role, uri, dataset, opts, folder):
         spec = scoring.DataSpec("dataset", f"ood-sets:{role}")
+        if args.no_ray:
+            return score_here(scoring.prepare(uri, spec, opts, columns="ood", dataset=dataset), folder)
         prep = scoring.prepare(uri, spec, opts, columns="ood", dataset=dataset, time_rows=16)
         return score_to_parquet(prep, spec, str(folder), batch_size=budget.batch_size, seed=budget.seed,
                                 address=args.address, tracking_uri=uri_store, compute=args.compute)
+
+    def score_here(prep, folder):
+        """--no-ray: the Ray Data job's Scorer over the same batches (same rows, seeds and columns; tested equal)
+        in this process, written as the same Parquet."""
+        import time
+
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from raymanifold.distributed.scoring import ScoreResult
+
+        t0 = time.perf_counter()
+        sc = scoring.Scorer(prep.model_bytes, prep.source, prep.opts, seed=budget.seed, threads=1, columns="ood")
+        n, bs = prep.n_rows, budget.batch_size
+        rows = [sc(scoring.dataset_rows(prep.dataset, i, min(i + bs, n))) for i in range(0, n, bs)]
+        Path(folder).mkdir(parents=True)
+        pq.write_table(pa.table({k: np.concatenate([r[k] for r in rows]) for k in rows[0]}),
+                       Path(folder) / "scores-00000.parquet")
+        return ScoreResult(str(folder), n, n, n, time.perf_counter() - t0, 1, ["this process"], "in-process",
+                           "--no-ray: the Scorer in a plain loop in the driver")
 
     out = Path(args.out)
     with report_dir(out) as tmp:
