@@ -40,9 +40,10 @@ def register(sub, study_sub):
                    help="how each scoring job runs on Ray Data (auto: by its estimated work, docs/ray.md)")
     p.add_argument("--seed", type=int, default=b.seed)
     add_training_options(p, threads=1)
-    p.add_argument("--scores-from", default=None, metavar="DIR",
-                   help="an earlier report folder of this study: roles given with the same model URI whose rows "
-                        "were built alike read its scores instead of scoring again (the report says which)")
+    p.add_argument("--scores-from", action="append", default=[], metavar="DIR",
+                   help="an earlier report folder of this study (repeatable; the first that has a role wins): roles "
+                        "given with the same model URI whose rows were built alike read its scores instead of "
+                        "scoring again (the report says which)")
     p.add_argument("--out", default="reports/ood")
     p.set_defaults(func=cmd_ood)
 
@@ -87,7 +88,9 @@ def cmd_ood(args) -> int:
         given = study.parse_models(args.model)
         p = study.plan(budget, given, overrides, load_config=lambda path, ov: load_config(find_config(path), ov),
                        load_model=runs.load)
-        reuse = study.reusable_scores(args.scores_from, p) if args.scores_from else None
+        reuse = {}
+        for folder in args.scores_from:
+            reuse = {**study.reusable_scores(folder, p), **reuse}
     except study.StudyError as exc:
         raise UsageError(str(exc)) from None
     uri_store = tracking.resolve_uri(args.tracking_uri)
