@@ -248,7 +248,7 @@ def write(folder: Path, res: dict):
                             f"`{c['best_detector']}` ({c['best_detector_mean_auroc']:.3f})"]
                            for r, c in res["calibration"].items()]), "",
            "## Per-set histograms\n", "![histograms](histograms.png)\n",
-           "## Scoring jobs (Ray Data)\n",
+           "## Scoring jobs (Ray Data; `--no-ray`: in the driver)\n",
            markdown_table(["role", "rows", "compute", "why", "workers", "wall (s)"],
                           [[r, j["rows"], j["compute"], j["compute_reason"]
                             + (f" (scores reused from `{j['reused_from']}`, wall time of that job)"

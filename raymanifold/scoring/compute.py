@@ -21,7 +21,9 @@ from typing import Optional
 
 COMPUTES = ("auto", "actors", "tasks")
 
-#: single-thread seconds of scoring work per job above which actors are chosen (benchmarks/scoring_compute.py)
+#: single-thread seconds of scoring work per job above which actors are chosen. Provisional: tasks measured 31-34 s
+#: faster per 2,000-row job under load, but no larger actor job finished on the loaded machine, so the crossover of
+#: benchmarks/scoring_compute.py is still to be measured on an idle one (docs/ray.md, "Tasks or actors: the rule")
 CROSSOVER_WORK_S = 60.0
 
 
