@@ -9,6 +9,20 @@ import numpy as np
 import torch
 
 
+def finite_scores(in_scores, out_scores, *, name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
+    """Both groups as float64 (1-D) with the one policy for non-finite scores: NaN and -inf below every finite
+    score, +inf above. ValueError naming ``name`` when a group is empty."""
+    a = np.asarray(in_scores, dtype=np.float64).ravel()
+    b = np.asarray(out_scores, dtype=np.float64).ravel()
+    if a.size == 0 or b.size == 0:
+        raise ValueError(f"{name}: both groups need at least one score, got {a.size} and {b.size}")
+    s = np.concatenate([a, b])
+    finite = s[np.isfinite(s)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    s = np.nan_to_num(s, nan=lo - 1, neginf=lo - 1, posinf=hi + 1)
+    return s[:a.size], s[a.size:]
+
+
 def auroc(in_scores, out_scores) -> float:
     """AUROC of separating in-distribution examples (label 1, higher score expected) from others (label 0).
 
@@ -19,16 +33,9 @@ def auroc(in_scores, out_scores) -> float:
     """
     from sklearn.metrics import roc_auc_score
 
-    a = np.asarray(in_scores, dtype=np.float64).ravel()
-    b = np.asarray(out_scores, dtype=np.float64).ravel()
-    if a.size == 0 or b.size == 0:
-        raise ValueError(f"auroc: both groups need at least one score, got {a.size} and {b.size}")
-    s = np.concatenate([a, b])
-    finite = s[np.isfinite(s)]
-    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
-    s = np.nan_to_num(s, nan=lo - 1, neginf=lo - 1, posinf=hi + 1)
+    a, b = finite_scores(in_scores, out_scores, name="auroc")
     y = np.concatenate([np.ones(a.size), np.zeros(b.size)])
-    return float(roc_auc_score(y, s))
+    return float(roc_auc_score(y, np.concatenate([a, b])))
 
 
 def sliced_wasserstein_w1(a, b, n_proj: int = 256, seed: int = 0) -> float:

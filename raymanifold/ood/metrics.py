@@ -27,21 +27,10 @@ from typing import Optional
 
 import numpy as np
 
+from raymanifold.analysis.metrics import finite_scores  # the project's one non-finite policy
+
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 TPR_LEVEL = 0.95
-
-
-def finite_scores(in_scores, out_scores) -> tuple[np.ndarray, np.ndarray]:
-    """Both groups as float64 with non-finite values mapped below / above every finite score (module doc)."""
-    a = np.asarray(in_scores, dtype=np.float64).ravel()
-    b = np.asarray(out_scores, dtype=np.float64).ravel()
-    if a.size == 0 or b.size == 0:
-        raise ValueError(f"scores: both groups need at least one score, got {a.size} and {b.size}")
-    s = np.concatenate([a, b])
-    finite = s[np.isfinite(s)]
-    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
-    s = np.nan_to_num(s, nan=lo - 1, neginf=lo - 1, posinf=hi + 1)
-    return s[:a.size], s[a.size:]
 
 
 def _labelled(a, b):
