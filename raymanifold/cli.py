@@ -43,14 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
         if info.name.startswith("_"):
             continue
         mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        mod.register(sub, study_sub)
+        if hasattr(mod, "register"):  # helpers (options, study) register nothing
+            mod.register(sub, study_sub)
+    for sp in _subparsers(parser):
+        sp.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
     return parser
+
+
+def _subparsers(parser):
+    """Every sub-parser of ``parser`` (commands and ``study`` sub-commands)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                yield sp
+                yield from _subparsers(sp)
 
 
 #: commands that write nothing under the output root (no start-up line naming it; serve's first line is its own)
 NO_ROOT_LINE = ("list", "compare", "serve")
 #: option names (argparse dests) that name input files or folders; see :func:`_absolute_inputs`
-INPUT_DESTS = ("config", "glow_config", "config_dir", "model", "ddpm", "data", "ood", "classifier", "reference")
+INPUT_DESTS = ("config", "glow_config", "config_dir", "model", "ddpm", "data", "ood", "classifier", "reference",
+               "guided_reference")
 
 
 def _absolute_inputs(args) -> None:
@@ -59,11 +72,21 @@ def _absolute_inputs(args) -> None:
     they keep meaning the caller's files. Outputs (``--out``) stay relative and land in the home."""
     from raymanifold.paths import absolute, is_uri
 
-    for dest, value in vars(args).items():
-        if not (dest in INPUT_DESTS or dest.startswith("model_")) or not isinstance(value, str) or not value:
-            continue
+    def fix(value: str) -> str:
         if not is_uri(value) and not os.path.isabs(value) and os.path.exists(value):
-            setattr(args, dest, absolute(value))
+            return absolute(value)
+        role, sep, rest = value.partition("=")  # --model ROLE=PATH
+        if sep and rest and not is_uri(rest) and not os.path.isabs(rest) and os.path.exists(rest):
+            return f"{role}={absolute(rest)}"
+        return value
+
+    for dest, value in vars(args).items():
+        if not (dest in INPUT_DESTS or dest.startswith(("model_", "deprecated_"))) or not value:
+            continue
+        if isinstance(value, str):
+            setattr(args, dest, fix(value))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            setattr(args, dest, [fix(v) for v in value])
 
 
 def version() -> str:
@@ -100,7 +123,12 @@ def main(argv=None) -> int:
         if str(home) != start:
             _absolute_inputs(args)
             os.chdir(home)
-        rc = args.func(args)
+        from raymanifold.commands.study import DryRun
+
+        try:
+            rc = args.func(args)
+        except DryRun:  # --dry-run: the plan is printed
+            rc = 0
     except _expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
