@@ -46,8 +46,40 @@ def build_parser() -> argparse.ArgumentParser:
         if hasattr(mod, "register"):  # helpers (options, study) register nothing
             mod.register(sub, study_sub)
     for sp in _subparsers(parser):
-        sp.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
+        sp.formatter_class = DefaultsFormatter  # every --help shows the defaults
     return parser
+
+
+def _shows_default(action) -> bool:
+    return (bool(action.option_strings) and action.default not in (None, False, [], "", argparse.SUPPRESS)
+            and action.help != argparse.SUPPRESS)
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` with each option's default, unless its help already names it ("default ...")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not _shows_default(action) or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+    def _format_action(self, action):
+        if action.help is None and _shows_default(action):
+            action.help = ""  # an option without help still shows its default
+            try:
+                return super()._format_action(_with_help(action, self._get_help_string(action)))
+            finally:
+                action.help = None
+        return super()._format_action(action)
+
+
+def _with_help(action, text):
+    import copy
+
+    a = copy.copy(action)
+    a.help = text
+    return a
 
 
 def _subparsers(parser):
