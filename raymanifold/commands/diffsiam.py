@@ -11,6 +11,12 @@ from __future__ import annotations
 import contextlib
 
 from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, set_threads, stage
+from raymanifold.commands.options import Deprecated, Role, add_options, parse_options
+
+EDIT_ROLES = {"diffsiam": Role("diffsiam", help="the trained DiffSiam model edited")}
+#: the edits study trains nothing and runs in this process: these flags never had an effect
+EDIT_OLD = (Deprecated("--no-ray", dead=True, switch=True), Deprecated("--set", dead=True),
+            Deprecated("--address", dead=True))
 
 
 def register(sub, study_sub):
@@ -40,13 +46,12 @@ def register(sub, study_sub):
 
     p = study_sub.add_parser("diffsiam-edits", help="counterfactuals per segment group (Alg. 2) and attribute "
                                                     "manipulation (Alg. 3) on shapes, judged by a factor classifier")
-    p.add_argument("--model", required=True, help="trained diffsiam checkpoint (path or runs:/<id>)")
     p.add_argument("--pairs", type=int, default=48)
     p.add_argument("--dt", type=int, default=50, help="DDIM step (T/dt network passes per inversion or decode)")
     p.add_argument("--classifier-steps", type=int, default=600)
     p.add_argument("--d-sparse", type=int, default=8, help="non-zero weights of each attribute direction")
-    add_training_options(p)
-    p.add_argument("--out", default="reports/diffsiam_edits")
+    add_options(p, roles=EDIT_ROLES, out="reports/diffsiam_edits", trains=False, ray=False, seed=False,
+                model_required=True, deprecated=EDIT_OLD)
     p.set_defaults(func=cmd_edits)
 
 
@@ -106,32 +111,24 @@ def cmd_probes(args) -> int:
 
 
 def cmd_edits(args) -> int:
-    from raymanifold import runs
+    from raymanifold.commands.study import Study
     from raymanifold.config import to_dict
-    from raymanifold.reports import report_dir
     from raymanifold.ssl import edits_study as E
     from raymanifold.ssl import study_report
 
-    set_threads(args)
-    apply_common(args)
+    opts = parse_options(args, roles=EDIT_ROLES, deprecated=EDIT_OLD)
     for name, val in (("--pairs", args.pairs), ("--dt", args.dt), ("--d-sparse", args.d_sparse)):
         if val < 1:
             raise UsageError(f"{name}: must be >= 1, got {val}")
-    stage(1, 2, f"loading {args.model}; counterfactuals and manipulation")
+    st = Study("diffsiam-edits", "diffsiam", "diffsiam", opts, stages=2)
+    uri = st.given("diffsiam")
+    st.stage(f"loading {uri}; counterfactuals and manipulation")
     with _usage():
-        model, cfg, recipe = runs.load(args.model)
-        if cfg.family != "diffsiam":
-            raise UsageError(f"--model: a {cfg.family!r} run; need a diffsiam model")
+        model, cfg, recipe = st.load("diffsiam", uri, family="diffsiam", stage=False)
         res = E.edits_study(model, cfg, pairs=args.pairs, dt=args.dt, d_sparse=args.d_sparse,
                             classifier_steps=args.classifier_steps)
-    stage(2, 2, f"writing {args.out}")
-    with report_dir(args.out) as tmp:
-        study_report.write_edits(tmp, res, args.model)
-    flat = {f"cf/{r['part'].replace('+', '_')}/{r['segments']}/{r['scale']:.2f}/changed_{n}": r[f"changed_{n}"]["value"]
-            for r in res["counterfactuals"] for n in res["factor_names"]}
-    flat.update({f"edit/{r['attribute']}/{r['lambda']:g}/flip_rate": r["flip_rate"]["value"]
-                 for r in res["manipulation"]})
-    runs.log_study("study_diffsiam_edits", "diffsiam", {"model": args.model, "config": to_dict(cfg)}, flat,
-                   args.out, tracking_uri=args.tracking_uri, tags={"family": "diffsiam", "study": "diffsiam_edits"})
-    print(study_report.edits_markdown(res, args.model))
+    st.stage(f"writing {args.out}")
+    st.finish(args.out, lambda d: study_report.write_edits(d, res, uri), study_report.edits_metrics(res),
+              config={"model": uri, "config": to_dict(cfg)}, params=False)
+    print(study_report.edits_markdown(res, uri))
     return 0
