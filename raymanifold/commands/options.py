@@ -24,7 +24,7 @@ _ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 HELP = {
     "no_ray": "train in this process (raymanifold.training) instead of on Ray Train; still tracked in MLflow",
-    "threads": "torch threads of this process for the study's own computations (0 = torch's default: all cores); "
+    "threads": "torch threads of this process for the study's own computations (0 = all cores, as torch chooses); "
                "training uses the config's ray.cpus_per_worker",
     "num_cpus": "CPUs of an embedded Ray (0 = all of the machine); sets ray.num_cpus of every config trained here",
     "address": "Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray); sets ray.address of every "

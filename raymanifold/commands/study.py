@@ -97,6 +97,25 @@ class Study:
         self.info[f"{key}_train_wall_s"] = round(h.wall_s, 1)
         return h
 
+    def trainer(self, role: str, *, family=None, fresh: Optional[bool] = None, tags: Optional[dict] = None,
+                verbose: bool = True) -> Callable:
+        """``train(cfg) -> RunHandle`` for a role trained as several runs (restarts, arms x seeds, phases, routes),
+        to hand to a family study function: trains like :meth:`train` without a stage line, appends each run's
+        URI to ``info["<role>_runs"]`` and adds its wall time to ``info["<role>_train_wall_s"]``."""
+        def train(cfg, **more_tags):
+            from raymanifold import runs
+
+            if family is not None:
+                self.check_family(role, cfg, family, f"the {role} config {cfg.name!r}")
+            h = runs.train(cfg, backend=self.options.backend, tracking_uri=self.options.tracking_uri,
+                           fresh=self.options.fresh if fresh is None else fresh, verbose=verbose,
+                           tags={"study": self.name, "role": role, **(tags or {}), **more_tags})
+            self.info.setdefault(f"{role}_runs", []).append(h.model_uri)
+            wall = self.info.get(f"{role}_train_wall_s") or 0.0
+            self.info[f"{role}_train_wall_s"] = round(wall + h.wall_s, 1)
+            return h
+        return train
+
     def model(self, role: str, cfg=None, *, family, fresh: Optional[bool] = None, tags: Optional[dict] = None):
         """``(model, cfg, recipe)`` of ``role``: ``--model ROLE=URI`` when given (loaded, family checked), else
         trained from ``cfg`` (family checked before training) and loaded from its checkpoint."""

@@ -4,9 +4,11 @@
 (:mod:`raymanifold.commands.gridvae`) parse arguments and call these; the
 Markdown, JSON and figures are written by :mod:`raymanifold.vae.gridvae_report`.
 
-Models come from checkpoints (path, folder or ``runs:/<id>``) or are trained
-through the run service (:func:`raymanifold.runs.train`: Ray Train, or this
-process with backend ``local``). The two-digit study can train K restarts
+Models come from checkpoints or are trained by the command: these functions get
+``train(cfg) -> (model, cfg, info)`` and ``load(uri) -> (model, cfg)`` as arguments
+(:mod:`raymanifold.commands.gridvae` builds them from its
+:class:`raymanifold.commands.study.Study`), so the family imports no run service.
+The two-digit study can train K restarts
 (seeds ``train.seed .. train.seed+K-1``) and keep the one with the lowest
 unsupervised train loss (negative ELBO, no labels), as KMeans(n_init=K) keeps
 its lowest inertia; on Ray the restarts are one train-time Tune sweep.
@@ -36,23 +38,9 @@ class StudyError(ValueError):
 
 
 # ----------------------------------------------------------------------------- models
-def load(uri: str):
-    """``(model, cfg)`` of a gridvae checkpoint."""
-    from raymanifold import runs
-
-    model, cfg, _ = runs.load(uri)
+def check_gridvae(cfg, what: str = "--model") -> None:
     if cfg.family != "gridvae":
-        raise StudyError(f"--model: needs a gridvae checkpoint, got family {cfg.family!r}")
-    return model, cfg
-
-
-def train(cfg, *, backend: str = "ray", tracking_uri=None) -> tuple:
-    """Train ``cfg`` (fresh) through the run service; returns (model, cfg, {"source", "train_wall_s", "run_id"})."""
-    from raymanifold import runs
-
-    h = runs.train(cfg, backend=backend, tracking_uri=tracking_uri, fresh=True)
-    model, cfg = load(str(h.checkpoint))
-    return model, cfg, {"source": h.model_uri, "train_wall_s": h.wall_s, "run_id": h.run_id}  # loadable
+        raise StudyError(f"{what}: needs a gridvae checkpoint, got family {cfg.family!r}")
 
 
 def summary_line(m: dict, keys) -> str:
@@ -71,9 +59,11 @@ def pick_restart(rows: list) -> dict:
     return best
 
 
-def train_restarts(cfg, restarts: int, *, backend: str = "ray", tracking_uri=None, address=None,
+def train_restarts(cfg, restarts: int, *, train, load, backend: str = "ray", tracking_uri=None, address=None,
                    config_path: str = "") -> tuple:
-    """Train ``restarts`` seeds and keep the best train ELBO. Returns (model, cfg, info, rows)."""
+    """Train ``restarts`` seeds and keep the best train ELBO (``train(cfg) -> (model, cfg, info)`` one after
+    another with backend ``local``; else one Ray Tune sweep, its best checkpoint read by ``load``).
+    Returns (model, cfg, info, rows)."""
     from raymanifold.config import replace
     from raymanifold.vae.evaluation import evaluate_model
 
@@ -83,7 +73,7 @@ def train_restarts(cfg, restarts: int, *, backend: str = "ray", tracking_uri=Non
         rows, kept = [], {}
         for seed in seeds:
             c = replace(cfg, [("train.seed", seed), ("name", f"{cfg.name}_seed{seed}")])
-            model, c, info = train(c, backend="local", tracking_uri=tracking_uri)
+            model, c, info = train(c)
             m = evaluate_model(model, c)["metrics"]
             rows.append({"seed": seed, "model": info["source"], "train_wall_s": info["train_wall_s"],
                          **{k: m.get(k, math.nan) for k in RESTART_KEYS}})
@@ -93,14 +83,14 @@ def train_restarts(cfg, restarts: int, *, backend: str = "ray", tracking_uri=Non
         model, cfg = kept[best["seed"]]
     else:
         model, cfg, rows = _tune_restarts(cfg, seeds, tracking_uri=tracking_uri, address=address,
-                                          config_path=config_path)
+                                          config_path=config_path, load=load)
         best = next(r for r in rows if r["selected"])
     info = {"source": f"{best['model']}, selected from {len(seeds)} restarts by train ELBO",
             "train_wall_s": time.perf_counter() - t0}
     return model, cfg, info, rows
 
 
-def _tune_restarts(cfg, seeds, *, tracking_uri, address, config_path):
+def _tune_restarts(cfg, seeds, *, tracking_uri, address, config_path, load):
     """The restarts as a train-time Ray Tune sweep over train.seed (one Ray Train run per trial, run
     concurrently as far as the CPUs allow), logged to MLflow as a parent run with a child run per restart."""
     from raymanifold import tracking
