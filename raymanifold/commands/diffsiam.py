@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 
-from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, set_threads, stage
+from raymanifold.commands import UsageError, find_config
 from raymanifold.commands.options import Deprecated, Role, add_options, parse_options
+
+PROBE_ROLES = {"ddpm": Role("diffusion", "the config's model.ddpm", help="the frozen DDPM of every arm")}
+PROBE_OLD = (Deprecated("--ddpm", role="ddpm"),)
 
 EDIT_ROLES = {"diffsiam": Role("diffsiam", help="the trained DiffSiam model edited")}
 #: the edits study trains nothing and runs in this process: these flags never had an effect
@@ -24,7 +27,6 @@ def register(sub, study_sub):
                                                      "and few-shot probes of backbone features and z over seeds "
                                                      "(Tables 4.1-4.2 in miniature)")
     p.add_argument("--config", default="jobs/configs/train/diffsiam_shapes.yaml")
-    p.add_argument("--ddpm", default=None, help="frozen DDPM (checkpoint path or runs:/<id>); default: the config's")
     p.add_argument("--arms", "--variants", dest="arms", default="simsiam,hierarchical,simsiam+fullz,hierarchical+additive",
                    help="comma-separated arms: simsiam, hierarchical, sequential, detach, pdae, simsiam+fullz "
                         "(hierarchical with segments 1), hierarchical+spread (k_stride = --spread-stride); suffixes "
@@ -40,8 +42,8 @@ def register(sub, study_sub):
     p.add_argument("--spread-stride", type=int, default=50, help="k_stride of the hierarchical+spread arm (default 50)")
     p.add_argument("--grad-batches", type=int, default=8, help="training batches of the per-term gradient-norm "
                                                                 "diagnostic at the end of each run (default 8)")
-    add_training_options(p)
-    p.add_argument("--out", default="reports/diffsiam_probes")
+    add_options(p, roles=PROBE_ROLES, bare=False, out="reports/diffsiam_probes", fresh=False, seed=False,
+                deprecated=PROBE_OLD)
     p.set_defaults(func=cmd_probes)
 
     p = study_sub.add_parser("diffsiam-edits", help="counterfactuals per segment group (Alg. 2) and attribute "
@@ -77,35 +79,34 @@ def _ints(text: str, what: str) -> list[int]:
 
 def cmd_probes(args) -> int:
     from raymanifold import runs
+    from raymanifold.commands.study import Study
     from raymanifold.config import load_config, to_dict
-    from raymanifold.reports import report_dir
     from raymanifold.ssl import study as S
     from raymanifold.ssl import study_report
 
-    set_threads(args)
+    opts = parse_options(args, roles=PROBE_ROLES, deprecated=PROBE_OLD)
     seeds = _ints(args.seeds, "--seeds")
     arms = [v.strip() for v in args.arms.split(",") if v.strip()]
     for name, val in (("--steps", args.steps), ("--episodes", args.episodes), ("--n-eval", args.n_eval),
                       ("--spread-stride", args.spread_stride), ("--grad-batches", args.grad_batches)):
         if val is not None and val < 1:
             raise UsageError(f"{name}: must be >= 1, got {val}")
-    sets = apply_common(args)
+    sets = list(opts.sets)
     base = load_config(find_config(args.config), [*sets, "model.variant=simsiam", "model.ddpm="])
-    stage(1, 2, f"training and probing {len(arms)} arms x {len(seeds)} seeds "
-                f"({args.steps or base.train.steps} steps each, {'in-process' if args.no_ray else 'Ray Train'})")
+    ddpm = opts.models.get("ddpm") or load_config(find_config(args.config), sets).model.ddpm or None
+    st = Study("diffsiam-probes", "diffsiam", "diffsiam", opts, stages=2)
     with _usage():
-        res = S.probes_study(base, arms=arms, seeds=seeds, steps=args.steps,
-                             ddpm=args.ddpm or load_config(find_config(args.config), sets).model.ddpm or None,
-                             backend="local" if args.no_ray else "ray", tracking_uri=args.tracking_uri,
-                             episodes=args.episodes, n_eval=args.n_eval, spread_stride=args.spread_stride,
-                             grad_batches=args.grad_batches)
-    stage(2, 2, f"writing {args.out}")
-    with report_dir(args.out) as tmp:
-        study_report.write_probes(tmp, res)
-    flat = {f"{a.replace('+', '_')}/{m}": iv["mean"] for a, t in res["table"].items() for m, iv in t.items()}
-    runs.log_study("study_diffsiam_probes", "diffsiam", {"base": to_dict(base), "seeds": seeds, "arms": arms},
-                   flat, args.out, tracking_uri=args.tracking_uri,
-                   tags={"family": "diffsiam", "study": "diffsiam_probes"})
+        cfgs = S.arm_configs(base, arms, seeds, args.steps, ddpm, args.spread_stride)
+        st.plan([(f"{a} seed {s}", c) for (a, s), c in cfgs.items()])
+    st.stage(f"training and probing {len(arms)} arms x {len(seeds)} seeds "
+             f"({args.steps or base.train.steps} steps each, {opts.where})")
+    with _usage():
+        res = S.probes_study(base, train=st.trainer("arms", fresh=True, verbose=False), load=runs.load, arms=arms,
+                             seeds=seeds, steps=args.steps, ddpm=ddpm, episodes=args.episodes, n_eval=args.n_eval,
+                             spread_stride=args.spread_stride, grad_batches=args.grad_batches)
+    st.stage(f"writing {args.out}")
+    st.finish(args.out, lambda d: study_report.write_probes(d, res), study_report.probes_metrics(res),
+              config={"base": to_dict(base), "seeds": seeds, "arms": arms}, params=False)
     print(study_report.probes_markdown(res))
     return 0
 

@@ -140,19 +140,6 @@ def prepare(path, sets=(), model_cfg=None, resolve=Path) -> Prepared:
     return check(spec, cfg)
 
 
-def obtain_model(prep: Prepared, model_uri: Optional[str], *, backend: str = "ray", tracking_uri=None):
-    """``(model, cfg, info)``: the checkpoint at ``model_uri``, or the config trained through the run service."""
-    from raymanifold import runs
-
-    if model_uri:
-        model, cfg, _ = runs.load(model_uri)
-        return model, cfg, {"source": model_uri, "train_wall_s": None, "run_id": None}
-    h = runs.train(prep.cfg, backend=backend, tracking_uri=tracking_uri, fresh=True)
-    model, cfg, _ = runs.load(str(h.checkpoint))
-    return model, cfg, {"source": h.source, "train_wall_s": h.wall_s, "run_id": h.run_id,
-                        "train_metrics": {k: v for k, v in h.metrics.items() if isinstance(v, (int, float))}}
-
-
 # ----------------------------------------------------------------------------- the study set
 @dataclass
 class StudySet:
@@ -203,8 +190,11 @@ def use_ray(s: AttributeKLConfig, n: int) -> bool:
     return s.embedding == "ray" or (s.embedding == "auto" and n >= s.ray_min_examples)
 
 
-def run(prep: Prepared, model, cfg, info: dict, *, address=None) -> dict:
-    """Embed (step 3), nearest neighbours (4), the attribute table (5-7), the ranking (8) and the checks."""
+def run(prep: Prepared, model, cfg, info: dict, *, embed_and_search=None, address=None) -> dict:
+    """Embed (step 3), nearest neighbours (4), the attribute table (5-7), the ranking (8) and the checks.
+    ``info``: ``{"source"}`` (the model's loadable URI), ``train_wall_s``. ``embed_and_search``: the Ray Data
+    embedding (:func:`raymanifold.distributed.embedding.embed_and_search`, given by the command) for sets that
+    use Ray (``study.embedding``; refused without it)."""
     from raymanifold.analysis import attribute_kl as K
     from raymanifold.recognition.embedding import embed_inprocess, model_bytes, nn_inprocess
     from raymanifold.schema import to_dict
@@ -217,9 +207,10 @@ def run(prep: Prepared, model, cfg, info: dict, *, address=None) -> dict:
     blob = model_bytes(model, cfg)
     t1 = time.perf_counter()
     ray_used = use_ray(s, len(sset))
+    if ray_used and embed_and_search is None:
+        raise ConfigError(f"study.embedding: {s.embedding!r} embeds {len(sset)} examples on Ray Data, which this "
+                          "caller does not provide; use study.embedding=local")
     if ray_used:
-        from raymanifold.distributed.embedding import embed_and_search
-
         out = embed_and_search(blob, x=sset.x, paths=sset.paths, loader=sset.loader, image_size=cfg.data.image_size,
                                distance=s.distance, actors=s.actors, batch_size=s.batch_size, address=address)
         z, nn, actors = out["z"], out["nn_index"], out["actors"]
