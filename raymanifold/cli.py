@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         return 2
     if getattr(args, "tracking_uri", None):
         # one store for the whole command: runs:/ URIs given to --model & co. resolve against --tracking-uri,
-        # and Ray workers inherit it (as raymanifold.commands.apply_common does)
+        # and Ray workers inherit it (as raymanifold.commands.options.parse_options does)
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     start, saved_caller, saved_home = os.getcwd(), os.environ.get(paths.CALLER_ENV), os.environ.get(paths.HOME_ENV)
     try:

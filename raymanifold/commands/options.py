@@ -156,6 +156,8 @@ def parse_models(items, roles: Mapping[str, Role], *, bare: Optional[bool] = Non
                 raise UsageError(f"--model {item}: expected ROLE=URI, the URI is empty")
         elif bare or bare_role:
             name, uri = (bare_role or next(iter(roles))), str(item)
+            if bare_role and len(roles) > 1 and not bare:
+                _say(f"--model URI is now --model {bare_role}=URI")
         else:
             raise UsageError(f"--model {item}: expected ROLE=URI with ROLE in {list(roles)}")
         if name in out and out[name] != uri:
