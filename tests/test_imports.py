@@ -45,7 +45,7 @@ EDGES = ("raymanifold.cli", "raymanifold.commands", "raymanifold.runs", "raymani
 #: the core (prefixes), plus the family modules listed in raymanifold/recipes.py FAMILIES
 CORE = ("raymanifold.recipes", "raymanifold.schema", "raymanifold.config", "raymanifold.checkpoint",
         "raymanifold.training", "raymanifold.reports", "raymanifold.data", "raymanifold.analysis",
-        "raymanifold.scoring")
+        "raymanifold.scoring", "raymanifold.blocks")
 
 
 @dataclass(frozen=True)
