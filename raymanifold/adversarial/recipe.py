@@ -20,6 +20,7 @@ import torch
 
 from raymanifold.adversarial.budgets import PurifyBudget, from_dict
 from raymanifold.adversarial.evaluation import eval_set, labels_of, purification_budget
+from raymanifold.adversarial.sweep_eval import diffusion_purification
 from raymanifold.adversarial.purify import elbo_at_mean, purify as purify_batch
 from raymanifold.adversarial.training import adversarial_eq21_loss, check_budget, inner_max, train_budget
 from raymanifold.recipes import Recipe
@@ -280,4 +281,6 @@ def evaluate(model, cfg) -> dict:
 RECIPE = Recipe(name="vae_classifier", model_config=VAEClassifierConfig, build=build, input_shape=input_shape,
                 loss=loss, evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, encode=encode,
                 decode=decode, latent_shape=latent_shape, validate=validate, classify=classify, purify=purify,
-                score_columns=score_columns, evaluators={"purification": purification_budget})
+                score_columns=score_columns, evaluators={"purification": purification_budget,
+                                                                    # sweeps a diffusion base model (DiffPure's t*)
+                                                                    "diffusion_purification": diffusion_purification})

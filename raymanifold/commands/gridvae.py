@@ -114,6 +114,9 @@ def _io(st, role: str, what: str = "--model"):
 
 # ----------------------------------------------------------------------------- two digits
 def cmd_two_digit(args) -> int:
+    import functools
+
+    from raymanifold import runs
     from raymanifold.commands.study import Study
     from raymanifold.vae import gridvae_report, gridvae_study as S
 
@@ -150,9 +153,9 @@ def cmd_two_digit(args) -> int:
                      + (f", {restarts_n} restarts: seeds {cfg.train.seed}..{cfg.train.seed + restarts_n - 1}"
                         if restarts_n > 1 else "") + ")")
             if restarts_n > 1:
-                model, cfg, info, restarts = S.train_restarts(cfg, restarts_n, train=train, load=load,
-                                                              backend=opts.backend, tracking_uri=opts.tracking_uri,
-                                                              address=opts.address, config_path=args.config)
+                tune = None if opts.no_ray else functools.partial(runs.train_grid, tracking_uri=opts.tracking_uri,
+                                                                  address=opts.address, config_path=args.config)
+                model, cfg, info, restarts = S.train_restarts(cfg, restarts_n, train=train, load=load, tune=tune)
             else:
                 model, cfg, info = train(cfg)
         S.check_two_digit(cfg)

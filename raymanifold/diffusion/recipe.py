@@ -27,7 +27,6 @@ import torch
 from raymanifold.config import ConfigError, param
 from raymanifold.diffusion import gaussian, likelihood
 from raymanifold.diffusion.evaluators import diffusion_dt
-from raymanifold.adversarial.sweep_eval import diffusion_purification
 from raymanifold.diffusion.gaussian import Diffusion
 from raymanifold.diffusion.nets import EpsMLP
 from raymanifold.diffusion.process import LAST_STEP_VARIANCES
@@ -252,4 +251,4 @@ def evaluate(model, cfg) -> dict:
 
 RECIPE = Recipe(name="diffusion", model_config=DiffusionModelConfig, build=build, input_shape=input_shape,
                 loss=loss, evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, validate=validate,
-                evaluators={"diffusion_dt": diffusion_dt, "diffusion_purification": diffusion_purification})
+                evaluators={"diffusion_dt": diffusion_dt})

@@ -266,9 +266,19 @@ def load_spec(path, overrides=()) -> SweepSpec:
 
 
 # ----------------------------------------------------------------------------- evaluators
+def _other_families(name: str, family: Optional[str]) -> dict:
+    """``{family: fn}`` of the other families whose recipe ``evaluators`` table has ``name`` (an evaluator that
+    sweeps another family's model, e.g. adversarial's ``diffusion_purification`` of a diffusion base)."""
+    from raymanifold.recipes import FAMILIES, get_recipe
+
+    return {f: get_recipe(f).evaluators[name] for f in FAMILIES
+            if f != family and name in get_recipe(f).evaluators}
+
+
 def resolve_evaluator(name: str, family: Optional[str] = None) -> Callable:
     """The evaluator function for ``name``: a short name in ``family``'s recipe ``evaluators``
-    table, a generic short name (:data:`EVALUATORS`), or ``package.module:function``."""
+    table, a generic short name (:data:`EVALUATORS`), a short name found in exactly one other family's table
+    (it checks the base model's family itself), or ``package.module:function``."""
     if ":" not in name:
         own = {}
         if family is not None:
@@ -276,6 +286,12 @@ def resolve_evaluator(name: str, family: Optional[str] = None) -> Callable:
             own = dict(get_recipe(family).evaluators)
         if name in own:
             return own[name]
+        others = _other_families(name, family) if name not in EVALUATORS else {}
+        if len(others) == 1:
+            return next(iter(others.values()))
+        if len(others) > 1:
+            raise ConfigError(f"evaluator: {name!r} is in the tables of families {sorted(others)}; name it as "
+                              "'package.module:function'")
         if name not in EVALUATORS:
             where = f"family {family!r} has {sorted(own)}; " if family is not None else ""
             raise ConfigError(f"evaluator: unknown {name!r}; {where}generic: {sorted(EVALUATORS)}; "

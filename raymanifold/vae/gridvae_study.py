@@ -59,17 +59,22 @@ def pick_restart(rows: list) -> dict:
     return best
 
 
-def train_restarts(cfg, restarts: int, *, train, load, backend: str = "ray", tracking_uri=None, address=None,
-                   config_path: str = "") -> tuple:
-    """Train ``restarts`` seeds and keep the best train ELBO (``train(cfg) -> (model, cfg, info)`` one after
-    another with backend ``local``; else one Ray Tune sweep, its best checkpoint read by ``load``).
-    Returns (model, cfg, info, rows)."""
+def restart_metrics(best: dict) -> dict:
+    """The parent run's metrics of a Ray Tune restart sweep."""
+    return {"best_train_loss_nats": best["train_loss_nats"], "selected_cluster_accuracy": best["cluster_accuracy"]}
+
+
+def train_restarts(cfg, restarts: int, *, train, load, tune=None) -> tuple:
+    """Train ``restarts`` seeds and keep the best train ELBO: one after another with ``train(cfg) -> (model, cfg,
+    info)`` when ``tune`` is None (in-process), else as one Ray Tune sweep ``tune(cfg, seeds, keys=RESTART_KEYS,
+    select=pick_restart, parent_metrics=restart_metrics) -> rows`` (:func:`raymanifold.runs.train_grid`), its best
+    checkpoint read by ``load``. Returns (model, cfg, info, rows)."""
     from raymanifold.config import replace
     from raymanifold.vae.evaluation import evaluate_model
 
     seeds = [cfg.train.seed + k for k in range(restarts)]
     t0 = time.perf_counter()
-    if backend == "local":
+    if tune is None:
         rows, kept = [], {}
         for seed in seeds:
             c = replace(cfg, [("train.seed", seed), ("name", f"{cfg.name}_seed{seed}")])
@@ -82,52 +87,14 @@ def train_restarts(cfg, restarts: int, *, train, load, backend: str = "ray", tra
         best = pick_restart(rows)
         model, cfg = kept[best["seed"]]
     else:
-        model, cfg, rows = _tune_restarts(cfg, seeds, tracking_uri=tracking_uri, address=address,
-                                          config_path=config_path, load=load)
+        rows = tune(cfg, seeds, keys=RESTART_KEYS, select=pick_restart, parent_metrics=restart_metrics)
+        for r in rows:
+            print(f"  restart seed {r['seed']}: " + summary_line(r, RESTART_KEYS), flush=True)
         best = next(r for r in rows if r["selected"])
+        model, cfg = load(best["checkpoint"])
     info = {"source": f"{best['model']}, selected from {len(seeds)} restarts by train ELBO",
             "train_wall_s": time.perf_counter() - t0}
     return model, cfg, info, rows
-
-
-def _tune_restarts(cfg, seeds, *, tracking_uri, address, config_path, load):
-    """The restarts as a train-time Ray Tune sweep over train.seed (one Ray Train run per trial, run
-    concurrently as far as the CPUs allow), logged to MLflow as a parent run with a child run per restart."""
-    from raymanifold import tracking
-    from raymanifold.config import to_dict
-    from raymanifold.distributed.spec import TRIAL_DRIVER_CPU, parse_spec
-    from raymanifold.distributed.tune import log_trials, run_sweep
-
-    base = to_dict(cfg)
-    # Tune's trial actor takes TRIAL_DRIVER_CPU; take it from the worker's share so K one-CPU restarts fit on K CPUs
-    if base["ray"]["cpus_per_worker"] > TRIAL_DRIVER_CPU:
-        base["ray"]["cpus_per_worker"] -= TRIAL_DRIVER_CPU
-    spec = parse_spec({"kind": "train", "name": f"{cfg.name}_restarts", "experiment": cfg.experiment,
-                       "base": str(config_path), "space": {"train.seed": {"grid": seeds}},
-                       "metric": "train_loss_nats", "mode": "min",
-                       "storage_path": f"{cfg.ray.storage_path.rstrip('/')}/sweeps"})
-    uri = tracking.resolve_uri(tracking_uri)
-    with tracking.start_run(spec.experiment, spec.name, uri=uri, config=base,
-                            tags={"raymanifold.sweep": spec.name, "raymanifold.kind": "sweep-parent",
-                                  "seeds": ",".join(map(str, seeds))}) as parent:
-        result = run_sweep(spec, base=base, fresh=True, address=address)
-        child_ids = log_trials(result, parent.info.run_id, uri)
-        failed = [r for r in result.rows if r.status != "DONE"]
-        if failed or len(result.rows) < len(seeds):
-            raise RuntimeError(f"--restarts: {len(seeds) - len(result.completed)} of {len(seeds)} restart(s) did "
-                               "not finish: " + "; ".join(f"{r.trial_id} {r.status} {r.error or ''}" for r in failed))
-        rows = sorted(({"seed": int(r.config["train.seed"]), "model": f"runs:/{child_ids.get(r.trial_id)}",
-                        "checkpoint": r.checkpoint, "train_wall_s": r.metrics.get("train_s", math.nan),
-                        **{k: r.metrics.get(k, math.nan) for k in RESTART_KEYS}} for r in result.rows),
-                      key=lambda r: r["seed"])
-        best = pick_restart(rows)
-        tracking.log_metrics({"best_train_loss_nats": best["train_loss_nats"],
-                              "selected_cluster_accuracy": best["cluster_accuracy"], "wall_s": result.wall_s})
-        tracking.set_tags({"best_run_id": best["model"].removeprefix("runs:/"), "best_seed": str(best["seed"])})
-    for r in rows:
-        print(f"  restart seed {r['seed']}: " + summary_line(r, RESTART_KEYS), flush=True)
-    model, cfg = load(best["checkpoint"])
-    return model, cfg, rows
 
 
 # ----------------------------------------------------------------------------- two digits
