@@ -143,3 +143,47 @@ def test_finish_writes_the_report_atomically_and_logs_it_tagged(fake_runs, tmp_p
     with pytest.raises(RuntimeError):                                   # a failing writer leaves no report
         st.finish(tmp_path / "bad", lambda d: (_ for _ in ()).throw(RuntimeError("x")), {})
     assert not (tmp_path / "bad").exists() and len(fake_runs.logged) == 1
+
+
+STUDY_COMMANDS = ("adversarial", "daed", "defences", "diffsiam", "diffusion_studies", "flow", "gridvae", "ood",
+                  "recognition")
+
+
+def test_study_commands_only_parse_and_join(tmp_path):
+    """docs/architecture.md "How to add a study": a study command writes no file itself (the family's writer does,
+    through Study.finish) and never calls the run service's log_study or the old load-or-train helpers."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "raymanifold" / "commands"
+    banned = {"report_dir", "write_text", "write_json", "savefig", "copy", "copy2", "log_study", "study_run",
+              "load_or_train"}
+    bad = []
+    for name in STUDY_COMMANDS:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if fn in banned:
+                    bad.append(f"commands/{name}.py:{node.lineno} calls {fn}")
+    assert not bad, "\n".join(bad)
+
+
+def test_every_study_uses_the_shared_options_with_one_meaning():
+    """Every study registers --threads (default 1) and --tracking-uri through options.add_options (the same help
+    text everywhere), and every study that takes models has --model."""
+    from raymanifold.cli import build_parser
+    from raymanifold.commands.options import HELP
+
+    parser = build_parser()
+    study = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["study"]
+    subs = next(a for a in study._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert len(subs) >= 16
+    for name, sp in subs.items():
+        acts = {o: a for a in sp._actions for o in a.option_strings}
+        assert acts["--threads"].default == 1 and acts["--threads"].help == HELP["threads"], name
+        assert acts["--tracking-uri"].help == HELP["tracking_uri"], name
+        for flag in ("--no-ray", "--fresh", "--address", "--num-cpus", "--dry-run", "--seed"):
+            if flag in acts:
+                assert acts[flag].help == HELP[flag.lstrip("-").replace("-", "_")], (name, flag)
+        if name != "gridvae-routes":
+            assert "--model" in acts, name

@@ -116,7 +116,7 @@ def _check_points_model(cfg):
 
 def cmd_likelihood(args) -> int:
     from raymanifold import data as rdata
-    from raymanifold.analysis import fig5
+    from raymanifold.diffusion import fig5
     from raymanifold.reports import report_dir, write_json
     from raymanifold.runs import load
 
@@ -153,7 +153,7 @@ def cmd_likelihood(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from raymanifold.analysis import fig5
+    from raymanifold.diffusion import fig5
     from raymanifold.runs import load
 
     apply_common(args)

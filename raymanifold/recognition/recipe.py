@@ -157,7 +157,7 @@ def cost(cfg, op: str, **_) -> dict:
 def evaluate(model, cfg) -> dict:
     """Nearest-neighbour identity accuracy and SupCon loss on (the first ``eval_points`` of) the test split."""
     from raymanifold import data as rdata
-    from raymanifold.analysis.attribute_kl import nearest_neighbours
+    from raymanifold.recognition.attribute_kl import nearest_neighbours
 
     ds = rdata.load_split(cfg.data, "test")
     n = min(len(ds), cfg.model.eval_points)

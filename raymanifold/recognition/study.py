@@ -11,7 +11,7 @@ A study file::
     experiment: recognition
     config: jobs/configs/train/recognition_shapes.yaml   # the recognition model (trained unless --model is given)
     study:
-      attributes: shapes               # attribute set (raymanifold.analysis.attributes): shapes | mnist5k | columns | celeba
+      attributes: shapes               # attribute set (raymanifold.recognition.attributes): shapes | mnist5k | columns | celeba
       columns: []                      # columns/celeba: restrict to these binary label columns
       split: test                      # the study set: this split of the model's data set
       n: 0                             # first n examples of the split (0 = all)
@@ -108,7 +108,7 @@ def load_study_file(path, overrides=()) -> StudyFile:
 def check(spec: StudyFile, cfg) -> Prepared:
     """Every check of the study against the model's config, from metadata only (raises ConfigError)."""
     from raymanifold import data as rdata
-    from raymanifold.analysis.attributes import plan
+    from raymanifold.recognition.attributes import plan
     from raymanifold.recipes import get_recipe
 
     if get_recipe(cfg.family).encode is None:
@@ -172,7 +172,7 @@ def study_set(cfg, s: AttributeKLConfig) -> StudySet:
 
 def attribute_values(prep: Prepared, sset: StudySet):
     """The (N, K) attribute table of the study set (images are decoded here only for ink statistics)."""
-    from raymanifold.analysis.attributes import compute
+    from raymanifold.recognition.attributes import compute
     from raymanifold.recognition.embedding import resolve_loader
 
     x = sset.x
@@ -195,7 +195,7 @@ def run(prep: Prepared, model, cfg, info: dict, *, embed_and_search=None, addres
     ``info``: ``{"source"}`` (the model's loadable URI), ``train_wall_s``. ``embed_and_search``: the Ray Data
     embedding (:func:`raymanifold.distributed.embedding.embed_and_search`, given by the command) for sets that
     use Ray (``study.embedding``; refused without it)."""
-    from raymanifold.analysis import attribute_kl as K
+    from raymanifold.recognition import attribute_kl as K
     from raymanifold.recognition.embedding import embed_inprocess, model_bytes, nn_inprocess
     from raymanifold.schema import to_dict
 
@@ -249,10 +249,10 @@ UNCERTAINTY_KEYS = ("kl_nn0", "mi_normalized")
 
 
 def uncertainty(A, nn, names, s: AttributeKLConfig) -> dict:
-    """The permutation null and the bootstrapped ranks of KL_0 and of I/H(a) (:mod:`raymanifold.analysis.attribute_kl`):
+    """The permutation null and the bootstrapped ranks of KL_0 and of I/H(a) (:mod:`raymanifold.recognition.attribute_kl`):
     {key: {"ranking": [rows with rank_label / group], "null": {attribute: {null_mean, null_q95, p}},
     "ranks": {attribute: {rank_lo, rank_hi, rank_median, value_lo, value_hi}}}} ({} when both are off)."""
-    from raymanifold.analysis import attribute_kl as K
+    from raymanifold.recognition import attribute_kl as K
 
     if not s.permutations and not s.bootstrap:
         return {}
