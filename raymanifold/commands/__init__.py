@@ -17,14 +17,14 @@ class UsageError(ValueError):
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def add_common(p, *, config: bool = False, overrides: bool = True):
+def add_common(p, *, config: bool = False, overrides: bool = True, set_help: str = ""):
     """Options of the commands that are not studies (train, sample, score, sweep ...); studies use
     :func:`raymanifold.commands.options.add_options`."""
     if config:
         p.add_argument("--config", required=True, help="YAML config (jobs/configs/train/*.yaml; raymanifold list configs)")
     if overrides:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set train.steps=100 (repeatable)")
+                       help=set_help or "override a config value, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--tracking-uri", default=None,

@@ -259,10 +259,22 @@ def _with_pareto(spec: SweepSpec, raw) -> SweepSpec:
     return replace(spec, pareto=tuple((str(k), str(v)) for k, v in raw.items()))
 
 
+def split_overrides(overrides) -> tuple:
+    """``--set`` items of ``raymanifold sweep``: (those of the sweep file's own keys, :data:`TOP_KEYS`; the rest,
+    which go to the base config like the file's ``set:`` list, e.g. ``train.steps=100``)."""
+    own = [o for o in overrides if str(o).split("=", 1)[0].strip().split(".")[0] in TOP_KEYS]
+    return own, [o for o in overrides if o not in own]
+
+
 def load_spec(path, overrides=()) -> SweepSpec:
-    """Read and validate a sweep YAML (``--set key=value`` overrides apply to the sweep file)."""
+    """Read and validate a sweep YAML. ``--set key=value`` overrides of the file's keys (:data:`TOP_KEYS`) apply to
+    the sweep file; any other key (``train.steps=100``) is appended to its ``set:`` list (the base config)."""
     raw = read_yaml(path, "sweep file")
-    return parse_spec(apply_overrides(raw, overrides) if overrides else raw, source=str(path))
+    own, base = split_overrides(list(overrides))
+    raw = apply_overrides(raw, own) if own else raw
+    if base:
+        raw = {**raw, "set": [*(raw.get("set") or []), *base]}
+    return parse_spec(raw, source=str(path))
 
 
 # ----------------------------------------------------------------------------- evaluators
