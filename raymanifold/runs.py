@@ -51,9 +51,10 @@ def _inprocess_logger(cfg, verbose: bool):
     """``log(step, metrics)`` of the in-process loop: MLflow metrics, and with ``verbose`` the same progress line
     as a Ray Train run (``[train <name>] step s/N  loss=..., steps_per_s=...``; the metrics of the step logged)."""
     from raymanifold import tracking
-    from raymanifold.training import progress_line
+    from raymanifold.training import eta_s, progress_line
 
-    last = [time.perf_counter(), 0]
+    t0 = time.perf_counter()
+    last = [t0, 0]
 
     def log(step, metrics):
         tracking.log_metrics(metrics, step)
@@ -61,7 +62,8 @@ def _inprocess_logger(cfg, verbose: bool):
             now = time.perf_counter()
             rate = (step - last[1]) / max(now - last[0], 1e-9)
             last[:] = [now, step]
-            print(progress_line(cfg, step, {**metrics, "steps_per_s": rate}), flush=True)
+            print(progress_line(cfg, step, {**metrics, "steps_per_s": rate},
+                                eta=eta_s(0, step, cfg.train.steps, now - t0)), flush=True)
     return log
 
 

@@ -109,11 +109,31 @@ def make_optimizer(model, tcfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
 
 
-def progress_line(cfg, step: int, metrics: dict) -> str:
+def eta_s(start_step: int, step: int, total: int, elapsed_s: float) -> Optional[float]:
+    """Seconds left at the mean rate since this attempt started: (total - step) * elapsed / (step - start_step);
+    None before the first step of the attempt."""
+    done = step - start_step
+    if done <= 0 or elapsed_s <= 0:
+        return None
+    return max(total - step, 0) * elapsed_s / done
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    """``ETA 5m55s`` / ``ETA 1h02m`` / ``ETA 12s``; empty for None."""
+    if seconds is None or not math.isfinite(seconds):
+        return ""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"ETA {s // 3600}h{s % 3600 // 60:02d}m"
+    return f"ETA {s // 60}m{s % 60:02d}s" if s >= 60 else f"ETA {s}s"
+
+
+def progress_line(cfg, step: int, metrics: dict, *, eta: Optional[float] = None) -> str:
     """The progress line of a training run, the same on Ray Train and in-process:
-    ``[train <name>] step s/N  loss=..., steps_per_s=...``."""
+    ``[train <name>] step s/N  loss=..., steps_per_s=...  ETA 5m55s`` (``eta``: seconds left, :func:`eta_s`)."""
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-    return f"[train {cfg.name}] step {step}/{cfg.train.steps}  {shown}"
+    tail = format_eta(eta)
+    return f"[train {cfg.name}] step {step}/{cfg.train.steps}  {shown}" + (f"  {tail}" if tail else "")
 
 
 def lr_at(tcfg, step: int) -> float:

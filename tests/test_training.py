@@ -78,3 +78,16 @@ def test_cosine_lr_schedule_values_and_resume(tmp_path):
     assert min(resumed) == 11 and resumed[11] == pytest.approx(seen[11])
     with pytest.raises(ConfigError, match="train.lr_min"):
         _cfg(21, lr_schedule="cosine", lr_min=1.0)
+
+
+def test_progress_line_carries_an_eta_from_the_mean_rate_of_this_attempt():
+    from types import SimpleNamespace
+
+    from raymanifold.training import eta_s, format_eta, progress_line
+
+    cfg = SimpleNamespace(name="m", train=SimpleNamespace(steps=1000))
+    assert eta_s(200, 300, 1000, 50.0) == pytest.approx(350.0)     # 100 steps in 50 s since the resume at 200
+    assert eta_s(300, 300, 1000, 5.0) is None and eta_s(0, 1000, 1000, 9.0) == 0.0
+    assert [format_eta(s) for s in (12.4, 355, 3725, None)] == ["ETA 12s", "ETA 5m55s", "ETA 1h02m", ""]
+    assert progress_line(cfg, 300, {"loss": 1.5}, eta=355) == "[train m] step 300/1000  loss=1.5  ETA 5m55s"
+    assert progress_line(cfg, 300, {"loss": 1.5}) == "[train m] step 300/1000  loss=1.5"

@@ -101,7 +101,7 @@ def cmd_probes(args) -> int:
     st.stage(f"training and probing {len(arms)} arms x {len(seeds)} seeds "
              f"({args.steps or base.train.steps} steps each, {opts.where})")
     with _usage():
-        res = S.probes_study(base, train=st.trainer("arms", fresh=True, verbose=False), load=runs.load, arms=arms,
+        res = S.probes_study(base, train=st.trainer("arms", fresh=True), load=runs.load, arms=arms,
                              seeds=seeds, steps=args.steps, ddpm=ddpm, episodes=args.episodes, n_eval=args.n_eval,
                              spread_stride=args.spread_stride, grad_batches=args.grad_batches)
     st.stage(f"writing {args.out}")

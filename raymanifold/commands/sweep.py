@@ -81,7 +81,7 @@ def cmd_sweep(args) -> int:
         stage(i, n, f"training the model to evaluate: {spec.base} ({cfg.train.steps} steps; resumes/reuses "
                     f"{cfg.ray.storage_path}/{cfg.name})")
         model_path = str(runs.train(cfg, tracking_uri=uri, fresh=args.fresh, tags={"job": f"sweep:{spec.name}"},
-                                    verbose=False).checkpoint)
+                                    verbose=True).checkpoint)  # the base model shows its progress
         i += 1
     stage(i, n, f"{spec.kind}-time sweep {spec.name!r}: {spec.n_trials} trial(s) over {list(spec.space)}; "
                 f"metric {spec.metric} ({spec.mode}){'; resuming' if args.resume else ''}")

@@ -44,7 +44,7 @@ from raymanifold import data as rdata
 from raymanifold.config import config_from_dict, resolve_paths, to_dict
 from raymanifold.distributed.runtime import ensure_ray
 from raymanifold.recipes import get_recipe
-from raymanifold.training import EMA, batch_stream, make_optimizer, progress_line, run_steps, train_threads
+from raymanifold.training import EMA, batch_stream, eta_s, make_optimizer, progress_line, run_steps, train_threads
 
 FAULT_MARKER = ".fault_injected"
 
@@ -158,7 +158,8 @@ def train_loop_per_worker(loop_cfg: dict):
                     next_progress[0] += progress_every
                 # Ray Train patches print() to log *and* tee to a wrapped stdout, so a plain print shows
                 # twice in the driver; writing to the process's own stdout stream shows it once.
-                print(progress_line(cfg, step, avg), file=sys.__stdout__, flush=True)
+                eta = eta_s(start, step, cfg.train.steps, time.perf_counter() - t_loop)
+                print(progress_line(cfg, step, avg, eta=eta), file=sys.__stdout__, flush=True)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             report = {"step": step, "resumed_from": start, "loop_s": time.perf_counter() - t_loop,
                       **{k: float(v) for k, v in metrics.items()}}
