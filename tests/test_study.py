@@ -183,7 +183,7 @@ def test_every_study_uses_the_shared_options_with_one_meaning():
         assert acts["--threads"].default == 1 and acts["--threads"].help == HELP["threads"], name
         assert acts["--tracking-uri"].help == HELP["tracking_uri"], name
         for flag in ("--no-ray", "--fresh", "--address", "--num-cpus", "--dry-run", "--seed"):
-            if flag in acts:
+            if flag in acts and acts[flag].help != argparse.SUPPRESS:     # (a hidden old spelling: diffsiam-edits)
                 assert acts[flag].help == HELP[flag.lstrip("-").replace("-", "_")], (name, flag)
         if name != "gridvae-routes":
             assert "--model" in acts, name

@@ -124,8 +124,7 @@ def _from_model(x):
 def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
     """Mean ||D(x_t, t) - x_0||^2 over the batch, t ~ U{1..t_s} (model space; :func:`.daed.dae_loss`)."""
     alpha_bar = schedule(cfg)[0]
-    net = getattr(model, "module", model)
-    out = D.dae_loss(net, _to_model(batch[0]), alpha_bar, generator)
+    out = D.dae_loss(model, _to_model(batch[0]), alpha_bar, generator)  # inside DDP's forward (training.StepModule)
     return out, {"loss": float(out.detach())}
 
 

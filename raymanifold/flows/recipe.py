@@ -146,8 +146,7 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
         out, per = model(x, mode="ae")
         return out, {"loss": float(out.detach()), **{f"mse_level{i + 1}": float(v.detach()) for i, v in enumerate(per)}}
     log_py = model(x, mode="flow")
-    inner = getattr(model, "module", model)
-    dims = inner.latent_dims()
+    dims = model.latent_dims()
     nll = -torch.stack(log_py).sum(0)
     out = nll.mean() / sum(dims)
     metrics = {"loss": float(out.detach())}

@@ -332,7 +332,7 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
     training mode, the prior std sigma0_{step-1} (:func:`sigma0_at`); in eval mode the final sigma0."""
     x = batch[0]
     y = batch[1] if len(batch) > 1 else None
-    net = getattr(model, "module", model)
+    net = model  # the plain module (training.StepModule)
     if cfg.model.binarize == "dynamic":  # a fresh Bernoulli draw of the batch, drawn before the other noise
         x = binarize(x, generator)
     eps = torch.randn((x.shape[0], getattr(net, "noise_dim", cfg.model.latent_dim)),
