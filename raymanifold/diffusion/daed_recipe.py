@@ -19,7 +19,7 @@ from raymanifold import checkpoint as ckpt
 from raymanifold.diffusion import daed as D
 from raymanifold.diffusion import samplers as S
 from raymanifold.diffusion.nets import EpsMLP
-from raymanifold.recipes import Recipe
+from raymanifold.recipes import Metrics, Recipe
 from raymanifold.schema import ConfigError, param
 
 #: choices of the ``finish`` option of :func:`sample`
@@ -177,5 +177,9 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
-RECIPE = Recipe(name="daed", model_config=DAEDConfig, build=build, input_shape=input_shape, loss=loss,
+#: how `raymanifold compare` ranks this family's runs
+# DAED: the one-step denoiser's squared error at t_s on the test split (the DDPM's own x0_hat beside it)
+METRICS = Metrics(primary=(("mse_dae_t*", "min"),), key=("mse_ddpm_x0_t*", "train_wall_s"))
+
+RECIPE = Recipe(name="daed", metrics=METRICS, model_config=DAEDConfig, build=build, input_shape=input_shape, loss=loss,
                 evaluate=evaluate, sample=sample, cost=cost, validate=validate)
