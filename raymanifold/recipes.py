@@ -31,6 +31,7 @@ reference; ``cfg`` is an :class:`~raymanifold.config.ExperimentConfig`::
                                    of ``raymanifold score`` (numbers or booleans)
     evaluators: {short name: fn(model, cfg, *, seed, **params) -> {name: float}}   eval-time sweep evaluators
     metrics: Metrics(primary, key)     how `raymanifold compare` ranks the runs (evaluate's metric names)
+    card(cfg) -> dict                  optional; family details of the served model card (Serve's card.py)
     log_prob_unit: str = "nats"
 
 ``batch`` is whatever :func:`raymanifold.data.load` yields for the data set:
@@ -95,13 +96,15 @@ class Recipe:
     log_prob_unit: str = "nats"
     #: how ``raymanifold compare`` ranks this family's runs (:class:`Metrics`)
     metrics: Optional["Metrics"] = None
+    #: ``card(cfg) -> dict``: family details of the served model card (e.g. GridVAE's ``{"grid": ...}``)
+    card: Optional[Callable] = None
 
     def __post_init__(self):
         for key in ("build", "input_shape", "loss"):
             if not callable(getattr(self, key)):
                 raise TypeError(f"Recipe({self.name!r}).{key}: a function is required")
         for key in ("evaluate", "log_prob", "sample", "cost", "encode", "decode", "latent_shape", "validate",
-                    "classify", "purify", "score_columns", "counterfactual"):
+                    "classify", "purify", "score_columns", "counterfactual", "card"):
             v = getattr(self, key)
             if v is not None and not callable(v):
                 raise TypeError(f"Recipe({self.name!r}).{key}: expected a function or None, got {type(v).__name__}")

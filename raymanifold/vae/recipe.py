@@ -406,10 +406,22 @@ def evaluate(model, cfg) -> dict:
     return evaluate_model(model, cfg)["metrics"]
 
 
+def card(cfg) -> dict:
+    """Model-card details: the integer grid of a grid-prior latent space (Eq. 24): per-dimension centres
+    ``min..max``, the label guiding each dimension (Sec. 4.2.2) and sigma0; {} for the normal prior."""
+    m = cfg.model
+    if m.prior == "normal":
+        return {}
+    lo, hi = m.grid_bounds()
+    labels = list(getattr(m, "guided_labels", ()) or ())
+    return {"grid": {"min": [int(v) for v in lo], "max": [int(v) for v in hi],
+                     "labels": labels + [None] * (len(lo) - len(labels)), "sigma0": float(m.sigma0)}}
+
+
 #: how `raymanifold compare` ranks this family's runs
 # negative ELBO (Eq. 23) on the test split; clustering/guidance accuracies when the data has labels
 METRICS = Metrics(primary=(("test_loss_nats", "min"),), key=("cluster_accuracy", "guided_accuracy_mean", "mig", "test_kl_nats", "train_wall_s"))
 
-RECIPE = Recipe(name="gridvae", metrics=METRICS, model_config=GridVAEModelConfig, build=build, input_shape=input_shape, loss=loss,
+RECIPE = Recipe(name="gridvae", metrics=METRICS, card=card, model_config=GridVAEModelConfig, build=build, input_shape=input_shape, loss=loss,
                 evaluate=evaluate, sample=sample, cost=cost, encode=encode, decode=decode,
                 latent_shape=latent_shape, validate=validate)
