@@ -9,14 +9,13 @@ evaluations per sample (T - t_s + 1 at dt = 1, against T for the full sampler).
 """
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
 from raymanifold import checkpoint as ckpt
 from raymanifold.diffusion import daed as D
+from raymanifold.diffusion import frozen
 from raymanifold.diffusion import samplers as S
 from raymanifold.diffusion.nets import EpsMLP
 from raymanifold.recipes import Metrics, Recipe
@@ -38,22 +37,9 @@ class DAEDConfig:
     eval_points: int = param(1000, lo=1, help="test examples of evaluate()")
 
 
-@functools.lru_cache(maxsize=8)
-def _state(path: str, mtime: float) -> dict:
-    return ckpt.load(path)
-
-
 def ddpm_config(cfg):
-    """The frozen DDPM's validated config (read from its checkpoint, cached per file version)."""
-    from raymanifold.config import config_from_dict
-
-    p = ckpt.resolve(cfg.model.ddpm)
-    return config_from_dict(_state(str(p), os.path.getmtime(p))["config"])
-
-
-def _ddpm_state(cfg) -> dict:
-    p = ckpt.resolve(cfg.model.ddpm)
-    return _state(str(p), os.path.getmtime(p))
+    """The frozen DDPM's validated config (:func:`raymanifold.diffusion.frozen.config`, cached per file version)."""
+    return frozen.config(cfg.model.ddpm)
 
 
 def schedule(cfg):
@@ -95,8 +81,7 @@ def build(cfg) -> D.DAED:
 
     dcfg = ddpm_config(cfg)
     net = build_ddpm(dcfg)
-    state = _ddpm_state(cfg)
-    net.load_state_dict(state.get("ema") or state["model"])
+    net.load_state_dict(frozen.weights(cfg.model.ddpm))
     m, dm = cfg.model, dcfg.model
     if _is_image(dcfg):
         from raymanifold.diffusion.unet import UNet
