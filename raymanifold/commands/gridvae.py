@@ -126,7 +126,7 @@ def cmd_two_digit(args) -> int:
 
         _say("--guided-reference URI is now --guided-reference --model guided_reference=URI")
         args.model = [*args.model, f"guided_reference={ref_uri}"]
-    opts = parse_options(args, roles=TWO_DIGIT_ROLES, bare_role="gridvae")
+    opts = parse_options(args, roles=TWO_DIGIT_ROLES, bare_role="gridvae", bare=True)
     uri, ref_uri = opts.models.get("gridvae"), opts.models.get("guided_reference")
     reference = bool(args.guided_reference or ref_uri)
     if args.restarts is not None and args.restarts < 1:

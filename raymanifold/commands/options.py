@@ -167,14 +167,15 @@ def parse_models(items, roles: Mapping[str, Role], *, bare: Optional[bool] = Non
 
 
 def parse_options(args, *, roles: Optional[Mapping[str, Role]] = None, deprecated: tuple = (),
-                  bare_role: Optional[str] = None) -> StudyOptions:
+                  bare_role: Optional[str] = None, bare: Optional[bool] = None) -> StudyOptions:
     """Read the shared flags of ``args`` (registered by :func:`add_options`), map the old spellings (one
     ``deprecated:`` line each) and check them, before any work. Sets the torch threads and exports
-    ``--tracking-uri`` for child processes."""
+    ``--tracking-uri`` for child processes. A bare ``--model URI`` names ``bare_role`` (the only role by default);
+    with several roles it is the old spelling (one deprecation line) unless ``bare``."""
     items = list(getattr(args, "model", None) or [])
     if isinstance(getattr(args, "model", None), str):
         items = [args.model]
-    models = parse_models(items, roles or {}, bare_role=bare_role) if roles else {}
+    models = parse_models(items, roles or {}, bare=bare, bare_role=bare_role) if roles else {}
     no_ray = bool(getattr(args, "no_ray", False))
     for d in deprecated:
         value = getattr(args, _dest(d.flag), None)
