@@ -21,6 +21,8 @@ import torch
 from raymanifold.adversarial.budgets import PurifyBudget, from_dict
 from raymanifold.adversarial.evaluation import eval_set, labels_of, purification_budget
 from raymanifold.adversarial.sweep_eval import diffusion_purification
+
+diffusion_purification.base_families = ("diffusion",)  # it sweeps a diffusion base (distributed/spec.py finds it)
 from raymanifold.adversarial.purify import elbo_at_mean, purify as purify_batch
 from raymanifold.adversarial.training import adversarial_eq21_loss, check_budget, inner_max, train_budget
 from raymanifold.recipes import Metrics, Recipe

@@ -279,18 +279,22 @@ def load_spec(path, overrides=()) -> SweepSpec:
 
 # ----------------------------------------------------------------------------- evaluators
 def _other_families(name: str, family: Optional[str]) -> dict:
-    """``{family: fn}`` of the other families whose recipe ``evaluators`` table has ``name`` (an evaluator that
-    sweeps another family's model, e.g. adversarial's ``diffusion_purification`` of a diffusion base)."""
+    """``{family: fn}`` of the other families whose recipe ``evaluators`` table has ``name`` as an evaluator of
+    ``family``'s models (the function's ``base_families``), e.g. the vae_classifier recipe's
+    ``diffusion_purification``, which sweeps a diffusion base."""
     from raymanifold.recipes import FAMILIES, get_recipe
 
+    if family is None:
+        return {}
     return {f: get_recipe(f).evaluators[name] for f in FAMILIES
-            if f != family and name in get_recipe(f).evaluators}
+            if f != family and name in get_recipe(f).evaluators
+            and family in getattr(get_recipe(f).evaluators[name], "base_families", ())}
 
 
 def resolve_evaluator(name: str, family: Optional[str] = None) -> Callable:
     """The evaluator function for ``name``: a short name in ``family``'s recipe ``evaluators``
-    table, a generic short name (:data:`EVALUATORS`), a short name found in exactly one other family's table
-    (it checks the base model's family itself), or ``package.module:function``."""
+    table, a generic short name (:data:`EVALUATORS`), a short name that exactly one other family's table lists
+    for ``family``'s models (the function's ``base_families``), or ``package.module:function``."""
     if ":" not in name:
         own = {}
         if family is not None:
