@@ -319,7 +319,8 @@ def test_study_refuses_bad_input_before_any_work(tiny, tmp_path, capsys):
              (["--model", "nope=x"], "unknown role 'nope'"),
              (["--set", "data.image_size=32"], "takes 1x32x32 inputs"),
              (["--detectors", "typicality:vae_classifier.max_softmax"], "--detectors:"),
-             (["--n", "3"], "--n:"), (["--dts", "0"], "--dts:")]
+             (["--n", "3"], "--n:"), (["--dts", "0"], "--dts:"),
+             (["--model", f"ddpm={tiny['ddpm']}", "--dts", "1,20"], "--dts: step sizes [20] outside 1..T = 10")]
     for extra, fragment in cases:
         rc = main(["study", "ood", "--out", str(out), *extra])
         assert rc == 2, extra
@@ -379,6 +380,52 @@ def test_study_in_process_writes_the_report_and_calibration(tiny, tmp_path):
     assert "typicality:ddpm.eq15_dt2" in md and "ratio:glow.log_px" in md and "## Cost" in md
     t = res["table"]["glow.log_px"]["noise"]
     assert t["auroc_ci"][0] <= t["auroc"] <= t["auroc_ci"][1]
+
+
+def test_a_study_reuses_an_earlier_reports_scores_only_for_the_same_rows(tiny, tmp_path):
+    """--scores-from: a role given with the same URI, whose rows were built alike, is read back instead of scored,
+    with the same metrics; other rows are refused naming the option; a role whose columns are missing is scored."""
+    from raymanifold import runs
+    from raymanifold.config import load_config
+    from raymanifold.ood import report, study
+
+    def plan(**kw):
+        raw = {"sets": ("noise", "blurred"), "n": 20, "n_reference": 20, "dts": (2, 5), "resamples": 100,
+               "detectors": ("glow.log_px", "ratio:glow.log_px", "complexity:glow.log_px"), **kw}
+        return study.plan(study.OODBudget.from_dict(raw), dict(tiny), [],
+                          load_config=lambda path, ov: load_config(path, ov), load_model=runs.load)
+    first = tmp_path / "first"
+    p = plan()
+    res1 = study.run(p, train=None, load_model=runs.load, score=_fake_score(tmp_path), out_dir=first,
+                     say=lambda s: None)
+    report.write(first, res1)
+    reuse = study.reusable_scores(first, p)
+    assert sorted(reuse) == ["glow", "glow_background"]
+
+    def no_scoring(role, *a):
+        raise AssertionError(f"{role} scored again")
+    res2 = study.run(p, train=None, load_model=runs.load, score=no_scoring, out_dir=tmp_path / "second",
+                     say=lambda s: None, reuse=reuse)
+    assert res2["table"] == res1["table"] and res2["jobs"]["glow"]["reused_from"] == reuse["glow"]["folder"]
+    with pytest.raises(study.StudyError, match=r"--scores-from: .* scored other rows \(n 20"):
+        study.reusable_scores(first, plan(n=30))
+    p3 = plan(detectors=("glow.log_px", "vae_classifier.max_softmax"))   # vae_classifier was not scored first
+    assert sorted(study.reusable_scores(first, p3)) == ["glow"]
+
+
+def test_no_ray_scores_in_this_process_with_the_ray_jobs_columns(tiny, tmp_path, tracking_uri):
+    """--no-ray: the study scores with the same Scorer in the driver (no Ray Data job) and writes the report."""
+    import json
+
+    out = tmp_path / "rep"
+    rc = main(["study", "ood", "--no-ray", "--model", f"glow={tiny['glow']}", "--detectors", "glow.log_px",
+               "--sets", "noise,constant", "--n", "20", "--n-reference", "20", "--resamples", "100",
+               "--batch-size", "7", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "ood.json").read_text())
+    assert res["jobs"]["glow"]["compute"] == "in-process" and res["jobs"]["glow"]["rows"] == 80
+    t = pq.read_table(out / "scores" / "glow").to_pydict()
+    assert sorted(t["id"]) == list(range(80)) and np.isfinite(t["log_px"]).all() and "sec_glow" in t
 
 
 def test_a_failing_study_leaves_no_report(tiny, tmp_path, monkeypatch, capsys, tracking_uri):

@@ -43,6 +43,10 @@ def register(sub, study_sub):
     p.add_argument("--batch-size", type=int, default=b.batch_size, help="rows per scoring batch")
     p.add_argument("--compute", choices=("auto", "actors", "tasks"), default="auto",
                    help="how each scoring job runs on Ray Data (auto: by its estimated work, docs/ray.md)")
+    p.add_argument("--scores-from", action="append", default=[], metavar="DIR",
+                   help="an earlier report folder of this study (repeatable; the first that has a role wins): roles "
+                        "given with the same model URI whose rows were built alike read its scores instead of "
+                        "scoring again (the report says which)")
     add_options(p, roles=roles(), out="reports/ood")
     p.set_defaults(func=cmd_ood)
 
@@ -85,6 +89,9 @@ def cmd_ood(args) -> int:
     try:
         p = study.plan(budget, dict(opts.models), list(opts.sets),
                        load_config=lambda path, ov: load_config(find_config(path), ov), load_model=runs.load)
+        reuse = {}
+        for folder in args.scores_from:
+            reuse = {**study.reusable_scores(folder, p), **reuse}
     except study.StudyError as exc:
         raise UsageError(str(exc)) from None
     uri_store = tracking.resolve_uri(opts.tracking_uri)
@@ -95,20 +102,43 @@ def cmd_ood(args) -> int:
 
     def score(role, uri, dataset, opts_, folder):
         spec = scoring.DataSpec("dataset", f"ood-sets:{role}")
+        if opts.no_ray:
+            return score_here(scoring.prepare(uri, spec, opts_, columns="ood", dataset=dataset), folder)
         prep = scoring.prepare(uri, spec, opts_, columns="ood", dataset=dataset, time_rows=16)
         return score_to_parquet(prep, spec, str(folder), batch_size=budget.batch_size, seed=budget.seed,
                                 address=opts.address, tracking_uri=uri_store, compute=args.compute)
+
+    def score_here(prep, folder):
+        """--no-ray: the Ray Data job's Scorer over the same batches (same rows, seeds and columns; tested equal)
+        in this process, written as the same Parquet."""
+        import time
+
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from raymanifold.distributed.scoring import ScoreResult
+
+        t0 = time.perf_counter()
+        sc = scoring.Scorer(prep.model_bytes, prep.source, prep.opts, seed=budget.seed, threads=1, columns="ood")
+        n, bs = prep.n_rows, budget.batch_size
+        rows = [sc(scoring.dataset_rows(prep.dataset, i, min(i + bs, n))) for i in range(0, n, bs)]
+        Path(folder).mkdir(parents=True)
+        pq.write_table(pa.table({k: np.concatenate([r[k] for r in rows]) for k in rows[0]}),
+                       Path(folder) / "scores-00000.parquet")
+        return ScoreResult(str(folder), n, n, n, time.perf_counter() - t0, 1, ["this process"], "in-process",
+                           "--no-ray: the Scorer in a plain loop in the driver")
 
     out = Path(args.out)
     res, metrics, config = {}, {}, {}
 
     def write(tmp):  # the scores' Parquet files go into the report folder, so the study runs inside the writer
         res.update(study.run(p, train=st.trainer("models"), load_model=runs.load, score=score, out_dir=tmp,
-                             say=lambda text: print(f"[ood] {text}", flush=True)))
+                             say=lambda text: print(f"[ood] {text}", flush=True), reuse=reuse))
         report.write(tmp, res)
         metrics.update(report.summary_metrics(res))
         config.update({"budget": res["budget"], "models": {r: m["uri"] for r, m in res["models"].items()},
-                       "compute": args.compute})
+                       "compute": args.compute, "scores_from": args.scores_from})
 
     st.finish(out, write, metrics, config=config, params=False)
     print("\n".join((out / "ood.md").read_text().splitlines()[:40]))

@@ -227,6 +227,9 @@ def column_detectors(role: str, cfg, dts: tuple = DEFAULT_DTS) -> list[Detector]
                             options={"dequantize": "center"}))
     elif fam == "diffusion":
         rec = get_recipe(fam)
+        bad = [dt for dt in dts if not 1 <= int(dt) <= cfg.model.T]
+        if bad:
+            raise DetectorError(f"dts: step sizes {bad} outside 1..T = {cfg.model.T} of the DDPM of role {role!r}")
         for dt in dts:
             nfe = rec.cost(cfg, "log_prob", dt=dt, estimator="eq15", rounds=1)["nfe"]
             out.append(Detector(f"{role}.eq15_dt{dt}", role, "density", f"DDPM Eq. 15, dt = {dt} ({nfe} NFE)",

@@ -248,9 +248,11 @@ def write(folder: Path, res: dict):
                             f"`{c['best_detector']}` ({c['best_detector_mean_auroc']:.3f})"]
                            for r, c in res["calibration"].items()]), "",
            "## Per-set histograms\n", "![histograms](histograms.png)\n",
-           "## Scoring jobs (Ray Data)\n",
+           "## Scoring jobs (Ray Data; `--no-ray`: in the driver)\n",
            markdown_table(["role", "rows", "compute", "why", "workers", "wall (s)"],
-                          [[r, j["rows"], j["compute"], j["compute_reason"], j["workers"], j["wall_s"]]
+                          [[r, j["rows"], j["compute"], j["compute_reason"]
+                            + (f" (scores reused from `{j['reused_from']}`, wall time of that job)"
+                               if j.get("reused_from") else ""), j["workers"], j["wall_s"]]
                            for r, j in res["jobs"].items()]), "",
            "## Run\n", *(f"- {k}: {v}" for k, v in info.items()), ""]
     (folder / "ood.md").write_text("\n".join(md))

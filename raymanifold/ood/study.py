@@ -131,7 +131,8 @@ def plan(budget: OODBudget, given: dict, overrides: list, *, load_config: Callab
         names = list(budget.detectors) or D.default_detector_names(configs, budget.dts)
         dets = D.resolve(names, configs, budget.dts, budget.typicality_batch)
     except D.DetectorError as exc:
-        raise StudyError(str(exc).replace("detectors:", "--detectors:", 1)) from None
+        msg = str(exc)
+        raise StudyError(f"--{msg}" if msg.startswith(("detectors:", "dts:")) else msg) from None
     if any(d.kind == "typicality" for d in dets) and budget.typicality_batch > min(budget.n, 500) // 10:
         raise StudyError(f"--typicality-batch: M = {budget.typicality_batch} leaves fewer than 10 batches per set of "
                          f"{min(budget.n, 500)}; use M <= {min(budget.n, 500) // 10}")
@@ -140,6 +141,55 @@ def plan(budget: OODBudget, given: dict, overrides: list, *, load_config: Callab
         needed.add("vae_classifier")
     roles = [r for r in D.ROLES if r in needed]
     return Plan(budget, {r: u for r, u in given.items() if r in needed}, {r: configs[r] for r in roles}, dets, roles)
+
+
+# ----------------------------------------------------------------------------- reusing an earlier study's scores
+#: budget fields that decide the rows of a scoring job (which sets, in which order, built how)
+ROW_FIELDS = ("sets", "n", "n_reference", "seed", "blur_sigma", "patch_iterations", "patch_step")
+
+
+def needed_columns(role: str, detectors: list) -> set:
+    """The Parquet columns of ``role``'s scoring job that ``detectors`` read (scores and ``sec_*`` timings)."""
+    out = {c for d in detectors for r, c in d.passes if r == role}
+    for d in detectors:
+        for name in (d.name if d.column else None, d.base, d.extra.get("background")):
+            if name and "." in name and ":" not in name and name.split(".", 1)[0] == role:
+                out.add(name.split(".", 1)[1])
+        if d.kind == "complexity" and d.role == role:
+            out.add("png_bits")
+    return out
+
+
+def reusable_scores(folder, p: Plan) -> dict:
+    """{role: {"folder", "job"}} of the scoring jobs of an earlier report folder (``--scores-from``) that this run
+    reads instead of scoring again: roles given here with the same model URI, when the earlier study's rows were
+    built alike (:data:`ROW_FIELDS`) and its Parquet has every column this run's detectors need. Raises
+    StudyError naming ``--scores-from`` when the folder is not a study report or its rows differ."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    try:
+        old = json.loads((folder / "ood.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise StudyError(f"--scores-from: {folder} holds no readable ood.json ({exc.__class__.__name__})") from None
+    now = dataclasses.asdict(p.budget)
+    was = old.get("budget", {})
+    diff = [f for f in ROW_FIELDS if json.loads(json.dumps(now[f])) != was.get(f)]
+    if diff:
+        then = ", ".join(f"{f} {was.get(f)!r}" for f in diff)
+        raise StudyError(f"--scores-from: {folder} scored other rows ({then}; this run: "
+                         f"{', '.join(f'{f} {now[f]!r}' for f in diff)})")
+    out = {}
+    for role, uri in p.given.items():
+        src = folder / "scores" / role
+        if old.get("models", {}).get(role, {}).get("uri") != uri or not src.is_dir():
+            continue
+        have = set(pq.read_schema(next(iter(sorted(src.glob("*.parquet"))))).names)
+        if needed_columns(role, p.detectors) <= have:
+            out[role] = {"folder": str(src), "job": old.get("jobs", {}).get(role, {})}
+    return out
 
 
 # ----------------------------------------------------------------------------- the run
@@ -274,9 +324,13 @@ def calibrate(dets: list, table: dict, all_scores: dict, configs: dict, uris: di
 
 
 def run(p: Plan, *, train: Callable, load_model: Callable, score: Callable, out_dir: Path,
-        say: Callable = print) -> dict:
+        say: Callable = print, reuse: Optional[dict] = None) -> dict:
     """Train or load the models, build the sets, score every role on Ray Data (``score(role, uri, dataset,
-    opts, folder) -> ScoreResult``), evaluate; writes Parquet scores under ``out_dir/scores``; returns the results."""
+    opts, folder) -> ScoreResult``), evaluate; writes Parquet scores under ``out_dir/scores``; returns the results.
+    ``reuse`` ({role: {"folder", "job"}}, :func:`reusable_scores`): roles whose earlier scores are copied instead
+    (their row counts per set are checked against the sets built here)."""
+    import shutil
+
     import torch
 
     b = p.budget
@@ -308,6 +362,15 @@ def run(p: Plan, *, train: Callable, load_model: Callable, score: Callable, out_
     for role in p.roles:
         opts = D.role_options(role, p.configs[role], p.detectors)
         folder = out_dir / "scores" / role
+        if reuse and role in reuse:
+            say(f"{role}: reusing the scores of {reuse[role]['folder']}")
+            shutil.copytree(reuse[role]["folder"], folder)
+            scores[role] = read_role_scores(str(folder), names)
+            bad = [k for k in names if len(scores[role][k]["id"]) != len(sets[k])]
+            if bad:
+                raise RuntimeError(f"--scores-from: {reuse[role]['folder']} has other row counts for {bad}")
+            jobs[role] = {**reuse[role]["job"], "reused_from": reuse[role]["folder"]}
+            continue
         say(f"scoring {role} ({p.configs[role].family}) on {len(dataset)} rows")
         t0 = time.perf_counter()
         res = score(role, uris[role], dataset, opts, folder)
@@ -318,6 +381,9 @@ def run(p: Plan, *, train: Callable, load_model: Callable, score: Callable, out_
             raise RuntimeError(f"scoring {role}: {res.rows_in} rows in, {res.rows_out} out, {res.unique_ids} unique")
         scores[role] = read_role_scores(str(folder), names)
     scoring_wall = time.perf_counter() - t_scoring
+    if reuse:
+        info["scoring_wall_s_reused"] = round(sum(float(jobs[r].get("job_s", jobs[r].get("wall_s", 0.0)))
+                                                  for r in reuse if r in jobs), 1)
     t0 = time.perf_counter()
     table, all_scores = evaluate_all(p.detectors, scores, b, list(b.sets))
     costs = {d.name: detector_cost(d, scores) for d in p.detectors}

@@ -21,8 +21,10 @@ from typing import Optional
 
 COMPUTES = ("auto", "actors", "tasks")
 
-#: single-thread seconds of scoring work per job above which actors are chosen (benchmarks/scoring_compute.py)
-CROSSOVER_WORK_S = 60.0
+#: single-thread seconds of scoring work per job above which actors are chosen: benchmarks/scoring_compute.py measured
+#: the lines crossing at 322 s (650,000 rows of its model; tasks 1.15 s + W / 2.14, actors 13.25 s + W / 2.32, one run
+#: of 3 sizes under load ~20, the slopes' difference about one standard error: docs/ray.md, "Tasks or actors: the rule")
+CROSSOVER_WORK_S = 300.0
 
 
 def choose_compute(n_rows: int, sec_per_row: Optional[float], workers: int,
