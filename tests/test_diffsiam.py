@@ -522,7 +522,7 @@ def test_sgd_recipe_and_fixed_predictor_lr():
 def test_cluster_configs_follow_the_simsiam_recipe(config):
     import yaml
 
-    raw = yaml.safe_load(open(f"jobs/configs/{config}"))
+    raw = yaml.safe_load(open(f"jobs/configs/cluster/{config}"))
     tr, m = raw["train"], raw["model"]
     assert tr["optimizer"] == "sgd" and tr["momentum"] == 0.9 and tr["weight_decay"] == 1e-4
     assert tr["lr"] == pytest.approx(0.05 * tr["batch_size"] / 256) and tr["lr_schedule"] == "cosine"
@@ -687,8 +687,8 @@ def test_simsiam_weight_sweep_validates_with_a_ddpm(tmp_path):
     spec = load_spec(f)
     assert spec.kind == "train" and list(spec.space) == ["model.simsiam_weight"] and spec.n_trials == 5
     with pytest.raises(ConfigError, match="model.ddpm"):  # the placeholder is refused until a DDPM is named
-        base_config_dict(spec, f"jobs/configs/{Path(spec.base).name}")
+        base_config_dict(spec, spec.base)
     sets = yaml.safe_load(f.read_text())["set"]
     sets = [s for s in sets if not s.startswith("model.ddpm=")] + [f"model.ddpm={tiny_ddpm(size=24, T=100)}"]
     spec = load_spec(f, [("set", sets)])
-    check_space(spec, base_config_dict(spec, f"jobs/configs/{Path(spec.base).name}"))
+    check_space(spec, base_config_dict(spec, spec.base))
