@@ -43,14 +43,59 @@ def build_parser() -> argparse.ArgumentParser:
         if info.name.startswith("_"):
             continue
         mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        mod.register(sub, study_sub)
+        if hasattr(mod, "register"):  # helpers (options, study) register nothing
+            mod.register(sub, study_sub)
+    for sp in _subparsers(parser):
+        sp.formatter_class = DefaultsFormatter  # every --help shows the defaults
     return parser
+
+
+def _shows_default(action) -> bool:
+    return (bool(action.option_strings) and action.default not in (None, False, [], "", argparse.SUPPRESS)
+            and action.help != argparse.SUPPRESS)
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` with each option's default, unless its help already names it ("default ...")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not _shows_default(action) or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+    def _format_action(self, action):
+        if action.help is None and _shows_default(action):
+            action.help = ""  # an option without help still shows its default
+            try:
+                return super()._format_action(_with_help(action, self._get_help_string(action)))
+            finally:
+                action.help = None
+        return super()._format_action(action)
+
+
+def _with_help(action, text):
+    import copy
+
+    a = copy.copy(action)
+    a.help = text
+    return a
+
+
+def _subparsers(parser):
+    """Every sub-parser of ``parser`` (commands and ``study`` sub-commands)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                yield sp
+                yield from _subparsers(sp)
 
 
 #: commands that write nothing under the output root (no start-up line naming it; serve's first line is its own)
 NO_ROOT_LINE = ("list", "compare", "serve")
 #: option names (argparse dests) that name input files or folders; see :func:`_absolute_inputs`
-INPUT_DESTS = ("config", "glow_config", "config_dir", "model", "ddpm", "data", "ood", "classifier", "reference")
+INPUT_DESTS = ("config", "glow_config", "config_dir", "model", "ddpm", "data", "ood", "classifier", "reference",
+               "guided_reference")
 
 
 def _absolute_inputs(args) -> None:
@@ -59,11 +104,21 @@ def _absolute_inputs(args) -> None:
     they keep meaning the caller's files. Outputs (``--out``) stay relative and land in the home."""
     from raymanifold.paths import absolute, is_uri
 
-    for dest, value in vars(args).items():
-        if not (dest in INPUT_DESTS or dest.startswith("model_")) or not isinstance(value, str) or not value:
-            continue
+    def fix(value: str) -> str:
         if not is_uri(value) and not os.path.isabs(value) and os.path.exists(value):
-            setattr(args, dest, absolute(value))
+            return absolute(value)
+        role, sep, rest = value.partition("=")  # --model ROLE=PATH
+        if sep and rest and not is_uri(rest) and not os.path.isabs(rest) and os.path.exists(rest):
+            return f"{role}={absolute(rest)}"
+        return value
+
+    for dest, value in vars(args).items():
+        if not (dest in INPUT_DESTS or dest.startswith(("model_", "deprecated_"))) or not value:
+            continue
+        if isinstance(value, str):
+            setattr(args, dest, fix(value))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            setattr(args, dest, [fix(v) for v in value])
 
 
 def version() -> str:
@@ -86,7 +141,7 @@ def main(argv=None) -> int:
         return 2
     if getattr(args, "tracking_uri", None):
         # one store for the whole command: runs:/ URIs given to --model & co. resolve against --tracking-uri,
-        # and Ray workers inherit it (as raymanifold.commands.apply_common does)
+        # and Ray workers inherit it (as raymanifold.commands.options.parse_options does)
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     start, saved_caller, saved_home = os.getcwd(), os.environ.get(paths.CALLER_ENV), os.environ.get(paths.HOME_ENV)
     try:
@@ -100,7 +155,12 @@ def main(argv=None) -> int:
         if str(home) != start:
             _absolute_inputs(args)
             os.chdir(home)
-        rc = args.func(args)
+        from raymanifold.commands.study import DryRun
+
+        try:
+            rc = args.func(args)
+        except DryRun:  # --dry-run: the plan is printed
+            rc = 0
     except _expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,8 @@ reference; ``cfg`` is an :class:`~raymanifold.config.ExperimentConfig`::
     score_columns(model, x, cfg, *, generator) -> {column: Tensor (B,)}   optional; further per-example columns
                                    of ``raymanifold score`` (numbers or booleans)
     evaluators: {short name: fn(model, cfg, *, seed, **params) -> {name: float}}   eval-time sweep evaluators
+    metrics: Metrics(primary, key)     how `raymanifold compare` ranks the runs (evaluate's metric names)
+    card(cfg) -> dict                  optional; family details of the served model card (Serve's card.py)
     log_prob_unit: str = "nats"
 
 ``batch`` is whatever :func:`raymanifold.data.load` yields for the data set:
@@ -92,16 +94,22 @@ class Recipe:
     evaluators: Mapping[str, Callable] = field(default_factory=dict)
     #: unit of ``log_prob`` values, e.g. "nats"
     log_prob_unit: str = "nats"
+    #: how ``raymanifold compare`` ranks this family's runs (:class:`Metrics`)
+    metrics: Optional["Metrics"] = None
+    #: ``card(cfg) -> dict``: family details of the served model card (e.g. GridVAE's ``{"grid": ...}``)
+    card: Optional[Callable] = None
 
     def __post_init__(self):
         for key in ("build", "input_shape", "loss"):
             if not callable(getattr(self, key)):
                 raise TypeError(f"Recipe({self.name!r}).{key}: a function is required")
         for key in ("evaluate", "log_prob", "sample", "cost", "encode", "decode", "latent_shape", "validate",
-                    "classify", "purify", "score_columns", "counterfactual"):
+                    "classify", "purify", "score_columns", "counterfactual", "card"):
             v = getattr(self, key)
             if v is not None and not callable(v):
                 raise TypeError(f"Recipe({self.name!r}).{key}: expected a function or None, got {type(v).__name__}")
+        if self.metrics is not None and not isinstance(self.metrics, Metrics):
+            raise TypeError(f"Recipe({self.name!r}).metrics: expected recipes.Metrics, got {type(self.metrics).__name__}")
         if self.decode is not None and self.latent_shape is None:
             raise TypeError(f"Recipe({self.name!r}).latent_shape: required with decode (callers validate z)")
         object.__setattr__(self, "evaluators", MappingProxyType(dict(self.evaluators)))
@@ -115,6 +123,19 @@ class Recipe:
         if op not in OPERATIONS:
             raise ValueError(f"op: unknown operation {op!r}; allowed: {list(OPERATIONS)}")
         return dict(self.cost(cfg, op, **opts)) if self.cost is not None else {}
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """How ``raymanifold compare`` ranks a family's runs: ``primary`` is a tuple of (metric name or fnmatch
+    pattern, "min" | "max"), the first one the runs have wins; ``key`` are further metrics (names or patterns)
+    shown next to it by default. Names are those the recipe's ``evaluate`` logs."""
+    primary: tuple
+    key: tuple = ()
+
+    def __post_init__(self):
+        if not self.primary or not all(isinstance(p, str) and m in ("min", "max") for p, m in self.primary):
+            raise TypeError(f"Metrics.primary: (pattern, 'min' | 'max') pairs, got {self.primary!r}")
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,10 @@ def _inprocess_logger(cfg, verbose: bool):
     """``log(step, metrics)`` of the in-process loop: MLflow metrics, and with ``verbose`` the same progress line
     as a Ray Train run (``[train <name>] step s/N  loss=..., steps_per_s=...``; the metrics of the step logged)."""
     from raymanifold import tracking
-    from raymanifold.training import progress_line
+    from raymanifold.training import eta_s, progress_line
 
-    last = [time.perf_counter(), 0]
+    t0 = time.perf_counter()
+    last = [t0, 0]
 
     def log(step, metrics):
         tracking.log_metrics(metrics, step)
@@ -61,7 +62,8 @@ def _inprocess_logger(cfg, verbose: bool):
             now = time.perf_counter()
             rate = (step - last[1]) / max(now - last[0], 1e-9)
             last[:] = [now, step]
-            print(progress_line(cfg, step, {**metrics, "steps_per_s": rate}), flush=True)
+            print(progress_line(cfg, step, {**metrics, "steps_per_s": rate},
+                                eta=eta_s(0, step, cfg.train.steps, now - t0)), flush=True)
     return log
 
 
@@ -158,6 +160,46 @@ def train(cfg, *, backend: str = "ray", tracking_uri: Optional[str] = None, fres
             saved = tracking.cache_checkpoint(path, run_id, tracking_uri)  # outlives the temporary folder
     return RunHandle(run_id=run_id, model_uri=f"runs:/{run_id}", checkpoint=saved, metrics=metrics, step=step,
                      start_step=start, wall_s=wall, backend=backend, storage_dir=storage)
+
+
+def train_grid(cfg, seeds, *, keys, select, parent_metrics=None, metric: str = "train_loss_nats", mode: str = "min",
+               tracking_uri: Optional[str] = None, address: Optional[str] = None, config_path: str = "") -> list:
+    """Train ``cfg`` once per ``train.seed`` in ``seeds`` as one train-time Ray Tune sweep (one Ray Train run per
+    trial, run concurrently as far as the CPUs allow; fresh), logged to MLflow as a parent run with a child run per
+    trial. Returns the rows sorted by seed: ``{"seed", "model" (runs:/<child>), "checkpoint", "train_wall_s",
+    <keys>}``; ``select(rows)`` picks the best row (and may mark the rows); the parent run gets ``parent_metrics(best)``,
+    ``wall_s`` and the tags ``best_run_id``, ``best_seed``. Raises RuntimeError when a trial did not finish."""
+    from raymanifold import tracking
+    from raymanifold.config import to_dict
+    from raymanifold.distributed.spec import TRIAL_DRIVER_CPU, parse_spec
+    from raymanifold.distributed.tune import log_trials, run_sweep
+
+    base = to_dict(cfg)
+    # Tune's trial actor takes TRIAL_DRIVER_CPU; take it from the worker's share so K one-CPU restarts fit on K CPUs
+    if base["ray"]["cpus_per_worker"] > TRIAL_DRIVER_CPU:
+        base["ray"]["cpus_per_worker"] -= TRIAL_DRIVER_CPU
+    spec = parse_spec({"kind": "train", "name": f"{cfg.name}_restarts", "experiment": cfg.experiment,
+                       "base": str(config_path), "space": {"train.seed": {"grid": list(seeds)}},
+                       "metric": metric, "mode": mode,
+                       "storage_path": f"{cfg.ray.storage_path.rstrip('/')}/sweeps"})
+    uri = tracking.resolve_uri(tracking_uri)
+    with tracking.start_run(spec.experiment, spec.name, uri=uri, config=base,
+                            tags={"raymanifold.sweep": spec.name, "raymanifold.kind": "sweep-parent",
+                                  "seeds": ",".join(map(str, seeds))}) as parent:
+        result = run_sweep(spec, base=base, fresh=True, address=address)
+        child_ids = log_trials(result, parent.info.run_id, uri)
+        failed = [r for r in result.rows if r.status != "DONE"]
+        if failed or len(result.rows) < len(seeds):
+            raise RuntimeError(f"--restarts: {len(seeds) - len(result.completed)} of {len(seeds)} restart(s) did "
+                               "not finish: " + "; ".join(f"{r.trial_id} {r.status} {r.error or ''}" for r in failed))
+        rows = sorted(({"seed": int(r.config["train.seed"]), "model": f"runs:/{child_ids.get(r.trial_id)}",
+                        "checkpoint": r.checkpoint, "train_wall_s": r.metrics.get("train_s", math.nan),
+                        **{k: r.metrics.get(k, math.nan) for k in keys}} for r in result.rows),
+                      key=lambda r: r["seed"])
+        best = select(rows)
+        tracking.log_metrics({**(parent_metrics(best) if parent_metrics else {}), "wall_s": result.wall_s})
+        tracking.set_tags({"best_run_id": best["model"].removeprefix("runs:/"), "best_seed": str(best["seed"])})
+    return rows
 
 
 # ----------------------------------------------------------------------------- studies

@@ -109,11 +109,31 @@ def make_optimizer(model, tcfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
 
 
-def progress_line(cfg, step: int, metrics: dict) -> str:
+def eta_s(start_step: int, step: int, total: int, elapsed_s: float) -> Optional[float]:
+    """Seconds left at the mean rate since this attempt started: (total - step) * elapsed / (step - start_step);
+    None before the first step of the attempt."""
+    done = step - start_step
+    if done <= 0 or elapsed_s <= 0:
+        return None
+    return max(total - step, 0) * elapsed_s / done
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    """``ETA 5m55s`` / ``ETA 1h02m`` / ``ETA 12s``; empty for None."""
+    if seconds is None or not math.isfinite(seconds):
+        return ""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"ETA {s // 3600}h{s % 3600 // 60:02d}m"
+    return f"ETA {s // 60}m{s % 60:02d}s" if s >= 60 else f"ETA {s}s"
+
+
+def progress_line(cfg, step: int, metrics: dict, *, eta: Optional[float] = None) -> str:
     """The progress line of a training run, the same on Ray Train and in-process:
-    ``[train <name>] step s/N  loss=..., steps_per_s=...``."""
+    ``[train <name>] step s/N  loss=..., steps_per_s=...  ETA 5m55s`` (``eta``: seconds left, :func:`eta_s`)."""
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-    return f"[train {cfg.name}] step {step}/{cfg.train.steps}  {shown}"
+    tail = format_eta(eta)
+    return f"[train {cfg.name}] step {step}/{cfg.train.steps}  {shown}" + (f"  {tail}" if tail else "")
 
 
 def lr_at(tcfg, step: int) -> float:
@@ -126,27 +146,61 @@ def lr_at(tcfg, step: int) -> float:
     return tcfg.lr_min + (tcfg.lr - tcfg.lr_min) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+class StepModule(torch.nn.Module):
+    """One training step's forward: ``recipe.loss(module, batch, cfg, step, generator)``.
+
+    Ray Train wraps THIS module in DistributedDataParallel when it runs more than one worker
+    (:mod:`raymanifold.distributed.train`), so every call that a recipe's loss makes into the model runs inside
+    DDP's forward and the replicas' gradients are all-reduced for every family, whatever the loss calls (a loss that
+    called methods of an unwrapped module, as DAED's did, left the replicas unsynchronised). ``recipe.loss`` always
+    receives the plain family module. The parameters are the module's, in the same order."""
+
+    def __init__(self, module: torch.nn.Module, recipe, cfg):
+        super().__init__()
+        self.module = module
+        self.recipe, self.cfg = recipe, cfg
+
+    def forward(self, batch, step: int, generator):
+        return self.recipe.loss(self.module, batch, self.cfg, step, generator)
+
+
+def step_module(model, recipe, cfg) -> torch.nn.Module:
+    """``model`` when it already is a (DDP-wrapped) :class:`StepModule`, else a StepModule around it."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return model if isinstance(inner, StepModule) else StepModule(model, recipe, cfg)
+
+
+def plain_module(model) -> torch.nn.Module:
+    """The family's module inside a (DDP-wrapped) :class:`StepModule`."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.module if isinstance(model, StepModule) else model
+
+
 def run_steps(recipe, model, optimizer, batches: Iterator, cfg, *, start_step: int, end_step: int,
               generator: torch.Generator, ema: Optional[EMA] = None,
               on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Run optimizer steps ``start_step+1 .. end_step``; returns the last step's metrics.
 
-    ``recipe.loss`` receives the 1-based number of the step being taken (its
+    ``model``: the family's module, or a :class:`StepModule` around it (wrapped in DDP on several workers);
+    ``recipe.loss`` receives the plain module and the 1-based number of the step being taken (its
     schedules, e.g. GridVAE's KL warm-up, read it; resumption continues them).
     ``on_step(step, metrics)`` is called after every step and may checkpoint,
     log or raise.
     """
-    model.train()
+    stepper = step_module(model, recipe, cfg)
+    plain = plain_module(stepper)
+    stepper.train()
     metrics: dict = {}
     for step in range(start_step + 1, end_step + 1):
         batch = next(batches)
-        loss, metrics = recipe.loss(model, batch, cfg, step, generator)
+        loss, metrics = stepper(batch, step, generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training diverged: loss is {float(loss)} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.train.grad_clip))
         if cfg.train.lr_schedule != "constant":
             lr = lr_at(cfg.train, step)
             for group in optimizer.param_groups:
@@ -155,7 +209,7 @@ def run_steps(recipe, model, optimizer, batches: Iterator, cfg, *, start_step: i
             metrics["lr"] = lr
         optimizer.step()
         if ema is not None:
-            ema.update(model)
+            ema.update(plain)
         if on_step is not None:
             on_step(step, metrics)
     return metrics

@@ -135,16 +135,13 @@ def _params(fn) -> set:
 
 
 def grid_info(cfg) -> Optional[dict]:
-    """The integer grid of a grid-prior latent space (GridVAE, Eq. 24): per-dimension centres
-    ``min..max`` and the label guiding each dimension (Sec. 4.2.2), or None."""
-    m = getattr(cfg, "model", None)
-    if m is None or not hasattr(m, "grid_bounds") or getattr(m, "prior", "normal") == "normal":
-        return None
-    lo, hi = m.grid_bounds()
-    labels = list(getattr(m, "guided_labels", ()) or ())
-    n = len(lo)
-    return {"min": [int(v) for v in lo], "max": [int(v) for v in hi],
-            "labels": labels + [None] * (n - len(labels)), "sigma0": float(getattr(m, "sigma0", 0.0))}
+    """The ``grid`` entry of the family's card details (its recipe's ``card(cfg)``: GridVAE's integer grid,
+    Eq. 24), or None."""
+    from raymanifold.recipes import FAMILIES, get_recipe
+
+    family = getattr(cfg, "family", None)
+    card = get_recipe(family).card if family in FAMILIES else None
+    return (card(cfg) or {}).get("grid") if card is not None else None
 
 
 def ood_calibration(path: Optional[str], uri: str) -> Optional[dict]:

@@ -360,5 +360,8 @@ def test_study_defences_refuses_bad_t_star_and_wrong_models_before_training(tmp_
                              "train": {"steps": 1, "batch_size": 8, "checkpoint_every": 1000, "log_every": 1000}})
     train_inprocess(ccfg, checkpoint_dir=tmp_path / "clf")
     clf = str(tmp_path / "clf")
-    assert main(["study", "defences", "--model-ddpm", clf, "--t-star", "10"]) == 2
-    assert "--model-ddpm: a vae_classifier model; ddpm needs a diffusion model" in capsys.readouterr().err
+    assert main(["study", "defences", "--model", f"ddpm={clf}", "--t-star", "10"]) == 2
+    assert "--model ddpm: a 'vae_classifier' model; the ddpm role needs 'diffusion'" in capsys.readouterr().err
+    assert main(["study", "defences", "--model-ddpm", clf, "--t-star", "10"]) == 2  # the old spelling, deprecated
+    err = capsys.readouterr().err
+    assert "deprecated: --model-ddpm URI is now --model ddpm=URI" in err and "--model ddpm: a 'vae_classifier'" in err

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from raymanifold.analysis import attribute_kl as K
-from raymanifold.analysis import attributes as AT
+from raymanifold.recognition import attribute_kl as K
+from raymanifold.recognition import attributes as AT
 from raymanifold.cli import main
 from raymanifold.recognition.losses import supcon_loss
 from raymanifold.schema import ConfigError

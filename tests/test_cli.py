@@ -23,7 +23,7 @@ def _without_root_line(err: str) -> str:
     (["likelihood", "--model", "no/such/checkpoint.pt"], "does not exist"),
     (["sample", "--model", "no/such/checkpoint.pt"], "does not exist"),
     (["demo", "--rounds", "0"], "--rounds: must be >= 1"),
-    (["demo", "--dts", "0,2"], "--dt: each step must satisfy 1 <= dt <= T=100"),
+    (["demo", "--dts", "0,2"], "--dts: each step must satisfy 1 <= dt <= T=100"),
 ])
 def test_bad_input_one_line_error(argv, fragment, capsys, tracking_uri):
     assert main(argv) == 2

@@ -557,23 +557,22 @@ def test_study_arms_and_their_bad_input():
     assert cfg.train.optimizer == "sgd" and cfg.model.conditioning == "additive" and cfg.train.lr == 0.05 * 16 / 256
 
 
-def test_probes_study_refuses_bad_arms_before_any_training(monkeypatch):
-    from raymanifold import runs
+def test_probes_study_refuses_bad_arms_before_any_training():
     from raymanifold.ssl import study
 
     def no_training(*a, **k):
         raise AssertionError("trained before validating")
 
-    monkeypatch.setattr(runs, "train", no_training)
+    io = {"train": no_training, "load": no_training}
     base = diffsiam_cfg("simsiam")
     # a spread stride that reaches past T = 50 (4 segments x 20): refused, naming the field
     with pytest.raises(ConfigError, match="model.k_stride: t \\+ k s reaches past T"):
         study.probes_study(base, arms=["simsiam", "hierarchical+spread"], seeds=[0, 1], ddpm=tiny_ddpm(),
-                           spread_stride=20, backend="local")
+                           spread_stride=20, **io)
     with pytest.raises(study.StudyError, match="must include simsiam"):
-        study.probes_study(base, arms=["hierarchical"], seeds=[0, 1], ddpm=tiny_ddpm())
+        study.probes_study(base, arms=["hierarchical"], seeds=[0, 1], ddpm=tiny_ddpm(), **io)
     with pytest.raises(study.StudyError, match="--seeds"):
-        study.probes_study(base, arms=["simsiam"], seeds=[0], ddpm=tiny_ddpm())
+        study.probes_study(base, arms=["simsiam"], seeds=[0], ddpm=tiny_ddpm(), **io)
 
 
 def test_paired_intervals_and_holm():

@@ -409,3 +409,33 @@ def test_diffusion_dt_evaluator_small():
     assert out["nfe_likelihood"] == 4 and out["nfe_sample"] == 4 and 0 <= out["auroc_mean"] <= 1
     with pytest.raises(ValueError, match="ood_sets"):
         devaluators.diffusion_dt(model, cfg, ood_sets=("digits",), points=5, samples=5)
+
+
+def test_frozen_ddpm_loader_caches_and_prefers_the_ema_weights(tmp_path):
+    """raymanifold.diffusion.frozen: one read per file version, the EMA weights when the run kept them, and the
+    Diffusion's alpha_bar equal to the schedule the config names (what DAED's schedule tuple holds)."""
+    import os
+
+    from raymanifold import checkpoint as ckpt
+    from raymanifold.config import load_config
+    from raymanifold.diffusion import daed_recipe, frozen
+    from raymanifold.recipes import get_recipe
+
+    cfg = load_config("jobs/configs/train/diffusion_swiss_roll.yaml", ["model.T=20", "model.hidden=8",
+                                                                       "model.layers=1"])
+    net = get_recipe("diffusion").build(cfg)
+    ema = get_recipe("diffusion").build(cfg)
+    torch.nn.init.zeros_(next(ema.parameters()))
+    path = tmp_path / "ddpm.pt"
+    ckpt.save(path, net, cfg, 1, ema=ema)
+    assert frozen.state(str(path)) is frozen.state(str(path))             # cached per (path, mtime)
+    assert frozen.config(str(path)).family == "diffusion" and frozen.config(str(path)).model.T == 20
+    w = frozen.weights(str(path))
+    assert all(torch.equal(w[k], v) for k, v in ema.state_dict().items())  # EMA preferred
+    ab = schedules.make_alpha_bar(cfg.model.schedule, 20)
+    assert torch.equal(frozen.process(str(path)).alpha_bar, ab)
+    dcfg = type("C", (), {"model": type("M", (), {"ddpm": str(path)})()})()
+    assert torch.equal(daed_recipe.schedule(dcfg)[0], ab)
+    ckpt.save(path, ema, cfg, 2)                                           # a new file version is read again
+    os.utime(path, (1, 1))
+    assert frozen.state(str(path))["step"] == 2

@@ -178,3 +178,17 @@ def test_evaluate_reports_bits_per_dim(model, cfg):
     out = R.evaluate(model, cfg)
     assert set(out) == {"test_nll_nats_dt10", "test_bpd_dt10"}
     assert out["test_bpd_dt10"] > 0
+
+
+def test_unet_encode_and_decode_compose_to_forward():
+    """The public U-Net passes (used by DiffSiam's frozen pass) are forward's own operations: equal bit for bit."""
+    torch.manual_seed(0)
+    net = UNet(1, 8, 4, (1, 2), attention=True).eval()
+    for p in net.out.parameters():  # the output conv starts at zero; give it weights so eps is not trivially 0
+        torch.nn.init.normal_(p)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 5, 9])
+    emb = net.time_embedding(t, x.dtype)
+    h, hs = net.encode(x, emb)
+    eps = net.decode(h, hs, emb)
+    assert torch.equal(eps, net(x, t)) and eps.abs().sum() > 0
+    assert len(hs) == 1 + len(net.down) and torch.equal(net.decode(h, hs, emb), eps)  # decode leaves hs alone

@@ -537,7 +537,7 @@ def test_superres_evaluation_measures_every_estimate_and_refuses_a_missing_facto
 def test_superres_study_refuses_a_factor_the_hierarchy_lacks_before_training(tmp_path, capsys):
     from raymanifold.cli import main
 
-    rc = main(["study", "flow-superres", "--factor", "4,8", "--inprocess", "--tracking-uri",
+    rc = main(["study", "flow-superres", "--factor", "4,8", "--no-ray", "--tracking-uri",
                f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path / "sr")])
     assert rc == 2
     err = capsys.readouterr().err

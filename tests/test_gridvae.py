@@ -272,7 +272,7 @@ def test_cli_rejects_bad_arguments_before_work(capsys):
     assert main(["study", "gridvae-shapes", "--variants", "vae,bogus"]) == 2
     assert "--variants" in capsys.readouterr().err
     assert main(["study", "gridvae-shapes", "--model", "guided"]) == 2
-    assert "VARIANT=URI" in capsys.readouterr().err
+    assert "ROLE=URI" in capsys.readouterr().err
     assert main(["study", "gridvae-two-digit", "--model", "/nonexistent/checkpoint.pt"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -426,8 +426,8 @@ def test_two_digit_study_with_guided_reference_in_process(tmp_path, monkeypatch)
     gap is the kept model's train -ELBO minus the reference's, and the Markdown has the section."""
     import json
 
+    from raymanifold import runs
     from raymanifold.cli import main
-    from raymanifold.vae import gridvae_study as S
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     out = tmp_path / "report"
@@ -441,8 +441,8 @@ def test_two_digit_study_with_guided_reference_in_process(tmp_path, monkeypatch)
     ref, kept = rep["guided_reference"], rep["metrics"]
     assert ref["gap_nats"] == pytest.approx(kept["train_loss_nats"] - ref["metrics"]["train_loss_nats"])
     assert kept["guided_reference_gap_nats"] == pytest.approx(ref["gap_nats"])
-    assert S.load(rep["model"])[1].model.guidance == "none"  # the report names the kept model by a loadable URI
-    _, ref_cfg = S.load(ref["model"])  # the reference is a trained guided twin of the studied config
+    assert runs.load(rep["model"])[1].model.guidance == "none"  # the report names the kept model by a loadable URI
+    _, ref_cfg, _ = runs.load(ref["model"])  # the reference is a trained guided twin of the studied config
     assert (ref_cfg.name, ref_cfg.model.guidance) == (rep["config"]["name"] + "_guided_reference", "full")
     assert (ref_cfg.model.guidance_steps, ref_cfg.train.steps) == (4, 6)  # guided run, then half of it unguided
     assert ref["unguided_steps"] == 2 and rep["config"]["model"]["guidance"] == "none"
@@ -450,7 +450,8 @@ def test_two_digit_study_with_guided_reference_in_process(tmp_path, monkeypatch)
     # --tracking-uri resolves runs:/ given to --model and --guided-reference (not the environment's store)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
     again = tmp_path / "again"
-    assert main(["study", "gridvae-two-digit", "--model", ref["model"], "--guided-reference", ref["model"],
+    assert main(["study", "gridvae-two-digit", "--model", ref["model"], "--guided-reference",
+                 "--model", f"guided_reference={ref['model']}",
                  "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(again)]) == 0
     rep2 = json.loads((again / "two_digit.json").read_text())
     assert rep2["guided_reference"]["gap_nats"] == pytest.approx(0.0, abs=1e-9)  # a model against itself

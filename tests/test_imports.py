@@ -23,6 +23,13 @@ Rules (see docs/architecture.md, "Who may import what"):
    that orchestrate Ray runs live beside their family but outside this closure.
 4. No module edits ``sys.path`` to reach another package (imports go through
    the installed packages).
+5. No cycles between packages: collapsed to packages (the sub-packages of
+   ``raymanifold``, its top-level modules, ``serve``), the import graph (every
+   import, deferred ones too) has no loop, so no import runs back up the layers.
+6. A family package (``FAMILY_PACKAGES``: the families and the cross-family
+   ``ood`` benchmark) imports no edge module, not even lazily: its studies get
+   ``train`` / ``load`` / Ray-backed steps as arguments from the command
+   (:class:`raymanifold.commands.study.Study`).
 
 Dynamic imports (``importlib.import_module(FAMILIES[name])``) are not seen; the
 family registry is the one place that uses them.
@@ -45,7 +52,12 @@ EDGES = ("raymanifold.cli", "raymanifold.commands", "raymanifold.runs", "raymani
 #: the core (prefixes), plus the family modules listed in raymanifold/recipes.py FAMILIES
 CORE = ("raymanifold.recipes", "raymanifold.schema", "raymanifold.config", "raymanifold.checkpoint",
         "raymanifold.training", "raymanifold.reports", "raymanifold.data", "raymanifold.analysis",
-        "raymanifold.scoring")
+        "raymanifold.scoring", "raymanifold.blocks")
+
+
+#: packages holding family code (rule 6): they import no edge module
+FAMILY_PACKAGES = ("raymanifold.vae", "raymanifold.diffusion", "raymanifold.flows", "raymanifold.adversarial",
+                   "raymanifold.recognition", "raymanifold.ssl", "raymanifold.ood")
 
 
 @dataclass(frozen=True)
@@ -264,6 +276,38 @@ def layer_violations(mods: dict, found: list[Import], core=CORE, edges_=EDGES) -
     return bad
 
 
+def package_of(module: str) -> str:
+    """``raymanifold.<sub>.x`` -> ``raymanifold.<sub>`` (a sub-package, or a top-level module); ``serve.x`` ->
+    ``serve``."""
+    parts = module.split(".")
+    return parts[0] if len(parts) == 1 or parts[0] != "raymanifold" else ".".join(parts[:2])
+
+
+def package_graph(mods: dict, found: list[Import]) -> tuple[dict, dict]:
+    """(graph, where): package -> {package: 1} over every import between modules of different packages, and
+    (package, package) -> the first ``module:line`` behind that edge."""
+    g = edges(mods, found, toplevel_only=False)
+    graph, where = {package_of(m): {} for m in mods}, {}
+    for a, targets in g.items():
+        for b, line in sorted(targets.items()):
+            pa, pb = package_of(a), package_of(b)
+            if pa != pb:
+                graph[pa][pb] = 1
+                where.setdefault((pa, pb), f"{a}:{line}")
+    return graph, where
+
+
+def package_cycles(mods: dict, found: list[Import]) -> list[str]:
+    graph, where = package_graph(mods, found)
+    return [" -> ".join([c[0]] + [f"{b} ({where[(a, b)]})" for a, b in zip(c, c[1:])]) for c in find_cycles(graph)]
+
+
+def family_edge_imports(found: list[Import], families=FAMILY_PACKAGES, edges_=EDGES) -> list[str]:
+    """Imports of an edge module by a module of a family package (every import, deferred ones too)."""
+    return [f"{i.source}:{i.line} imports {i.target}" for i in found
+            if any(_within(i.source, f) for f in families) and any(_within(i.target, e) for e in edges_)]
+
+
 def sys_path_edits(mods: dict) -> list[str]:
     """``sys.path.insert/append/extend/...`` calls and ``sys.path = ...`` / ``sys.path[...] = ...`` assignments."""
     bad = []
@@ -324,6 +368,26 @@ def test_checker_finds_cycles_and_forbidden_imports(tmp_path):
     assert sys_path_edits(mods) == ["pkg.hack:2 edits sys.path", "pkg.hack:3 edits sys.path"]
 
 
+def test_package_checker_finds_loops_between_packages(tmp_path):
+    _write(tmp_path, {
+        "raymanifold/__init__.py": "",
+        "raymanifold/a/__init__.py": "",
+        "raymanifold/a/x.py": "def f():\n    from raymanifold.b import y\n",   # a -> b (deferred) ...
+        "raymanifold/b/__init__.py": "",
+        "raymanifold/b/y.py": "from raymanifold.a.z import g\n",              # ... b -> a: a loop of packages
+        "raymanifold/a/z.py": "g = 1\n",                                        # (no loop of modules)
+        "raymanifold/c/__init__.py": "from raymanifold.c import w\n",           # a parent-package import: no edge
+        "raymanifold/c/w.py": "import raymanifold.c\nimport raymanifold.runs\n",
+        "raymanifold/runs.py": "",
+    })
+    mods, found = all_imports(tmp_path, ("raymanifold",))
+    assert find_cycles(edges(mods, found, toplevel_only=False)) == []
+    assert package_cycles(mods, found) == [
+        "raymanifold.a -> raymanifold.b (raymanifold.a.x:2) -> raymanifold.a (raymanifold.b.y:1)"]
+    assert package_of("raymanifold.runs") == "raymanifold.runs" and package_of("serve.app") == "serve"
+    assert family_edge_imports(found, ("raymanifold.c",)) == ["raymanifold.c.w:2 imports raymanifold.runs"]
+
+
 def test_relative_imports_resolve():
     assert imports_of("p.q.m", Path(__file__), False)  # this file parses; names below are synthetic
     v = _Visitor("p.q.m", False)
@@ -368,3 +432,15 @@ def test_no_sys_path_edits(repo):
     mods, _ = repo
     bad = sys_path_edits(mods)
     assert not bad, "\n  ".join(["modules editing sys.path:"] + bad)
+
+
+def test_no_cycles_between_packages(repo):
+    mods, found = repo
+    bad = package_cycles(mods, found)
+    assert not bad, "\n  ".join(["imports that run back up (package cycles):"] + bad)
+
+
+def test_family_packages_import_no_edge_module(repo):
+    _, found = repo
+    bad = family_edge_imports(found)
+    assert not bad, "\n  ".join(["family code imports an edge module (give it a callable instead):"] + bad)

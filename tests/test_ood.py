@@ -316,7 +316,7 @@ def test_study_refuses_bad_input_before_any_work(tiny, tmp_path, capsys):
     out = tmp_path / "rep"
     cases = [(["--sets", "noise,mnist_c"], "--sets: unknown OOD set(s) ['mnist_c']"),
              (["--model", f"ddpm={tiny['glow']}"], "--model ddpm: a glow model; role 'ddpm' needs a diffusion"),
-             (["--model", "nope=x"], "--model: unknown role 'nope'"),
+             (["--model", "nope=x"], "unknown role 'nope'"),
              (["--set", "data.image_size=32"], "takes 1x32x32 inputs"),
              (["--detectors", "typicality:vae_classifier.max_softmax"], "--detectors:"),
              (["--n", "3"], "--n:"), (["--dts", "0"], "--dts:"),

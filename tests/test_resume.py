@@ -90,14 +90,15 @@ def test_folder_without_record_compares_the_checkpoint_config(tmp_path):
 
 
 def test_study_training_goes_through_the_same_guard(tmp_path, tracking_uri):
-    """load_or_train (table1, defences) refuses before any Ray work; fresh=True would start over."""
-    from raymanifold.commands import load_or_train
+    """Study.model (every study that trains) refuses before any Ray work; --fresh would start over."""
+    from raymanifold.commands.options import StudyOptions
+    from raymanifold.commands.study import Study
 
     cfg = _cfg(tmp_path)
     _leave_run(cfg, 40)
+    st = Study("s", cfg.family, "e", StudyOptions(tracking_uri=tracking_uri, threads=0))
     with pytest.raises(resume.ResumeConflict, match="train.batch_size: 32 -> 16"):
-        load_or_train(None, replace(cfg, ["train.batch_size=16"]), name="m", i=1, n=1, tracking_uri=tracking_uri,
-                      study="s", info={})
+        st.model("m", replace(cfg, ["train.batch_size=16"]), family=cfg.family)
 
 
 def test_sweep_resume_with_a_changed_file_is_refused(tmp_path):

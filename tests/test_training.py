@@ -78,3 +78,70 @@ def test_cosine_lr_schedule_values_and_resume(tmp_path):
     assert min(resumed) == 11 and resumed[11] == pytest.approx(seen[11])
     with pytest.raises(ConfigError, match="train.lr_min"):
         _cfg(21, lr_schedule="cosine", lr_min=1.0)
+
+
+def test_progress_line_carries_an_eta_from_the_mean_rate_of_this_attempt():
+    from types import SimpleNamespace
+
+    from raymanifold.training import eta_s, format_eta, progress_line
+
+    cfg = SimpleNamespace(name="m", train=SimpleNamespace(steps=1000))
+    assert eta_s(200, 300, 1000, 50.0) == pytest.approx(350.0)     # 100 steps in 50 s since the resume at 200
+    assert eta_s(300, 300, 1000, 5.0) is None and eta_s(0, 1000, 1000, 9.0) == 0.0
+    assert [format_eta(s) for s in (12.4, 355, 3725, None)] == ["ETA 12s", "ETA 5m55s", "ETA 1h02m", ""]
+    assert progress_line(cfg, 300, {"loss": 1.5}, eta=355) == "[train m] step 300/1000  loss=1.5  ETA 5m55s"
+    assert progress_line(cfg, 300, {"loss": 1.5}) == "[train m] step 300/1000  loss=1.5"
+
+
+# ----------------------------------------------------------------------------- gradients stay synchronised (DDP)
+class _TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+
+
+def _toy_loss(model, batch, cfg, step, generator):
+    """Calls the module's parts, never its forward (as DAED's loss does): only a DDP wrapper around the whole
+    step (training.StepModule) can synchronise this."""
+    net = getattr(model, "module", model)
+    out = net.head(torch.tanh(net.body(batch[0]))).pow(2).mean()
+    return out, {"loss": float(out.detach())}
+
+
+def _two_rank_worker(rank, world, port, folder):
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from raymanifold.training import StepModule, run_steps
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    recipe = SimpleNamespace(loss=_toy_loss)
+    cfg = SimpleNamespace(train=SimpleNamespace(grad_clip=0.0, lr_schedule="constant"))
+    ddp = torch.nn.parallel.DistributedDataParallel(StepModule(model, recipe, cfg))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(rank + 1))  # each rank its own shard
+    run_steps(recipe, ddp, torch.optim.SGD(model.parameters(), lr=0.5), iter([(x,), (x,)]), cfg, start_step=0,
+              end_step=2, generator=torch.Generator())
+    torch.save(model.state_dict(), f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_around_the_training_step_keeps_the_replicas_equal(tmp_path):
+    """Two gloo ranks with different data: after run_steps the weights are equal (the gradients were all-reduced),
+    even though the loss never calls the module's forward (the DAED case of issue #26)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(0)
+    assert not torch.equal(a["head.weight"], _TwoHeads().head.weight.detach())  # and training moved them

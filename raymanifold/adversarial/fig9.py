@@ -64,3 +64,22 @@ def plot(path, t: dict, title: str = ""):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def accuracy_on_paths(t: dict) -> dict:
+    """Accuracy of the clean, attacked and purified predictions on the drawn paths."""
+    return {k: float((t[f"pred_{k}"] == t["label"]).float().mean()) for k in ("clean", "attacked", "purified")}
+
+
+def write(folder, t: dict, acc: dict, source: str, n_paths: int) -> None:
+    """``fig9.png`` and ``fig9.json`` (the model, accuracies and every path) of ``raymanifold study fig9``."""
+    from pathlib import Path
+
+    from raymanifold.reports import write_json
+
+    folder = Path(folder)
+    plot(folder / "fig9.png", t)
+    write_json(folder / "fig9.json", {"model": source, "accuracy_on_paths": acc, "n_paths": n_paths,
+                                      "mu_clean": t["mu_clean"], "path": t["path"], "label": t["label"],
+                                      "pred_clean": t["pred_clean"], "pred_attacked": t["pred_attacked"],
+                                      "pred_purified": t["pred_purified"], "every": t["every"]})

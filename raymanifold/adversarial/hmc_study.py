@@ -105,3 +105,45 @@ def run(model, cfg, budgets: HMCStudyBudgets, *, seed: int = 0, log=print) -> di
             f"{rows[name][min(cps)]['probe_accuracy']:.3f} -> {last['probe_accuracy']:.3f}, accept "
             f"{last['accept_rate']}, {last['wall_s']:.0f} s")
     return {"rows": rows, "attack_skl": attack_skl, "n": len(x), "chains": budgets.chains}
+
+
+# ----------------------------------------------------------------------------- the report
+def markdown(result: dict, budgets, info: dict) -> str:
+    """``hmc.md``: the SKL / Mahalanobis / probe-accuracy table per input and T, and the run facts."""
+    from raymanifold.analysis.intervals import fmt_pct
+    from raymanifold.reports import markdown_table
+
+    def f(v, k=3):
+        return "" if v is None else f"{v:.{k}f}"
+
+    rows = [[name, t, f(r["skl"], 2), f(r["skl_median"], 2), f(r["mean_mahalanobis2"], 2),
+             fmt_pct(r["probe_accuracy"], r["probe_accuracy_ci"]), f(r["recon_error"], 2),
+             f(r["accept_rate"]), f(r["wall_s"], 1)]
+            for name, per_t in result["rows"].items() for t, r in sorted(per_t.items())]
+    md = ["# The HMC defence against T (slides 002)\n",
+          f"{result['n']} test digits x {result['chains']} chains; latent attack: PGD on SKL[q(z|x+eps), q(z|x)], "
+          f"{budgets.attack_iterations} iterations (mean SKL of the attacked encoder to the clean one: "
+          + ", ".join(f"{k} {v:.2f} nats" for k, v in result["attack_skl"].items()) + "). HMC: "
+          + ", ".join(f"{k} {v}" for k, v in vars(budgets.hmc).items()) + ".\n",
+          markdown_table(["input", "T", "SKL to q(z|x_r) (nats, mean)", "median", "chain mean: Mahalanobis^2 to mu(x_r)",
+                          "probe accuracy % [95% CI]",
+                          "recon. error vs clean recon.", "acceptance", "wall s"], rows), "",
+          "## Run\n", *(f"- {k}: {v}" for k, v in info.items()), ""]
+    return "\n".join(md)
+
+
+def summary_metrics(result: dict) -> dict:
+    """``<input>.T<t>.<quantity>`` of every numeric cell (MLflow metrics)."""
+    return {f"{name}.T{t}.{k}": v for name, per_t in result["rows"].items() for t, r in per_t.items()
+            for k, v in r.items() if isinstance(v, (int, float))}
+
+
+def write(folder, result: dict, budgets, info: dict) -> None:
+    """``hmc.md`` and ``hmc.json`` (budgets, run facts, results) of ``raymanifold study hmc``."""
+    from pathlib import Path
+
+    from raymanifold.reports import write_json
+
+    folder = Path(folder)
+    (folder / "hmc.md").write_text(markdown(result, budgets, info))
+    write_json(folder / "hmc.json", {"budgets": budgets.as_dict(), "info": info, "result": result})

@@ -20,9 +20,12 @@ import torch
 
 from raymanifold.adversarial.budgets import PurifyBudget, from_dict
 from raymanifold.adversarial.evaluation import eval_set, labels_of, purification_budget
+from raymanifold.adversarial.sweep_eval import diffusion_purification
+
+diffusion_purification.base_families = ("diffusion",)  # it sweeps a diffusion base (distributed/spec.py finds it)
 from raymanifold.adversarial.purify import elbo_at_mean, purify as purify_batch
 from raymanifold.adversarial.training import adversarial_eq21_loss, check_budget, inner_max, train_budget
-from raymanifold.recipes import Recipe
+from raymanifold.recipes import Metrics, Recipe
 from raymanifold.schema import ConfigError, param
 from raymanifold.vae.classifier import VAEClassifier, eq21_loss
 
@@ -277,7 +280,13 @@ def evaluate(model, cfg) -> dict:
             "test_neg_elbo_nats": float(-elbo.mean()), "eval_points": float(len(x))}
 
 
-RECIPE = Recipe(name="vae_classifier", model_config=VAEClassifierConfig, build=build, input_shape=input_shape,
+#: how `raymanifold compare` ranks this family's runs
+# VAE-classifier (Eq. 21): clean test accuracy; the test ELBO beside it
+METRICS = Metrics(primary=(("clean_accuracy", "max"),), key=("test_neg_elbo_nats", "train_wall_s"))
+
+RECIPE = Recipe(name="vae_classifier", metrics=METRICS, model_config=VAEClassifierConfig, build=build, input_shape=input_shape,
                 loss=loss, evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, encode=encode,
                 decode=decode, latent_shape=latent_shape, validate=validate, classify=classify, purify=purify,
-                score_columns=score_columns, evaluators={"purification": purification_budget})
+                score_columns=score_columns, evaluators={"purification": purification_budget,
+                                                                    # sweeps a diffusion base model (DiffPure's t*)
+                                                                    "diffusion_purification": diffusion_purification})

@@ -15,7 +15,7 @@ Sort order (:func:`choose_sort`), the first that applies:
 2. the runs of one sweep: the metric and mode the sweep declared (its parent
    run's ``sweep.metric`` / ``sweep.mode`` params);
 3. the runs that name a family (tag or param ``family``) all share one: that
-   family's primary metric and direction from :data:`FAMILY_METRICS`;
+   family's primary metric and direction from its recipe's ``metrics``;
 4. start time, newest first.
 
 Runs without the sort metric follow the others, newest first.
@@ -41,39 +41,11 @@ from raymanifold.commands import UsageError
 MIN_WORDS = ("loss", "nll", "error", "err", "bpd", "swd", "wall", "_s", "var", "bias", "time")
 
 
-@dataclass(frozen=True)
-class FamilyMetrics:
-    """How ``compare`` ranks a family's runs: ``primary`` is a list of (metric name or
-    fnmatch pattern, mode) and the first one the runs have wins; ``key`` are further
-    metrics (names or patterns) shown next to it by default."""
+def family_metrics(family: str):
+    """The family's :class:`raymanifold.recipes.Metrics` (its recipe's ``metrics``), None for an unknown family."""
+    from raymanifold.recipes import FAMILIES, get_recipe
 
-    primary: tuple
-    key: tuple = ()
-
-
-#: family -> primary metric (+ direction) and key metrics, as logged by the recipe's ``evaluate``.
-#: The one place ``compare`` knows about families; a new family adds one line.
-FAMILY_METRICS = {
-    # test NLL [nats/example] of the Eq. 15 bound at the config's eval_dt; bits/dim for image models
-    "diffusion": FamilyMetrics(primary=(("test_nll_nats_dt*", "min"),), key=("test_bpd_dt*", "train_wall_s")),
-    # negative ELBO (Eq. 23) on the test split; clustering/guidance accuracies when the data has labels
-    "gridvae": FamilyMetrics(primary=(("test_loss_nats", "min"),),
-                             key=("cluster_accuracy", "guided_accuracy_mean", "mig", "test_kl_nats", "train_wall_s")),
-    # hierarchical flow: bits/dim on the manifold level (flow phase), reconstruction MSE (AE phase)
-    "flow": FamilyMetrics(primary=(("test_bpd_manifold_level1", "min"), ("test_mse_level1", "min")),
-                          key=("test_log_px_level1_nats", "train_wall_s")),
-    # Glow: bits/dim on images, else the mean test log-likelihood
-    "glow": FamilyMetrics(primary=(("test_bpd", "min"), ("test_log_p_nats", "max")), key=("train_wall_s",)),
-    # VAE-classifier (Eq. 21): clean test accuracy; the test ELBO beside it
-    "vae_classifier": FamilyMetrics(primary=(("clean_accuracy", "max"),), key=("test_neg_elbo_nats", "train_wall_s")),
-    # contrastive recognition manifold: nearest-neighbour identity accuracy on the test split
-    "recognition": FamilyMetrics(primary=(("nn_identity_accuracy", "max"), ("test_loss_nats", "min")),
-                                 key=("test_loss_nats", "train_wall_s")),
-    # DiffSiam / SimSiam: quick in-domain linear-probe accuracy (mean over label columns) after training
-    "diffsiam": FamilyMetrics(primary=(("probe_acc_mean", "max"),), key=("final_diffusion", "train_wall_s")),
-    # DAED: the one-step denoiser's squared error at t_s on the test split (the DDPM's own x0_hat beside it)
-    "daed": FamilyMetrics(primary=(("mse_dae_t*", "min"),), key=("mse_ddpm_x0_t*", "train_wall_s")),
-}
+    return get_recipe(family).metrics if family in FAMILIES else None
 
 #: default caps on the param / metric columns (``--all-columns`` lifts them)
 MAX_PARAMS = 4
@@ -173,8 +145,8 @@ def choose_sort(df, *, metric: Optional[str] = None, mode: Optional[str] = None)
             sweep_mode = str(modes[0]) if len(modes) == 1 and modes[0] in ("min", "max") else default_mode(m)
             return Sort(m, mode or sweep_mode, "the sweep's metric")
     fams = sorted({f for f in families(df) if f})
-    if len(fams) == 1 and fams[0] in FAMILY_METRICS:
-        for pattern, fmode in FAMILY_METRICS[fams[0]].primary:
+    if len(fams) == 1 and family_metrics(fams[0]) is not None:
+        for pattern, fmode in family_metrics(fams[0]).primary:
             m = _match(df, pattern)
             if m is not None:
                 return Sort(m, mode or fmode, f"primary metric of family {fams[0]}")
@@ -205,7 +177,7 @@ def default_metrics(df, sort: Sort) -> list[str]:
     fams = sorted({f for f in families(df) if f})
     chosen: list[str] = []
     for fam in fams:
-        for pattern in (FAMILY_METRICS[fam].key if fam in FAMILY_METRICS else ()):
+        for pattern in (family_metrics(fam).key if family_metrics(fam) is not None else ()):
             m = _match(df, pattern)
             if m and m != sort.metric and m not in chosen:
                 chosen.append(m)

@@ -1,6 +1,8 @@
 """Core commands: train, likelihood (Fig. 5 protocol), sample, demo."""
 from __future__ import annotations
 
+import argparse
+
 import inspect
 import json
 import time
@@ -22,12 +24,14 @@ def register(sub, study_sub):
                         "run with checkpoints under this name resumes them if its config trained them")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("likelihood", help="Fig. 5 protocol: log p of the 2-D sets under a trained DDPM")
-    p.add_argument("--model", required=True, help="checkpoint path or MLflow runs:/<run_id>")
+    p = sub.add_parser("likelihood", help="Fig. 5 protocol: log p of the 2-D sets under a trained DDPM (diffusion "
+                                          "models of 2-D points only; other families and images: raymanifold score)")
+    p.add_argument("--model", required=True, help="diffusion checkpoint of 2-D points: path or MLflow runs:/<run_id>")
     p.add_argument("--sets", default="swiss_roll,circle,moons,s_curve", help="comma-separated 2-D sets")
     p.add_argument("--points", type=int, default=10_000, help="points per set (default 10,000)")
     p.add_argument("--rounds", type=int, default=100, help="Eq. 15 rounds R per point (default 100)")
-    p.add_argument("--dt", default="1", help="step size(s), comma-separated, e.g. 1,2,10")
+    p.add_argument("--dts", default="1", help="step size(s), comma-separated, e.g. 1,2,10 (as demo --dts)")
+    p.add_argument("--dt", dest="deprecated_dt", default=None, help=argparse.SUPPRESS)  # the old spelling of --dts
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     p.add_argument("--out", default=None, help="also write report files (JSON, PNG) to this folder")
@@ -61,10 +65,10 @@ def _parse_dts(text: str, T: int) -> list[int]:
     try:
         dts = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"--dt: expected integers like 1,2,10, got {text!r}") from None
+        raise UsageError(f"--dts: expected integers like 1,2,10, got {text!r}") from None
     bad = [d for d in dts if d < 1 or d > T]
     if not dts or bad:
-        raise UsageError(f"--dt: each step must satisfy 1 <= dt <= T={T}, got {text!r}")
+        raise UsageError(f"--dts: each step must satisfy 1 <= dt <= T={T}, got {text!r}")
     return dts
 
 
@@ -111,12 +115,13 @@ def _check_points_model(cfg):
 
     if cfg.family != "diffusion" or rdata.kind_of(cfg.data.name) != "points":
         raise UsageError(f"--model: the Fig. 5 protocol needs a diffusion model of 2-D points, got family "
-                         f"{cfg.family!r} trained on {cfg.data.name!r}")
+                         f"{cfg.family!r} trained on {cfg.data.name!r} (for any family with a log_prob, on points or "
+                         "images: raymanifold score)")
 
 
 def cmd_likelihood(args) -> int:
     from raymanifold import data as rdata
-    from raymanifold.analysis import fig5
+    from raymanifold.diffusion import fig5
     from raymanifold.reports import report_dir, write_json
     from raymanifold.runs import load
 
@@ -130,7 +135,12 @@ def cmd_likelihood(args) -> int:
                              f"{[n for n in rdata.available() if rdata.kind_of(n) == 'points']}")
     model, cfg, _ = load(args.model)
     _check_points_model(cfg)
-    dts = _parse_dts(args.dt, cfg.model.T)
+    if args.deprecated_dt is not None:
+        from raymanifold.commands.options import _say
+
+        _say("likelihood --dt 1,2,10 is now --dts 1,2,10")
+        args.dts = args.deprecated_dt
+    dts = _parse_dts(args.dts, cfg.model.T)
     say = None if args.json else print
     res = fig5.run_protocol(model, cfg, sets=sets, points=args.points, rounds=args.rounds, dts=dts,
                             seed=args.seed, progress=say)
@@ -153,7 +163,7 @@ def cmd_likelihood(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from raymanifold.analysis import fig5
+    from raymanifold.diffusion import fig5
     from raymanifold.runs import load
 
     apply_common(args)

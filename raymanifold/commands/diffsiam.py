@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import contextlib
 
-from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, set_threads, stage
+from raymanifold.commands import UsageError, find_config
+from raymanifold.commands.options import Deprecated, Role, add_options, parse_options
+
+PROBE_ROLES = {"ddpm": Role("diffusion", "the config's model.ddpm", help="the frozen DDPM of every arm")}
+PROBE_OLD = (Deprecated("--ddpm", role="ddpm"),)
+
+EDIT_ROLES = {"diffsiam": Role("diffsiam", help="the trained DiffSiam model edited")}
+#: the edits study trains nothing and runs in this process: these flags never had an effect
+EDIT_OLD = (Deprecated("--no-ray", dead=True, switch=True), Deprecated("--set", dead=True),
+            Deprecated("--address", dead=True))
 
 
 def register(sub, study_sub):
@@ -18,7 +27,6 @@ def register(sub, study_sub):
                                                      "and few-shot probes of backbone features and z over seeds "
                                                      "(Tables 4.1-4.2 in miniature)")
     p.add_argument("--config", default="jobs/configs/train/diffsiam_shapes.yaml")
-    p.add_argument("--ddpm", default=None, help="frozen DDPM (checkpoint path or runs:/<id>); default: the config's")
     p.add_argument("--arms", "--variants", dest="arms", default="simsiam,hierarchical,simsiam+fullz,hierarchical+additive",
                    help="comma-separated arms: simsiam, hierarchical, sequential, detach, pdae, simsiam+fullz "
                         "(hierarchical with segments 1), hierarchical+spread (k_stride = --spread-stride); suffixes "
@@ -34,19 +42,18 @@ def register(sub, study_sub):
     p.add_argument("--spread-stride", type=int, default=50, help="k_stride of the hierarchical+spread arm (default 50)")
     p.add_argument("--grad-batches", type=int, default=8, help="training batches of the per-term gradient-norm "
                                                                 "diagnostic at the end of each run (default 8)")
-    add_training_options(p)
-    p.add_argument("--out", default="reports/diffsiam_probes")
+    add_options(p, roles=PROBE_ROLES, bare=False, out="reports/diffsiam_probes", fresh=False, seed=False,
+                deprecated=PROBE_OLD)
     p.set_defaults(func=cmd_probes)
 
     p = study_sub.add_parser("diffsiam-edits", help="counterfactuals per segment group (Alg. 2) and attribute "
                                                     "manipulation (Alg. 3) on shapes, judged by a factor classifier")
-    p.add_argument("--model", required=True, help="trained diffsiam checkpoint (path or runs:/<id>)")
     p.add_argument("--pairs", type=int, default=48)
     p.add_argument("--dt", type=int, default=50, help="DDIM step (T/dt network passes per inversion or decode)")
     p.add_argument("--classifier-steps", type=int, default=600)
     p.add_argument("--d-sparse", type=int, default=8, help="non-zero weights of each attribute direction")
-    add_training_options(p)
-    p.add_argument("--out", default="reports/diffsiam_edits")
+    add_options(p, roles=EDIT_ROLES, out="reports/diffsiam_edits", trains=False, ray=False, seed=False,
+                model_required=True, deprecated=EDIT_OLD)
     p.set_defaults(func=cmd_edits)
 
 
@@ -72,66 +79,57 @@ def _ints(text: str, what: str) -> list[int]:
 
 def cmd_probes(args) -> int:
     from raymanifold import runs
+    from raymanifold.commands.study import Study
     from raymanifold.config import load_config, to_dict
-    from raymanifold.reports import report_dir
     from raymanifold.ssl import study as S
     from raymanifold.ssl import study_report
 
-    set_threads(args)
+    opts = parse_options(args, roles=PROBE_ROLES, deprecated=PROBE_OLD)
     seeds = _ints(args.seeds, "--seeds")
     arms = [v.strip() for v in args.arms.split(",") if v.strip()]
     for name, val in (("--steps", args.steps), ("--episodes", args.episodes), ("--n-eval", args.n_eval),
                       ("--spread-stride", args.spread_stride), ("--grad-batches", args.grad_batches)):
         if val is not None and val < 1:
             raise UsageError(f"{name}: must be >= 1, got {val}")
-    sets = apply_common(args)
+    sets = list(opts.sets)
     base = load_config(find_config(args.config), [*sets, "model.variant=simsiam", "model.ddpm="])
-    stage(1, 2, f"training and probing {len(arms)} arms x {len(seeds)} seeds "
-                f"({args.steps or base.train.steps} steps each, {'in-process' if args.no_ray else 'Ray Train'})")
+    ddpm = opts.models.get("ddpm") or load_config(find_config(args.config), sets).model.ddpm or None
+    st = Study("diffsiam-probes", "diffsiam", "diffsiam", opts, stages=2)
     with _usage():
-        res = S.probes_study(base, arms=arms, seeds=seeds, steps=args.steps,
-                             ddpm=args.ddpm or load_config(find_config(args.config), sets).model.ddpm or None,
-                             backend="local" if args.no_ray else "ray", tracking_uri=args.tracking_uri,
-                             episodes=args.episodes, n_eval=args.n_eval, spread_stride=args.spread_stride,
-                             grad_batches=args.grad_batches)
-    stage(2, 2, f"writing {args.out}")
-    with report_dir(args.out) as tmp:
-        study_report.write_probes(tmp, res)
-    flat = {f"{a.replace('+', '_')}/{m}": iv["mean"] for a, t in res["table"].items() for m, iv in t.items()}
-    runs.log_study("study_diffsiam_probes", "diffsiam", {"base": to_dict(base), "seeds": seeds, "arms": arms},
-                   flat, args.out, tracking_uri=args.tracking_uri,
-                   tags={"family": "diffsiam", "study": "diffsiam_probes"})
+        cfgs = S.arm_configs(base, arms, seeds, args.steps, ddpm, args.spread_stride)
+        st.plan([(f"{a} seed {s}", c) for (a, s), c in cfgs.items()])
+    st.stage(f"training and probing {len(arms)} arms x {len(seeds)} seeds "
+             f"({args.steps or base.train.steps} steps each, {opts.where})")
+    with _usage():
+        res = S.probes_study(base, train=st.trainer("arms", fresh=True), load=runs.load, arms=arms,
+                             seeds=seeds, steps=args.steps, ddpm=ddpm, episodes=args.episodes, n_eval=args.n_eval,
+                             spread_stride=args.spread_stride, grad_batches=args.grad_batches)
+    st.stage(f"writing {args.out}")
+    st.finish(args.out, lambda d: study_report.write_probes(d, res), study_report.probes_metrics(res),
+              config={"base": to_dict(base), "seeds": seeds, "arms": arms}, params=False)
     print(study_report.probes_markdown(res))
     return 0
 
 
 def cmd_edits(args) -> int:
-    from raymanifold import runs
+    from raymanifold.commands.study import Study
     from raymanifold.config import to_dict
-    from raymanifold.reports import report_dir
     from raymanifold.ssl import edits_study as E
     from raymanifold.ssl import study_report
 
-    set_threads(args)
-    apply_common(args)
+    opts = parse_options(args, roles=EDIT_ROLES, deprecated=EDIT_OLD)
     for name, val in (("--pairs", args.pairs), ("--dt", args.dt), ("--d-sparse", args.d_sparse)):
         if val < 1:
             raise UsageError(f"{name}: must be >= 1, got {val}")
-    stage(1, 2, f"loading {args.model}; counterfactuals and manipulation")
+    st = Study("diffsiam-edits", "diffsiam", "diffsiam", opts, stages=2)
+    uri = st.given("diffsiam")
+    st.stage(f"loading {uri}; counterfactuals and manipulation")
     with _usage():
-        model, cfg, recipe = runs.load(args.model)
-        if cfg.family != "diffsiam":
-            raise UsageError(f"--model: a {cfg.family!r} run; need a diffsiam model")
+        model, cfg, recipe = st.load("diffsiam", uri, family="diffsiam", stage=False)
         res = E.edits_study(model, cfg, pairs=args.pairs, dt=args.dt, d_sparse=args.d_sparse,
                             classifier_steps=args.classifier_steps)
-    stage(2, 2, f"writing {args.out}")
-    with report_dir(args.out) as tmp:
-        study_report.write_edits(tmp, res, args.model)
-    flat = {f"cf/{r['part'].replace('+', '_')}/{r['segments']}/{r['scale']:.2f}/changed_{n}": r[f"changed_{n}"]["value"]
-            for r in res["counterfactuals"] for n in res["factor_names"]}
-    flat.update({f"edit/{r['attribute']}/{r['lambda']:g}/flip_rate": r["flip_rate"]["value"]
-                 for r in res["manipulation"]})
-    runs.log_study("study_diffsiam_edits", "diffsiam", {"model": args.model, "config": to_dict(cfg)}, flat,
-                   args.out, tracking_uri=args.tracking_uri, tags={"family": "diffsiam", "study": "diffsiam_edits"})
-    print(study_report.edits_markdown(res, args.model))
+    st.stage(f"writing {args.out}")
+    st.finish(args.out, lambda d: study_report.write_edits(d, res, uri), study_report.edits_metrics(res),
+              config={"model": uri, "config": to_dict(cfg)}, params=False)
+    print(study_report.edits_markdown(res, uri))
     return 0

@@ -1,36 +1,33 @@
 """``raymanifold study sampling`` and ``raymanifold study likelihood`` (Sec. 2.3.2, Figs. 2, 5-8).
 
-Argument parsing only: both take a trained diffusion checkpoint (path, folder or MLflow
-``runs:/<id>``), run the study (:mod:`raymanifold.diffusion.study_reports`), write JSON +
-Markdown + PNG under ``reports/<name>/`` (atomically) and log the summary metrics and the
-report folder to MLflow (:func:`raymanifold.runs.log_study`).
+Parse, then the study, then finish (:class:`raymanifold.commands.study.Study`): both take a trained diffusion
+model (``--model [ddpm=]URI``: path, folder or MLflow ``runs:/<id>``), run the study
+(:mod:`raymanifold.diffusion.study_reports`), write JSON + Markdown + PNG under ``reports/<name>/`` (atomically)
+and log the summary metrics and the report folder to MLflow (experiment ``diffusion_studies``).
 """
 from __future__ import annotations
 
-from raymanifold.commands import UsageError, set_threads
+from raymanifold.commands import UsageError
+from raymanifold.commands.options import Role, add_options, parse_options
 
 SAMPLING_DTS = "1,2,5,10,20,100"
+ROLES = {"ddpm": Role("diffusion", help="the trained DDPM studied")}
 
 
 def register(sub, study_sub):
     p = study_sub.add_parser("sampling", help="every sampler at dt in {1,2,5,10,20,100}: NFE, time, quality "
                                               "(Figs. 6-8)")
-    p.add_argument("--model", required=True, help="diffusion checkpoint path/folder or MLflow runs:/<run_id>")
     p.add_argument("--dts", default=SAMPLING_DTS, help=f"step sizes (default {SAMPLING_DTS})")
     p.add_argument("--samplers", default="ddpm,ddim,rk4_ddpm,rk4_ddim")
     p.add_argument("--n", type=int, default=0, help="samples per run (default: 10,000 points or 36 images)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--skip", default="", help="sampler@dt runs to leave out, e.g. rk4_ddim@1,ddpm@1 "
                                               "(consistency then refers to DDIM's dt = 1 sample)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared CPUs; 0 = torch default)")
-    p.add_argument("--out", default="reports/diffusion_sampling")
-    p.add_argument("--tracking-uri", default=None)
+    add_options(p, roles=ROLES, out="reports/diffusion_sampling", trains=False, ray=False, model_required=True)
     p.set_defaults(func=cmd_sampling)
 
     p = study_sub.add_parser("likelihood", help="Eq. 15 vs closed-form bound vs Monte Carlo over steps: "
                                                 "bias, variance, NFE, OOD AUROC (Figs. 2, 5)")
-    p.add_argument("--model", required=True, help="diffusion checkpoint path/folder or MLflow runs:/<run_id>")
     p.add_argument("--points", type=int, default=0,
                    help="in-distribution test examples (default: 2,000 points or the whole image test split)")
     p.add_argument("--ood-points", type=int, default=0, help="examples per OOD set (default: 2,000 points / 128 images)")
@@ -47,10 +44,7 @@ def register(sub, study_sub):
                    help="examples for the dt = 1 reference bound (default: all points, 48 images)")
     p.add_argument("--calib-points", type=int, default=0,
                    help="training examples for the importance proposal (default 256 points / 8 images)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared CPUs; 0 = torch default)")
-    p.add_argument("--out", default="reports/diffusion_likelihood")
-    p.add_argument("--tracking-uri", default=None)
+    add_options(p, roles=ROLES, out="reports/diffusion_likelihood", trains=False, ray=False, model_required=True)
     p.set_defaults(func=cmd_likelihood)
 
 
@@ -76,23 +70,22 @@ def _floats(name: str, text: str) -> list[float]:
     return vals
 
 
-def _load_diffusion(uri: str):
-    from raymanifold.runs import load
+def _study(args, name: str):
+    """(study, model, cfg): the options parsed and the ddpm role loaded (family checked)."""
+    from raymanifold.commands.study import Study
 
-    model, cfg, _ = load(uri)
-    if cfg.family != "diffusion":
-        raise UsageError(f"--model: needs a diffusion checkpoint, got family {cfg.family!r}")
-    return model, cfg
+    st = Study(name, "diffusion", "diffusion_studies", parse_options(args, roles=ROLES), stages=3)
+    model, cfg, _ = st.load("ddpm", st.given("ddpm"), family="diffusion")
+    return st, model, cfg
 
 
-def _log(name: str, args, cfg, summary: dict):
-    """The study's parameters, summary metrics and report folder as one MLflow run."""
-    from raymanifold import runs
+def _finish(st, args, cfg, result, write):
     from raymanifold.config import to_dict
 
     params = {k: v for k, v in vars(args).items() if k != "func"}
-    runs.log_study(name, "diffusion_studies", {"study": params, "model_config": to_dict(cfg)}, summary, args.out,
-                   tracking_uri=args.tracking_uri, tags={"family": "diffusion", "study": name})
+    st.stage(f"writing {args.out}")
+    st.finish(args.out, write, result["summary"], config={"study": params, "model_config": to_dict(cfg)},
+              params=False)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -100,16 +93,15 @@ def cmd_sampling(args) -> int:
     from raymanifold.diffusion import recipe as R
     from raymanifold.diffusion import study_reports
     from raymanifold.diffusion.samplers import SAMPLERS
-    from raymanifold.reports import report_dir
 
-    set_threads(args)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     bad = [s for s in samplers if s not in SAMPLERS]
     if bad or not samplers:
         raise UsageError(f"--samplers: unknown {bad}; choose from {list(SAMPLERS)}")
     if args.eta < 0:
         raise UsageError(f"--eta: must be >= 0, got {args.eta}")
-    model, cfg = _load_diffusion(args.model)
+    st, model, cfg = _study(args, "sampling")
+    uri = st.given("ddpm")
     dts = _ints("--dts", args.dts, 1, cfg.model.T)
     n = args.n or (36 if R.is_image(cfg) else 10_000)
     if n < 1:
@@ -120,12 +112,11 @@ def cmd_sampling(args) -> int:
         if name not in SAMPLERS or not dt.isdigit():
             raise UsageError(f"--skip: expected sampler@dt with sampler in {list(SAMPLERS)}, got {item!r}")
         skip.append((name, int(dt)))
+    st.stage(f"sampling: {samplers} at dt {dts}, {n} samples each")
     result = study_reports.sampling(model, cfg, dts=dts, samplers=samplers, n=n, seed=args.seed, eta=args.eta,
                                     skip=skip)
-    with report_dir(args.out) as tmp:
-        study_reports.write_sampling(tmp, result, cfg, args.model)
+    _finish(st, args, cfg, result, lambda tmp: study_reports.write_sampling(tmp, result, cfg, uri))
     print((args.out + "/sampling.md"), flush=True)
-    _log("sampling", args, cfg, result["summary"])
     return 0
 
 
@@ -133,12 +124,10 @@ def cmd_sampling(args) -> int:
 def cmd_likelihood(args) -> int:
     from raymanifold.diffusion import recipe as R
     from raymanifold.diffusion import study_reports
-    from raymanifold.reports import report_dir
 
-    set_threads(args)
     if args.rounds < 2:
         raise UsageError(f"--rounds: need >= 2 to measure per-example variance, got {args.rounds}")
-    model, cfg = _load_diffusion(args.model)
+    st, model, cfg = _study(args, "likelihood")
     T = cfg.model.T
     image = R.is_image(cfg)
     big = T > 200
@@ -152,11 +141,10 @@ def cmd_likelihood(args) -> int:
     for name, v in (("--points", n_in), ("--ood-points", n_ood), ("--calib-points", calib)):
         if v < 1:
             raise UsageError(f"{name}: must be >= 1, got {v}")
+    st.stage(f"likelihood: Eq. 15 / bound / Monte Carlo at dt {dts}, K {Ks}, {n_in} in-distribution examples")
     result = study_reports.likelihood(model, cfg, dts=dts, plan_steps=plan_steps, powers=powers, Ks=Ks, n_in=n_in,
                                       n_ood=n_ood, ref_points=args.ref_points or (48 if image else None),
                                       calib=calib, rounds=args.rounds, seed=args.seed, eq15=not args.no_eq15)
-    with report_dir(args.out) as tmp:
-        study_reports.write_likelihood(tmp, result, cfg, args.model)
+    _finish(st, args, cfg, result, lambda tmp: study_reports.write_likelihood(tmp, result, cfg, st.given("ddpm")))
     print(args.out + "/likelihood.md", flush=True)
-    _log("likelihood", args, cfg, result["summary"])
     return 0

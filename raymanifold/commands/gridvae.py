@@ -11,9 +11,17 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, set_threads, stage
+from raymanifold.commands import UsageError, find_config
+from raymanifold.commands.options import Role, add_options, parse_options
 from raymanifold.vae.gridvae_routes import SIDES as ROUTE_SIDES
 from raymanifold.vae.gridvae_study import DEFAULT_RESTARTS, SHAPES_VARIANTS
+
+TWO_DIGIT_ROLES = {"gridvae": Role("gridvae", "--config", help="the model studied"),
+                   "guided_reference": Role("gridvae", "the guided twin of --config",
+                                            help="scored with --guided-reference")}
+SHAPES_ROLES = {v: Role("gridvae", f"jobs/configs/train/gridvae_shapes_{v}.yaml") for v in SHAPES_VARIANTS}
+#: the gridvae studies train fresh runs (no resume): --fresh is not offered
+NO_FRESH = "gridvae studies always train fresh runs"
 
 #: the routes of ``study gridvae-routes`` when none is given (the first is the baseline the others are compared with)
 DEFAULT_ROUTES = ("base", "bin", "bin_queue", "bin_s16")
@@ -22,8 +30,6 @@ DEFAULT_ROUTES = ("base", "bin", "bin_queue", "bin_s16")
 def register(sub, study_sub):
     p = study_sub.add_parser("gridvae-two-digit",
                              help="GridVAE on two digits: cluster / per-dimension accuracy, Figs. 11-12")
-    p.add_argument("--model", default=None, help="trained gridvae checkpoint (path or runs:/<id>); "
-                                                 "default: train one from --config")
     p.add_argument("--config", default="jobs/configs/train/gridvae_two_digit.yaml", help="config to train from")
     p.add_argument("--restarts", type=int, default=None,
                    help=f"train K models with seeds train.seed .. train.seed+K-1 (concurrently, as a Ray Tune sweep; "
@@ -33,10 +39,10 @@ def register(sub, study_sub):
     p.add_argument("--guided-reference", nargs="?", const="train", default=None, metavar="URI",
                    help="also score a guided twin (the same config with model.guidance full on digit1, digit2: its "
                         "cells are the digits) by the unsupervised train ELBO the restarts are selected by, to show "
-                        "whether that ELBO prefers the digit partition at all. Without URI the twin is trained "
-                        "(one more run of the config's length); with URI (checkpoint or runs:/<id>) it is loaded")
-    add_training_options(p)
-    p.add_argument("--out", default="reports/gridvae_two_digit")
+                        "whether that ELBO prefers the digit partition at all. The twin is trained (one more run of "
+                        "the config's length) unless --model guided_reference=URI gives it (--guided-reference URI is "
+                        "the old spelling of that)")
+    add_options(p, roles=TWO_DIGIT_ROLES, bare=True, out="reports/gridvae_two_digit", fresh=False, seed=False)
     p.set_defaults(func=cmd_two_digit)
 
     p = study_sub.add_parser("gridvae-routes",
@@ -57,20 +63,15 @@ def register(sub, study_sub):
     mode.add_argument("--train-only", action="store_true", help="train and evaluate into the ledger, no report")
     mode.add_argument("--report-only", action="store_true",
                       help="build the report from the ledgers; refuses to train (every run must be recorded)")
-    add_training_options(p)
-    p.add_argument("--out", default="reports/gridvae_routes")
+    add_options(p, out="reports/gridvae_routes", fresh=False, seed=False)
     p.set_defaults(func=cmd_routes)
 
     p = study_sub.add_parser("gridvae-shapes",
                              help="standard VAE vs unsupervised / guided / partially guided GridVAE on shapes: "
                                   "MIG, DCI, attribute accuracy, traversals (Figs. 14-16)")
-    p.add_argument("--model", action="append", default=[], metavar="VARIANT=URI",
-                   help=f"use a trained checkpoint for a variant ({', '.join(SHAPES_VARIANTS)}); repeatable. "
-                        "Variants without one are trained from jobs/configs/train/gridvae_shapes_<variant>.yaml")
     p.add_argument("--variants", default=",".join(SHAPES_VARIANTS), help="variants to compare")
     p.add_argument("--config-dir", default="jobs/configs/train", help="folder of gridvae_shapes_<variant>.yaml")
-    add_training_options(p)
-    p.add_argument("--out", default="reports/gridvae_shapes")
+    add_options(p, roles=SHAPES_ROLES, out="reports/gridvae_shapes", fresh=False, seed=False)
     p.set_defaults(func=cmd_shapes)
 
 
@@ -85,63 +86,93 @@ def _usage():
         raise UsageError(str(exc)) from None
 
 
-def _config(path, args):
+def _config(path, opts):
     from raymanifold.config import load_config
 
-    return load_config(find_config(path), apply_common(args))
+    return load_config(find_config(path), list(opts.sets))
 
 
-def _backend(args) -> str:
-    return "local" if args.no_ray else "ray"
+def _io(st, role: str, what: str = "--model"):
+    """``train(cfg) -> (model, cfg, info)`` and ``load(uri) -> (model, cfg)`` for the gridvae study functions:
+    fresh runs through the run service (``st``), ``info = {"source": runs:/<id>, "train_wall_s", "run_id"}``."""
+    from raymanifold import runs
+    from raymanifold.vae.gridvae_study import check_gridvae
+
+    trainer = st.trainer(role, fresh=True)
+
+    def load(uri):
+        model, cfg, _ = runs.load(uri)
+        check_gridvae(cfg, what)
+        return model, cfg
+
+    def train(cfg):
+        h = trainer(cfg)
+        model, cfg = load(str(h.checkpoint))
+        return model, cfg, {"source": h.model_uri, "train_wall_s": h.wall_s, "run_id": h.run_id}  # loadable
+    return train, load
 
 
 # ----------------------------------------------------------------------------- two digits
 def cmd_two_digit(args) -> int:
+    import functools
+
     from raymanifold import runs
-    from raymanifold.reports import report_dir
+    from raymanifold.commands.study import Study
     from raymanifold.vae import gridvae_report, gridvae_study as S
 
-    set_threads(args)
+    ref_uri = args.guided_reference if args.guided_reference not in (None, "train") else None
+    if ref_uri:  # the old spelling --guided-reference URI
+        from raymanifold.commands.options import _say
+
+        _say("--guided-reference URI is now --guided-reference --model guided_reference=URI")
+        args.model = [*args.model, f"guided_reference={ref_uri}"]
+    opts = parse_options(args, roles=TWO_DIGIT_ROLES, bare_role="gridvae", bare=True)
+    uri, ref_uri = opts.models.get("gridvae"), opts.models.get("guided_reference")
+    reference = bool(args.guided_reference or ref_uri)
     if args.restarts is not None and args.restarts < 1:
         raise UsageError(f"--restarts: must be >= 1, got {args.restarts}")
-    if args.model and (args.restarts or 1) > 1:
+    if uri and (args.restarts or 1) > 1:
         raise UsageError("--restarts: trains new models; it cannot be combined with --model")
-    args.restarts = args.restarts or (1 if args.model else DEFAULT_RESTARTS)
+    restarts_n = args.restarts or (1 if uri else DEFAULT_RESTARTS)
     restarts = []
-    n = 4 if args.guided_reference else 3
+    n = 4 if reference else 3
+    st = Study("gridvae-two-digit", "gridvae", "gridvae", opts, stages=n)
+    train, load = _io(st, "gridvae")
     with _usage():
-        if args.model:
-            stage(1, n, f"loading {args.model}")
-            model, cfg = S.load(args.model)
-            info = {"source": args.model, "train_wall_s": None}
+        cfg = None if uri else _config(args.config, opts)
+        twin = S.guided_twin(cfg) if reference and not ref_uri and cfg is not None else None
+        st.plan([("gridvae", cfg)] * (restarts_n if cfg is not None else 0)
+                + ([("guided_reference", twin)] if twin is not None else []))
+        if uri:
+            st.stage(f"loading {uri}")
+            model, cfg = load(uri)
+            info = {"source": uri, "train_wall_s": None}
         else:
-            cfg = _config(args.config, args)
-            where = "in-process" if args.no_ray else ("Ray Tune, one Ray Train run per restart" if args.restarts > 1
-                                                      else "Ray Train")
-            stage(1, n, f"training {cfg.name} ({cfg.train.steps} steps, {where}"
-                        + (f", {args.restarts} restarts: seeds {cfg.train.seed}..{cfg.train.seed + args.restarts - 1}"
-                           if args.restarts > 1 else "") + ")")
-            if args.restarts > 1:
-                model, cfg, info, restarts = S.train_restarts(cfg, args.restarts, backend=_backend(args),
-                                                              tracking_uri=args.tracking_uri, address=args.address,
-                                                              config_path=args.config)
+            where = opts.where if opts.no_ray or restarts_n == 1 else "Ray Tune, one Ray Train run per restart"
+            st.stage(f"training {cfg.name} ({cfg.train.steps} steps, {where}"
+                     + (f", {restarts_n} restarts: seeds {cfg.train.seed}..{cfg.train.seed + restarts_n - 1}"
+                        if restarts_n > 1 else "") + ")")
+            if restarts_n > 1:
+                tune = None if opts.no_ray else functools.partial(runs.train_grid, tracking_uri=opts.tracking_uri,
+                                                                  address=opts.address, config_path=args.config)
+                model, cfg, info, restarts = S.train_restarts(cfg, restarts_n, train=train, load=load, tune=tune)
             else:
-                model, cfg, info = S.train(cfg, backend=_backend(args), tracking_uri=args.tracking_uri)
+                model, cfg, info = train(cfg)
         S.check_two_digit(cfg)
         ref = None
-        if args.guided_reference and args.guided_reference != "train":  # fail before the evaluation, not after
-            ref = S.load(args.guided_reference)
+        if ref_uri:  # fail before the evaluation, not after
+            ref = _io(st, "guided_reference", "--model guided_reference")[1](ref_uri)
             S.check_guided_reference(cfg, ref[1])
-        stage(2, n, "encoding train/test splits; Hungarian-matched accuracies")
+        st.stage("encoding train/test splits; Hungarian-matched accuracies")
         result = S.two_digit(model, cfg, info, restarts)
-        if args.guided_reference:
+        if reference:
             if ref is None:
                 twin = S.guided_twin(cfg)
-                stage(3, n, f"training the guided reference {twin.name} ({twin.train.steps} steps)")
-                ref_model, ref_cfg, ref_info = S.train(twin, backend=_backend(args), tracking_uri=args.tracking_uri)
+                st.stage(f"training the guided reference {twin.name} ({twin.train.steps} steps)")
+                ref_model, ref_cfg, ref_info = _io(st, "guided_reference")[0](twin)
             else:
-                stage(3, n, f"scoring the guided reference {args.guided_reference}")
-                (ref_model, ref_cfg), ref_info = ref, {"source": args.guided_reference}
+                st.stage(f"scoring the guided reference {ref_uri}")
+                (ref_model, ref_cfg), ref_info = ref, {"source": ref_uri}
             result["guided_reference"] = S.guided_reference(ref_model, ref_cfg, ref_info, result["metrics"],
                                                             kept=(model, cfg))
             g = result["guided_reference"]
@@ -152,12 +183,10 @@ def cmd_two_digit(args) -> int:
             print(f"  guided reference (cluster accuracy {g['metrics']['cluster_accuracy']:.3f}): train -ELBO "
                   f"{g['metrics']['train_loss_nats']:.2f} nats, {better} than the kept model's "
                   f"{g['kept_train_loss_nats']:.2f}", flush=True)
-    stage(n, n, f"writing {args.out}")
-    with report_dir(args.out) as tmp:
-        gridvae_report.write_two_digit(tmp, result, model, cfg)
+    st.stage(f"writing {args.out}")
     m = result["metrics"]
-    runs.log_study("study_two_digit", "gridvae", {"model": result["config"]}, m, args.out,
-                   tracking_uri=args.tracking_uri, tags={"family": "gridvae", "study": "study_two_digit"})
+    st.finish(args.out, lambda d: gridvae_report.write_two_digit(d, result, model, cfg), m,
+              config={"model": result["config"]}, params=False)
     print(S.summary_line(m, ["cluster_accuracy", "dim1_accuracy", "dim2_accuracy", "train_wall_s"]))
     return 0
 
@@ -166,19 +195,18 @@ def cmd_two_digit(args) -> int:
 def cmd_routes(args) -> int:
     import time
 
-    from raymanifold import runs
-    from raymanifold.reports import report_dir
+    from raymanifold.commands.study import Study
     from raymanifold.vae import gridvae_report
     from raymanifold.vae import gridvae_routes as R
 
-    set_threads(args)
+    opts = parse_options(args)
     try:
         routes = R.parse_routes(args.route or [f"{r}=jobs/configs/train/gridvae_two_digit_mnist_route_{r}.yaml"
                                                for r in DEFAULT_ROUTES])
         seeds, sides = R.parse_seeds(args.seeds), R.parse_sides(args.sides)
     except R.RoutesError as exc:
         raise UsageError(str(exc)) from None
-    configs = {name: _config(path, args) for name, path in routes.items()}  # every config checked before any work
+    configs = {name: _config(path, opts) for name, path in routes.items()}  # every config checked before any work
     for name, cfg in configs.items():
         with _usage():
             try:
@@ -194,28 +222,22 @@ def cmd_routes(args) -> int:
             raise UsageError(f"--report-only: {len(missing)} run(s) are not in the ledger(s) {ledgers}, e.g. "
                              f"{missing[0]}; train them first (without --report-only)")
     n = len(routes) * len(seeds) * len(sides)
-    stage(1, 2, f"{'evaluating' if args.report_only else 'training / evaluating'} {n} models: routes "
+    st = Study("gridvae-routes", "gridvae", "gridvae", opts, stages=2)
+    st.plan([])  # the runs missing from the ledger are listed as they train ("[routes] training ...")
+    st.stage(f"{'evaluating' if args.report_only else 'training / evaluating'} {n} models: routes "
                 f"{list(routes)}, seeds {seeds}, sides {sides} (ledger {ledgers[0]})")
     t0 = time.perf_counter()
+    train, load = _io(st, "routes")
     with _usage():
-        ledger = R.run_all(routes, configs, seeds, sides, ledgers[0], ledger, backend=_backend(args),
-                           tracking_uri=args.tracking_uri)
+        ledger = R.run_all(routes, configs, seeds, sides, ledgers[0], ledger, train=train, load=load)
     if args.train_only:
         return 0
-    stage(2, 2, f"writing {args.out}")
+    st.stage(f"writing {args.out}")
     summary = R.summarise(ledger, routes, seeds, sides)
     summary["routes_configs"] = routes
     summary["wall_s"] = time.perf_counter() - t0
-    with report_dir(args.out) as tmp:
-        gridvae_report.write_routes(tmp, summary)
-    flat = {}
-    for route, r in summary["routes"].items():
-        for q, g in r.get("gap", {}).items():
-            flat[f"{route}_gap_{q}"] = g["mean"]
-        for side, sd in r["sides"].items():
-            flat[f"{route}_{side}_cluster_accuracy"] = sd["mean_ci"]["cluster_accuracy"][0]
-    runs.log_study("study_gridvae_routes", "gridvae", {"routes": routes, "seeds": seeds}, flat, args.out,
-                   tracking_uri=args.tracking_uri, tags={"family": "gridvae", "study": "study_gridvae_routes"})
+    st.finish(args.out, lambda d: gridvae_report.write_routes(d, summary), gridvae_report.routes_metrics(summary),
+              config={"routes": routes, "seeds": seeds}, params=False)
     print(gridvae_report.routes_console(summary))
     return 0
 
@@ -223,44 +245,42 @@ def cmd_routes(args) -> int:
 # ----------------------------------------------------------------------------- shapes
 def cmd_shapes(args) -> int:
     from raymanifold import data as rdata
-    from raymanifold import runs
+    from raymanifold.commands.study import Study
     from raymanifold.config import to_dict
-    from raymanifold.reports import report_dir
     from raymanifold.vae import gridvae_report, gridvae_study as S
 
-    set_threads(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in SHAPES_VARIANTS]
     if bad or not variants:
         raise UsageError(f"--variants: unknown {bad}; choose from {list(SHAPES_VARIANTS)}")
-    with _usage():
-        given = S.parse_models(args.model)
+    opts = parse_options(args, roles=SHAPES_ROLES)
+    given = opts.models
     # resolve every config before any training, so a bad one fails first
-    configs = {v: _config(Path(args.config_dir) / f"gridvae_shapes_{v}.yaml", args)
+    configs = {v: _config(Path(args.config_dir) / f"gridvae_shapes_{v}.yaml", opts)
                for v in variants if v not in given}
     n_stages = len(variants) + 1
+    st = Study("gridvae-shapes", "gridvae", "gridvae", opts, stages=n_stages)
+    st.plan(list(configs.items()), given={v: u for v, u in given.items() if v in variants})
     models, cfgs, infos, results, cache = {}, {}, {}, {}, {}
-    for i, v in enumerate(variants, 1):
+    for v in variants:
+        train, load = _io(st, v, f"--model {v}")
         with _usage():
             if v in given:
-                stage(i, n_stages, f"{v}: loading {given[v]}")
-                model, cfg = S.load(given[v])
+                st.stage(f"{v}: loading {given[v]}")
+                model, cfg = load(given[v])
                 info = {"source": given[v], "train_wall_s": None}
             else:
                 cfg = configs[v]
-                stage(i, n_stages, f"{v}: training {cfg.name} ({cfg.train.steps} steps)")
-                model, cfg, info = S.train(cfg, backend=_backend(args), tracking_uri=args.tracking_uri)
+                st.stage(f"{v}: training {cfg.name} ({cfg.train.steps} steps)")
+                model, cfg, info = train(cfg)
         if cfg.data.name != "shapes":
             raise UsageError(f"--model {v}: trained on {cfg.data.name!r}, the study needs data 'shapes'")
         models[v], cfgs[v], infos[v] = model, cfg, info
         results[v] = S.shapes_variant(model, cfg, info, cache)
         print(f"  {v}: " + S.summary_line(results[v]["metrics"], ["mig", "dci_disentanglement",
                                                                    "guided_accuracy_mean", "train_wall_s"]), flush=True)
-    stage(n_stages, n_stages, f"writing {args.out}")
+    st.stage(f"writing {args.out}")
     factor_names = list(rdata.load("shapes", "test", n=2).info["factor_names"])
-    with report_dir(args.out) as tmp:
-        gridvae_report.write_shapes(tmp, variants, models, cfgs, infos, results, factor_names)
-    runs.log_study("study_shapes", "gridvae", {k: to_dict(c) for k, c in cfgs.items()},
-                   S.shapes_summary(variants, results), args.out, tracking_uri=args.tracking_uri,
-                   tags={"family": "gridvae", "study": "study_shapes"})
+    st.finish(args.out, lambda d: gridvae_report.write_shapes(d, variants, models, cfgs, infos, results, factor_names),
+              S.shapes_summary(variants, results), config={k: to_dict(c) for k, c in cfgs.items()}, params=False)
     return 0

@@ -7,7 +7,15 @@ one MLflow run (experiment ``ood``).
 """
 from __future__ import annotations
 
-from raymanifold.commands import UsageError, add_training_options, apply_common, find_config, set_threads
+from raymanifold.commands import UsageError, find_config
+from raymanifold.commands.options import Role, add_options, parse_options
+
+
+def roles() -> dict:
+    from raymanifold.ood.detectors import ROLES
+    from raymanifold.ood.study import CONFIGS
+
+    return {r: Role(fam, CONFIGS[r]) for r, fam in ROLES.items()}
 
 
 def register(sub, study_sub):
@@ -19,9 +27,6 @@ def register(sub, study_sub):
     p = study_sub.add_parser("ood", help="cross-family OOD benchmark on mnist5k digits 0-4: flow, Glow, DDPM, "
                                          "GridVAE, VAE-classifier; likelihood ratio, complexity, typicality; "
                                          "AUROC / FPR@95 / AUPR with intervals, scored on Ray Data")
-    p.add_argument("--model", action="append", default=[], metavar="ROLE=URI",
-                   help=f"a trained model for a role (path or runs:/<id>; repeatable); roles {sorted(ROLES)}; "
-                        f"default: train {', '.join(sorted(set(CONFIGS.values())))}")
     p.add_argument("--sets", default=",".join(OOD_SETS), help="OOD sets, comma-separated")
     p.add_argument("--detectors", default="",
                    help="detectors, comma-separated (ROLE.COLUMN or ratio:|complexity:|typicality:ROLE.COLUMN); "
@@ -38,13 +43,11 @@ def register(sub, study_sub):
     p.add_argument("--batch-size", type=int, default=b.batch_size, help="rows per scoring batch")
     p.add_argument("--compute", choices=("auto", "actors", "tasks"), default="auto",
                    help="how each scoring job runs on Ray Data (auto: by its estimated work, docs/ray.md)")
-    p.add_argument("--seed", type=int, default=b.seed)
-    add_training_options(p, threads=1)
     p.add_argument("--scores-from", action="append", default=[], metavar="DIR",
                    help="an earlier report folder of this study (repeatable; the first that has a role wins): roles "
                         "given with the same model URI whose rows were built alike read its scores instead of "
                         "scoring again (the report says which)")
-    p.add_argument("--out", default="reports/ood")
+    add_options(p, roles=roles(), out="reports/ood")
     p.set_defaults(func=cmd_ood)
 
 
@@ -61,7 +64,7 @@ def _budget(args):
            "dts": items(args.dts, "dts", int), "n": args.n, "n_reference": args.n_reference,
            "typicality_batch": args.typicality_batch, "resamples": args.resamples, "fpr_in": args.fpr_in,
            "blur_sigma": args.blur_sigma, "patch_iterations": args.patch_iterations, "patch_step": args.patch_step,
-           "batch_size": args.batch_size, "seed": args.seed}
+           "batch_size": args.batch_size, "seed": args.seed}  # --seed: the options helper's (default 0 = b.seed)
     try:
         return OODBudget.from_dict(raw)
     except ConfigError as exc:  # "ood.<field>: ..." -> "--<field>: ..."
@@ -76,38 +79,34 @@ def cmd_ood(args) -> int:
     from pathlib import Path
 
     from raymanifold import runs, scoring, tracking
+    from raymanifold.commands.study import Study
     from raymanifold.config import load_config
     from raymanifold.distributed.scoring import score_to_parquet
     from raymanifold.ood import report, study
-    from raymanifold.reports import report_dir
 
-    set_threads(args)
+    opts = parse_options(args, roles=roles())
     budget = _budget(args)
-    overrides = apply_common(args)
     try:
-        given = study.parse_models(args.model)
-        p = study.plan(budget, given, overrides, load_config=lambda path, ov: load_config(find_config(path), ov),
-                       load_model=runs.load)
+        p = study.plan(budget, dict(opts.models), list(opts.sets),
+                       load_config=lambda path, ov: load_config(find_config(path), ov), load_model=runs.load)
         reuse = {}
         for folder in args.scores_from:
             reuse = {**study.reusable_scores(folder, p), **reuse}
     except study.StudyError as exc:
         raise UsageError(str(exc)) from None
-    uri_store = tracking.resolve_uri(args.tracking_uri)
+    uri_store = tracking.resolve_uri(opts.tracking_uri)
+    st = Study("ood", "", study.EXPERIMENT, opts)
+    st.plan([(r, p.configs[r]) for r in p.roles if r not in p.given], given=p.given)
     print(f"ood study: roles {p.roles} ({', '.join(f'{r} given' for r in p.given) or 'all trained here'}), "
           f"{len(p.detectors)} detectors, sets {list(budget.sets)}", flush=True)
 
-    def train(cfg):
-        return runs.train(cfg, backend="local" if args.no_ray else "ray", tracking_uri=args.tracking_uri,
-                          tags={"study": "ood"})
-
-    def score(role, uri, dataset, opts, folder):
+    def score(role, uri, dataset, opts_, folder):
         spec = scoring.DataSpec("dataset", f"ood-sets:{role}")
-        if args.no_ray:
-            return score_here(scoring.prepare(uri, spec, opts, columns="ood", dataset=dataset), folder)
-        prep = scoring.prepare(uri, spec, opts, columns="ood", dataset=dataset, time_rows=16)
+        if opts.no_ray:
+            return score_here(scoring.prepare(uri, spec, opts_, columns="ood", dataset=dataset), folder)
+        prep = scoring.prepare(uri, spec, opts_, columns="ood", dataset=dataset, time_rows=16)
         return score_to_parquet(prep, spec, str(folder), batch_size=budget.batch_size, seed=budget.seed,
-                                address=args.address, tracking_uri=uri_store, compute=args.compute)
+                                address=opts.address, tracking_uri=uri_store, compute=args.compute)
 
     def score_here(prep, folder):
         """--no-ray: the Ray Data job's Scorer over the same batches (same rows, seeds and columns; tested equal)
@@ -131,14 +130,17 @@ def cmd_ood(args) -> int:
                            "--no-ray: the Scorer in a plain loop in the driver")
 
     out = Path(args.out)
-    with report_dir(out) as tmp:
-        res = study.run(p, train=train, load_model=runs.load, score=score, out_dir=tmp,
-                        say=lambda text: print(f"[ood] {text}", flush=True), reuse=reuse)
+    res, metrics, config = {}, {}, {}
+
+    def write(tmp):  # the scores' Parquet files go into the report folder, so the study runs inside the writer
+        res.update(study.run(p, train=st.trainer("models"), load_model=runs.load, score=score, out_dir=tmp,
+                             say=lambda text: print(f"[ood] {text}", flush=True), reuse=reuse))
         report.write(tmp, res)
-    config = {"budget": res["budget"], "models": {r: m["uri"] for r, m in res["models"].items()},
-              "compute": args.compute, "scores_from": args.scores_from}
-    runs.log_study("study_ood", study.EXPERIMENT, config, report.summary_metrics(res), out,
-                   tracking_uri=args.tracking_uri, tags={"study": "ood"})
+        metrics.update(report.summary_metrics(res))
+        config.update({"budget": res["budget"], "models": {r: m["uri"] for r, m in res["models"].items()},
+                       "compute": args.compute, "scores_from": args.scores_from})
+
+    st.finish(out, write, metrics, config=config, params=False)
     print("\n".join((out / "ood.md").read_text().splitlines()[:40]))
     print(f"\nreport: {out}/ood.md; study wall time {res['info']['study_wall_s']} s "
           f"(scoring {res['info']['scoring_wall_s']} s)")

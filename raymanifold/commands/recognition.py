@@ -4,54 +4,63 @@ Argument parsing only: :mod:`raymanifold.recognition.study` checks the study fil
 (before any work), trains the recognition model through the run service (Ray Train; ``--no-ray``: this
 process) unless ``--model`` is given, embeds and searches nearest neighbours (in-process, or Ray Data for
 large sets), ranks the attributes; :mod:`raymanifold.recognition.report` writes ``reports/<name>/``
-atomically, and the report is logged to MLflow (:func:`raymanifold.runs.study_run`).
+atomically, and the report is logged to MLflow (:meth:`raymanifold.commands.study.Study.finish`; a study that
+fails leaves no run). The report names the model by a loadable URI (``runs:/<id>`` when trained here).
 """
 from __future__ import annotations
 
-from raymanifold.commands import apply_common, find_config, set_threads, stage
+from raymanifold.commands import find_config
+from raymanifold.commands.options import Role, add_options, parse_options
+
+ROLES = {"recognition": Role(("recognition", "any family with encode"), "the study file's config:",
+                             help="the model whose embedding is studied")}
 
 
 def register(sub, study_sub):
     p = study_sub.add_parser("attribute-kl", help="attribute vs recognition manifold: nearest-neighbour KL per "
                                                   "attribute, ranked (Sec. 4.3, Fig. 17)")
     p.add_argument("--config", required=True, help="study file (jobs/configs/study/study_attribute_kl_*.yaml)")
-    p.add_argument("--model", default=None, help="trained recognition checkpoint (path or runs:/<id>); "
-                                                 "default: train the study file's config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override: study.* keys go to the study file, others to the model config (repeatable)")
-    p.add_argument("--no-ray", action="store_true", help="train in this process instead of on Ray Train")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or embedded)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    add_options(p, roles=ROLES, out=None, fresh=False, seed=False,
+                set_help="override: study.* keys go to the study file, others to the model config (repeatable), "
+                         "e.g. --set study.n=500 --set train.steps=100")
     p.add_argument("--out", default=None, help="report folder (default reports/<name>)")
     p.set_defaults(func=cmd_attribute_kl)
 
 
 def cmd_attribute_kl(args) -> int:
     from raymanifold import runs
+    from raymanifold.commands.study import Study
     from raymanifold.recognition import report, study as S
-    from raymanifold.reports import report_dir
 
-    set_threads(args)
-    sets = apply_common(args)
+    def embed_and_search(*a, **k):  # Ray Data (imported only when the study set is embedded there)
+        from raymanifold.distributed.embedding import embed_and_search as ray_embed
+
+        return ray_embed(*a, **k)
+
+    opts = parse_options(args, roles=ROLES)
+    uri = opts.models.get("recognition")
     model_cfg = None
-    if args.model:
-        _, model_cfg, _ = runs.load(args.model)
-    prep = S.prepare(find_config(args.config), sets, model_cfg=model_cfg, resolve=find_config)  # every check first
+    if uri:
+        _, model_cfg, _ = runs.load(uri)
+    prep = S.prepare(find_config(args.config), list(opts.sets), model_cfg=model_cfg, resolve=find_config)  # checks
     out = args.out or f"reports/{prep.spec.name}"
-    stage(1, 3, f"loading {args.model}" if args.model else
-          f"training {prep.cfg.name} ({prep.cfg.train.steps} steps, {'in-process' if args.no_ray else 'Ray Train'})")
-    model, cfg, info = S.obtain_model(prep, args.model, backend="local" if args.no_ray else "ray",
-                                      tracking_uri=args.tracking_uri)
-    if args.model:
+    st = Study("attribute-kl", prep.cfg.family, prep.spec.experiment, opts, stages=3, run_name=prep.spec.name)
+    st.plan([] if uri else [("recognition", prep.cfg)])
+    if uri:
+        st.stage(f"loading {uri}")
+        model, cfg, _ = runs.load(uri)
+        info = {"source": uri, "train_wall_s": None, "run_id": None}
         prep = S.check(prep.spec, cfg)
-    stage(2, 3, "embedding, nearest neighbours, attribute KL")
-    with runs.study_run(prep.spec.name, prep.spec.experiment, {"study": S.to_plain(prep.spec), "model": info["source"]},
-                        tracking_uri=args.tracking_uri, tags={"study": "attribute_kl", "family": cfg.family}) as run:
-        result = S.run(prep, model, cfg, info, address=args.address)
-        stage(3, 3, f"writing {out}")
-        with report_dir(out) as tmp:
-            report.write(tmp, result)
-        run.log(result["metrics"], out)
+    else:
+        h = st.train("recognition", prep.cfg, fresh=True)
+        model, cfg, _ = runs.load(str(h.checkpoint))
+        info = {"source": h.model_uri, "train_wall_s": h.wall_s, "run_id": h.run_id,  # a loadable URI
+                "train_metrics": {k: v for k, v in h.metrics.items() if isinstance(v, (int, float))}}
+    st.stage("embedding, nearest neighbours, attribute KL")
+    result = S.run(prep, model, cfg, info, embed_and_search=embed_and_search, address=opts.address)
+    st.stage(f"writing {out}")
+    st.family = cfg.family
+    st.finish(out, lambda d: report.write(d, result), result["metrics"],
+              config={"study": S.to_plain(prep.spec), "model": info["source"]}, params=False)
     print(S.summary_line(result))
     return 0

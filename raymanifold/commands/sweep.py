@@ -19,7 +19,8 @@ def register(sub, study_sub):
     p = sub.add_parser("sweep", help="run a Ray Tune sweep declared in YAML (train-time or eval-time)",
                        description="Run a hyperparameter sweep. Train-time sweeps run a Ray Train run per trial "
                                    "(ASHA early stopping); eval-time sweeps evaluate one trained model per trial.")
-    add_common(p, config=True)
+    add_common(p, config=True, set_help="override a sweep file key (num_samples=4, params.n=50) or, for any other "
+                                        "key, a value of the base config, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--model", default=None,
                    help="eval-time sweeps: checkpoint path or runs:/<id> (overrides the file's `model:`)")
     p.add_argument("--resume", action="store_true",
@@ -80,7 +81,7 @@ def cmd_sweep(args) -> int:
         stage(i, n, f"training the model to evaluate: {spec.base} ({cfg.train.steps} steps; resumes/reuses "
                     f"{cfg.ray.storage_path}/{cfg.name})")
         model_path = str(runs.train(cfg, tracking_uri=uri, fresh=args.fresh, tags={"job": f"sweep:{spec.name}"},
-                                    verbose=False).checkpoint)
+                                    verbose=True).checkpoint)  # the base model shows its progress
         i += 1
     stage(i, n, f"{spec.kind}-time sweep {spec.name!r}: {spec.n_trials} trial(s) over {list(spec.space)}; "
                 f"metric {spec.metric} ({spec.mode}){'; resuming' if args.resume else ''}")

@@ -9,17 +9,16 @@ evaluations per sample (T - t_s + 1 at dt = 1, against T for the full sampler).
 """
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
 from raymanifold import checkpoint as ckpt
 from raymanifold.diffusion import daed as D
+from raymanifold.diffusion import frozen
 from raymanifold.diffusion import samplers as S
 from raymanifold.diffusion.nets import EpsMLP
-from raymanifold.recipes import Recipe
+from raymanifold.recipes import Metrics, Recipe
 from raymanifold.schema import ConfigError, param
 
 #: choices of the ``finish`` option of :func:`sample`
@@ -38,22 +37,9 @@ class DAEDConfig:
     eval_points: int = param(1000, lo=1, help="test examples of evaluate()")
 
 
-@functools.lru_cache(maxsize=8)
-def _state(path: str, mtime: float) -> dict:
-    return ckpt.load(path)
-
-
 def ddpm_config(cfg):
-    """The frozen DDPM's validated config (read from its checkpoint, cached per file version)."""
-    from raymanifold.config import config_from_dict
-
-    p = ckpt.resolve(cfg.model.ddpm)
-    return config_from_dict(_state(str(p), os.path.getmtime(p))["config"])
-
-
-def _ddpm_state(cfg) -> dict:
-    p = ckpt.resolve(cfg.model.ddpm)
-    return _state(str(p), os.path.getmtime(p))
+    """The frozen DDPM's validated config (:func:`raymanifold.diffusion.frozen.config`, cached per file version)."""
+    return frozen.config(cfg.model.ddpm)
 
 
 def schedule(cfg):
@@ -95,8 +81,7 @@ def build(cfg) -> D.DAED:
 
     dcfg = ddpm_config(cfg)
     net = build_ddpm(dcfg)
-    state = _ddpm_state(cfg)
-    net.load_state_dict(state.get("ema") or state["model"])
+    net.load_state_dict(frozen.weights(cfg.model.ddpm))
     m, dm = cfg.model, dcfg.model
     if _is_image(dcfg):
         from raymanifold.diffusion.unet import UNet
@@ -124,8 +109,7 @@ def _from_model(x):
 def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
     """Mean ||D(x_t, t) - x_0||^2 over the batch, t ~ U{1..t_s} (model space; :func:`.daed.dae_loss`)."""
     alpha_bar = schedule(cfg)[0]
-    net = getattr(model, "module", model)
-    out = D.dae_loss(net, _to_model(batch[0]), alpha_bar, generator)
+    out = D.dae_loss(model, _to_model(batch[0]), alpha_bar, generator)  # inside DDP's forward (training.StepModule)
     return out, {"loss": float(out.detach())}
 
 
@@ -178,5 +162,9 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
-RECIPE = Recipe(name="daed", model_config=DAEDConfig, build=build, input_shape=input_shape, loss=loss,
+#: how `raymanifold compare` ranks this family's runs
+# DAED: the one-step denoiser's squared error at t_s on the test split (the DDPM's own x0_hat beside it)
+METRICS = Metrics(primary=(("mse_dae_t*", "min"),), key=("mse_ddpm_x0_t*", "train_wall_s"))
+
+RECIPE = Recipe(name="daed", metrics=METRICS, model_config=DAEDConfig, build=build, input_shape=input_shape, loss=loss,
                 evaluate=evaluate, sample=sample, cost=cost, validate=validate)

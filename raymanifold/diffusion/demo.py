@@ -1,7 +1,7 @@
 """The demo study (``raymanifold demo``): Fig. 5 likelihoods and samples of a trained 2-D DDPM, and its report.
 
 :func:`likelihood` and :func:`sample` return result dicts (Eq. 15 set means and AUROCs from
-:func:`raymanifold.analysis.fig5.run_protocol`; Def. 2.1 ancestral samples at
+:func:`raymanifold.diffusion.fig5.run_protocol`; Def. 2.1 ancestral samples at
 each dt with their NFE from ``recipe.cost`` and the sliced Wasserstein-1
 distance to held-out data, :func:`raymanifold.analysis.metrics.sliced_wasserstein_w1`,
 plus the same distance between two independent draws of the data as the noise
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from raymanifold.analysis import fig5
+from raymanifold.diffusion import fig5
 from raymanifold.analysis.metrics import sliced_wasserstein_w1
 from raymanifold.reports import markdown_table, write_json
 

@@ -27,12 +27,11 @@ import torch
 from raymanifold.config import ConfigError, param
 from raymanifold.diffusion import gaussian, likelihood
 from raymanifold.diffusion.evaluators import diffusion_dt
-from raymanifold.adversarial.sweep_eval import diffusion_purification
 from raymanifold.diffusion.gaussian import Diffusion
 from raymanifold.diffusion.nets import EpsMLP
 from raymanifold.diffusion.process import LAST_STEP_VARIANCES
 from raymanifold.diffusion.schedules import SCHEDULES
-from raymanifold.recipes import Recipe
+from raymanifold.recipes import Metrics, Recipe
 
 #: choices of the ``sampler`` / ``estimator`` options (Serve reads them from this module)
 SAMPLERS = gaussian.SAMPLERS
@@ -250,6 +249,10 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
-RECIPE = Recipe(name="diffusion", model_config=DiffusionModelConfig, build=build, input_shape=input_shape,
+#: how `raymanifold compare` ranks this family's runs
+# test NLL [nats/example] of the Eq. 15 bound at the config's eval_dt; bits/dim for image models
+METRICS = Metrics(primary=(("test_nll_nats_dt*", "min"),), key=("test_bpd_dt*", "train_wall_s"))
+
+RECIPE = Recipe(name="diffusion", metrics=METRICS, model_config=DiffusionModelConfig, build=build, input_shape=input_shape,
                 loss=loss, evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, validate=validate,
-                evaluators={"diffusion_dt": diffusion_dt, "diffusion_purification": diffusion_purification})
+                evaluators={"diffusion_dt": diffusion_dt})

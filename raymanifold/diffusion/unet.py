@@ -22,9 +22,13 @@ import torch.nn.functional as F
 from raymanifold.diffusion.nets import timestep_embedding
 
 
-def _norm(ch: int) -> nn.GroupNorm:
+def group_norm(ch: int) -> nn.GroupNorm:
+    """GroupNorm with 8 groups when ``ch`` divides by 8, else 1."""
     groups = 8 if ch % 8 == 0 else 1
     return nn.GroupNorm(groups, ch)
+
+
+_norm = group_norm  # the earlier private name
 
 
 class ResBlock(nn.Module):
@@ -119,19 +123,35 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     @staticmethod
-    def _run(blocks, h, emb):
+    def run_blocks(blocks, h, emb):
+        """Apply ``blocks`` in order; the time-conditioned ones (ResBlock, SelfAttention) also get ``emb``."""
         for b in blocks:
             h = b(h, emb) if isinstance(b, (ResBlock, SelfAttention)) else b(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time(timestep_embedding(t, self.channels).to(x.dtype))
+    _run = run_blocks  # the earlier private name
+
+    def time_embedding(self, t: torch.Tensor, dtype) -> torch.Tensor:
+        """(B, 4c) embedding of the integer steps ``t`` (B,): sinusoidal features through the MLP."""
+        return self.time(timestep_embedding(t, self.channels).to(dtype))
+
+    def encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple:
+        """The down path: ``(h, hs)``, the lowest-resolution features and the skip features (input stem first)."""
         h = self.inp(x)
         hs = [h]
         for blocks in self.down:
-            h = self._run(blocks, h, emb)
+            h = self.run_blocks(blocks, h, emb)
             hs.append(h)
-        h = self._run(self.mid, h, emb)
+        return h, hs
+
+    def decode(self, h: torch.Tensor, hs: list, emb: torch.Tensor) -> torch.Tensor:
+        """The middle and the up path from :meth:`encode`'s output: eps, shaped like x (``hs`` is not changed)."""
+        hs = list(hs)
+        h = self.run_blocks(self.mid, h, emb)
         for blocks in self.up:
-            h = self._run(blocks, torch.cat([h, hs.pop()], dim=1), emb)
+            h = self.run_blocks(blocks, torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_embedding(t, x.dtype)
+        return self.decode(*self.encode(x, emb), emb)

@@ -259,16 +259,42 @@ def _with_pareto(spec: SweepSpec, raw) -> SweepSpec:
     return replace(spec, pareto=tuple((str(k), str(v)) for k, v in raw.items()))
 
 
+def split_overrides(overrides) -> tuple:
+    """``--set`` items of ``raymanifold sweep``: (those of the sweep file's own keys, :data:`TOP_KEYS`; the rest,
+    which go to the base config like the file's ``set:`` list, e.g. ``train.steps=100``)."""
+    own = [o for o in overrides if str(o).split("=", 1)[0].strip().split(".")[0] in TOP_KEYS]
+    return own, [o for o in overrides if o not in own]
+
+
 def load_spec(path, overrides=()) -> SweepSpec:
-    """Read and validate a sweep YAML (``--set key=value`` overrides apply to the sweep file)."""
+    """Read and validate a sweep YAML. ``--set key=value`` overrides of the file's keys (:data:`TOP_KEYS`) apply to
+    the sweep file; any other key (``train.steps=100``) is appended to its ``set:`` list (the base config)."""
     raw = read_yaml(path, "sweep file")
-    return parse_spec(apply_overrides(raw, overrides) if overrides else raw, source=str(path))
+    own, base = split_overrides(list(overrides))
+    raw = apply_overrides(raw, own) if own else raw
+    if base:
+        raw = {**raw, "set": [*(raw.get("set") or []), *base]}
+    return parse_spec(raw, source=str(path))
 
 
 # ----------------------------------------------------------------------------- evaluators
+def _other_families(name: str, family: Optional[str]) -> dict:
+    """``{family: fn}`` of the other families whose recipe ``evaluators`` table has ``name`` as an evaluator of
+    ``family``'s models (the function's ``base_families``), e.g. the vae_classifier recipe's
+    ``diffusion_purification``, which sweeps a diffusion base."""
+    from raymanifold.recipes import FAMILIES, get_recipe
+
+    if family is None:
+        return {}
+    return {f: get_recipe(f).evaluators[name] for f in FAMILIES
+            if f != family and name in get_recipe(f).evaluators
+            and family in getattr(get_recipe(f).evaluators[name], "base_families", ())}
+
+
 def resolve_evaluator(name: str, family: Optional[str] = None) -> Callable:
     """The evaluator function for ``name``: a short name in ``family``'s recipe ``evaluators``
-    table, a generic short name (:data:`EVALUATORS`), or ``package.module:function``."""
+    table, a generic short name (:data:`EVALUATORS`), a short name that exactly one other family's table lists
+    for ``family``'s models (the function's ``base_families``), or ``package.module:function``."""
     if ":" not in name:
         own = {}
         if family is not None:
@@ -276,6 +302,12 @@ def resolve_evaluator(name: str, family: Optional[str] = None) -> Callable:
             own = dict(get_recipe(family).evaluators)
         if name in own:
             return own[name]
+        others = _other_families(name, family) if name not in EVALUATORS else {}
+        if len(others) == 1:
+            return next(iter(others.values()))
+        if len(others) > 1:
+            raise ConfigError(f"evaluator: {name!r} is in the tables of families {sorted(others)}; name it as "
+                              "'package.module:function'")
         if name not in EVALUATORS:
             where = f"family {family!r} has {sorted(own)}; " if family is not None else ""
             raise ConfigError(f"evaluator: unknown {name!r}; {where}generic: {sorted(EVALUATORS)}; "

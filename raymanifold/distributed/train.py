@@ -44,7 +44,8 @@ from raymanifold import data as rdata
 from raymanifold.config import config_from_dict, resolve_paths, to_dict
 from raymanifold.distributed.runtime import ensure_ray
 from raymanifold.recipes import get_recipe
-from raymanifold.training import EMA, batch_stream, make_optimizer, progress_line, run_steps, train_threads
+from raymanifold.training import (EMA, StepModule, batch_stream, eta_s, make_optimizer, progress_line, run_steps,
+                                  train_threads)
 
 FAULT_MARKER = ".fault_injected"
 
@@ -104,7 +105,9 @@ def train_loop_per_worker(loop_cfg: dict):
         if ema is not None and state.get("ema"):
             ema.module.load_state_dict(state["ema"])
         start = int(state["step"])
-    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
+    # DDP wraps the whole training step (loss included), so every family's gradients are all-reduced
+    step_model = StepModule(model, recipe, cfg)
+    ddp_model = ray.train.torch.prepare_model(step_model) if world > 1 else step_model
 
     dataset = rdata.load_split(cfg.data, "train")
     local_bs = max(1, cfg.train.batch_size // world)
@@ -158,7 +161,8 @@ def train_loop_per_worker(loop_cfg: dict):
                     next_progress[0] += progress_every
                 # Ray Train patches print() to log *and* tee to a wrapped stdout, so a plain print shows
                 # twice in the driver; writing to the process's own stdout stream shows it once.
-                print(progress_line(cfg, step, avg), file=sys.__stdout__, flush=True)
+                eta = eta_s(start, step, cfg.train.steps, time.perf_counter() - t_loop)
+                print(progress_line(cfg, step, avg, eta=eta), file=sys.__stdout__, flush=True)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             report = {"step": step, "resumed_from": start, "loop_s": time.perf_counter() - t_loop,
                       **{k: float(v) for k, v in metrics.items()}}

@@ -24,7 +24,7 @@ import torch
 from raymanifold.config import ConfigError, param
 from raymanifold.flows.glow import Glow
 from raymanifold.flows.layers import standard_normal_log_prob
-from raymanifold.recipes import Recipe
+from raymanifold.recipes import Metrics, Recipe
 
 
 @dataclass(frozen=True)
@@ -164,5 +164,9 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
-RECIPE = Recipe(name="glow", model_config=GlowModelConfig, build=build, input_shape=input_shape, loss=loss,
+#: how `raymanifold compare` ranks this family's runs
+# Glow: bits/dim on images, else the mean test log-likelihood
+METRICS = Metrics(primary=(("test_bpd", "min"), ("test_log_p_nats", "max")), key=("train_wall_s",))
+
+RECIPE = Recipe(name="glow", metrics=METRICS, model_config=GlowModelConfig, build=build, input_shape=input_shape, loss=loss,
                 evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, validate=validate)

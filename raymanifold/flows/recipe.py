@@ -23,7 +23,7 @@ import torch
 
 from raymanifold.config import ConfigError, param
 from raymanifold.flows.hierarchical import VOLUME_METHODS, HierarchicalFlow, check_sizes, latent_shapes
-from raymanifold.recipes import Recipe
+from raymanifold.recipes import Metrics, Recipe
 
 PHASES = ("ae", "flow")
 #: model fields that fix the autoencoders' architecture (must match between the phases)
@@ -146,8 +146,7 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
         out, per = model(x, mode="ae")
         return out, {"loss": float(out.detach()), **{f"mse_level{i + 1}": float(v.detach()) for i, v in enumerate(per)}}
     log_py = model(x, mode="flow")
-    inner = getattr(model, "module", model)
-    dims = inner.latent_dims()
+    dims = model.latent_dims()
     nll = -torch.stack(log_py).sum(0)
     out = nll.mean() / sum(dims)
     metrics = {"loss": float(out.detach())}
@@ -225,6 +224,10 @@ def evaluate(model, cfg) -> dict:
     return metrics
 
 
-RECIPE = Recipe(name="flow", model_config=FlowModelConfig, build=build, input_shape=input_shape, loss=loss,
+#: how `raymanifold compare` ranks this family's runs
+# hierarchical flow: bits/dim on the manifold level (flow phase), reconstruction MSE (AE phase)
+METRICS = Metrics(primary=(("test_bpd_manifold_level1", "min"), ("test_mse_level1", "min")), key=("test_log_px_level1_nats", "train_wall_s"))
+
+RECIPE = Recipe(name="flow", metrics=METRICS, model_config=FlowModelConfig, build=build, input_shape=input_shape, loss=loss,
                 evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, encode=encode, decode=decode,
                 latent_shape=latent_shape, validate=validate)

@@ -233,6 +233,17 @@ def markdown_report(res: dict, timing: dict, runs: dict) -> str:
     return "\n".join(lines)
 
 
+def write(folder, res: dict, timing: dict, runs: dict) -> None:
+    """``flow.json`` (the results, timing, run ids, training metrics) and ``README.md`` (the report); the figures
+    are drawn by :func:`evaluate_study` into the same folder."""
+    from pathlib import Path
+
+    from raymanifold.reports import write_json
+
+    write_json(Path(folder) / "flow.json", res)
+    (Path(folder) / "README.md").write_text(markdown_report(res, timing, runs))
+
+
 def summary_metrics(res: dict, timing: dict) -> dict:
     """The study's headline numbers as flat MLflow metrics: bits/dim, every AUROC, the training times."""
     flat = {"bpd_hier_manifold_level1": res["bits_per_dim"]["hierarchical_manifold_bpd_level1"],

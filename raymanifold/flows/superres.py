@@ -331,6 +331,17 @@ def markdown(results: list, info: dict) -> str:
     return "\n".join(out)
 
 
+def summary_metrics(results: list) -> dict:
+    """``x<factor>_<method>_<psnr|ssim>`` and ``x<factor>_sample_pairwise_rms`` (MLflow metrics)."""
+    flat = {}
+    for r in results:
+        for name, d in r["methods"].items():
+            for m in ("psnr", "ssim"):
+                flat[f"x{r['factor']}_{name}_{m}"] = d[m][0]
+        flat[f"x{r['factor']}_sample_pairwise_rms"] = r["diversity"]["pairwise_rms"][0]
+    return flat
+
+
 def write_report(folder, results: list, info: dict):
     from pathlib import Path
 

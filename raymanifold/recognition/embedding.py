@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from raymanifold.analysis.attribute_kl import nn_block
+from raymanifold.recognition.attribute_kl import nn_block
 
 
 def resolve_loader(spec: Optional[str]):

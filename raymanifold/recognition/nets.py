@@ -1,7 +1,7 @@
 """The recognition network: a small ResNet encoder with a projection onto the unit sphere.
 
 Stem 3x3 conv (c), residual blocks (c, 2c, 4c) with strides (1, 2, 2) (the pre-activation blocks of
-:class:`raymanifold.vae.models.ResBlock`), global average pooling, then a 2-layer head to ``embed_dim``.
+:class:`raymanifold.blocks.ResBlock`), global average pooling, then a 2-layer head to ``embed_dim``.
 ``forward(x)`` (B, C, H, W) in [0, 1] returns embeddings (B, embed_dim) of unit L2 norm: the coordinates
 of the recognition manifold (FaceNet's embedding, Schroff et al. 2015, lives on the same hypersphere).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional as F
 
-from raymanifold.vae.models import ResBlock
+from raymanifold.blocks import ResBlock
 
 
 class RecognitionNet(nn.Module):

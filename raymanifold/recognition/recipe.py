@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from raymanifold.data.augment import random_affine
-from raymanifold.recipes import Recipe
+from raymanifold.recipes import Metrics, Recipe
 from raymanifold.recognition.losses import supcon_loss
 from raymanifold.recognition.nets import RecognitionNet
 from raymanifold.schema import ConfigError, param
@@ -157,7 +157,7 @@ def cost(cfg, op: str, **_) -> dict:
 def evaluate(model, cfg) -> dict:
     """Nearest-neighbour identity accuracy and SupCon loss on (the first ``eval_points`` of) the test split."""
     from raymanifold import data as rdata
-    from raymanifold.analysis.attribute_kl import nearest_neighbours
+    from raymanifold.recognition.attribute_kl import nearest_neighbours
 
     ds = rdata.load_split(cfg.data, "test")
     n = min(len(ds), cfg.model.eval_points)
@@ -179,6 +179,10 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
-RECIPE = Recipe(name="recognition", model_config=RecognitionModelConfig, build=build, input_shape=input_shape,
+#: how `raymanifold compare` ranks this family's runs
+# contrastive recognition manifold: nearest-neighbour identity accuracy on the test split
+METRICS = Metrics(primary=(("nn_identity_accuracy", "max"), ("test_loss_nats", "min")), key=("test_loss_nats", "train_wall_s"))
+
+RECIPE = Recipe(name="recognition", metrics=METRICS, model_config=RecognitionModelConfig, build=build, input_shape=input_shape,
                 loss=loss, evaluate=evaluate, cost=cost, encode=encode, latent_shape=latent_shape,
                 validate=validate)

@@ -11,7 +11,7 @@ A study file::
     experiment: recognition
     config: jobs/configs/train/recognition_shapes.yaml   # the recognition model (trained unless --model is given)
     study:
-      attributes: shapes               # attribute set (raymanifold.analysis.attributes): shapes | mnist5k | columns | celeba
+      attributes: shapes               # attribute set (raymanifold.recognition.attributes): shapes | mnist5k | columns | celeba
       columns: []                      # columns/celeba: restrict to these binary label columns
       split: test                      # the study set: this split of the model's data set
       n: 0                             # first n examples of the split (0 = all)
@@ -108,7 +108,7 @@ def load_study_file(path, overrides=()) -> StudyFile:
 def check(spec: StudyFile, cfg) -> Prepared:
     """Every check of the study against the model's config, from metadata only (raises ConfigError)."""
     from raymanifold import data as rdata
-    from raymanifold.analysis.attributes import plan
+    from raymanifold.recognition.attributes import plan
     from raymanifold.recipes import get_recipe
 
     if get_recipe(cfg.family).encode is None:
@@ -138,19 +138,6 @@ def prepare(path, sets=(), model_cfg=None, resolve=Path) -> Prepared:
     else:
         cfg = replace(model_cfg, model_sets) if model_sets else model_cfg
     return check(spec, cfg)
-
-
-def obtain_model(prep: Prepared, model_uri: Optional[str], *, backend: str = "ray", tracking_uri=None):
-    """``(model, cfg, info)``: the checkpoint at ``model_uri``, or the config trained through the run service."""
-    from raymanifold import runs
-
-    if model_uri:
-        model, cfg, _ = runs.load(model_uri)
-        return model, cfg, {"source": model_uri, "train_wall_s": None, "run_id": None}
-    h = runs.train(prep.cfg, backend=backend, tracking_uri=tracking_uri, fresh=True)
-    model, cfg, _ = runs.load(str(h.checkpoint))
-    return model, cfg, {"source": h.source, "train_wall_s": h.wall_s, "run_id": h.run_id,
-                        "train_metrics": {k: v for k, v in h.metrics.items() if isinstance(v, (int, float))}}
 
 
 # ----------------------------------------------------------------------------- the study set
@@ -185,7 +172,7 @@ def study_set(cfg, s: AttributeKLConfig) -> StudySet:
 
 def attribute_values(prep: Prepared, sset: StudySet):
     """The (N, K) attribute table of the study set (images are decoded here only for ink statistics)."""
-    from raymanifold.analysis.attributes import compute
+    from raymanifold.recognition.attributes import compute
     from raymanifold.recognition.embedding import resolve_loader
 
     x = sset.x
@@ -203,9 +190,12 @@ def use_ray(s: AttributeKLConfig, n: int) -> bool:
     return s.embedding == "ray" or (s.embedding == "auto" and n >= s.ray_min_examples)
 
 
-def run(prep: Prepared, model, cfg, info: dict, *, address=None) -> dict:
-    """Embed (step 3), nearest neighbours (4), the attribute table (5-7), the ranking (8) and the checks."""
-    from raymanifold.analysis import attribute_kl as K
+def run(prep: Prepared, model, cfg, info: dict, *, embed_and_search=None, address=None) -> dict:
+    """Embed (step 3), nearest neighbours (4), the attribute table (5-7), the ranking (8) and the checks.
+    ``info``: ``{"source"}`` (the model's loadable URI), ``train_wall_s``. ``embed_and_search``: the Ray Data
+    embedding (:func:`raymanifold.distributed.embedding.embed_and_search`, given by the command) for sets that
+    use Ray (``study.embedding``; refused without it)."""
+    from raymanifold.recognition import attribute_kl as K
     from raymanifold.recognition.embedding import embed_inprocess, model_bytes, nn_inprocess
     from raymanifold.schema import to_dict
 
@@ -217,9 +207,10 @@ def run(prep: Prepared, model, cfg, info: dict, *, address=None) -> dict:
     blob = model_bytes(model, cfg)
     t1 = time.perf_counter()
     ray_used = use_ray(s, len(sset))
+    if ray_used and embed_and_search is None:
+        raise ConfigError(f"study.embedding: {s.embedding!r} embeds {len(sset)} examples on Ray Data, which this "
+                          "caller does not provide; use study.embedding=local")
     if ray_used:
-        from raymanifold.distributed.embedding import embed_and_search
-
         out = embed_and_search(blob, x=sset.x, paths=sset.paths, loader=sset.loader, image_size=cfg.data.image_size,
                                distance=s.distance, actors=s.actors, batch_size=s.batch_size, address=address)
         z, nn, actors = out["z"], out["nn_index"], out["actors"]
@@ -258,10 +249,10 @@ UNCERTAINTY_KEYS = ("kl_nn0", "mi_normalized")
 
 
 def uncertainty(A, nn, names, s: AttributeKLConfig) -> dict:
-    """The permutation null and the bootstrapped ranks of KL_0 and of I/H(a) (:mod:`raymanifold.analysis.attribute_kl`):
+    """The permutation null and the bootstrapped ranks of KL_0 and of I/H(a) (:mod:`raymanifold.recognition.attribute_kl`):
     {key: {"ranking": [rows with rank_label / group], "null": {attribute: {null_mean, null_q95, p}},
     "ranks": {attribute: {rank_lo, rank_hi, rank_median, value_lo, value_hi}}}} ({} when both are off)."""
-    from raymanifold.analysis import attribute_kl as K
+    from raymanifold.recognition import attribute_kl as K
 
     if not s.permutations and not s.bootstrap:
         return {}

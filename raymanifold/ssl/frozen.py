@@ -1,44 +1,26 @@
-"""The frozen DDPM a DiffSiam model is built on: its checkpoint, config, schedule and Eq. 3.11 weights."""
+"""The frozen DDPM a DiffSiam model is built on: its checkpoint, config and schedule (loaded by
+:mod:`raymanifold.diffusion.frozen`, the one loader) and DiffSiam's Eq. 3.11 weights."""
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 
-from raymanifold import checkpoint as ckpt
+from raymanifold.diffusion import frozen
 from raymanifold.ssl import objectives
 
 
-@functools.lru_cache(maxsize=8)
-def _ddpm_state(path: str, mtime: float) -> dict:
-    return ckpt.load(path)
-
-
 def ddpm_state(uri: str) -> dict:
-    """The frozen DDPM's checkpoint (config + weights), read once per file version."""
-    p = ckpt.resolve(uri)
-    return _ddpm_state(str(p), os.path.getmtime(p))
-
-
-@functools.lru_cache(maxsize=8)
-def _ddpm_config(path: str, mtime: float):
-    from raymanifold.config import config_from_dict
-
-    return config_from_dict(_ddpm_state(path, mtime)["config"])
+    """The frozen DDPM's checkpoint (config + weights), read once per file version (:mod:`raymanifold.diffusion.frozen`)."""
+    return frozen.state(uri)
 
 
 def ddpm_config(cfg):
     """The frozen DDPM's validated config (cached per file version)."""
-    p = ckpt.resolve(cfg.model.ddpm)
-    return _ddpm_config(str(p), os.path.getmtime(p))
+    return frozen.config(cfg.model.ddpm)
 
 
 def diffusion(cfg):
     """The frozen DDPM's :class:`~raymanifold.diffusion.gaussian.Diffusion` (schedule, clip)."""
-    from raymanifold.diffusion.recipe import diffusion_of
-
-    return diffusion_of(ddpm_config(cfg))
+    return frozen.process(cfg.model.ddpm)
 
 
 def weights(cfg) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymanifold.diffusion.nets import timestep_embedding
-from raymanifold.diffusion.unet import ResBlock, SelfAttention, UNet, _norm
+from raymanifold.diffusion.unet import ResBlock, SelfAttention, UNet, group_norm as _norm
 from raymanifold.ssl.objectives import segment_code
 
 
@@ -201,17 +201,9 @@ def frozen_pass(unet: UNet, x: torch.Tensor, t: torch.Tensor, *, features: bool 
     features, ``h`` the lowest-resolution encoder output (what the decoder reads) and ``emb`` (B, 4c) the
     frozen time embedding of ``t``. ``eps`` equals ``unet(x, t)`` exactly (the same operations in order)."""
     with torch.no_grad():
-        emb = unet.time(timestep_embedding(t, unet.channels).to(x.dtype))
-        h = unet.inp(x)
-        hs = [h]
-        for blocks in unet.down:
-            h = unet._run(blocks, h, emb)
-            hs.append(h)
-        enc_h, enc_hs = h, list(hs) if features else None
-        h = unet._run(unet.mid, h, emb)
-        for blocks in unet.up:
-            h = unet._run(blocks, torch.cat([h, hs.pop()], dim=1), emb)
-        return unet.out(h), enc_hs, enc_h, emb
+        emb = unet.time_embedding(t, x.dtype)
+        h, hs = unet.encode(x, emb)
+        return unet.decode(h, hs, emb), (list(hs) if features else None), h, emb
 
 
 class DiffSiam(nn.Module):

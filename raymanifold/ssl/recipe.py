@@ -34,7 +34,7 @@ import torch
 
 from raymanifold import checkpoint as ckpt
 from raymanifold.config import ConfigError, param
-from raymanifold.recipes import Recipe
+from raymanifold.recipes import Metrics, Recipe
 from raymanifold.ssl import augment, editing, objectives
 from raymanifold.ssl.frozen import ddpm_config, ddpm_state, diffusion, weights  # noqa: F401 (re-exported)
 from raymanifold.ssl.nets import CONDITIONINGS, DiffSiam
@@ -344,6 +344,10 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
-RECIPE = Recipe(name="diffsiam", model_config=DiffSiamModelConfig, build=build, input_shape=input_shape,
+#: how `raymanifold compare` ranks this family's runs
+# DiffSiam / SimSiam: quick in-domain linear-probe accuracy (mean over label columns) after training
+METRICS = Metrics(primary=(("probe_acc_mean", "max"),), key=("final_diffusion", "train_wall_s"))
+
+RECIPE = Recipe(name="diffsiam", metrics=METRICS, model_config=DiffSiamModelConfig, build=build, input_shape=input_shape,
                 loss=loss, evaluate=evaluate, sample=sample, cost=cost, encode=encode,
                 latent_shape=latent_shape, validate=validate, counterfactual=counterfactual)

@@ -1,7 +1,9 @@
 """DiffSiam studies: probes (Tables 4.1-4.2 in miniature) and edits (Algorithms 2-3 on ``shapes``).
 
-Plain functions returning result dicts; :mod:`raymanifold.ssl.study_report` writes them. Training goes
-through the run service (:func:`raymanifold.runs.train`: Ray Train + MLflow, or in-process).
+Plain functions returning result dicts; :mod:`raymanifold.ssl.study_report` writes them. Training is
+injected: ``probes_study`` gets ``train(cfg, **tags) -> RunHandle`` and ``load(path) -> (model, cfg, recipe)``
+(the command builds them from its :class:`raymanifold.commands.study.Study`: Ray Train + MLflow, or
+in-process).
 
 **Probes.** Every arm (:data:`ARMS`: the variants, and the controls ``simsiam+fullz`` and
 ``hierarchical+spread``; a ``+additive`` suffix trains the arm with the earlier decoder conditioning) is
@@ -202,15 +204,9 @@ def contrasts(arms) -> list[tuple[str, str]]:
     return out
 
 
-def probes_study(base, *, arms=DEFAULT_ARMS, seeds=(0, 1, 2, 3, 4, 5, 6), steps: Optional[int] = None,
-                 ddpm: Optional[str] = None, backend: str = "ray", tracking_uri: Optional[str] = None,
-                 episodes: int = 200, n_eval: int = 2000, spread_stride: int = SPREAD_STRIDE, grad_batches: int = 8,
-                 log=print) -> dict:
-    """Train every arm for every seed at equal budget and probe the encoders (see module doc).
-
-    Every config is built (and validated) before the first training run."""
-    from raymanifold import runs
-
+def arm_configs(base, arms, seeds, steps: Optional[int] = None, ddpm: Optional[str] = None,
+                spread_stride: int = SPREAD_STRIDE) -> dict:
+    """``{(arm, seed): cfg}``: every run of the probes study, built and validated (before any training)."""
     arms = list(arms)
     if not arms or len(set(arms)) != len(arms):
         raise StudyError(f"--arms: need distinct arm names, got {arms}")
@@ -218,14 +214,24 @@ def probes_study(base, *, arms=DEFAULT_ARMS, seeds=(0, 1, 2, 3, 4, 5, 6), steps:
         raise StudyError("--arms: must include simsiam (the baseline of every difference)")
     if len(seeds) < 2:
         raise StudyError(f"--seeds: paired intervals need at least 2 seeds, got {list(seeds)}")
-    cfgs = {(a, s): arm_config(base, a, s, steps, ddpm, spread_stride) for s in seeds for a in arms}
+    return {(a, s): arm_config(base, a, s, steps, ddpm, spread_stride) for s in seeds for a in arms}
+
+
+def probes_study(base, *, train, load, arms=DEFAULT_ARMS, seeds=(0, 1, 2, 3, 4, 5, 6), steps: Optional[int] = None,
+                 ddpm: Optional[str] = None, episodes: int = 200, n_eval: int = 2000,
+                 spread_stride: int = SPREAD_STRIDE, grad_batches: int = 8, log=print) -> dict:
+    """Train every arm for every seed at equal budget (``train(cfg, **tags) -> RunHandle``, fresh runs; the
+    checkpoint read by ``load``) and probe the encoders (see module doc).
+
+    Every config is built (and validated) before the first training run."""
+    arms = list(arms)
+    cfgs = arm_configs(base, arms, seeds, steps, ddpm, spread_stride)
     sets = eval_sets(base, n_eval)
     per = {}
     for (a, s), cfg in cfgs.items():
         t0 = time.perf_counter()
-        handle = runs.train(cfg, backend=backend, tracking_uri=tracking_uri, fresh=True, verbose=False,
-                            tags={"study": "diffsiam_probes", "arm": a, "variant": cfg.model.variant})
-        model, _, _ = runs.load(str(handle.checkpoint))
+        handle = train(cfg, arm=a, variant=cfg.model.variant)
+        model, _, _ = load(str(handle.checkpoint))
         res = probe_model(model, sets, episodes=episodes, seed=1000 * s)
         if model.unet is not None:  # the decoder's share of the frozen DDPM's x_0 error, per t range
             res["compensation"] = compensation(model, cfg, sets["shapes"][0][:500], seed=s)

@@ -109,6 +109,11 @@ def probes_markdown(res: dict) -> str:
     return "\n".join(out)
 
 
+def probes_metrics(res: dict) -> dict:
+    """``<arm>/<metric>``: the mean over seeds of every probe metric (MLflow metrics)."""
+    return {f"{a.replace('+', '_')}/{m}": iv["mean"] for a, t in res["table"].items() for m, iv in t.items()}
+
+
 def write_probes(folder, res: dict):
     folder = Path(folder)
     write_json(folder / "summary.json", res)
@@ -165,6 +170,15 @@ def edits_markdown(res: dict, source: str = "") -> str:
 def _max_half(rows) -> float:
     halves = [(c["hi"] - c["lo"]) / 2 for r in rows for k, c in r.items() if k.startswith("changed_") and c["n"]]
     return max(halves) if halves else float("nan")
+
+
+def edits_metrics(res: dict) -> dict:
+    """``cf/<part>/<segments>/<scale>/changed_<factor>`` and ``edit/<attribute>/<lambda>/flip_rate`` (MLflow)."""
+    flat = {f"cf/{r['part'].replace('+', '_')}/{r['segments']}/{r['scale']:.2f}/changed_{n}": r[f"changed_{n}"]["value"]
+            for r in res["counterfactuals"] for n in res["factor_names"]}
+    flat.update({f"edit/{r['attribute']}/{r['lambda']:g}/flip_rate": r["flip_rate"]["value"]
+                 for r in res["manipulation"]})
+    return flat
 
 
 def write_edits(folder, res: dict, source: str = ""):

@@ -316,6 +316,17 @@ def write_routes(folder, summary: dict):
     (d / "routes.md").write_text(routes_markdown(summary))
 
 
+def routes_metrics(summary: dict) -> dict:
+    """``<route>_gap_<quantity>`` and ``<route>_<side>_cluster_accuracy`` of the routes summary (MLflow)."""
+    flat = {}
+    for route, r in summary["routes"].items():
+        for q, g in r.get("gap", {}).items():
+            flat[f"{route}_gap_{q}"] = g["mean"]
+        for side, sd in r["sides"].items():
+            flat[f"{route}_{side}_cluster_accuracy"] = sd["mean_ci"]["cluster_accuracy"][0]
+    return flat
+
+
 def routes_console(s: dict) -> str:
     lines = []
     for route, r in s["routes"].items():

@@ -172,7 +172,7 @@ def _signature(entry: dict) -> str:
     return entry["signature"]
 
 
-def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict, *, backend: str, tracking_uri,
+def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict, *, train, load,
             evaluate: bool = True, log=print) -> dict:
     """Train (or reuse from ``ledger``) every route x seed x side, evaluate each once, record it in ``ledger``
     (saved to ``ledger_path`` after every step). Returns the ledger. A run whose :func:`training_signature` equals
@@ -199,7 +199,7 @@ def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict
                     model = None
                 else:
                     log(f"[routes] training {k}: {cfg.name} ({cfg.train.steps} steps)")
-                    model, cfg, info = S.train(cfg, backend=backend, tracking_uri=tracking_uri)
+                    model, cfg, info = train(cfg)
                     entry = {"model": info["source"], "train_wall_s": info["train_wall_s"], "config": routes[route],
                              "name": cfg.name, "signature": sig}
                     ledger[k] = entry
@@ -207,7 +207,7 @@ def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict
                 uris[side] = entry["model"]
                 if evaluate and "metrics" not in entry:
                     if model is None:
-                        model, cfg = S.load(entry["model"])
+                        model, cfg = load(entry["model"])
                     t0 = time.perf_counter()
                     m = evaluate_model(model, cfg, objectives=True)["metrics"]
                     entry["metrics"] = {q: m.get(q, math.nan) for q in KEYS}

@@ -4,9 +4,11 @@
 (:mod:`raymanifold.commands.gridvae`) parse arguments and call these; the
 Markdown, JSON and figures are written by :mod:`raymanifold.vae.gridvae_report`.
 
-Models come from checkpoints (path, folder or ``runs:/<id>``) or are trained
-through the run service (:func:`raymanifold.runs.train`: Ray Train, or this
-process with backend ``local``). The two-digit study can train K restarts
+Models come from checkpoints or are trained by the command: these functions get
+``train(cfg) -> (model, cfg, info)`` and ``load(uri) -> (model, cfg)`` as arguments
+(:mod:`raymanifold.commands.gridvae` builds them from its
+:class:`raymanifold.commands.study.Study`), so the family imports no run service.
+The two-digit study can train K restarts
 (seeds ``train.seed .. train.seed+K-1``) and keep the one with the lowest
 unsupervised train loss (negative ELBO, no labels), as KMeans(n_init=K) keeps
 its lowest inertia; on Ray the restarts are one train-time Tune sweep.
@@ -36,23 +38,9 @@ class StudyError(ValueError):
 
 
 # ----------------------------------------------------------------------------- models
-def load(uri: str):
-    """``(model, cfg)`` of a gridvae checkpoint."""
-    from raymanifold import runs
-
-    model, cfg, _ = runs.load(uri)
+def check_gridvae(cfg, what: str = "--model") -> None:
     if cfg.family != "gridvae":
-        raise StudyError(f"--model: needs a gridvae checkpoint, got family {cfg.family!r}")
-    return model, cfg
-
-
-def train(cfg, *, backend: str = "ray", tracking_uri=None) -> tuple:
-    """Train ``cfg`` (fresh) through the run service; returns (model, cfg, {"source", "train_wall_s", "run_id"})."""
-    from raymanifold import runs
-
-    h = runs.train(cfg, backend=backend, tracking_uri=tracking_uri, fresh=True)
-    model, cfg = load(str(h.checkpoint))
-    return model, cfg, {"source": h.model_uri, "train_wall_s": h.wall_s, "run_id": h.run_id}  # loadable
+        raise StudyError(f"{what}: needs a gridvae checkpoint, got family {cfg.family!r}")
 
 
 def summary_line(m: dict, keys) -> str:
@@ -71,19 +59,26 @@ def pick_restart(rows: list) -> dict:
     return best
 
 
-def train_restarts(cfg, restarts: int, *, backend: str = "ray", tracking_uri=None, address=None,
-                   config_path: str = "") -> tuple:
-    """Train ``restarts`` seeds and keep the best train ELBO. Returns (model, cfg, info, rows)."""
+def restart_metrics(best: dict) -> dict:
+    """The parent run's metrics of a Ray Tune restart sweep."""
+    return {"best_train_loss_nats": best["train_loss_nats"], "selected_cluster_accuracy": best["cluster_accuracy"]}
+
+
+def train_restarts(cfg, restarts: int, *, train, load, tune=None) -> tuple:
+    """Train ``restarts`` seeds and keep the best train ELBO: one after another with ``train(cfg) -> (model, cfg,
+    info)`` when ``tune`` is None (in-process), else as one Ray Tune sweep ``tune(cfg, seeds, keys=RESTART_KEYS,
+    select=pick_restart, parent_metrics=restart_metrics) -> rows`` (:func:`raymanifold.runs.train_grid`), its best
+    checkpoint read by ``load``. Returns (model, cfg, info, rows)."""
     from raymanifold.config import replace
     from raymanifold.vae.evaluation import evaluate_model
 
     seeds = [cfg.train.seed + k for k in range(restarts)]
     t0 = time.perf_counter()
-    if backend == "local":
+    if tune is None:
         rows, kept = [], {}
         for seed in seeds:
             c = replace(cfg, [("train.seed", seed), ("name", f"{cfg.name}_seed{seed}")])
-            model, c, info = train(c, backend="local", tracking_uri=tracking_uri)
+            model, c, info = train(c)
             m = evaluate_model(model, c)["metrics"]
             rows.append({"seed": seed, "model": info["source"], "train_wall_s": info["train_wall_s"],
                          **{k: m.get(k, math.nan) for k in RESTART_KEYS}})
@@ -92,52 +87,14 @@ def train_restarts(cfg, restarts: int, *, backend: str = "ray", tracking_uri=Non
         best = pick_restart(rows)
         model, cfg = kept[best["seed"]]
     else:
-        model, cfg, rows = _tune_restarts(cfg, seeds, tracking_uri=tracking_uri, address=address,
-                                          config_path=config_path)
+        rows = tune(cfg, seeds, keys=RESTART_KEYS, select=pick_restart, parent_metrics=restart_metrics)
+        for r in rows:
+            print(f"  restart seed {r['seed']}: " + summary_line(r, RESTART_KEYS), flush=True)
         best = next(r for r in rows if r["selected"])
+        model, cfg = load(best["checkpoint"])
     info = {"source": f"{best['model']}, selected from {len(seeds)} restarts by train ELBO",
             "train_wall_s": time.perf_counter() - t0}
     return model, cfg, info, rows
-
-
-def _tune_restarts(cfg, seeds, *, tracking_uri, address, config_path):
-    """The restarts as a train-time Ray Tune sweep over train.seed (one Ray Train run per trial, run
-    concurrently as far as the CPUs allow), logged to MLflow as a parent run with a child run per restart."""
-    from raymanifold import tracking
-    from raymanifold.config import to_dict
-    from raymanifold.distributed.spec import TRIAL_DRIVER_CPU, parse_spec
-    from raymanifold.distributed.tune import log_trials, run_sweep
-
-    base = to_dict(cfg)
-    # Tune's trial actor takes TRIAL_DRIVER_CPU; take it from the worker's share so K one-CPU restarts fit on K CPUs
-    if base["ray"]["cpus_per_worker"] > TRIAL_DRIVER_CPU:
-        base["ray"]["cpus_per_worker"] -= TRIAL_DRIVER_CPU
-    spec = parse_spec({"kind": "train", "name": f"{cfg.name}_restarts", "experiment": cfg.experiment,
-                       "base": str(config_path), "space": {"train.seed": {"grid": seeds}},
-                       "metric": "train_loss_nats", "mode": "min",
-                       "storage_path": f"{cfg.ray.storage_path.rstrip('/')}/sweeps"})
-    uri = tracking.resolve_uri(tracking_uri)
-    with tracking.start_run(spec.experiment, spec.name, uri=uri, config=base,
-                            tags={"raymanifold.sweep": spec.name, "raymanifold.kind": "sweep-parent",
-                                  "seeds": ",".join(map(str, seeds))}) as parent:
-        result = run_sweep(spec, base=base, fresh=True, address=address)
-        child_ids = log_trials(result, parent.info.run_id, uri)
-        failed = [r for r in result.rows if r.status != "DONE"]
-        if failed or len(result.rows) < len(seeds):
-            raise RuntimeError(f"--restarts: {len(seeds) - len(result.completed)} of {len(seeds)} restart(s) did "
-                               "not finish: " + "; ".join(f"{r.trial_id} {r.status} {r.error or ''}" for r in failed))
-        rows = sorted(({"seed": int(r.config["train.seed"]), "model": f"runs:/{child_ids.get(r.trial_id)}",
-                        "checkpoint": r.checkpoint, "train_wall_s": r.metrics.get("train_s", math.nan),
-                        **{k: r.metrics.get(k, math.nan) for k in RESTART_KEYS}} for r in result.rows),
-                      key=lambda r: r["seed"])
-        best = pick_restart(rows)
-        tracking.log_metrics({"best_train_loss_nats": best["train_loss_nats"],
-                              "selected_cluster_accuracy": best["cluster_accuracy"], "wall_s": result.wall_s})
-        tracking.set_tags({"best_run_id": best["model"].removeprefix("runs:/"), "best_seed": str(best["seed"])})
-    for r in rows:
-        print(f"  restart seed {r['seed']}: " + summary_line(r, RESTART_KEYS), flush=True)
-    model, cfg = load(best["checkpoint"])
-    return model, cfg, rows
 
 
 # ----------------------------------------------------------------------------- two digits

@@ -62,27 +62,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, ch), ch)
-
-
-class ResBlock(nn.Module):
-    """Pre-activation residual block: x + conv(act(norm(conv(act(norm(x)))))), optional stride 2 / x2 upsample."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1, upsample: bool = False):
-        super().__init__()
-        self.upsample = upsample
-        self.n1, self.c1 = _norm(cin), nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
-        self.n2, self.c2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Identity() if (cin == cout and stride == 1) else nn.Conv2d(cin, cout, 1, stride=stride)
-
-    def forward(self, x):
-        if self.upsample:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-        h = self.c1(F.silu(self.n1(x)))
-        h = self.c2(F.silu(self.n2(h)))
-        return self.skip(x) + h
+from raymanifold.blocks import ResBlock  # the block is shared with recognition (raymanifold.blocks)
 
 
 #: block widths as multiples of the base width c (the network of Sec. 4.1.2 as implemented here)

@@ -60,7 +60,7 @@ import torch
 
 from raymanifold.schema import ConfigError, param
 from raymanifold.data.augment import random_affine, random_thickness
-from raymanifold.recipes import Recipe
+from raymanifold.recipes import Metrics, Recipe
 from raymanifold.vae.elbo import (  # noqa: F401  (re-exported: the objective's terms)
     beta_at, binarize, guided_centres, guided_columns, kl_per_example, kl_terms, label_columns, push_bank,
     recon_nats, sigma0_at, unguided)
@@ -332,7 +332,7 @@ def loss(model, batch, cfg, step: int, generator) -> tuple[torch.Tensor, dict]:
     training mode, the prior std sigma0_{step-1} (:func:`sigma0_at`); in eval mode the final sigma0."""
     x = batch[0]
     y = batch[1] if len(batch) > 1 else None
-    net = getattr(model, "module", model)
+    net = model  # the plain module (training.StepModule)
     if cfg.model.binarize == "dynamic":  # a fresh Bernoulli draw of the batch, drawn before the other noise
         x = binarize(x, generator)
     eps = torch.randn((x.shape[0], getattr(net, "noise_dim", cfg.model.latent_dim)),
@@ -406,6 +406,22 @@ def evaluate(model, cfg) -> dict:
     return evaluate_model(model, cfg)["metrics"]
 
 
-RECIPE = Recipe(name="gridvae", model_config=GridVAEModelConfig, build=build, input_shape=input_shape, loss=loss,
+def card(cfg) -> dict:
+    """Model-card details: the integer grid of a grid-prior latent space (Eq. 24): per-dimension centres
+    ``min..max``, the label guiding each dimension (Sec. 4.2.2) and sigma0; {} for the normal prior."""
+    m = cfg.model
+    if m.prior == "normal":
+        return {}
+    lo, hi = m.grid_bounds()
+    labels = list(getattr(m, "guided_labels", ()) or ())
+    return {"grid": {"min": [int(v) for v in lo], "max": [int(v) for v in hi],
+                     "labels": labels + [None] * (len(lo) - len(labels)), "sigma0": float(m.sigma0)}}
+
+
+#: how `raymanifold compare` ranks this family's runs
+# negative ELBO (Eq. 23) on the test split; clustering/guidance accuracies when the data has labels
+METRICS = Metrics(primary=(("test_loss_nats", "min"),), key=("cluster_accuracy", "guided_accuracy_mean", "mig", "test_kl_nats", "train_wall_s"))
+
+RECIPE = Recipe(name="gridvae", metrics=METRICS, card=card, model_config=GridVAEModelConfig, build=build, input_shape=input_shape, loss=loss,
                 evaluate=evaluate, sample=sample, cost=cost, encode=encode, decode=decode,
                 latent_shape=latent_shape, validate=validate)

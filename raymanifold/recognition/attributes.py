@@ -173,7 +173,7 @@ def compute(set_name: str, x, y, label_names: Sequence[str], columns: Sequence[s
 
     ``columns``: for 'columns'/'celeba', the label columns to use (default: every binary one, judged from
     the values)."""
-    from raymanifold.analysis.attribute_kl import check_binary
+    from raymanifold.recognition.attribute_kl import check_binary
 
     if y is None:
         raise ConfigError("data.name: the data set has no labels; the attribute study needs a labelled set")

@@ -3,7 +3,7 @@
 The paper's eight steps, and where each one is done::
 
     1. build a recognition manifold by contrastive learning      raymanifold.recognition (the family)
-    2. a data set with binary attribute labels                   raymanifold.analysis.attributes
+    2. a data set with binary attribute labels                   raymanifold.recognition.attributes
     3. insert the samples onto the recognition manifold          recipe.encode (embed)
     4. nearest neighbour of every sample on that manifold        nearest_neighbours / nn_block + merge_nn
     5. p(a) over the whole set, per attribute a                  attribute_table

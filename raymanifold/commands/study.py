@@ -1,0 +1,167 @@
+"""The one shape of a study command: parse, then the study, then finish (docs/architecture.md, "Adding a study").
+
+A :class:`Study` is a small value object, no base class and no hooks. A command makes one after parsing its flags
+(:func:`raymanifold.commands.options.parse_options`) and uses it to
+
+- get each model role: loaded from ``--model ROLE=URI`` or trained from the role's config through the run service
+  (:func:`raymanifold.runs.train`), the family checked (a given model before it is used, a config before training),
+  recording the loadable URI as ``info["<role>_model"]`` and the training wall time as
+  ``info["<role>_train_wall_s"]`` (:meth:`Study.model`, :meth:`Study.train`);
+- print what it will train before training anything, and stop there with ``--dry-run`` (:meth:`Study.plan`);
+- print numbered stage lines with the time since the study began (:meth:`Study.stage`);
+- finish: the report folder written complete or not at all (:func:`raymanifold.reports.report_dir`) by the
+  family's writer, then one MLflow run tagged ``family`` and ``study`` holding the report (:meth:`Study.finish`).
+
+Family code never imports this module: family study functions take their ``train`` / ``load`` callables as
+arguments (``tests/test_imports.py``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from raymanifold.commands import UsageError
+from raymanifold.commands.options import StudyOptions
+
+
+class DryRun(Exception):
+    """``--dry-run``: the plan was printed; the command stops before any work (exit status 0)."""
+
+
+def _families(family) -> tuple:
+    return (family,) if isinstance(family, str) else tuple(family)
+
+
+@dataclass
+class Study:
+    name: str                       # the command name ("table1", "gridvae-two-digit"): MLflow tag `study`
+    family: str                     # MLflow tag `family`: the studied family ("" for a cross-family study)
+    experiment: str                 # MLflow experiment of the study run
+    options: StudyOptions
+    stages: int = 0                 # total numbered stages for "[i/n]" (0: no total shown)
+    run_name: str = ""              # default "study_" + name with "-" -> "_"
+    info: dict = field(default_factory=dict)       # the report's "Run" facts; logged as params
+    handles: dict = field(default_factory=dict)    # role -> RunHandle of the runs trained here
+    t0: float = field(default_factory=time.perf_counter)
+    _stage: int = 0
+
+    # ------------------------------------------------------------------------- progress
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def stage(self, text: str) -> None:
+        """``[i/n] text  (+12.3 s)``: numbered, with the time since the study began."""
+        self._stage += 1
+        total = f"/{max(self.stages, self._stage)}" if self.stages else ""
+        print(f"\n[{self._stage}{total}] {text}  (+{self.elapsed():.1f} s)", flush=True)
+
+    # ------------------------------------------------------------------------- models
+    def given(self, role: str) -> Optional[str]:
+        return self.options.models.get(role)
+
+    def check_family(self, role: str, cfg, family, what: str) -> None:
+        fams = _families(family)
+        if cfg.family not in fams:
+            raise UsageError(f"{what}: a {cfg.family!r} model; the {role} role needs {' or '.join(map(repr, fams))}")
+
+    def load(self, role: str, uri: str, *, family, stage: bool = True):
+        """``(model, cfg, recipe)`` of a given model, its family checked; records ``info["<role>_model"]``."""
+        from raymanifold import runs
+
+        if stage:
+            self.stage(f"{role}: loading {uri}")
+        model, cfg, recipe = runs.load(uri)
+        self.check_family(role, cfg, family, f"--model {role}")
+        self.info[f"{role}_model"] = uri
+        return model, cfg, recipe
+
+    def train(self, role: str, cfg, *, family=None, fresh: Optional[bool] = None, tags: Optional[dict] = None,
+              verbose: bool = True, stage: bool = True, key: Optional[str] = None):
+        """Train ``cfg`` for ``role`` through the run service (``--no-ray``: in this process); returns the
+        :class:`raymanifold.runs.RunHandle`. Records ``info["<key>_model"]`` (``runs:/<id>``) and
+        ``info["<key>_train_wall_s"]`` (``key`` defaults to ``role``; several runs of one role use their own keys).
+        ``fresh``: None = ``--fresh``."""
+        from raymanifold import runs
+
+        if family is not None:
+            self.check_family(role, cfg, family, f"the {role} config {cfg.name!r}")
+        if stage:
+            self.stage(f"{role}: training {cfg.name} ({cfg.train.steps} steps, {self.options.where})")
+        h = runs.train(cfg, backend=self.options.backend, tracking_uri=self.options.tracking_uri,
+                       fresh=self.options.fresh if fresh is None else fresh, verbose=verbose,
+                       tags={"study": self.name, "role": role, **(tags or {})})
+        key = key or role
+        self.handles[key] = h
+        self.info[f"{key}_model"] = h.model_uri
+        self.info[f"{key}_train_wall_s"] = round(h.wall_s, 1)
+        return h
+
+    def trainer(self, role: str, *, family=None, fresh: Optional[bool] = None, tags: Optional[dict] = None,
+                verbose: bool = True) -> Callable:
+        """``train(cfg) -> RunHandle`` for a role trained as several runs (restarts, arms x seeds, phases, routes),
+        to hand to a family study function: trains like :meth:`train` without a stage line, appends each run's
+        URI to ``info["<role>_runs"]`` and adds its wall time to ``info["<role>_train_wall_s"]``."""
+        def train(cfg, **more_tags):
+            from raymanifold import runs
+
+            if family is not None:
+                self.check_family(role, cfg, family, f"the {role} config {cfg.name!r}")
+            h = runs.train(cfg, backend=self.options.backend, tracking_uri=self.options.tracking_uri,
+                           fresh=self.options.fresh if fresh is None else fresh, verbose=verbose,
+                           tags={"study": self.name, "role": role, **(tags or {}), **more_tags})
+            self.info.setdefault(f"{role}_runs", []).append(h.model_uri)
+            wall = self.info.get(f"{role}_train_wall_s") or 0.0
+            self.info[f"{role}_train_wall_s"] = round(wall + h.wall_s, 1)
+            return h
+        return train
+
+    def model(self, role: str, cfg=None, *, family, fresh: Optional[bool] = None, tags: Optional[dict] = None):
+        """``(model, cfg, recipe)`` of ``role``: ``--model ROLE=URI`` when given (loaded, family checked), else
+        trained from ``cfg`` (family checked before training) and loaded from its checkpoint."""
+        from raymanifold import runs
+
+        uri = self.given(role)
+        if uri:
+            return self.load(role, uri, family=family)
+        if cfg is None:
+            raise UsageError(f"--model {role}=URI: required (this study trains no {role} model)")
+        h = self.train(role, cfg, family=family, fresh=fresh, tags=tags)
+        return runs.load(str(h.checkpoint))
+
+    # ------------------------------------------------------------------------- plan
+    def plan(self, trains: list, given: Optional[dict] = None) -> None:
+        """Print what the study will train before it trains anything: ``trains`` is ``[(role, cfg), ...]``,
+        ``given`` the roles given as models (default: ``--model``). With ``--dry-run`` stop here (:class:`DryRun`)."""
+        given = self.options.models if given is None else given
+        lines = [f"[plan] {self.name} trains {len(trains)} model{'s' if len(trains) != 1 else ''}"
+                 + (f", uses {len(given)} given" if given else "")]
+        for role, cfg in trains:
+            lines.append(f"  {role}: {cfg.name} ({cfg.family}), {cfg.train.steps:,} steps of batch "
+                         f"{cfg.train.batch_size}, {self.options.where}")
+        for role, uri in given.items():
+            lines.append(f"  {role}: given {uri}")
+        print("\n".join(lines), flush=True)
+        if self.options.dry_run:
+            raise DryRun()
+
+    # ------------------------------------------------------------------------- finish
+    def finish(self, out, write: Callable, metrics: dict, *, config: Optional[dict] = None,
+               tags: Optional[dict] = None, params: bool = True) -> str:
+        """Write the report with ``write(folder)`` into ``out`` (complete or not at all), then log it to one MLflow
+        run ``run_name`` in ``experiment``: ``config`` (+ ``info`` when ``params``) as params, the finite values of
+        ``metrics`` (+ ``study_wall_s``) as metrics, tags ``family``, ``study``. Returns the MLflow run id."""
+        import torch
+
+        from raymanifold import runs
+        from raymanifold.reports import report_dir
+
+        self.info.setdefault("study_wall_s", round(self.elapsed(), 1))
+        self.info.setdefault("torch_threads", torch.get_num_threads())
+        with report_dir(out) as tmp:
+            write(tmp)
+        conf = {**(config or {}), **(self.info if params else {})}
+        base_tags = {"study": self.name, **({"family": self.family} if self.family else {})}
+        return runs.log_study(self.run_name or "study_" + self.name.replace("-", "_"), self.experiment, conf or None,
+                              {**metrics, "study_wall_s": self.info["study_wall_s"]}, out,
+                              tracking_uri=self.options.tracking_uri, tags={**base_tags, **(tags or {})})
