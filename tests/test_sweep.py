@@ -250,3 +250,14 @@ def test_sweep_set_of_a_config_key_goes_to_the_base_config():
     spec = load_spec(path, ["train.steps=100", "seed=3"])
     assert spec.overrides[-1] == ("train.steps", 100)
     assert list(spec.overrides[:-1]) == list(plain.overrides) and spec.seed == 3
+
+
+def test_sweep_set_dotted_model_key_goes_to_the_base_config():
+    """`--set model.ddpm=...` is the base config's model section, `--set model=URI` the sweep's base-model URI,
+    `--set space.x=...` still edits the sweep file (a dotted key is the file's only under its mapping keys)."""
+    from raymanifold.distributed.spec import split_overrides
+
+    own, base = split_overrides(["model.ddpm=/tmp/x.pt", "model=runs:/abc", "space.model.sigma0={grid: [1]}",
+                                 "scheduler.grace_period=5", "train.steps=3"])
+    assert own == ["model=runs:/abc", "space.model.sigma0={grid: [1]}", "scheduler.grace_period=5"]
+    assert base == ["model.ddpm=/tmp/x.pt", "train.steps=3"]

@@ -58,6 +58,8 @@ DOMAINS = ("grid", "choice", "uniform", "loguniform")
 SCHEDULERS = ("none", "asha")
 TOP_KEYS = ("kind", "name", "experiment", "base", "set", "model", "evaluator", "params", "space", "metric",
             "mode", "num_samples", "scheduler", "cpus_per_trial", "max_concurrent", "storage_path", "seed", "pareto")
+#: sweep-file keys whose values are mappings (``--set space.x=...`` edits the sweep file)
+SWEEP_MAPPINGS = ("space", "params", "pareto", "scheduler")
 
 #: short names of the evaluators every family has (module:function); a family's own
 #: evaluators are named in its recipe's ``evaluators`` table (e.g. diffusion's ``diffusion_dt``)
@@ -261,8 +263,16 @@ def _with_pareto(spec: SweepSpec, raw) -> SweepSpec:
 
 def split_overrides(overrides) -> tuple:
     """``--set`` items of ``raymanifold sweep``: (those of the sweep file's own keys, :data:`TOP_KEYS`; the rest,
-    which go to the base config like the file's ``set:`` list, e.g. ``train.steps=100``)."""
-    own = [o for o in overrides if str(o).split("=", 1)[0].strip().split(".")[0] in TOP_KEYS]
+    which go to the base config like the file's ``set:`` list, e.g. ``train.steps=100``).
+
+    A dotted key belongs to the sweep file only under its mapping-valued keys (``space.*``, ``params.*``, ``scheduler.*``,
+    ``pareto.*``); ``model.ddpm=...`` is the base config's ``model`` section, not the sweep's ``model`` URI."""
+    def own_key(o) -> bool:
+        key = str(o).split("=", 1)[0].strip()
+        head, dotted = key.split(".")[0], "." in key
+        return head in TOP_KEYS and (not dotted or head in SWEEP_MAPPINGS)
+
+    own = [o for o in overrides if own_key(o)]
     return own, [o for o in overrides if o not in own]
 
 
