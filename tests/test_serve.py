@@ -364,6 +364,8 @@ def test_serve_model_option_parsing_and_the_image_hint(tmp_path, monkeypatch):
     ckpt.save(tmp_path / "img" / "checkpoint.pt", get_recipe("diffusion").build(img), img, 1)
     assert image_hint(serving.with_models(cfg, [("roll", str(tmp_path / "ck")),
                                                 ("digits", str(tmp_path / "img"))])) is None
+    # a model it cannot inspect (a runs:/ URI of another store): no claim that no image model is served
+    assert image_hint(serving.with_models(cfg, [("roll", str(tmp_path / "ck")), ("x", "runs:/not-here")])) is None
 
 
 def test_default_serve_without_a_trained_demo_says_how_to_get_models(tmp_path, monkeypatch, capsys):

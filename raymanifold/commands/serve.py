@@ -69,15 +69,17 @@ def parse_models(items) -> list[tuple[str, str]]:
 
 
 def _takes_images(uri: str) -> bool | None:
-    """Whether the model at ``uri`` takes images (None: cannot tell without loading it, e.g. not trained yet)."""
+    """Whether the model at ``uri`` takes images: False also for a local checkpoint that does not exist yet (it
+    serves nothing; its start fails with its own message), None when it cannot tell (a ``runs:/`` URI this
+    process cannot resolve, e.g. of the Serve config's own tracking store)."""
     from raymanifold import checkpoint as ckpt
     from raymanifold import data as rdata
 
     try:
         cfg = ckpt.load(ckpt.resolve(uri))["config"]
         return rdata.kind_of(cfg["data"]["name"]) == "image"
-    except Exception:  # a missing checkpoint fails below with its own message
-        return None
+    except Exception:
+        return None if uri.startswith("runs:") or "://" in uri else False
 
 
 def image_hint(cfg: dict) -> str | None:
@@ -88,7 +90,7 @@ def image_hint(cfg: dict) -> str | None:
     models = [m for a in serving.absolute_uris(cfg, home()).get("applications", [])
               for m in (a.get("args") or {}).get("models") or []]
     kinds = {m.get("name"): _takes_images(str(m.get("uri", ""))) for m in models}
-    if any(kinds.values()):
+    if any(k is not False for k in kinds.values()):  # an image model, or one it cannot tell: no claim
         return None
     names = ", ".join(n for n in kinds) or "none"
     return f"no image model among the served ones ({names}): {IMAGE_HINT}"
