@@ -12,7 +12,8 @@ reference; ``cfg`` is an :class:`~raymanifold.config.ExperimentConfig`::
                                    (no data loading), e.g. (2,) for points, (C, H, W) for images
     loss(model, batch, cfg, step, generator) -> (loss tensor, {name: float})
                                    ``step``: the 1-based optimizer step being taken (schedules read it)
-    evaluate(model, cfg) -> {name: float}                    optional; after training
+    evaluate(model, cfg) -> {name: float}                    optional; after training (on part of a split:
+                                                             data.eval_subset, never the first n rows)
     log_prob(model, x, cfg, *, generator=None, **opts) -> Tensor (B,) in ``log_prob_unit``   optional
     sample(model, n, cfg, generator, **opts) -> Tensor (n, *input_shape(cfg)), data space   optional
     cost(cfg, op, **opts) -> {name: float}   optional; the cost per example of operation ``op`` (a field

@@ -16,12 +16,15 @@ mnist5k_0_4    the mnist5k digits 0-4 (``mnist5k_5_9``: 5-9)           (N, 1, 28
 =============  ======================================================  ==========
 
 Use :func:`load` (or :func:`load_split` with a :class:`~raymanifold.config.DataConfig`).
+Evaluations on part of a split take :func:`eval_subset` (a seeded random subset), never the first ``n`` rows:
+``mnist5k`` and its class subsets are stored sorted by digit.
 :func:`shape_of` (:func:`example_shape`) and :func:`label_columns` describe a set from its
 name and ``image_size`` alone, without loading it (recipes' ``input_shape`` use them).
 Other modules register more sets with :func:`register`.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -187,6 +190,45 @@ def check_finite(x: torch.Tensor, what: str = "data"):
     if bad.any():
         n = int(bad.reshape(len(x), -1).any(dim=1).sum()) if x.ndim > 0 else 1
         raise DataError(f"{what}: {n} example(s) contain NaN or infinite values")
+
+
+#: seed of :func:`eval_subset`'s permutation when the caller passes none (recipes pass ``data.seed``)
+EVAL_SUBSET_SEED = 0
+
+
+def eval_subset(data, n: Optional[int], seed: int = EVAL_SUBSET_SEED, *, what: str = "n"):
+    """``min(n, N)`` examples of a split, drawn without replacement by a permutation fixed by ``seed``.
+
+    ``data`` is an :class:`ArrayDataset` (a new one is returned: ``x``, ``y`` and the per-example tensors of
+    ``info`` indexed alike, so labels stay aligned) or a tensor (N, ...) (a tensor is returned). Evaluations that
+    score "``n`` examples of the test split" use this instead of ``x[:n]``: some bundled splits are stored
+    sorted by class (``mnist5k`` and its class subsets), so their first ``n`` would be the low classes only.
+
+    The order is ``torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:n]``, so for a fixed
+    ``seed`` a smaller subset is a prefix of a larger one. When ``n`` is None or ``n >= N`` everything is
+    returned in the original order (a full-split evaluation is unchanged). ``n`` must be an integer >= 1 (the
+    error names ``what``).
+    """
+    size = len(data)
+    if n is not None:
+        try:
+            n_int = operator.index(n) if not isinstance(n, bool) else None
+        except TypeError:
+            n_int = None
+        if n_int is None or n_int < 1:
+            raise DataError(f"{what}: the number of evaluation examples must be an integer >= 1 (or None for all), "
+                            f"got {n!r}")
+        n = n_int
+    if n is None or n >= size:
+        return data
+    idx = torch.randperm(size, generator=torch.Generator().manual_seed(int(seed)))[:n]
+    if isinstance(data, torch.Tensor):
+        return data[idx]
+    if not isinstance(data, ArrayDataset):
+        raise DataError(f"{what}: eval_subset takes an ArrayDataset or a tensor, got {type(data).__name__}")
+    info = {k: (v[idx] if isinstance(v, torch.Tensor) and v.ndim > 0 and len(v) == size else v)
+            for k, v in data.info.items()}
+    return ArrayDataset(data.x[idx], None if data.y is None else data.y[idx], info)
 
 
 def load(name: str, split: str = "train", *, n: Optional[int] = None, seed: int = 0,

@@ -143,7 +143,8 @@ def cost(cfg, op: str, **opts) -> dict:
 
 @torch.no_grad()
 def evaluate(model, cfg) -> dict:
-    """Denoising error at t_s on test examples: mean ||x0_est - x_0||^2 (model space, summed over dims) of the
+    """Denoising error at t_s on ``eval_points`` test examples (a random subset fixed by ``data.seed``,
+    :func:`raymanifold.data.eval_subset`): mean ||x0_est - x_0||^2 (model space, summed over dims) of the
     denoiser and of the DDPM's one-step x0_hat."""
     from raymanifold import data as rdata
 
@@ -151,7 +152,7 @@ def evaluate(model, cfg) -> dict:
     ds = rdata.load(d.name, "test", n=min(d.n_test, cfg.model.eval_points), seed=d.seed, root=d.root,
                     image_size=d.image_size)
     p = next(model.dae.parameters())
-    x0 = _to_model(ds.x[: cfg.model.eval_points].to(p.device))
+    x0 = _to_model(rdata.eval_subset(ds.x, cfg.model.eval_points, d.seed, what="model.eval_points").to(p.device))
     alpha_bar, clip, _ = schedule(cfg)
     g = torch.Generator().manual_seed(cfg.train.seed)
     xt = D.noised(x0, cfg.model.t_s, alpha_bar, g)

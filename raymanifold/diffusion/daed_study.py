@@ -135,7 +135,7 @@ def image_study(model, cfg, schedule, classifier, *, t_s_list, n_samples: int = 
                                    for k, v in quality.items()) + f" ({wall:.0f} s)")
     denoise = {}
     sets = {d.name: subset("test", n_ood)}
-    o = rdata.load(ood_set, "test", n=n_ood, seed=0, image_size=size).x[:n_ood].float()
+    o = rdata.eval_subset(rdata.load(ood_set, "test", n=n_ood, seed=0, image_size=size).x, n_ood, 1234).float()
     sets[f"{ood_set} (grey)"] = o.mean(1, keepdim=True) if o.shape[1] != shape[0] else o
     for name, x in sets.items():
         denoise[name] = _denoise_table(model, x * 2 - 1, alpha_bar, t_s_list, g, clip, last_var)

@@ -25,7 +25,8 @@ def diffusion_dt(model, cfg, *, seed: int = 0, dt: int = 1, points: int = 1000, 
                  samples: int = 2000, estimator: str = "eq15") -> dict:
     """Likelihood and sampling quality of a DDPM at step size ``dt`` (eval-time sweep of dt).
 
-    On ``points`` held-out examples of the training set (``cfg.data``, test split):
+    On ``points`` held-out examples of the training set (``cfg.data``, test split; a random subset fixed by
+    ``data.seed``, :func:`raymanifold.data.eval_subset`):
 
     * ``logp_mean_nats``: mean over points of log p(x) (nats), ``estimator`` (Eq. 15 by default)
       averaged over ``rounds``;
@@ -58,8 +59,9 @@ def diffusion_dt(model, cfg, *, seed: int = 0, dt: int = 1, points: int = 1000, 
         if rdata.kind_of(s) != kind:
             raise ValueError(f"ood_sets: {s!r} is a {rdata.kind_of(s)} set but the model was trained on {kind} data")
     d = cfg.data
-    load = lambda name, n, extra=0: rdata.load(name, "test", n=n, seed=d.seed + extra, root=d.root,  # noqa: E731
-                                               image_size=d.image_size).x[:n]
+    def load(name, n, extra=0):  # n test examples: a random subset fixed by the seed (the split may be sorted)
+        x = rdata.load(name, "test", n=n, seed=d.seed + extra, root=d.root, image_size=d.image_size).x
+        return rdata.eval_subset(x, n, d.seed + extra)
     x = load(d.name, points)
     model = model.eval()
     g = torch.Generator().manual_seed(seed)

@@ -230,15 +230,16 @@ def cost(cfg, op: str, **opts) -> dict:
 
 
 def evaluate(model, cfg) -> dict:
-    """Quick post-training check on the test split at ``eval_dt`` (closed-form bound, 1 round):
-    mean NLL in nats, plus bits/dim for images."""
+    """Quick post-training check on ``eval_points`` test examples (a random subset fixed by ``data.seed``,
+    :func:`raymanifold.data.eval_subset`; the whole split when it is no larger) at ``eval_dt`` (closed-form bound,
+    1 round): mean NLL in nats, plus bits/dim for images."""
     from raymanifold import data as rdata
 
     d = cfg.data
     ds = rdata.load(d.name, "test", n=min(d.n_test, cfg.model.eval_points), seed=d.seed, root=d.root,
                     image_size=d.image_size)
     p = next(model.parameters())
-    x = ds.x[: cfg.model.eval_points].to(p.device)
+    x = rdata.eval_subset(ds.x, cfg.model.eval_points, d.seed, what="model.eval_points").to(p.device)
     est = "bound" if is_image(cfg) else "eq15"
     lp = log_prob(model, x, cfg, dt=cfg.model.eval_dt, estimator=est,
                   generator=torch.Generator().manual_seed(cfg.train.seed))

@@ -103,7 +103,8 @@ def ood_sets(cfg, n: int, seed: int, names: Sequence[str] | None = None) -> dict
 
     if not R.is_image(cfg):
         names = list(names or [s for s in ("swiss_roll", "circle", "moons", "s_curve") if s != cfg.data.name])
-        return {s: rdata.load(s, "test", n=n, seed=cfg.data.seed).x[:n] for s in names}
+        return {s: rdata.eval_subset(rdata.load(s, "test", n=n, seed=cfg.data.seed).x, n, cfg.data.seed)
+                for s in names}
     K = R.levels_of(cfg)
     C, S = cfg.model.in_channels, cfg.model.image_size
     out = {}
@@ -111,7 +112,7 @@ def ood_sets(cfg, n: int, seed: int, names: Sequence[str] | None = None) -> dict
         if name == "noise":
             x = torch.rand(n, C, S, S, generator=torch.Generator().manual_seed(seed + 17))
         else:
-            x = rdata.load(name, "test", n=n, seed=seed, image_size=S).x[:n]
+            x = rdata.eval_subset(rdata.load(name, "test", n=n, seed=seed, image_size=S).x, n, seed)
             if x.shape[-1] != S:
                 x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
             if x.shape[1] != C:
@@ -175,8 +176,9 @@ def likelihood_study(model, cfg, sets: dict[str, torch.Tensor], in_name: str, gr
     """Evaluate every estimator of ``grid`` on every set (``rounds`` independent estimates each).
 
     ``sets``: name -> data-space inputs; ``in_name`` is the in-distribution set.
-    The reference is the dt = 1 closed-form bound (mean over rounds) on the
-    first ``ref_points`` in-distribution examples (all if None). Per estimator:
+    The reference is the dt = 1 closed-form bound (mean over rounds) on
+    ``ref_points`` in-distribution examples (all if None; else a random subset fixed by ``seed``,
+    :func:`raymanifold.data.eval_subset`, since a split may be stored sorted by class). Per estimator:
 
     * ``mean_nll_<set>``: mean over examples and rounds (nats);
     * ``bias``: mean over the reference examples of (estimate - reference), nats;
@@ -186,14 +188,17 @@ def likelihood_study(model, cfg, sets: dict[str, torch.Tensor], in_name: str, gr
       estimates (cost NFE), averaged over rounds; ``auroc_mean_R``: with the
       R-round means (cost R * NFE); ``auroc_<set>``: per OOD set (single round).
     """
+    from raymanifold import data as rdata
+
     T = cfg.model.T
     x_model = {k: R.to_model_space(v, cfg) for k, v in sets.items()}
     nin = len(x_model[in_name])
     nref = nin if ref_points is None else min(ref_points, nin)
+    ref_idx = rdata.eval_subset(torch.arange(nin), nref, seed, what="ref_points")  # (nref,) rows of the reference
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     ref_entry = {"estimator": "bound", "plan": "uniform dt=1", "timesteps": step_plan(T, 1), "nfe": T}
-    ref = torch.stack([run_estimator(model, cfg, ref_entry, x_model[in_name][:nref], g) for _ in range(rounds)])
+    ref = torch.stack([run_estimator(model, cfg, ref_entry, x_model[in_name][ref_idx], g) for _ in range(rounds)])
     ref_mean = ref.mean(0).cpu()
     log(f"  reference dt=1 bound on {nref} {in_name} examples: {float(ref_mean.mean()):.4f} nats "
         f"({time.perf_counter() - t0:.1f}s)")
@@ -205,7 +210,7 @@ def likelihood_study(model, cfg, sets: dict[str, torch.Tensor], in_name: str, gr
         wall = time.perf_counter() - t0
         e_in = est[in_name]
         row = {"estimator": entry["estimator"], "plan": entry["plan"], "nfe": entry["nfe"],
-               "wall_s": wall, "bias": float((e_in.mean(0)[:nref] - ref_mean).mean()),
+               "wall_s": wall, "bias": float((e_in.mean(0)[ref_idx] - ref_mean).mean()),
                "sd_example": float(e_in.var(0, unbiased=True).mean().sqrt()) if rounds > 1 else float("nan")}
         for k, e in est.items():
             row[f"mean_nll_{k}"] = float(e.mean())

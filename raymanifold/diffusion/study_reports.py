@@ -36,8 +36,10 @@ def sampling(model, cfg, *, dts, samplers, n: int, seed: int = 0, eta: float = 0
     image = R.is_image(cfg)
     reference = floor_ref = None
     if not image:
-        reference = rdata.load(cfg.data.name, "test", n=n, seed=cfg.data.seed + 101).x[:n]
-        floor_ref = rdata.load(cfg.data.name, "test", n=n, seed=cfg.data.seed + 202).x[:n]
+        reference = rdata.eval_subset(rdata.load(cfg.data.name, "test", n=n, seed=cfg.data.seed + 101).x, n,
+                                      cfg.data.seed + 101)
+        floor_ref = rdata.eval_subset(rdata.load(cfg.data.name, "test", n=n, seed=cfg.data.seed + 202).x, n,
+                                      cfg.data.seed + 202)
     print(f"sampling study: {cfg.data.name} T={cfg.model.T} schedule={cfg.model.schedule}, n={n}, dts={dts}",
           flush=True)
     t0 = time.perf_counter()
@@ -160,9 +162,12 @@ def likelihood(model, cfg, *, dts, plan_steps, powers, Ks, n_in: int, n_ood: int
     d = cfg.data
     T = cfg.model.T
     image = R.is_image(cfg)
-    x_in = rdata.load(d.name, "test", n=n_in, seed=d.seed, root=d.root, image_size=d.image_size).x[:n_in]
+    # random subsets fixed by data.seed (rdata.eval_subset): mnist5k's splits are stored sorted by digit
+    x_in = rdata.eval_subset(rdata.load(d.name, "test", n=n_in, seed=d.seed, root=d.root, image_size=d.image_size).x,
+                             n_in, d.seed, what="n_in")
     sets = {d.name: x_in, **ood_sets(cfg, n_ood, seed)}
-    x_cal = rdata.load(d.name, "train", n=calib, seed=d.seed, root=d.root, image_size=d.image_size).x[:calib]
+    x_cal = rdata.eval_subset(rdata.load(d.name, "train", n=calib, seed=d.seed, root=d.root,
+                                         image_size=d.image_size).x, calib, d.seed, what="calib")
     print(f"likelihood study: {d.name} T={T} ({cfg.model.schedule}); sets "
           + ", ".join(f"{k}:{len(v)}" for k, v in sets.items()) + f"; rounds={rounds}", flush=True)
     t0 = time.perf_counter()

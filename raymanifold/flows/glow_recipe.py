@@ -149,12 +149,14 @@ def cost(cfg, op: str, **_) -> dict:
 
 
 def evaluate(model, cfg) -> dict:
-    """Test-split mean log-likelihood (nats) and, for images, bits/dim with uniform dequantisation."""
+    """Test-split mean log-likelihood (nats) and, for images, bits/dim with uniform dequantisation, on
+    ``eval_examples`` test examples (a random subset fixed by ``data.seed``, :func:`raymanifold.data.eval_subset`)."""
     from raymanifold import data as rdata
 
     ds = rdata.load_split(cfg.data, "test")
     p = next(model.parameters())
-    x = ds.x[: cfg.model.eval_examples].to(p.device, p.dtype)
+    x = rdata.eval_subset(ds.x, cfg.model.eval_examples, cfg.data.seed, what="model.eval_examples")
+    x = x.to(p.device, p.dtype)
     model.eval()
     g = torch.Generator().manual_seed(cfg.train.seed)
     lp = log_prob(model, x, cfg, dequantize="uniform", generator=g)

@@ -201,12 +201,15 @@ def decode(model, z, cfg) -> torch.Tensor:
 
 
 def evaluate(model, cfg) -> dict:
-    """Test-split metrics: per-level MSE (phase 'ae') or per-level mean log-probabilities and bits/dim (phase 'flow')."""
+    """Test-split metrics on ``eval_examples`` test images (a random subset fixed by ``data.seed``,
+    :func:`raymanifold.data.eval_subset`): per-level MSE (phase 'ae') or per-level mean log-probabilities and
+    bits/dim (phase 'flow')."""
     from raymanifold import data as rdata
 
     ds = rdata.load_split(cfg.data, "test")
     p = next(model.parameters())
-    x = ds.x[: cfg.model.eval_examples].to(p.device, p.dtype)
+    x = rdata.eval_subset(ds.x, cfg.model.eval_examples, cfg.data.seed, what="model.eval_examples")
+    x = x.to(p.device, p.dtype)
     model.eval()
     if cfg.model.phase == "ae":
         with torch.no_grad():

@@ -54,7 +54,7 @@ def ood_sets(x_in: torch.Tensor, *, generator: torch.Generator, data_cfg=None) -
             ds = rdata.load("shapes", "test", n=n, seed=data_cfg.seed, image_size=x_in.shape[-1])
         except rdata.DataError:  # e.g. an image size the renderer does not support
             return sets
-        xs = ds.x[:n].to(x_in.dtype)
+        xs = rdata.eval_subset(ds.x, n, data_cfg.seed).to(x_in.dtype)
         if xs.shape[1] != x_in.shape[1]:
             xs = xs.mean(1, keepdim=True).expand(-1, x_in.shape[1], -1, -1) if x_in.shape[1] in (1, 3) else None
         if xs is not None and xs.shape[1:] == x_in.shape[1:]:
@@ -132,12 +132,14 @@ def plot_histograms(scores: dict, path, levels: int, quantities=("log_pz", "log_
 # --------------------------------------------------------------------------- the evaluation
 def evaluate_study(model, cfg, glow, glow_cfg, out_dir, *, n_eval: int = 360, seed: int = 0,
                    progress=print) -> dict:
-    """Score the test split and the OOD sets with both models; write PNGs into ``out_dir``; return the results."""
+    """Score ``n_eval`` test images (a random subset fixed by ``data.seed``, :func:`raymanifold.data.eval_subset`;
+    mnist5k's test split is sorted by digit) and the OOD sets built from them with both models; write PNGs into
+    ``out_dir``; return the results."""
     from raymanifold import data as rdata
     from raymanifold.flows import glow_recipe
 
     g = torch.Generator().manual_seed(seed)
-    test = rdata.load_split(cfg.data, "test").x[:n_eval].float()
+    test = rdata.eval_subset(rdata.load_split(cfg.data, "test").x, n_eval, cfg.data.seed, what="n_eval").float()
     sets = {"in_dist_test": test, **ood_sets(test, generator=g, data_cfg=cfg.data)}
     model.eval()
     glow.eval()

@@ -155,25 +155,28 @@ def cost(cfg, op: str, **_) -> dict:
 
 @torch.no_grad()
 def evaluate(model, cfg) -> dict:
-    """Nearest-neighbour identity accuracy and SupCon loss on (the first ``eval_points`` of) the test split."""
+    """Nearest-neighbour identity accuracy on ``eval_points`` test examples and the SupCon loss on 512 of them
+    (random subsets fixed by ``data.seed``, :func:`raymanifold.data.eval_subset`; the nearest neighbours use the
+    whole test split, in its order, when it holds no more than ``eval_points``)."""
     from raymanifold import data as rdata
     from raymanifold.recognition.attribute_kl import nearest_neighbours
 
-    ds = rdata.load_split(cfg.data, "test")
-    n = min(len(ds), cfg.model.eval_points)
+    ds = rdata.eval_subset(rdata.load_split(cfg.data, "test"), cfg.model.eval_points, cfg.data.seed,
+                           what="model.eval_points")
+    n = len(ds)
     p = next(model.parameters())
     was = model.training
     model.eval()
-    x = ds.x[:n]
-    batch = (x,) if ds.y is None else (x, ds.y[:n])
+    x = ds.x
+    batch = ds.tensors
     z = torch.cat([model(x[i:i + 512].to(p.device)).cpu() for i in range(0, n, 512)])
     out = {}
     if cfg.model.identity and n >= 2:
         keys = identity_keys(cfg, batch)
         nn = torch.as_tensor(nearest_neighbours(z.numpy(), "euclidean"))
         out["nn_identity_accuracy"] = float((keys[nn] == keys).all(1).float().mean())
-    m = min(n, 512)
-    test_loss, _ = loss(model, tuple(t[:m].to(p.device) for t in batch), cfg, 0, torch.Generator().manual_seed(0))
+    loss_batch = rdata.eval_subset(ds, 512, cfg.data.seed).tensors  # not the first 512: the split may be sorted
+    test_loss, _ = loss(model, tuple(t.to(p.device) for t in loss_batch), cfg, 0, torch.Generator().manual_seed(0))
     out["test_loss_nats"] = float(test_loss)
     model.train(was)
     return out

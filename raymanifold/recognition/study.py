@@ -14,7 +14,7 @@ A study file::
       attributes: shapes               # attribute set (raymanifold.recognition.attributes): shapes | mnist5k | columns | celeba
       columns: []                      # columns/celeba: restrict to these binary label columns
       split: test                      # the study set: this split of the model's data set
-      n: 0                             # first n examples of the split (0 = all)
+      n: 0                             # n examples of the split, a random subset fixed by data.seed (0 = all)
       distance: euclidean              # euclidean | cosine, on the embedding
       smoothing: 1.0                   # Laplace pseudo-count per outcome (0 = raw frequencies)
       rank_by: kl_nn0                  # KL(p(a | a_nn = 0) || p(a)), the Fig. 17 quantity
@@ -49,7 +49,7 @@ class AttributeKLConfig:
     attributes: str = param("columns", help="attribute set: shapes | mnist5k | columns | celeba")
     columns: tuple[str, ...] = param((), help="columns/celeba: binary label columns to use (default all)")
     split: str = param("test", choices=("train", "test"), help="split of the model's data set studied")
-    n: int = param(0, lo=0, help="first n examples of the split (0 = all)")
+    n: int = param(0, lo=0, help="n examples of the split, a random subset fixed by data.seed (0 = all, in order)")
     distance: str = param("euclidean", choices=("euclidean", "cosine"), help="distance on the embedding")
     smoothing: float = param(1.0, lo=0.0, hi=1e6, help="additive pseudo-count per outcome (Laplace = 1)")
     rank_by: str = param("kl_nn0", choices=("kl_nn0", "kl_nn0_reverse", "kl_nn1", "kl_nn1_reverse",
@@ -165,9 +165,10 @@ def study_set(cfg, s: AttributeKLConfig) -> StudySet:
     ds = rdata.load_split(cfg.data, s.split)
     if ds.y is None:
         raise ConfigError(f"data.name: {cfg.data.name!r} yields no labels; the study needs a labelled set")
-    k = len(ds) if n is None else min(n, len(ds))
+    ds = rdata.eval_subset(ds, n, cfg.data.seed, what="study.n")  # not the first n: mnist5k is sorted by digit
+    k = len(ds)
     names, _ = rdata.label_columns(cfg.data.name, cfg.data.root)
-    return StudySet(ds.y[:k].numpy().reshape(k, -1), tuple(names), x=ds.x[:k].numpy())
+    return StudySet(ds.y.numpy().reshape(k, -1), tuple(names), x=ds.x.numpy())
 
 
 def attribute_values(prep: Prepared, sset: StudySet):

@@ -312,8 +312,11 @@ def cost(cfg, op: str, **opts) -> dict:
 
 def evaluate(model, cfg) -> dict:
     """Quick in-domain linear probes (:func:`raymanifold.ssl.probes.linear_probe`) on the test split: z and the
-    backbone features of ``eval_points`` examples, half to fit, half to score, per label column (factor);
-    accuracy in [0, 1]: ``probe_acc_<factor>`` / ``probe_acc_mean`` on z, ``..._backbone`` on the backbone."""
+    backbone features of ``eval_points`` examples (a random subset fixed by ``data.seed``,
+    :func:`raymanifold.data.eval_subset`), half to fit, half to score (halves drawn by a permutation fixed by
+    ``data.seed``, so a split stored sorted by class is not fitted on some classes and scored on others), per label
+    column (factor); accuracy in [0, 1]: ``probe_acc_<factor>`` / ``probe_acc_mean`` on z, ``..._backbone`` on the
+    backbone."""
     from raymanifold import data as rdata
     from raymanifold.ssl.probes import linear_probe
 
@@ -322,8 +325,9 @@ def evaluate(model, cfg) -> dict:
                     image_size=d.image_size)
     if ds.y is None:
         return {}
-    x = ds.x[: cfg.model.eval_points]
-    y = ds.y[: cfg.model.eval_points]
+    ds = rdata.eval_subset(ds, cfg.model.eval_points, d.seed, what="model.eval_points")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(d.seed))  # fit / score halves
+    x, y = ds.x[order], ds.y[order]
     model.eval()
     dev = next(model.parameters()).device
     with torch.no_grad():

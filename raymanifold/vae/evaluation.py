@@ -39,10 +39,20 @@ from raymanifold.analysis import disentanglement as dis
 EVAL_SEEDS = {"train": 1, "test": 2}
 
 
+def eval_examples(ds, cfg, n: int):
+    """The ``n`` examples of ``ds`` the evaluation scores (labels aligned): a random subset fixed by ``data.seed``
+    (:func:`raymanifold.data.eval_subset`; some splits, e.g. ``mnist5k``'s, are stored sorted by class), or all of
+    ``ds`` in its order when ``n >= len(ds)``."""
+    from raymanifold import data as rdata
+
+    return rdata.eval_subset(ds, n, cfg.data.seed, what="model.eval_points")
+
+
 def eval_inputs(ds, cfg, n: int, split: str) -> torch.Tensor:
-    """The first ``n`` images of ``ds`` as the model is scored on them: binarised by one fixed draw per split
-    when the model was trained on dynamically binarised data (``model.binarize: dynamic``), else as they are."""
-    x = ds.x[:min(n, len(ds))]
+    """The images of :func:`eval_examples` (``n`` of ``ds``) as the model is scored on them: binarised by one fixed
+    draw per split when the model was trained on dynamically binarised data (``model.binarize: dynamic``), else as
+    they are."""
+    x = eval_examples(ds, cfg, n).x
     if getattr(cfg.model, "binarize", "none") == "dynamic":
         from raymanifold.vae.elbo import binarize
 
@@ -52,14 +62,15 @@ def eval_inputs(ds, cfg, n: int, split: str) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_split(model, ds, cfg, n: int, batch: int = 512, split: str = "train"):
-    """(mu (N, n) float64 numpy, labels (N, L) numpy or None, recon nats (N,), kl nats (N,)) for the first n examples
-    (inputs as :func:`eval_inputs`; KL at beta 1 and the final sigma0, ``kl_estimate: batch`` over chunks of
-    ``batch``)."""
+    """(mu (N, n) float64 numpy, labels (N, L) numpy or None, recon nats (N,), kl nats (N,)) for the n examples of
+    :func:`eval_examples` (inputs as :func:`eval_inputs`; KL at beta 1 and the final sigma0, ``kl_estimate: batch``
+    over chunks of ``batch``)."""
     from raymanifold.vae.elbo import kl_per_example, recon_nats
 
     p = next(model.parameters())
     model.eval()
-    xs = eval_inputs(ds, cfg, n, split)
+    ds = eval_examples(ds, cfg, n)
+    xs = eval_inputs(ds, cfg, len(ds), split)
     n = len(xs)
     mus, recs, kls = [], [], []
     for s in range(0, n, batch):
@@ -94,7 +105,8 @@ def final_objective_config(cfg):
 
 @torch.no_grad()
 def score_split(model, ds, cfg, n: int, split: str, view: str, batch: int = 512) -> dict:
-    """Per-example terms of one objective on the first ``n`` examples of ``ds`` (numpy (N,) nats each).
+    """Per-example terms of one objective on the ``n`` examples of ``ds`` of :func:`eval_examples` (numpy (N,)
+    nats each).
 
     ``view="objective"``: the objective the run's last step minimised (each model scored on what it was
     trained for): recon + beta_T * KL with beta_T the KL weight and sigma0_T the prior std of the last step,
@@ -118,7 +130,8 @@ def score_split(model, ds, cfg, n: int, split: str, view: str, batch: int = 512)
     p = next(model.parameters())
     net = getattr(model, "module", model)
     model.eval()
-    xs = eval_inputs(ds, cfg, n, split)
+    ds = eval_examples(ds, cfg, n)
+    xs = eval_inputs(ds, cfg, len(ds), split)
     n = len(xs)
     if view == "objective":
         c = final_objective_config(cfg)
