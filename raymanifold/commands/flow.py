@@ -239,7 +239,7 @@ def cmd_superres(args) -> int:
                 "phase1_train_wall_s": h1.wall_s, "phase2_train_wall_s": h2.wall_s}
         uri = f"runs:/{h2.run_id}"
     st.stage(f"super-resolution on {args.n} test images x {args.samples} draws, factor(s) {factors}")
-    x = superres.test_images(rdata.load_split(cfg.data, "test").x, args.n, seed=opts.seed)
+    x = rdata.eval_subset(rdata.load_split(cfg.data, "test").x, args.n, seed=opts.seed, what="--n")
     info["test_images"] = f"{len(x)} of the {cfg.data.name} test split, a random subset drawn with seed {opts.seed}"
     results = [superres.evaluate(model, x, f, samples=args.samples, temperature=args.temperature, seed=opts.seed)
                for f in factors]

@@ -153,13 +153,6 @@ def bootstrap_mean(values, seed: int = 0, n_resamples: int = 2000) -> tuple:
 
 
 @torch.no_grad()
-def test_images(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """``min(n, N)`` of the test images ``x`` (N, C, S, S), drawn without replacement by a permutation fixed by
-    ``seed`` (mnist5k's test split is sorted by digit, so its first n would be the low digits only)."""
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:min(n, len(x))]
-    return x[order]
-
-
 def sample_superres(model, x_low: torch.Tensor, samples: int, temperature: float,
                     generator: Optional[torch.Generator], batch: int = 64) -> torch.Tensor:
     """``samples`` draws per input at ``temperature``: (B, K, C, S, S)."""
