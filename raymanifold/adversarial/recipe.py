@@ -280,6 +280,15 @@ def evaluate(model, cfg) -> dict:
             "test_neg_elbo_nats": float(-elbo.mean()), "eval_points": float(len(x))}
 
 
+def options(cfg) -> dict:
+    """Bounds and choices of :func:`purify`'s options (Serve's schema): ``method`` one of :data:`METHODS`,
+    the Eq. 22 budget (``iterations`` in 1..4096, ``restarts`` in 1..64, ``step`` and ``eps`` in [0, 1],
+    pixel units) and DiffPure's ``sampler`` one of :data:`SAMPLERS`."""
+    return {"method": {"choices": list(METHODS)}, "iterations": {"min": 1, "max": 4096},
+            "restarts": {"min": 1, "max": 64}, "step": {"min": 0.0, "max": 1.0}, "eps": {"min": 0.0, "max": 1.0},
+            "sampler": {"choices": list(SAMPLERS)}}
+
+
 #: how `raymanifold compare` ranks this family's runs
 # VAE-classifier (Eq. 21): clean test accuracy; the test ELBO beside it
 METRICS = Metrics(primary=(("clean_accuracy", "max"),), key=("test_neg_elbo_nats", "train_wall_s"))
@@ -287,6 +296,6 @@ METRICS = Metrics(primary=(("clean_accuracy", "max"),), key=("test_neg_elbo_nats
 RECIPE = Recipe(name="vae_classifier", metrics=METRICS, model_config=VAEClassifierConfig, build=build, input_shape=input_shape,
                 loss=loss, evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, encode=encode,
                 decode=decode, latent_shape=latent_shape, validate=validate, classify=classify, purify=purify,
-                score_columns=score_columns, evaluators={"purification": purification_budget,
+                score_columns=score_columns, options=options, evaluators={"purification": purification_budget,
                                                                     # sweeps a diffusion base model (DiffPure's t*)
                                                                     "diffusion_purification": diffusion_purification})

@@ -162,9 +162,14 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
+def options(cfg) -> dict:
+    """Choices of :func:`sample`'s options (Serve's schema): ``finish`` one of :data:`FINISHS`."""
+    return {"finish": {"choices": list(FINISHS)}}
+
+
 #: how `raymanifold compare` ranks this family's runs
 # DAED: the one-step denoiser's squared error at t_s on the test split (the DDPM's own x0_hat beside it)
 METRICS = Metrics(primary=(("mse_dae_t*", "min"),), key=("mse_ddpm_x0_t*", "train_wall_s"))
 
 RECIPE = Recipe(name="daed", metrics=METRICS, model_config=DAEDConfig, build=build, input_shape=input_shape, loss=loss,
-                evaluate=evaluate, sample=sample, cost=cost, validate=validate)
+                evaluate=evaluate, sample=sample, cost=cost, validate=validate, options=options)
