@@ -105,6 +105,12 @@ def test_sample_passes_only_the_options_a_family_takes(tmp_path, capsys):
     assert np.load(tmp_path / "s" / "samples.npy").shape == (3, *recipe.input_shape(cfg))
     assert main(["sample", "--model", str(path), "--dt", "5", "--out", str(tmp_path / "s")]) == 2
     assert "--dt: family 'flow' samples without a dt option" in capsys.readouterr().err
+    # `likelihood` is the diffusion-on-points Fig. 5 protocol: other families are told which are supported and
+    # where their per-example log p is (raymanifold score), before any scoring
+    assert main(["likelihood", "--model", str(path), "--points", "10", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "supports families ['diffusion'] trained on 2-D points only" in err and "family 'flow'" in err
+    assert "raymanifold score --model URI" in err and "flow, glow" in err  # the families with a log_prob
 
 
 def test_old_train_keys_on_the_command_line_warn_once_and_still_apply(capsys, monkeypatch):

@@ -121,13 +121,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+#: families ``raymanifold likelihood`` supports: the Fig. 5 protocol is Eq. 15 rounds at step sizes dt of a
+#: DDPM of 2-D points (diffusion.fig5); any other family's per-example log p goes through ``raymanifold score``
+LIKELIHOOD_FAMILIES = ("diffusion",)
+
+
 def _check_points_model(cfg):
     from raymanifold import data as rdata
+    from raymanifold.recipes import available_families, get_recipe
 
-    if cfg.family != "diffusion" or rdata.kind_of(cfg.data.name) != "points":
-        raise UsageError(f"--model: the Fig. 5 protocol needs a diffusion model of 2-D points, got family "
-                         f"{cfg.family!r} trained on {cfg.data.name!r} (for any family with a log_prob, on points or "
-                         "images: raymanifold score)")
+    if cfg.family not in LIKELIHOOD_FAMILIES or rdata.kind_of(cfg.data.name) != "points":
+        with_log_prob = [f for f in available_families() if get_recipe(f).log_prob is not None]
+        raise UsageError(
+            f"--model: `raymanifold likelihood` (the Fig. 5 protocol: Eq. 15 rounds at step sizes --dts) supports "
+            f"families {list(LIKELIHOOD_FAMILIES)} trained on 2-D points only; this model is family {cfg.family!r} "
+            f"trained on {cfg.data.name!r}. For the per-example log p of any family with a log_prob "
+            f"({', '.join(with_log_prob)}), on points or images: raymanifold score --model URI --data NAME --out DIR")
 
 
 def cmd_likelihood(args) -> int:
