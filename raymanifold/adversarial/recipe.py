@@ -13,7 +13,6 @@ prediction, whether purification changed it).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -143,25 +142,24 @@ METHODS = ("elbo", "hmc", "diffusion")
 SAMPLERS = ("ddpm", "ddim", "rk4_ddpm", "rk4_ddim")
 
 
-@functools.lru_cache(maxsize=4)
 def _ddpm(uri: str):
-    """(eps-network, config) of a trained ``diffusion`` model (checkpoint path or runs:/<id>), cached."""
+    """(eps-network, config) of a trained ``diffusion`` model (checkpoint path or runs:/<id>) through the one
+    frozen-DDPM loader, :mod:`raymanifold.diffusion.frozen` (cached per file version). A request may not name a
+    checkpoint outside the working directory."""
     from pathlib import Path
 
     from raymanifold import checkpoint as ckpt
+    from raymanifold.diffusion import frozen
 
     if not uri.startswith(ckpt.REMOTE_PREFIXES):  # a request may not name files outside the working directory
         here = Path.cwd().resolve()
         if here not in Path(uri).resolve().parents:
             raise ConfigError(f"ddpm: {uri!r} must be runs:/<id> (or models:/) or a checkpoint path inside the "
                               f"working directory {str(here)!r}")
-    net, dcfg, _ = ckpt.load_model(uri)
-    if dcfg.family != "diffusion":
-        raise ConfigError(f"ddpm: {uri!r} is a {dcfg.family} model; method 'diffusion' needs a diffusion model")
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net, dcfg
+    try:
+        return frozen.network(uri, field="ddpm"), frozen.config(uri)
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"ddpm: {exc}") from None
 
 
 def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 64, step: float = 1 / 255,
@@ -214,7 +212,8 @@ def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 
         after = elbo_at_mean(model, xp)
         extra["accept_rate"] = torch.full((len(x),), float(info["accept_rate"]))
     else:
-        from raymanifold.adversarial.diffpure import diffusion_purify, schedule_of
+        from raymanifold.adversarial.diffpure import diffusion_purify
+        from raymanifold.diffusion import frozen
 
         if not ddpm:
             raise ConfigError("ddpm: method 'diffusion' needs the DDPM (checkpoint path or runs:/<id>)")
@@ -224,7 +223,7 @@ def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 
         if want != have:
             raise ConfigError(f"ddpm: the DDPM takes {have} images, this classifier {want}")
         budget = dbudget
-        alpha_bar, clip, last_var = schedule_of(dcfg)
+        alpha_bar, clip, last_var = frozen.schedule(dcfg)
         budget.check(dcfg.model.T, "purify")
         xp = diffusion_purify(net, x, alpha_bar, budget, generator, clip=clip, last_step_var=last_var)
         after = elbo_at_mean(model, xp)

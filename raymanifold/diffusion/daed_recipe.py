@@ -43,11 +43,8 @@ def ddpm_config(cfg):
 
 
 def schedule(cfg):
-    """(alpha_bar float64 (T+1,), clip, last-step variance) of the frozen DDPM."""
-    from raymanifold.diffusion.schedules import make_alpha_bar
-
-    m = ddpm_config(cfg).model
-    return make_alpha_bar(m.schedule, m.T), (m.clip_x0 or None), m.last_step_var
+    """(alpha_bar float64 (T+1,), clip, last-step variance) of the frozen DDPM (:func:`.frozen.schedule`)."""
+    return frozen.schedule(ddpm_config(cfg))
 
 
 def validate(cfg):
