@@ -571,3 +571,18 @@ def test_diverged_draws_are_counted_and_left_out_of_the_sample_metrics():
     torch.testing.assert_close(a["mean"][0], a["draws"][0, 1:].mean(0))  # draws 1 and 2 of input 0
     assert math.isfinite(r["methods"]["flow_sample"]["psnr"][0]) and math.isfinite(r["methods"]["flow_mean"]["psnr"][0])
     assert math.isfinite(r["diversity"]["pairwise_rms"][0])
+
+
+def test_superres_test_images_are_a_seeded_subset_of_every_digit():
+    """mnist5k's test split is sorted by digit: the study's n images are a seeded random subset, not the first n."""
+    from raymanifold import data as rdata
+    from raymanifold.flows import superres as S
+
+    ds = rdata.load("mnist5k", "test")
+    assert len(set(ds.y[:500].tolist())) == 5  # the ordering that made the first 500 the digits 0-4
+    x = torch.arange(len(ds), dtype=torch.float32)[:, None, None, None]  # row numbers stand for the images
+    rows = S.test_images(x, 500, seed=0).flatten().long()
+    assert len(set(ds.y[rows].tolist())) == 10 and len(set(rows.tolist())) == 500
+    torch.testing.assert_close(S.test_images(x, 500, seed=0), x[rows])             # fixed by the seed
+    assert not torch.equal(S.test_images(x, 500, seed=1), x[rows])
+    assert len(S.test_images(x, 5000, seed=0)) == len(ds)                           # n capped at the split

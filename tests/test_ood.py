@@ -493,3 +493,39 @@ def test_card_uses_the_benchmarks_calibrated_detector_and_threshold(tiny, tmp_pa
     with pytest.raises(ValueError, match="card.ood_calibration"):
         build_card(model, cfg, recipe, uri=tiny["flow"], limits=limits,
                    settings=CardSettings(reference_examples=20, ood_calibration=str(tmp_path / "missing.json")))
+
+
+def test_the_report_writes_a_serve_config_whose_cards_take_the_calibration(tiny, tmp_path):
+    """`serve.yaml` of the report serves every model with a servable detector (GridVAE left out), each card pointed
+    at the final calibration.json; it validates as Serve's app settings and its card takes the benchmark's threshold."""
+    import json
+
+    import yaml
+
+    from raymanifold.ood import report
+    from serve.card import build_card
+    from serve.settings import parse_settings
+
+    entry = {"role": "flow", "uri": tiny["flow"], "detector": "flow.log_pz_2", "label": "flow log p(z_2)",
+             "options": {"level": 2, "quantity": "log_pz"}, "threshold": -123.5, "fpr_in": 0.05,
+             "mean_auroc": 0.9, "best_detector": "flow.log_pz_2"}
+    grid = {"role": "gridvae", "uri": "runs:/g", "detector": None, "best_detector": "gridvae.elbo"}
+    tmp, final = tmp_path / ".ood.tmp-1", tmp_path / "ood"
+    tmp.mkdir()
+    (tmp / "calibration.json").write_text(json.dumps({"fpr_in": 0.05, "models": {tiny["flow"]: entry, "runs:/g": grid}}))
+    path = report.write_serve_config(tmp, final, tracking_uri="sqlite:////x/mlflow.db")
+    cfg = yaml.safe_load(path.read_text())
+    args = cfg["applications"][0]["args"]
+    settings = parse_settings(args)
+    assert [m.name for m in settings.models] == ["flow"] and settings.models[0].uri == tiny["flow"]
+    assert settings.models[0].card.ood_calibration == str(final.resolve() / "calibration.json")
+    assert args["tracking_uri"] == "sqlite:////x/mlflow.db"
+    tmp.rename(final)  # the report folder in place: the card reads the benchmark's threshold
+    model, mcfg, recipe = ckpt.load_model(tiny["flow"])
+    limits = {"max_examples": 64, "max_body_bytes": 8_000_000, "max_samples": 64, "max_rounds": 64,
+              "max_abs": 1000.0, "timeout_s": 60.0}
+    card = build_card(model, mcfg, recipe, uri=tiny["flow"], limits=limits,
+                      settings=settings.models[0].card.model_copy(update={"reference_examples": 20}))
+    assert card["reference"]["threshold"] == -123.5 and card["reference"]["calibration"]["detector"] == "flow.log_pz_2"
+    with pytest.raises(ValueError, match="no model has a servable detector"):
+        report.serve_config({"models": {"runs:/g": grid}}, "c.json")

@@ -313,3 +313,12 @@ def test_parquet_and_image_folder_inputs(local_ray, tmp_path):
     assert res.rows_out == res.unique_ids == 90
     assert list(t["id"]) == [f"row{i:05d}" for i in range(90)]
     assert list(t["label"]) == [i % 3 for i in range(90)]
+
+
+def test_scoring_progress_line_states_rows_share_and_eta():
+    """Long Ray Data scoring jobs print `[score] done/total rows (pct) on <compute>, elapsed, ETA` (mean rate so far)."""
+    from raymanifold.distributed.scoring import progress_text
+
+    line = progress_text(1200, 5000, 310.0, "actors")
+    assert line.startswith("[score] 1,200/5,000 rows (24%) on actors, 310 s, ETA 16m")  # 3,800 rows at 3.87 rows/s
+    assert "ETA" not in progress_text(0, 5000, 0.0, "tasks")                           # no rate yet: no ETA

@@ -52,7 +52,7 @@ def register(sub, study_sub):
                         "(e.g. 4 = 7x7 -> 28x28 on the 3-level mnist5k model; default 4)")
     p.add_argument("--samples", type=int, default=16, help="draws per test image (default 16)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature T (Fig. 4: 1.0)")
-    p.add_argument("--n", type=int, default=500, help="test images (default 500)")
+    p.add_argument("--n", type=int, default=500, help="test images: a random subset drawn with --seed (default 500)")
     add_options(p, roles=SUPERRES_ROLES, out="reports/flow_superres", fresh=False, deprecated=SUPERRES_OLD)
     p.set_defaults(func=cmd_superres)
 
@@ -239,7 +239,8 @@ def cmd_superres(args) -> int:
                 "phase1_train_wall_s": h1.wall_s, "phase2_train_wall_s": h2.wall_s}
         uri = f"runs:/{h2.run_id}"
     st.stage(f"super-resolution on {args.n} test images x {args.samples} draws, factor(s) {factors}")
-    x = rdata.load_split(cfg.data, "test").x[:args.n]
+    x = superres.test_images(rdata.load_split(cfg.data, "test").x, args.n, seed=opts.seed)
+    info["test_images"] = f"{len(x)} of the {cfg.data.name} test split, a random subset drawn with seed {opts.seed}"
     results = [superres.evaluate(model, x, f, samples=args.samples, temperature=args.temperature, seed=opts.seed)
                for f in factors]
     st.stage(f"writing {args.out}")

@@ -135,7 +135,7 @@ def cmd_ood(args) -> int:
     def write(tmp):  # the scores' Parquet files go into the report folder, so the study runs inside the writer
         res.update(study.run(p, train=st.trainer("models"), load_model=runs.load, score=score, out_dir=tmp,
                              say=lambda text: print(f"[ood] {text}", flush=True), reuse=reuse))
-        report.write(tmp, res)
+        report.write(tmp, res, final=out, tracking_uri=uri_store)
         metrics.update(report.summary_metrics(res))
         config.update({"budget": res["budget"], "models": {r: m["uri"] for r, m in res["models"].items()},
                        "compute": args.compute, "scores_from": args.scores_from})

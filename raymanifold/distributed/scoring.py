@@ -127,6 +127,19 @@ def _dataset_blocks(prep: Prepared, batch_size: int, actors: int):
     return blocks
 
 
+#: a scoring job longer than this prints a progress line at this interval (rows done, ETA)
+PROGRESS_EVERY_S = 30.0
+
+
+def progress_text(done: int, total: int, elapsed_s: float, compute: str) -> str:
+    """``[score] 1,200/5,000 rows (24%) on actors, 310 s, ETA 16m24s``: the ETA at the mean rate so far."""
+    from raymanifold.training import eta_s, format_eta
+
+    eta = format_eta(eta_s(0, done, total, elapsed_s))
+    return (f"[score] {done:,}/{total:,} rows ({100 * done / max(total, 1):.0f}%) on {compute}, {elapsed_s:.0f} s"
+            + (f", {eta}" if eta else ""))
+
+
 def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 0, batch_size: int = 256,
                      cpus_per_actor: float = 1.0, seed: int = 0, fail_at_batch: int = -1,
                      address: Optional[str] = None, num_cpus: int = 0,
@@ -190,10 +203,15 @@ def score_to_parquet(prep: Prepared, spec: DataSpec, out: str, *, actors: int = 
     # on 2 CPUs). Each output block arrives exactly once, also after an actor restart.
     Path(out).mkdir(parents=True, exist_ok=True)
     writer = None
+    done, next_line = 0, t0 + PROGRESS_EVERY_S
     try:
         for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer = writer or pq.ParquetWriter(str(Path(out) / "scores-00000.parquet"), table.schema)
             writer.write_table(table)
+            done += table.num_rows
+            if time.perf_counter() >= next_line and done < prep.n_rows:  # long jobs only: one line per interval
+                next_line = time.perf_counter() + PROGRESS_EVERY_S
+                print(progress_text(done, prep.n_rows, time.perf_counter() - t0, compute), flush=True)
     finally:
         if writer is not None:
             writer.close()

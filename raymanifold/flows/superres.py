@@ -153,6 +153,13 @@ def bootstrap_mean(values, seed: int = 0, n_resamples: int = 2000) -> tuple:
 
 
 @torch.no_grad()
+def test_images(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """``min(n, N)`` of the test images ``x`` (N, C, S, S), drawn without replacement by a permutation fixed by
+    ``seed`` (mnist5k's test split is sorted by digit, so its first n would be the low digits only)."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:min(n, len(x))]
+    return x[order]
+
+
 def sample_superres(model, x_low: torch.Tensor, samples: int, temperature: float,
                     generator: Optional[torch.Generator], batch: int = 64) -> torch.Tensor:
     """``samples`` draws per input at ``temperature``: (B, K, C, S, S)."""
@@ -294,6 +301,7 @@ def markdown(results: list, info: dict) -> str:
            f"Model: `{info.get('model')}`" + (f" (phase 1 `{info['phase1_run']}`, {info['phase1_train_wall_s']:.0f} s; "
                                               f"phase 2 {info['phase2_train_wall_s']:.0f} s)"
                                               if "phase1_run" in info else ""), "",
+           *([f"Test images: {info['test_images']}.", ""] if "test_images" in info else []),
            "Test images x, input x_low = d^k(x) (f x f average pooling). PSNR (dB, peak 1) and SSIM (Wang et al. "
            "2004, 11x11 Gaussian window, std 1.5) of images clipped to [0, 1], mean over test images with a 95 % "
            "percentile-bootstrap interval. *Projected*: x_hat + up_f(x_low - d^k(x_hat)) (nearest up_f), the "

@@ -195,7 +195,41 @@ def summary_metrics(res: dict) -> dict:
     return out
 
 
-def write(folder: Path, res: dict):
+def serve_config(calibration: dict, calibration_path: str, tracking_uri=None) -> dict:
+    """A Ray Serve config (the shape of ``serve/config.yaml``) that serves every model of ``calibration`` (the
+    ``calibration.json`` mapping) with a servable detector, each card pointed at ``calibration_path`` so that its
+    on/off-manifold verdict uses the benchmark's threshold and detector. Models without one (GridVAE) are left out.
+    ``tracking_uri`` resolves their ``runs:/`` URIs."""
+    models = [{"name": c["role"], "uri": uri, "torch_threads": 1,
+               "card": {"ood_calibration": str(calibration_path), "reference_examples": 64}}
+              for uri, c in calibration["models"].items() if c.get("detector")]
+    if not models:
+        raise ValueError("calibration: no model has a servable detector; nothing to serve")
+    args = {"models": models, **({"tracking_uri": tracking_uri} if tracking_uri else {})}
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
+            "applications": [{"name": "raymanifold", "route_prefix": "/", "import_path": "serve.app:build_app",
+                              "args": args}]}
+
+
+def write_serve_config(folder: Path, final: Path, tracking_uri=None) -> Path:
+    """``serve.yaml`` in ``folder``: :func:`serve_config` of its ``calibration.json``, which will live at
+    ``final/calibration.json`` once the report folder is in place (``raymanifold serve --config final/serve.yaml``)."""
+    import json
+
+    import yaml
+
+    folder = Path(folder)
+    calibration = json.loads((folder / "calibration.json").read_text())
+    cfg = serve_config(calibration, Path(final).resolve() / "calibration.json", tracking_uri)
+    head = ("# The OOD benchmark's models with its calibrated thresholds (docs/ood.md):\n"
+            f"#   raymanifold serve --config {Path(final) / 'serve.yaml'}\n")
+    (folder / "serve.yaml").write_text(head + yaml.safe_dump(cfg, sort_keys=False))
+    return folder / "serve.yaml"
+
+
+def write(folder: Path, res: dict, *, final=None, tracking_uri=None):
+    """The report into ``folder``; with ``final`` (where the folder will be once complete) also ``serve.yaml``
+    (:func:`write_serve_config`)."""
     folder = Path(folder)
     b, info = res["budget"], res["info"]
     heatmap(res, folder / "heatmap_auroc.png")
@@ -259,4 +293,6 @@ def write(folder: Path, res: dict):
     write_json(folder / "ood.json", {k: v for k, v in res.items() if k not in ("scores", "images")})
     write_json(folder / "calibration.json", {"fpr_in": b["fpr_in"], "in_distribution": S.IN_SET,
                                              "models": {c["uri"]: c for c in res["calibration"].values()}})
+    if final is not None and any(c.get("detector") for c in res["calibration"].values()):
+        write_serve_config(folder, final, tracking_uri)
     return folder / "ood.md"
