@@ -33,6 +33,9 @@ reference; ``cfg`` is an :class:`~raymanifold.config.ExperimentConfig`::
     evaluators: {short name: fn(model, cfg, *, seed, **params) -> {name: float}}   eval-time sweep evaluators
     metrics: Metrics(primary, key)     how `raymanifold compare` ranks the runs (evaluate's metric names)
     card(cfg) -> dict                  optional; family details of the served model card (Serve's card.py)
+    options(cfg) -> {option: {"min": .., "max": .., "choices": [..]}}   optional; bounds and choices of the
+                                   keyword options of this family's operations (an option name means one thing
+                                   across the family's operations); Serve's option schema and the CLI read them
     log_prob_unit: str = "nats"
 
 ``batch`` is whatever :func:`raymanifold.data.load` yields for the data set:
@@ -99,13 +102,15 @@ class Recipe:
     metrics: Optional["Metrics"] = None
     #: ``card(cfg) -> dict``: family details of the served model card (e.g. GridVAE's ``{"grid": ...}``)
     card: Optional[Callable] = None
+    #: ``options(cfg) -> {name: {"min", "max", "choices"}}``: bounds/choices of the operations' options
+    options: Optional[Callable] = None
 
     def __post_init__(self):
         for key in ("build", "input_shape", "loss"):
             if not callable(getattr(self, key)):
                 raise TypeError(f"Recipe({self.name!r}).{key}: a function is required")
         for key in ("evaluate", "log_prob", "sample", "cost", "encode", "decode", "latent_shape", "validate",
-                    "classify", "purify", "score_columns", "counterfactual", "card"):
+                    "classify", "purify", "score_columns", "counterfactual", "card", "options"):
             v = getattr(self, key)
             if v is not None and not callable(v):
                 raise TypeError(f"Recipe({self.name!r}).{key}: expected a function or None, got {type(v).__name__}")
@@ -124,6 +129,24 @@ class Recipe:
         if op not in OPERATIONS:
             raise ValueError(f"op: unknown operation {op!r}; allowed: {list(OPERATIONS)}")
         return dict(self.cost(cfg, op, **opts)) if self.cost is not None else {}
+
+    def options_of(self, cfg) -> dict:
+        """``options(cfg)`` checked: {option name: {"min"?, "max"?, "choices"?}}; {} when the family declares
+        none. A malformed declaration is a TypeError naming the family and the option."""
+        declared = dict(self.options(cfg)) if self.options is not None else {}
+        for name, spec in declared.items():
+            bad = set(spec) - OPTION_KEYS
+            if bad:
+                raise TypeError(f"Recipe({self.name!r}).options[{name!r}]: unknown keys {sorted(bad)}; "
+                                f"allowed: {sorted(OPTION_KEYS)}")
+            if "choices" in spec and not (isinstance(spec["choices"], (list, tuple)) and spec["choices"]):
+                raise TypeError(f"Recipe({self.name!r}).options[{name!r}].choices: a non-empty list, "
+                                f"got {spec['choices']!r}")
+        return declared
+
+
+#: what :meth:`Recipe.options_of` may declare per option
+OPTION_KEYS = frozenset({"min", "max", "choices"})
 
 
 @dataclass(frozen=True)

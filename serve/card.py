@@ -169,7 +169,7 @@ def build_card(model, cfg, recipe, *, uri: str, settings, limits: dict, tracking
 
         calib = ood_calibration(getattr(settings, "ood_calibration", None), uri)
         options = {**dict(settings.options), **(calib["options"] if calib else {})}
-        specs = option_specs(recipe.log_prob, cfg, max_rounds=limits["max_rounds"])
+        specs = option_specs(recipe, recipe.log_prob, cfg, max_rounds=limits["max_rounds"])
         try:
             check_options(options, specs, fixed=())
         except InputError as exc:  # a config mistake: the replica does not start, the message names the key

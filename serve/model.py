@@ -63,7 +63,7 @@ def describe(name: str, uri: str, model, cfg, recipe, entry: ModelEntry, limits:
         fn = recipe_function(recipe, op)
         if fn is not None:
             spec["operations"][route] = {"summary": op.summary, "random": is_random(fn),
-                                         "options": option_specs(fn, cfg, max_rounds=limits.max_rounds)}
+                                         "options": option_specs(recipe, fn, cfg, max_rounds=limits.max_rounds)}
     if recipe.latent_shape is not None:
         spec["latent"] = {"shape": [int(s) for s in recipe.latent_shape(cfg)], "range": None}
     return spec

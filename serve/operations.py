@@ -10,7 +10,8 @@ four-line route in :mod:`serve.app`; nothing else changes.
 Request options are the function's keyword-only parameters with scalar
 defaults (``dt``, ``rounds``, ``sampler``, ``estimator`` for diffusion;
 ``temperature`` for flows ...), read with :mod:`inspect`. Their type comes from
-the default, bounds and choices from :func:`option_specs`. Functions that take
+the default, bounds and choices from the family's ``Recipe.options`` (see
+:func:`option_specs`). Functions that take
 a ``generator`` are random: requests may give ``seed`` to make them
 reproducible. A recipe's ``cost(cfg, op, **options)`` (e.g. ``{"nfe": 10}``)
 is returned next to the result.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -94,21 +94,19 @@ def _scalar_type(param: inspect.Parameter) -> Optional[tuple[str, bool]]:
     return None
 
 
-def option_specs(fn: Callable, cfg, *, max_rounds: int) -> dict[str, dict]:
+#: server-level budgets of options (not a family's business): ``rounds`` of a request in 1..max_rounds
+SERVER_BUDGETS = ("rounds",)
+
+
+def option_specs(recipe, fn: Callable, cfg, *, max_rounds: int) -> dict[str, dict]:
     """JSON-able schema of ``fn``'s options: {name: {type, default, nullable, min, max, choices}}.
 
-    Bounds known across families: ``rounds`` in 1..max_rounds (the server's
-    budget), ``dt`` in 1..T and ``K`` in 1..T-1 when the model has ``T``,
-    ``temperature``/``eta`` >= 0. Choices come from the recipe module's
-    upper-case plural constant (``sampler`` -> ``SAMPLERS``), when it has one.
-    The recipe still checks everything itself (a ValueError becomes a 422).
+    Types and defaults come from ``fn``'s keyword-only parameters, bounds and choices from the family's
+    ``recipe.options(cfg)`` (:meth:`raymanifold.recipes.Recipe.options_of`). The server adds its own budget:
+    ``rounds`` lies in 1..max_rounds (intersected with the family's bounds). The recipe still checks
+    everything itself (a ValueError becomes a 422).
     """
-    module = sys.modules.get(fn.__module__)
-    T = getattr(getattr(cfg, "model", None), "T", None)
-    bounds = {"rounds": (1, max_rounds), "temperature": (0.0, None), "eta": (0.0, None),
-              "iterations": (1, 4096), "restarts": (1, 64), "step": (0.0, 1.0), "eps": (0.0, 1.0)}
-    if isinstance(T, int):
-        bounds.update(dt=(1, T), K=(1, max(1, T - 1)))
+    declared = recipe.options_of(cfg)
     out = {}
     for p in inspect.signature(fn).parameters.values():
         if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in RESERVED:
@@ -118,11 +116,15 @@ def option_specs(fn: Callable, cfg, *, max_rounds: int) -> dict[str, dict]:
             continue
         typ, nullable = st
         spec: dict[str, Any] = {"type": typ, "default": p.default, "nullable": nullable}
-        if typ in ("int", "float") and p.name in bounds:
-            spec["min"], spec["max"] = bounds[p.name]
-        choices = getattr(module, p.name.upper() + "S", None)
-        if typ == "str" and isinstance(choices, (tuple, list)) and all(isinstance(c, str) for c in choices):
-            spec["choices"] = list(choices)
+        want = dict(declared.get(p.name, {}))
+        if p.name in SERVER_BUDGETS:
+            lo, hi = want.get("min"), want.get("max")
+            want["min"] = 1 if lo is None else max(lo, 1)
+            want["max"] = max_rounds if hi is None else min(hi, max_rounds)
+        if typ in ("int", "float") and ("min" in want or "max" in want):
+            spec["min"], spec["max"] = want.get("min"), want.get("max")
+        if typ == "str" and "choices" in want:
+            spec["choices"] = list(want["choices"])
         out[p.name] = spec
     return out
 

@@ -239,7 +239,7 @@ def test_purify_methods_through_the_recipe(tmp_path, monkeypatch):
     train_inprocess(ccfg, checkpoint_dir=tmp_path / "clf")
     train_inprocess(dcfg, checkpoint_dir=tmp_path / "ddpm")
     model, cfg, recipe = load_model(str(tmp_path / "clf"))
-    spec = option_specs(recipe.purify, cfg, max_rounds=8)
+    spec = option_specs(recipe, recipe.purify, cfg, max_rounds=8)
     assert spec["method"]["default"] == "elbo" and set(spec["method"]["choices"]) == {"elbo", "hmc", "diffusion"}
     x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     g = lambda: torch.Generator().manual_seed(1)

@@ -76,6 +76,7 @@ def test_sample_passes_only_the_options_a_family_takes(tmp_path, capsys):
     import json
 
     from raymanifold import checkpoint as ckpt
+    from raymanifold.commands import UsageError
     from raymanifold.commands.core import sample_options
     from raymanifold.config import config_from_dict
     from raymanifold.recipes import get_recipe
@@ -88,8 +89,15 @@ def test_sample_passes_only_the_options_a_family_takes(tmp_path, capsys):
     model, _, _ = train_inprocess(cfg)
     path = ckpt.save(tmp_path / "checkpoint.pt", model, cfg, 2)
     recipe = get_recipe("flow")
-    assert sample_options(recipe, {"dt": None, "sampler": None}) == {}
-    assert sample_options(get_recipe("diffusion"), {"dt": None, "sampler": None}) == {"dt": 1, "sampler": "ddpm"}
+    assert sample_options(recipe, cfg, {"dt": None, "sampler": None}) == {}
+    dcfg = config_from_dict({"family": "diffusion", "name": "d", "model": {"T": 100}})
+    diffusion = get_recipe("diffusion")  # defaults are the sampler's own; bounds and choices the recipe's options
+    assert sample_options(diffusion, dcfg, {"dt": None, "sampler": None}) == {"dt": 1, "sampler": "ddpm"}
+    assert sample_options(diffusion, dcfg, {"dt": 100, "sampler": "ddim"}) == {"dt": 100, "sampler": "ddim"}
+    for given, msg in [({"dt": 101}, r"--dt: must lie in \[1, 100\]"), ({"dt": 0}, "--dt: must lie in"),
+                       ({"sampler": "euler"}, r"--sampler: unknown sampler 'euler'; choose one of \['ddpm'")]:
+        with pytest.raises(UsageError, match=msg):
+            sample_options(diffusion, dcfg, given)
     assert main(["sample", "--model", str(path), "--n", "3", "--out", str(tmp_path / "s")]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert "dt" not in rec and "sampler" not in rec and rec["n"] == 3
@@ -97,6 +105,12 @@ def test_sample_passes_only_the_options_a_family_takes(tmp_path, capsys):
     assert np.load(tmp_path / "s" / "samples.npy").shape == (3, *recipe.input_shape(cfg))
     assert main(["sample", "--model", str(path), "--dt", "5", "--out", str(tmp_path / "s")]) == 2
     assert "--dt: family 'flow' samples without a dt option" in capsys.readouterr().err
+    # `likelihood` is the diffusion-on-points Fig. 5 protocol: other families are told which are supported and
+    # where their per-example log p is (raymanifold score), before any scoring
+    assert main(["likelihood", "--model", str(path), "--points", "10", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "supports families ['diffusion'] trained on 2-D points only" in err and "family 'flow'" in err
+    assert "raymanifold score --model URI" in err and "flow, glow" in err  # the families with a log_prob
 
 
 def test_old_train_keys_on_the_command_line_warn_once_and_still_apply(capsys, monkeypatch):

@@ -277,7 +277,7 @@ def test_serve_exposes_counterfactual_and_encode_from_the_recipe():
     recipe = get_recipe("diffsiam")
     routes = {r for r, op in OPERATIONS.items() if recipe_function(recipe, op) is not None}
     assert routes == {"sample", "encode", "counterfactual"}
-    specs = option_specs(recipe.counterfactual, cfg, max_rounds=4)
+    specs = option_specs(recipe, recipe.counterfactual, cfg, max_rounds=4)
     assert specs["segments"]["type"] == "str" and specs["scale"]["type"] == "float"
     assert specs["dt"]["type"] == "int" and specs["dt"]["default"] == 20
     assert OPERATIONS["counterfactual"].takes == "data" and not OPERATIONS["counterfactual"].pooled

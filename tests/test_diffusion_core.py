@@ -439,3 +439,16 @@ def test_frozen_ddpm_loader_caches_and_prefers_the_ema_weights(tmp_path):
     ckpt.save(path, ema, cfg, 2)                                           # a new file version is read again
     os.utime(path, (1, 1))
     assert frozen.state(str(path))["step"] == 2
+    # the shared eval-mode network (DiffPure's ddpm) holds the current file's weights, without gradients
+    fnet = frozen.network(str(path))
+    assert fnet is frozen.network(str(path)) and not fnet.training
+    assert not any(p.requires_grad for p in fnet.parameters())
+    assert all(torch.equal(fnet.state_dict()[k], v) for k, v in ema.state_dict().items())
+    assert frozen.schedule(cfg)[1:] == (cfg.model.clip_x0 or None, cfg.model.last_step_var)
+    from raymanifold.schema import ConfigError
+
+    other = tmp_path / "clf.pt"  # a checkpoint of another family is refused, naming the caller's field
+    ccfg = load_config("jobs/configs/train/vae_classifier_mnist5k.yaml")
+    ckpt.save(other, get_recipe("vae_classifier").build(ccfg), ccfg, 1)
+    with pytest.raises(ConfigError, match=r"^ddpm: .*clf\.pt' is a vae_classifier model; a diffusion model"):
+        frozen.network(str(other), field="ddpm")

@@ -358,7 +358,8 @@ def test_two_digit_study_restarts_on_ray_tune_keep_the_best_elbo(tmp_path, monke
     assert [r["seed"] for r in rows] == [0, 1]
     chosen = [r for r in rows if r["selected"]]
     assert len(chosen) == 1 and chosen[0]["train_loss_nats"] == min(r["train_loss_nats"] for r in rows)
-    assert rep["model"].startswith(chosen[0]["model"])
+    assert rep["gridvae_model"] == chosen[0]["model"]  # loadable: the selected restart's runs:/ URI
+    assert rep["gridvae_selection"] == "selected from 2 restarts by train ELBO"
     # the reported model is the chosen restart: its evaluation reproduces that restart's numbers
     assert rep["metrics"]["train_loss_nats"] == pytest.approx(chosen[0]["train_loss_nats"], rel=1e-6)
     assert rep["metrics"]["cluster_accuracy"] == pytest.approx(chosen[0]["cluster_accuracy"])
@@ -406,7 +407,7 @@ def test_guided_reference_is_scored_without_labels_and_compared_with_the_kept_mo
     tr.y = tr.y[torch.randperm(len(tr.y), generator=g)]
     assert evaluate_model(model, plain, train_ds=tr, test_ds=te)["metrics"]["train_loss_nats"] == pytest.approx(score)
     for delta, prefers in ((1.0, True), (-1.0, False)):
-        ref = S.guided_reference(model, twin, {"source": "x"}, {"train_loss_nats": score + delta})
+        ref = S.guided_reference(model, twin, {"guided_reference_model": "x"}, {"train_loss_nats": score + delta})
         assert ref["elbo_prefers_digits"] is prefers and ref["gap_nats"] == pytest.approx(delta, abs=1e-6)
 
 
@@ -441,8 +442,8 @@ def test_two_digit_study_with_guided_reference_in_process(tmp_path, monkeypatch)
     ref, kept = rep["guided_reference"], rep["metrics"]
     assert ref["gap_nats"] == pytest.approx(kept["train_loss_nats"] - ref["metrics"]["train_loss_nats"])
     assert kept["guided_reference_gap_nats"] == pytest.approx(ref["gap_nats"])
-    assert runs.load(rep["model"])[1].model.guidance == "none"  # the report names the kept model by a loadable URI
-    _, ref_cfg, _ = runs.load(ref["model"])  # the reference is a trained guided twin of the studied config
+    assert runs.load(rep["gridvae_model"])[1].model.guidance == "none"  # the report names the kept model by a loadable URI
+    _, ref_cfg, _ = runs.load(ref["guided_reference_model"])  # the reference is a trained guided twin of the studied config
     assert (ref_cfg.name, ref_cfg.model.guidance) == (rep["config"]["name"] + "_guided_reference", "full")
     assert (ref_cfg.model.guidance_steps, ref_cfg.train.steps) == (4, 6)  # guided run, then half of it unguided
     assert ref["unguided_steps"] == 2 and rep["config"]["model"]["guidance"] == "none"
@@ -450,8 +451,8 @@ def test_two_digit_study_with_guided_reference_in_process(tmp_path, monkeypatch)
     # --tracking-uri resolves runs:/ given to --model and --guided-reference (not the environment's store)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
     again = tmp_path / "again"
-    assert main(["study", "gridvae-two-digit", "--model", ref["model"], "--guided-reference",
-                 "--model", f"guided_reference={ref['model']}",
+    assert main(["study", "gridvae-two-digit", "--model", ref["guided_reference_model"], "--guided-reference",
+                 "--model", f"guided_reference={ref['guided_reference_model']}",
                  "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(again)]) == 0
     rep2 = json.loads((again / "two_digit.json").read_text())
     assert rep2["guided_reference"]["gap_nats"] == pytest.approx(0.0, abs=1e-9)  # a model against itself

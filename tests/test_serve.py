@@ -198,11 +198,11 @@ def test_option_specs_follow_recipe_signatures():
 
     cfg = config_from_dict(CONFIGS["points"])
     r = get_recipe("diffusion")
-    lp = option_specs(r.log_prob, cfg, max_rounds=8)
+    lp = option_specs(r, r.log_prob, cfg, max_rounds=8)
     assert set(lp) == {"dt", "rounds", "estimator", "K", "stratified"}  # not generator/timesteps
     assert lp["dt"] == {"type": "int", "default": 1, "nullable": False, "min": 1, "max": 20}
     assert lp["estimator"]["choices"] == ["eq15", "bound", "mc"] and lp["rounds"]["max"] == 8
-    sp = option_specs(r.sample, cfg, max_rounds=8)
+    sp = option_specs(r, r.sample, cfg, max_rounds=8)
     assert set(sp) == {"dt", "sampler", "eta"} and "rk4_ddim" in sp["sampler"]["choices"]
     assert check_options({"x": 1, "dt": "3"}, lp, fixed=("x",), from_form=True) == {"dt": 3}
     for given, field in [({"dt": 21}, "dt"), ({"rounds": 1.0}, "rounds"), ({"estimator": "x"}, "estimator"),
@@ -210,6 +210,44 @@ def test_option_specs_follow_recipe_signatures():
         with pytest.raises(InputError) as e:
             check_options(given, lp, fixed=("x",))
         assert e.value.field == field and e.value.status == 422
+
+
+def test_served_schema_takes_bounds_and_choices_from_the_recipe_options():
+    """The option schema of GET /v1/models (serve.model.describe) reads the family's ``Recipe.options``: a
+    recipe declaring other bounds/choices is served with them (no table of parameter names in serve), the
+    server's ``rounds`` budget still caps, and a value outside the declared range is the 422 naming the field."""
+    import dataclasses
+
+    from raymanifold.config import config_from_dict
+    from raymanifold.recipes import get_recipe
+    from serve.model import describe
+    from serve.operations import InputError, check_options
+    from serve.settings import Limits, ModelEntry
+
+    cfg = config_from_dict(CONFIGS["points"])  # T = 20
+    real = get_recipe("diffusion")
+    declared = {"dt": {"min": 2, "max": 7}, "rounds": {"min": 1, "max": 100}, "sampler": {"choices": ["ddim"]},
+                "estimator": {"choices": ["bound"]}}
+    recipe = dataclasses.replace(real, options=lambda c: declared)
+    entry, limits = ModelEntry(name="points", uri="u"), Limits(**LIMITS)
+    ops = describe("points", "u", None, cfg, recipe, entry, limits)["operations"]
+    lp, sp = ops["log-likelihood"]["options"], ops["sample"]["options"]
+    assert lp["dt"] == {"type": "int", "default": 1, "nullable": False, "min": 2, "max": 7}
+    assert (lp["rounds"]["min"], lp["rounds"]["max"]) == (1, LIMITS["max_rounds"])  # the server's budget wins
+    assert lp["estimator"]["choices"] == ["bound"] and sp["sampler"]["choices"] == ["ddim"]
+    assert "min" not in lp["K"] and "min" not in sp["eta"]  # not declared here: no bounds
+    for given, field in [({"dt": 8}, "dt"), ({"dt": 1}, "dt"), ({"estimator": "eq15"}, "estimator")]:
+        with pytest.raises(InputError) as e:
+            check_options(given, lp, fixed=("x",))
+        assert (e.value.status, e.value.field) == (422, field) and field in e.value.as_dict()["message"]
+    with pytest.raises(InputError) as e:
+        check_options({"sampler": "ddpm"}, sp, fixed=("n",))
+    assert (e.value.status, e.value.field) == (422, "sampler") and "allowed: ['ddim']" in e.value.message
+    # the real recipe: dt in 1..T of the config, as before
+    real_lp = describe("points", "u", None, cfg, real, entry, limits)["operations"]["log-likelihood"]["options"]
+    assert (real_lp["dt"]["min"], real_lp["dt"]["max"]) == (1, 20)
+    with pytest.raises(TypeError, match=r"options\['dt'\]: unknown keys \['hi'\]"):
+        dataclasses.replace(real, options=lambda c: {"dt": {"hi": 3}}).options_of(cfg)
 
 
 def test_png_codec_round_trip_and_refusals():

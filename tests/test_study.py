@@ -130,6 +130,43 @@ def test_dry_run_prints_the_plan_and_trains_nothing(fake_runs, capsys):
     assert "ddpm: given runs:/g" in out and fake_runs.trained == []
 
 
+def test_plan_estimates_minutes_from_a_measured_rate_and_says_where_it_came_from(tmp_path, capsys):
+    """The plan's minutes: steps / (steps/s of the newest FINISHED MLflow run of the config's name) / 60; else the
+    time in the config's header line over that file's steps; else "rate unknown". A missing local store is not
+    created by a plan."""
+    from raymanifold import tracking
+    from raymanifold.commands.study import header_seconds, rate_of
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    assert rate_of(_cfg(), missing) == (None, "rate unknown") and not (tmp_path / "none.db").exists()
+    with tracking.start_run("e", "fast_cfg", uri=uri):  # older: 1 step/s
+        tracking.log_metrics({"final_step": 100, "train_wall_s": 100.0})
+    with tracking.start_run("e", "fast_cfg", uri=uri):  # newest: resumed at 200, 600 more steps in 120 s = 5 steps/s
+        tracking.log_metrics({"final_step": 800, "resumed_from_step": 200, "train_wall_s": 120.0})
+    with pytest.raises(RuntimeError), tracking.start_run("e", "fast_cfg", uri=uri):  # FAILED runs do not count
+        tracking.log_metrics({"final_step": 10, "train_wall_s": 1000.0})
+        raise RuntimeError
+    fast = SimpleNamespace(family="diffusion", name="fast_cfg", train=SimpleNamespace(steps=3000, batch_size=8))
+    rate, where = rate_of(fast, uri)
+    assert rate == pytest.approx(5.0) and "measured by MLflow run" in where and "600 steps in 120 s" in where
+    header = SimpleNamespace(family="daed", name="daed_mnist5k", train=SimpleNamespace(steps=3000, batch_size=8))
+    rate, where = rate_of(header, uri)  # "# daed_mnist5k: ...; about 4 min here (247 s, ...)" at its 1,500 steps
+    assert rate == pytest.approx(1500 / 247) and "header of train/daed_mnist5k.yaml" in where
+    st = Study("demo", "diffusion", "e", _opts(dry_run=True, tracking_uri=uri))
+    with pytest.raises(DryRun):
+        st.plan([("a", fast), ("b", header), ("c", _cfg())])
+    out = capsys.readouterr().out
+    assert "a: fast_cfg (diffusion), 3,000 steps of batch 8, in-process, ~10 min (5 steps/s measured" in out
+    assert "b: daed_mnist5k (daed), 3,000 steps of batch 8, in-process, ~8.2 min (6.07 steps/s from the header" in out
+    assert "c: clf (vae_classifier), 10 steps of batch 4, in-process, ? min (rate unknown)" in out
+    assert "[plan] demo trains 3 models; training about 18 min + 1 of 3 models at unknown rate" in out
+    assert header_seconds("# x: y; about 1.5 min of training here (87-101 s, docs).") == 101
+    assert header_seconds("# x: y; 6-8 min of training here.") == 480
+    assert header_seconds("# x: y, 200 steps; time here: not measured yet.") is None
+    assert header_seconds("# x: y; not timed since ... (the earlier protocol took about 5 min).") is None
+
+
 def test_finish_writes_the_report_atomically_and_logs_it_tagged(fake_runs, tmp_path):
     st = Study("gridvae-two-digit", "gridvae", "gridvae", _opts())
     st.info["classifier_model"] = "runs:/c"

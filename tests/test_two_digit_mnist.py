@@ -173,7 +173,7 @@ def test_study_scores_the_28x28_source_against_its_own_targets():
 
     cfg = _mnist_cfg()
     torch.manual_seed(0)
-    res = S.two_digit(R.build(cfg), cfg, {"source": "untrained", "train_wall_s": None}, [])
+    res = S.two_digit(R.build(cfg), cfg, {"gridvae_model": "untrained", "train_wall_s": None}, [])
     assert res["config"]["data"]["name"] == "two_digit_mnist"
     assert {k: v["target"] for k, v in res["targets"].items()} == {"cluster_accuracy": 0.95,
                                                                    "per_dim_accuracy_min": 0.97}

@@ -34,7 +34,8 @@ from raymanifold.adversarial import robust_eval as RE
 from raymanifold.adversarial.attacks import attack, predict
 from raymanifold.adversarial.budgets import AttackBudget, Patch, PurifyBudget
 from raymanifold.adversarial.defended import Defence, DiffusionPurifier, ElboPurifier
-from raymanifold.adversarial.diffpure import DiffPurifyBudget, diffusion_purify, schedule_of
+from raymanifold.adversarial.diffpure import DiffPurifyBudget, diffusion_purify
+from raymanifold.diffusion import frozen
 from raymanifold.adversarial.evaluation import batched, eval_set
 from raymanifold.adversarial.gradients import GradHealth
 from raymanifold.analysis.intervals import wilson
@@ -247,7 +248,7 @@ def run_study(models: dict, ddpm, ddpm_cfg, cfg, budgets: DefenceBudgets, *, see
     defences.append(Defence("elbo_purification", clf, ElboPurifier(clf, budgets.elbo),
                             settings={"purify": asdict(budgets.elbo)}))
     if ddpm is not None:
-        alpha_bar, clip, last_var = schedule_of(ddpm_cfg)
+        alpha_bar, clip, last_var = frozen.schedule(ddpm_cfg)
         t = time.perf_counter()
         t_star, grid = choose_t_star(clf, _freeze(ddpm), alpha_bar, cfg, budgets, g, clip=clip,
                                      last_step_var=last_var, log=log)

@@ -29,7 +29,7 @@ import torch
 
 from raymanifold.diffusion import samplers as S
 from raymanifold.diffusion.process import backward_kernel, backward_variance, eps_model, predict_x0
-from raymanifold.diffusion.schedules import make_alpha_bar, step_plan
+from raymanifold.diffusion.schedules import step_plan
 from raymanifold.schema import ConfigError, _check_range, param
 
 PURIFY_SAMPLERS = S.SAMPLERS
@@ -60,13 +60,6 @@ class DiffPurifyBudget:
     def plan(self) -> list:
         """Increasing time grid [0, ..., t*] walked backwards by the sampler ([] for t* = 0)."""
         return step_plan(self.t_star, min(self.dt, self.t_star)) if self.t_star > 0 else []
-
-
-def schedule_of(ddpm_cfg) -> tuple[torch.Tensor, float | None, str]:
-    """(alpha_bar float64 (T+1,), x0 clip or None, last-step variance) of a ``diffusion`` config, as its
-    recipe's samplers use them (:func:`raymanifold.diffusion.recipe.diffusion_of`)."""
-    m = ddpm_cfg.model
-    return make_alpha_bar(m.schedule, m.T), (m.clip_x0 or None), m.last_step_var
 
 
 def purify_nfe(budget: DiffPurifyBudget) -> int:

@@ -13,7 +13,6 @@ prediction, whether purification changed it).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -143,25 +142,24 @@ METHODS = ("elbo", "hmc", "diffusion")
 SAMPLERS = ("ddpm", "ddim", "rk4_ddpm", "rk4_ddim")
 
 
-@functools.lru_cache(maxsize=4)
 def _ddpm(uri: str):
-    """(eps-network, config) of a trained ``diffusion`` model (checkpoint path or runs:/<id>), cached."""
+    """(eps-network, config) of a trained ``diffusion`` model (checkpoint path or runs:/<id>) through the one
+    frozen-DDPM loader, :mod:`raymanifold.diffusion.frozen` (cached per file version). A request may not name a
+    checkpoint outside the working directory."""
     from pathlib import Path
 
     from raymanifold import checkpoint as ckpt
+    from raymanifold.diffusion import frozen
 
     if not uri.startswith(ckpt.REMOTE_PREFIXES):  # a request may not name files outside the working directory
         here = Path.cwd().resolve()
         if here not in Path(uri).resolve().parents:
             raise ConfigError(f"ddpm: {uri!r} must be runs:/<id> (or models:/) or a checkpoint path inside the "
                               f"working directory {str(here)!r}")
-    net, dcfg, _ = ckpt.load_model(uri)
-    if dcfg.family != "diffusion":
-        raise ConfigError(f"ddpm: {uri!r} is a {dcfg.family} model; method 'diffusion' needs a diffusion model")
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net, dcfg
+    try:
+        return frozen.network(uri, field="ddpm"), frozen.config(uri)
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"ddpm: {exc}") from None
 
 
 def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 64, step: float = 1 / 255,
@@ -214,7 +212,8 @@ def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 
         after = elbo_at_mean(model, xp)
         extra["accept_rate"] = torch.full((len(x),), float(info["accept_rate"]))
     else:
-        from raymanifold.adversarial.diffpure import diffusion_purify, schedule_of
+        from raymanifold.adversarial.diffpure import diffusion_purify
+        from raymanifold.diffusion import frozen
 
         if not ddpm:
             raise ConfigError("ddpm: method 'diffusion' needs the DDPM (checkpoint path or runs:/<id>)")
@@ -224,7 +223,7 @@ def purify(model, x, cfg, *, generator, method: str = "elbo", iterations: int = 
         if want != have:
             raise ConfigError(f"ddpm: the DDPM takes {have} images, this classifier {want}")
         budget = dbudget
-        alpha_bar, clip, last_var = schedule_of(dcfg)
+        alpha_bar, clip, last_var = frozen.schedule(dcfg)
         budget.check(dcfg.model.T, "purify")
         xp = diffusion_purify(net, x, alpha_bar, budget, generator, clip=clip, last_step_var=last_var)
         after = elbo_at_mean(model, xp)
@@ -280,6 +279,15 @@ def evaluate(model, cfg) -> dict:
             "test_neg_elbo_nats": float(-elbo.mean()), "eval_points": float(len(x))}
 
 
+def options(cfg) -> dict:
+    """Bounds and choices of :func:`purify`'s options (Serve's schema): ``method`` one of :data:`METHODS`,
+    the Eq. 22 budget (``iterations`` in 1..4096, ``restarts`` in 1..64, ``step`` and ``eps`` in [0, 1],
+    pixel units) and DiffPure's ``sampler`` one of :data:`SAMPLERS`."""
+    return {"method": {"choices": list(METHODS)}, "iterations": {"min": 1, "max": 4096},
+            "restarts": {"min": 1, "max": 64}, "step": {"min": 0.0, "max": 1.0}, "eps": {"min": 0.0, "max": 1.0},
+            "sampler": {"choices": list(SAMPLERS)}}
+
+
 #: how `raymanifold compare` ranks this family's runs
 # VAE-classifier (Eq. 21): clean test accuracy; the test ELBO beside it
 METRICS = Metrics(primary=(("clean_accuracy", "max"),), key=("test_neg_elbo_nats", "train_wall_s"))
@@ -287,6 +295,6 @@ METRICS = Metrics(primary=(("clean_accuracy", "max"),), key=("test_neg_elbo_nats
 RECIPE = Recipe(name="vae_classifier", metrics=METRICS, model_config=VAEClassifierConfig, build=build, input_shape=input_shape,
                 loss=loss, evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, encode=encode,
                 decode=decode, latent_shape=latent_shape, validate=validate, classify=classify, purify=purify,
-                score_columns=score_columns, evaluators={"purification": purification_budget,
+                score_columns=score_columns, options=options, evaluators={"purification": purification_budget,
                                                                     # sweeps a diffusion base model (DiffPure's t*)
                                                                     "diffusion_purification": diffusion_purification})

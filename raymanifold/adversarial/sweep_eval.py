@@ -11,7 +11,8 @@ import torch
 
 from raymanifold.adversarial.attacks import attack, predict
 from raymanifold.adversarial.budgets import AttackBudget
-from raymanifold.adversarial.diffpure import DiffPurifyBudget, purify_nfe, schedule_of
+from raymanifold.adversarial.diffpure import DiffPurifyBudget, purify_nfe
+from raymanifold.diffusion import frozen
 from raymanifold.adversarial.evaluation import eval_set
 from raymanifold.schema import ConfigError
 
@@ -59,7 +60,7 @@ def diffusion_purification(model, cfg, *, seed: int = 0, classifier: str = "", t
         for p in m.parameters():
             p.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
-    alpha_bar, clip, last_var = schedule_of(cfg)
+    alpha_bar, clip, last_var = frozen.schedule(cfg)
     d = Defence("diffusion_purification", clf, DiffusionPurifier(model, alpha_bar, budget, clip=clip,
                                                                   last_step_var=last_var))
     x, y = eval_set(ccfg, n)

@@ -42,9 +42,9 @@ def register(sub, study_sub):
     p.add_argument("--model", required=True, help="checkpoint path or MLflow runs:/<run_id>")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--dt", type=int, default=None, help="step size, for families whose sampler takes one "
-                                                        "(diffusion; default 1)")
+                                                        "(default: the family's, 1 for diffusion and daed)")
     p.add_argument("--sampler", default=None, help="sampler, for families that have several (diffusion; "
-                                                    "default ddpm)")
+                                                    "default: the family's, ddpm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="reports/samples", help="folder for samples.npy and samples.png")
     p.add_argument("--tracking-uri", default=None)
@@ -77,21 +77,32 @@ def _positive(name: str, v: int):
         raise UsageError(f"{name}: must be >= 1, got {v}")
 
 
-#: options of ``raymanifold sample`` passed to ``recipe.sample`` when it accepts them, with their defaults
-SAMPLE_OPTIONS = {"dt": 1, "sampler": "ddpm"}
+#: the flags of ``raymanifold sample`` that are options of ``recipe.sample`` (when the family's sampler takes them)
+SAMPLE_FLAGS = ("dt", "sampler")
 
 
-def sample_options(recipe, given: dict) -> dict:
-    """The keyword options ``recipe.sample`` accepts among ``given`` (defaults filled in); an option given on
-    the command line that the family's sampler does not take is an error naming it."""
+def sample_options(recipe, cfg, given: dict) -> dict:
+    """The keyword options of ``recipe.sample`` among :data:`SAMPLE_FLAGS`: the value ``given`` on the command
+    line, else the function's own default; checked against the family's ``recipe.options(cfg)`` (bounds,
+    choices). A flag given for a family whose sampler does not take it is an error naming it."""
     params = inspect.signature(recipe.sample).parameters
-    open_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    declared = recipe.options_of(cfg)
     opts = {}
-    for name, default in SAMPLE_OPTIONS.items():
-        if open_kw or name in params:
-            opts[name] = default if given.get(name) is None else given[name]
-        elif given.get(name) is not None:
-            raise UsageError(f"--{name}: family {recipe.name!r} samples without a {name} option; drop it")
+    for name in SAMPLE_FLAGS:
+        p = params.get(name)
+        if p is None or p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            if given.get(name) is not None:
+                raise UsageError(f"--{name}: family {recipe.name!r} samples without a {name} option; drop it")
+            continue
+        value = p.default if given.get(name) is None else given[name]
+        spec = declared.get(name, {})
+        lo, hi = spec.get("min"), spec.get("max")
+        if lo is not None and value < lo or hi is not None and value > hi:
+            raise UsageError(f"--{name}: must lie in [{lo}, {'inf' if hi is None else hi}] for this "
+                             f"{recipe.name} model, got {value}")
+        if "choices" in spec and value not in spec["choices"]:
+            raise UsageError(f"--{name}: unknown {name} {value!r}; choose one of {list(spec['choices'])}")
+        opts[name] = value
     return opts
 
 
@@ -110,13 +121,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+#: families ``raymanifold likelihood`` supports: the Fig. 5 protocol is Eq. 15 rounds at step sizes dt of a
+#: DDPM of 2-D points (diffusion.fig5); any other family's per-example log p goes through ``raymanifold score``
+LIKELIHOOD_FAMILIES = ("diffusion",)
+
+
 def _check_points_model(cfg):
     from raymanifold import data as rdata
+    from raymanifold.recipes import available_families, get_recipe
 
-    if cfg.family != "diffusion" or rdata.kind_of(cfg.data.name) != "points":
-        raise UsageError(f"--model: the Fig. 5 protocol needs a diffusion model of 2-D points, got family "
-                         f"{cfg.family!r} trained on {cfg.data.name!r} (for any family with a log_prob, on points or "
-                         "images: raymanifold score)")
+    if cfg.family not in LIKELIHOOD_FAMILIES or rdata.kind_of(cfg.data.name) != "points":
+        with_log_prob = [f for f in available_families() if get_recipe(f).log_prob is not None]
+        raise UsageError(
+            f"--model: `raymanifold likelihood` (the Fig. 5 protocol: Eq. 15 rounds at step sizes --dts) supports "
+            f"families {list(LIKELIHOOD_FAMILIES)} trained on 2-D points only; this model is family {cfg.family!r} "
+            f"trained on {cfg.data.name!r}. For the per-example log p of any family with a log_prob "
+            f"({', '.join(with_log_prob)}), on points or images: raymanifold score --model URI --data NAME --out DIR")
 
 
 def cmd_likelihood(args) -> int:
@@ -171,10 +191,7 @@ def cmd_sample(args) -> int:
     model, cfg, recipe = load(args.model)
     if recipe.sample is None:
         raise UsageError(f"--model: family {cfg.family!r} cannot sample")
-    opts = sample_options(recipe, {"dt": args.dt, "sampler": args.sampler})
-    T = getattr(cfg.model, "T", None)
-    if "dt" in opts and T is not None:
-        _parse_dts(str(opts["dt"]), T)
+    opts = sample_options(recipe, cfg, {"dt": args.dt, "sampler": args.sampler})
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     try:

@@ -104,6 +104,8 @@ def cmd_probes(args) -> int:
         res = S.probes_study(base, train=st.trainer("arms", fresh=True), load=runs.load, arms=arms,
                              seeds=seeds, steps=args.steps, ddpm=ddpm, episodes=args.episodes, n_eval=args.n_eval,
                              spread_stride=args.spread_stride, grad_batches=args.grad_batches)
+    # the report's models: the frozen DDPM (ddpm_model) and every arm x seed run (arms_runs, loadable URIs)
+    res["info"] = {**({"ddpm_model": ddpm} if ddpm else {}), **{k: v for k, v in st.info.items() if k.startswith("arms_")}}
     st.stage(f"writing {args.out}")
     st.finish(args.out, lambda d: study_report.write_probes(d, res), study_report.probes_metrics(res),
               config={"base": to_dict(base), "seeds": seeds, "arms": arms}, params=False)
@@ -129,7 +131,8 @@ def cmd_edits(args) -> int:
         res = E.edits_study(model, cfg, pairs=args.pairs, dt=args.dt, d_sparse=args.d_sparse,
                             classifier_steps=args.classifier_steps)
     st.stage(f"writing {args.out}")
-    st.finish(args.out, lambda d: study_report.write_edits(d, res, uri), study_report.edits_metrics(res),
-              config={"model": uri, "config": to_dict(cfg)}, params=False)
-    print(study_report.edits_markdown(res, uri))
+    res["info"] = {"diffsiam_model": uri}
+    st.finish(args.out, lambda d: study_report.write_edits(d, res), study_report.edits_metrics(res),
+              config={"diffsiam_model": uri, "config": to_dict(cfg)}, params=False)
+    print(study_report.edits_markdown(res))
     return 0

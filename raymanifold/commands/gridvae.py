@@ -94,7 +94,8 @@ def _config(path, opts):
 
 def _io(st, role: str, what: str = "--model"):
     """``train(cfg) -> (model, cfg, info)`` and ``load(uri) -> (model, cfg)`` for the gridvae study functions:
-    fresh runs through the run service (``st``), ``info = {"source": runs:/<id>, "train_wall_s", "run_id"}``."""
+    fresh runs through the run service (``st``), ``info = {"<role>_model": runs:/<id>, "train_wall_s", "run_id"}``
+    (the report key of the role's loadable URI, as :class:`~raymanifold.commands.study.Study` records it)."""
     from raymanifold import runs
     from raymanifold.vae.gridvae_study import check_gridvae
 
@@ -108,7 +109,7 @@ def _io(st, role: str, what: str = "--model"):
     def train(cfg):
         h = trainer(cfg)
         model, cfg = load(str(h.checkpoint))
-        return model, cfg, {"source": h.model_uri, "train_wall_s": h.wall_s, "run_id": h.run_id}  # loadable
+        return model, cfg, {f"{role}_model": h.model_uri, "train_wall_s": h.wall_s, "run_id": h.run_id}  # loadable
     return train, load
 
 
@@ -146,7 +147,7 @@ def cmd_two_digit(args) -> int:
         if uri:
             st.stage(f"loading {uri}")
             model, cfg = load(uri)
-            info = {"source": uri, "train_wall_s": None}
+            info = {"gridvae_model": uri, "train_wall_s": None}
         else:
             where = opts.where if opts.no_ray or restarts_n == 1 else "Ray Tune, one Ray Train run per restart"
             st.stage(f"training {cfg.name} ({cfg.train.steps} steps, {where}"
@@ -172,7 +173,7 @@ def cmd_two_digit(args) -> int:
                 ref_model, ref_cfg, ref_info = _io(st, "guided_reference")[0](twin)
             else:
                 st.stage(f"scoring the guided reference {ref_uri}")
-                (ref_model, ref_cfg), ref_info = ref, {"source": ref_uri}
+                (ref_model, ref_cfg), ref_info = ref, {"guided_reference_model": ref_uri}
             result["guided_reference"] = S.guided_reference(ref_model, ref_cfg, ref_info, result["metrics"],
                                                             kept=(model, cfg))
             g = result["guided_reference"]
@@ -268,7 +269,7 @@ def cmd_shapes(args) -> int:
             if v in given:
                 st.stage(f"{v}: loading {given[v]}")
                 model, cfg = load(given[v])
-                info = {"source": given[v], "train_wall_s": None}
+                info = {f"{v}_model": given[v], "train_wall_s": None}
             else:
                 cfg = configs[v]
                 st.stage(f"{v}: training {cfg.name} ({cfg.train.steps} steps)")

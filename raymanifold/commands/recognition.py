@@ -49,18 +49,18 @@ def cmd_attribute_kl(args) -> int:
     if uri:
         st.stage(f"loading {uri}")
         model, cfg, _ = runs.load(uri)
-        info = {"source": uri, "train_wall_s": None, "run_id": None}
+        info = {"recognition_model": uri, "train_wall_s": None, "run_id": None}
         prep = S.check(prep.spec, cfg)
     else:
         h = st.train("recognition", prep.cfg, fresh=True)
         model, cfg, _ = runs.load(str(h.checkpoint))
-        info = {"source": h.model_uri, "train_wall_s": h.wall_s, "run_id": h.run_id,  # a loadable URI
+        info = {"recognition_model": h.model_uri, "train_wall_s": h.wall_s, "run_id": h.run_id,  # a loadable URI
                 "train_metrics": {k: v for k, v in h.metrics.items() if isinstance(v, (int, float))}}
     st.stage("embedding, nearest neighbours, attribute KL")
     result = S.run(prep, model, cfg, info, embed_and_search=embed_and_search, address=opts.address)
     st.stage(f"writing {out}")
     st.family = cfg.family
     st.finish(out, lambda d: report.write(d, result), result["metrics"],
-              config={"study": S.to_plain(prep.spec), "model": info["source"]}, params=False)
+              config={"study": S.to_plain(prep.spec), "recognition_model": info["recognition_model"]}, params=False)
     print(S.summary_line(result))
     return 0

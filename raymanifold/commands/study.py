@@ -7,7 +7,8 @@ A :class:`Study` is a small value object, no base class and no hooks. A command 
   (:func:`raymanifold.runs.train`), the family checked (a given model before it is used, a config before training),
   recording the loadable URI as ``info["<role>_model"]`` and the training wall time as
   ``info["<role>_train_wall_s"]`` (:meth:`Study.model`, :meth:`Study.train`);
-- print what it will train before training anything, and stop there with ``--dry-run`` (:meth:`Study.plan`);
+- print what it will train before training anything, each config with its steps and an estimate in minutes from a
+  measured rate (:func:`rate_of`), and stop there with ``--dry-run`` (:meth:`Study.plan`);
 - print numbered stage lines with the time since the study began (:meth:`Study.stage`);
 - finish: the report folder written complete or not at all (:func:`raymanifold.reports.report_dir`) by the
   family's writer, then one MLflow run tagged ``family`` and ``study`` holding the report (:meth:`Study.finish`).
@@ -17,8 +18,10 @@ arguments (``tests/test_imports.py``).
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 from raymanifold.commands import UsageError
@@ -27,6 +30,67 @@ from raymanifold.commands.options import StudyOptions
 
 class DryRun(Exception):
     """``--dry-run``: the plan was printed; the command stops before any work (exit status 0)."""
+
+
+#: a measured time in a config's header line (``# <stem>: <what>; about 4 min here (247 s, ...)``): seconds in
+#: parentheses (a range ``87-101 s``: its upper end), else ``N s`` or ``N min`` (``6-8 min``: the upper end)
+_SECONDS = re.compile(r"\((?:[^)]*?-)?(\d[\d,]*(?:\.\d+)?) s\b")
+_PLAIN = re.compile(r"(?:\d[\d.]*-)?(\d[\d,]*(?:\.\d+)?) (s|min)\b")
+
+
+def header_seconds(line: str) -> Optional[float]:
+    """The training time a config's header line records, in seconds; None when it records none ("not measured",
+    "not timed", "not run", or no time at all)."""
+    text = line.partition(";")[2] if ";" in line else line
+    if re.search(r"not (yet )?(measured|timed|run)", text):
+        return None
+    m = _SECONDS.search(text)
+    if m:
+        return float(m.group(1).replace(",", ""))
+    m = _PLAIN.search(text)
+    if m:
+        return float(m.group(1).replace(",", "")) * (60.0 if m.group(2) == "min" else 1.0)
+    return None
+
+
+def _config_file(name: str) -> Optional[Path]:
+    from raymanifold.commands import REPO_ROOT
+
+    hits = sorted((REPO_ROOT / "jobs" / "configs").glob(f"*/{name}.yaml"))
+    return hits[0] if hits else None
+
+
+def rate_of(cfg, tracking_uri: Optional[str] = None) -> tuple[Optional[float], str]:
+    """(training steps per second, where that rate comes from) of ``cfg``: the newest finished run of the same name
+    in the MLflow store (:func:`raymanifold.tracking.latest_rate`: this machine, any backend); else the time in
+    the header line of ``jobs/configs/*/<name>.yaml`` over that file's ``train.steps``; else (None, "rate
+    unknown"). Minutes = ``cfg.train.steps`` / rate / 60: a rough guide (load, backend and workers change it)."""
+    from raymanifold import tracking
+
+    r = tracking.latest_rate(cfg.name, tracking_uri)
+    if r:
+        return r["steps_per_s"], (f"{r['steps_per_s']:.3g} steps/s measured by MLflow run {r['run_id'][:8]} "
+                                  f"of {r['start']}: {r['steps']:,} steps in {r['wall_s']:.0f} s")
+    path = _config_file(cfg.name)
+    if path is not None:
+        from raymanifold.config import read_yaml
+
+        with open(path) as f:
+            first = f.readline()
+        secs = header_seconds(first)
+        steps = ((read_yaml(path).get("train") or {}).get("steps")) if secs else None
+        if secs and isinstance(steps, int) and steps > 0:
+            return steps / secs, (f"{steps / secs:.3g} steps/s from the header of {path.parent.name}/{path.name}: "
+                                  f"{steps:,} steps in {secs:.0f} s")
+    return None, "rate unknown"
+
+
+def minutes_text(steps: int, rate: Optional[float]) -> str:
+    """``~4.1 min`` (``<0.1 min`` for tiny runs), or ``? min`` without a rate."""
+    if not rate:
+        return "? min"
+    m = steps / rate / 60.0
+    return "<0.1 min" if m < 0.1 else f"~{m:.1f} min" if m < 10 else f"~{m:.0f} min"
 
 
 def _families(family) -> tuple:
@@ -132,16 +196,32 @@ class Study:
     # ------------------------------------------------------------------------- plan
     def plan(self, trains: list, given: Optional[dict] = None) -> None:
         """Print what the study will train before it trains anything: ``trains`` is ``[(role, cfg), ...]``,
-        ``given`` the roles given as models (default: ``--model``). With ``--dry-run`` stop here (:class:`DryRun`)."""
+        ``given`` the roles given as models (default: ``--model``). Each config gets its steps and an estimate in
+        minutes from a measured rate, saying where the rate comes from (:func:`rate_of`). With ``--dry-run`` stop
+        here (:class:`DryRun`)."""
         given = self.options.models if given is None else given
-        lines = [f"[plan] {self.name} trains {len(trains)} model{'s' if len(trains) != 1 else ''}"
-                 + (f", uses {len(given)} given" if given else "")]
+        lines, total, unknown, rates = [], 0.0, 0, {}
         for role, cfg in trains:
+            if cfg.name not in rates:
+                rates[cfg.name] = rate_of(cfg, self.options.tracking_uri)
+            rate, where = rates[cfg.name]
+            if rate:
+                total += cfg.train.steps / rate / 60.0
+            else:
+                unknown += 1
             lines.append(f"  {role}: {cfg.name} ({cfg.family}), {cfg.train.steps:,} steps of batch "
-                         f"{cfg.train.batch_size}, {self.options.where}")
+                         f"{cfg.train.batch_size}, {self.options.where}, {minutes_text(cfg.train.steps, rate)} "
+                         f"({where})")
         for role, uri in given.items():
             lines.append(f"  {role}: given {uri}")
-        print("\n".join(lines), flush=True)
+        head = (f"[plan] {self.name} trains {len(trains)} model{'s' if len(trains) != 1 else ''}"
+                + (f", uses {len(given)} given" if given else ""))
+        if trains and unknown == len(trains):
+            head += "; training time unknown (no measured rate)"
+        elif trains:
+            head += (f"; training about {total:.1f} min" if total < 10 else f"; training about {total:.0f} min")
+            head += f" + {unknown} of {len(trains)} models at unknown rate" if unknown else ""
+        print("\n".join([head, *lines]), flush=True)
         if self.options.dry_run:
             raise DryRun()
 

@@ -43,11 +43,8 @@ def ddpm_config(cfg):
 
 
 def schedule(cfg):
-    """(alpha_bar float64 (T+1,), clip, last-step variance) of the frozen DDPM."""
-    from raymanifold.diffusion.schedules import make_alpha_bar
-
-    m = ddpm_config(cfg).model
-    return make_alpha_bar(m.schedule, m.T), (m.clip_x0 or None), m.last_step_var
+    """(alpha_bar float64 (T+1,), clip, last-step variance) of the frozen DDPM (:func:`.frozen.schedule`)."""
+    return frozen.schedule(ddpm_config(cfg))
 
 
 def validate(cfg):
@@ -163,9 +160,14 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
+def options(cfg) -> dict:
+    """Choices of :func:`sample`'s options (Serve's schema): ``finish`` one of :data:`FINISHS`."""
+    return {"finish": {"choices": list(FINISHS)}}
+
+
 #: how `raymanifold compare` ranks this family's runs
 # DAED: the one-step denoiser's squared error at t_s on the test split (the DDPM's own x0_hat beside it)
 METRICS = Metrics(primary=(("mse_dae_t*", "min"),), key=("mse_ddpm_x0_t*", "train_wall_s"))
 
 RECIPE = Recipe(name="daed", metrics=METRICS, model_config=DAEDConfig, build=build, input_shape=input_shape, loss=loss,
-                evaluate=evaluate, sample=sample, cost=cost, validate=validate)
+                evaluate=evaluate, sample=sample, cost=cost, validate=validate, options=options)

@@ -33,7 +33,7 @@ from raymanifold.diffusion.process import LAST_STEP_VARIANCES
 from raymanifold.diffusion.schedules import SCHEDULES
 from raymanifold.recipes import Metrics, Recipe
 
-#: choices of the ``sampler`` / ``estimator`` options (Serve reads them from this module)
+#: choices of the ``sampler`` / ``estimator`` options (declared to Serve by :func:`options`)
 SAMPLERS = gaussian.SAMPLERS
 ESTIMATORS = gaussian.ESTIMATORS
 
@@ -250,10 +250,19 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
+def options(cfg) -> dict:
+    """Bounds and choices of the options of :func:`log_prob` and :func:`sample` (Serve's schema): step ``dt``
+    in 1..T, MC bound terms ``K`` in 1..T-1, DDIM's ``eta`` >= 0, ``sampler`` one of :data:`SAMPLERS`,
+    ``estimator`` one of :data:`ESTIMATORS`."""
+    T = cfg.model.T
+    return {"dt": {"min": 1, "max": T}, "K": {"min": 1, "max": max(1, T - 1)}, "eta": {"min": 0.0},
+            "sampler": {"choices": list(SAMPLERS)}, "estimator": {"choices": list(ESTIMATORS)}}
+
+
 #: how `raymanifold compare` ranks this family's runs
 # test NLL [nats/example] of the Eq. 15 bound at the config's eval_dt; bits/dim for image models
 METRICS = Metrics(primary=(("test_nll_nats_dt*", "min"),), key=("test_bpd_dt*", "train_wall_s"))
 
 RECIPE = Recipe(name="diffusion", metrics=METRICS, model_config=DiffusionModelConfig, build=build, input_shape=input_shape,
-                loss=loss, evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, validate=validate,
+                loss=loss, evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, validate=validate, options=options,
                 evaluators={"diffusion_dt": diffusion_dt})

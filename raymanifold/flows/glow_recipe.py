@@ -166,9 +166,14 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
+def options(cfg) -> dict:
+    """Bounds of the operations' options (Serve's schema): sampling ``temperature`` >= 0."""
+    return {"temperature": {"min": 0.0}}
+
+
 #: how `raymanifold compare` ranks this family's runs
 # Glow: bits/dim on images, else the mean test log-likelihood
 METRICS = Metrics(primary=(("test_bpd", "min"), ("test_log_p_nats", "max")), key=("train_wall_s",))
 
 RECIPE = Recipe(name="glow", metrics=METRICS, model_config=GlowModelConfig, build=build, input_shape=input_shape, loss=loss,
-                evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, validate=validate)
+                evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, validate=validate, options=options)

@@ -227,10 +227,15 @@ def evaluate(model, cfg) -> dict:
     return metrics
 
 
+def options(cfg) -> dict:
+    """Bounds of the operations' options (Serve's schema): sampling ``temperature`` >= 0."""
+    return {"temperature": {"min": 0.0}}
+
+
 #: how `raymanifold compare` ranks this family's runs
 # hierarchical flow: bits/dim on the manifold level (flow phase), reconstruction MSE (AE phase)
 METRICS = Metrics(primary=(("test_bpd_manifold_level1", "min"), ("test_mse_level1", "min")), key=("test_log_px_level1_nats", "train_wall_s"))
 
 RECIPE = Recipe(name="flow", metrics=METRICS, model_config=FlowModelConfig, build=build, input_shape=input_shape, loss=loss,
                 evaluate=evaluate, log_prob=log_prob, sample=sample, cost=cost, encode=encode, decode=decode,
-                latent_shape=latent_shape, validate=validate)
+                latent_shape=latent_shape, validate=validate, options=options)

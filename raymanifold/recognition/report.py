@@ -71,7 +71,7 @@ def write(folder, result: dict) -> list[Path]:
              ("**met**" if result["tied_rank_above"] else "**not met**")
              + f": identity-tied attributes {result['tied']} rank above all others")
     lines = [f"# Attribute vs recognition manifold: {result['name']} (Sec. 4.3, Fig. 17)", "",
-             f"Model: {result['model']}; identity = {result['identity'] or 'each image (InfoNCE)'}; "
+             f"Model (recognition_model): {result['recognition_model']}; identity = {result['identity'] or 'each image (InfoNCE)'}; "
              f"{m['examples']} examples ({s['split']} split), {m['attributes']} attributes; embedding and "
              f"nearest-neighbour search {result['embedding']}"
              + (f" ({m['ray_actors']} actors)" if m.get("ray_actors") else "") + ".", "",

@@ -193,7 +193,7 @@ def use_ray(s: AttributeKLConfig, n: int) -> bool:
 
 def run(prep: Prepared, model, cfg, info: dict, *, embed_and_search=None, address=None) -> dict:
     """Embed (step 3), nearest neighbours (4), the attribute table (5-7), the ranking (8) and the checks.
-    ``info``: ``{"source"}`` (the model's loadable URI), ``train_wall_s``. ``embed_and_search``: the Ray Data
+    ``info``: ``{"recognition_model"}`` (the model's loadable URI), ``train_wall_s``. ``embed_and_search``: the Ray Data
     embedding (:func:`raymanifold.distributed.embedding.embed_and_search`, given by the command) for sets that
     use Ray (``study.embedding``; refused without it)."""
     from raymanifold.recognition import attribute_kl as K
@@ -239,7 +239,7 @@ def run(prep: Prepared, model, cfg, info: dict, *, embed_and_search=None, addres
     metrics["uncertainty_wall_s"] = time.perf_counter() - t2
     if above is not None:
         metrics["identity_tied_rank_above"] = float(above)
-    return {"name": prep.spec.name, "model": info["source"], "identity": identity, "tied": tied,
+    return {"name": prep.spec.name, "recognition_model": info["recognition_model"], "identity": identity, "tied": tied,
             "tied_rank_above": above, "rows": rows, "metrics": metrics, "study": to_dict(s), "uncertainty": unc,
             "config": to_dict(cfg), "embedding": "Ray Data" if ray_used else "in-process",
             "arrays": {"nn_index": nn, "z": z}}

@@ -348,10 +348,15 @@ def evaluate(model, cfg) -> dict:
     return out
 
 
+def options(cfg) -> dict:
+    """Bounds of the operations' options (Serve's schema): the sampler's DDIM ``eta`` >= 0."""
+    return {"eta": {"min": 0.0}}
+
+
 #: how `raymanifold compare` ranks this family's runs
 # DiffSiam / SimSiam: quick in-domain linear-probe accuracy (mean over label columns) after training
 METRICS = Metrics(primary=(("probe_acc_mean", "max"),), key=("final_diffusion", "train_wall_s"))
 
 RECIPE = Recipe(name="diffsiam", metrics=METRICS, model_config=DiffSiamModelConfig, build=build, input_shape=input_shape,
                 loss=loss, evaluate=evaluate, sample=sample, cost=cost, encode=encode,
-                latent_shape=latent_shape, validate=validate, counterfactual=counterfactual)
+                latent_shape=latent_shape, validate=validate, counterfactual=counterfactual, options=options)

@@ -106,7 +106,16 @@ def probes_markdown(res: dict) -> str:
                                 for a in arms for k in ("backbone", "z")]) + "\n"]
     out.append("Training wall time per run (s, mean over seeds): " + ", ".join(
         f"{a} {tab[a]['train_wall_s']['mean']:.0f}" for a in arms) + ".\n")
+    if res.get("info"):
+        out.append("Models: " + "; ".join(_model_item(k, v) for k, v in res["info"].items()) + ".\n")
     return "\n".join(out)
+
+
+def _model_item(key: str, value) -> str:
+    """One ``info`` entry of the Markdown: a URI in backticks, a list of run URIs by its count."""
+    if isinstance(value, list):
+        return f"{key}: {len(value)} runs (listed in summary.json)"
+    return f"{key}: `{value}`" if isinstance(value, str) else f"{key}: {value}"
 
 
 def probes_metrics(res: dict) -> dict:
@@ -128,10 +137,11 @@ def _fci(cell: dict) -> str:
     return f"{cell['value']:.2f} [{cell['lo']:.2f}, {cell['hi']:.2f}]" if cell["n"] else "-"
 
 
-def edits_markdown(res: dict, source: str = "") -> str:
+def edits_markdown(res: dict) -> str:
     names = res["factor_names"]
     cf = res["counterfactuals"]
-    out = [f"# DiffSiam edits on shapes{(' (' + source + ')') if source else ''}\n",
+    model = (res.get("info") or {}).get("diffsiam_model")
+    out = [f"# DiffSiam edits on shapes{(' (diffsiam_model: ' + model + ')') if model else ''}\n",
            f"{res['pairs']} test pairs, DDIM step dt = {res['dt']}; factor classifier test accuracy: "
            + ", ".join(f"{k} {v:.3f}" for k, v in res["classifier_accuracy"].items()) + "\n",
            "## Decoder compensation (x_0 error per pixel in [-1, 1], full z, 500 test images)\n",
@@ -181,12 +191,12 @@ def edits_metrics(res: dict) -> dict:
     return flat
 
 
-def write_edits(folder, res: dict, source: str = ""):
+def write_edits(folder, res: dict):
     from raymanifold.analysis.plotting import pyplot
 
     folder = Path(folder)
     write_json(folder / "summary.json", {k: v for k, v in res.items() if not k.startswith("_")})
-    (folder / "summary.md").write_text(edits_markdown(res, source))
+    (folder / "summary.md").write_text(edits_markdown(res))
     plt = pyplot()
     xa, xb = res["_pairs"]
     for grp, by_part in res["_grids"].items():

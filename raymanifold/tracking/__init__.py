@@ -392,3 +392,38 @@ def experiment_counts(uri: Optional[str] = None) -> list[dict]:
                 if runs else "")
         out.append({"experiment": exp.name, "runs": len(runs), "last_run": last})
     return sorted(out, key=lambda e: (-e["runs"], e["experiment"]))
+
+
+def latest_rate(name: str, uri: Optional[str] = None) -> Optional[dict]:
+    """The training speed of the newest FINISHED run named ``name`` in the store (any experiment):
+    ``{"steps_per_s", "steps", "wall_s", "run_id", "start"}`` with steps = ``final_step`` - ``resumed_from_step`` and
+    wall = ``train_wall_s`` (the run service's metrics: the training's wall time, without the final evaluation);
+    None when the store has no such run. A local store that does not exist is not created, and any failure to read
+    the store (unreachable server, ...) gives None: a plan never fails for want of an estimate."""
+    import datetime as dt
+    import math
+
+    try:
+        uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()  # not resolve_uri: it creates stores
+        if not store_exists(uri):
+            return None
+        check_reachable(uri, timeout=2.0)
+        client = MlflowClient(uri)
+        exps = [e.experiment_id for e in client.search_experiments()]
+        if not exps:
+            return None
+        quoted = name.replace("'", "\\'")
+        runs = client.search_runs(exps, filter_string=f"attributes.run_name = '{quoted}' and "
+                                                      "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=20)
+    except Exception:  # noqa: BLE001 - an estimate is optional
+        return None
+    for r in runs:
+        m = r.data.metrics
+        steps = m.get("final_step", math.nan) - m.get("resumed_from_step", 0.0)
+        wall = m.get("train_wall_s", math.nan)
+        if steps > 0 and wall > 0:
+            start = dt.datetime.fromtimestamp(r.info.start_time / 1000, dt.timezone.utc).strftime("%Y-%m-%d")
+            return {"steps_per_s": steps / wall, "steps": int(steps), "wall_s": float(wall), "run_id": r.info.run_id,
+                    "start": start}
+    return None

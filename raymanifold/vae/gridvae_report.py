@@ -26,8 +26,8 @@ def write_two_digit(folder, result: dict, model, cfg):
     figures.two_digit_traversals(model, cfg, d / "fig12_traversals.png")
     figures.cell_confusion(a["mu_test"], a["y_test"], cfg, [int(m[f"dim{k}_digit_position"]) for k in (1, 2)],
                            [m["dim1_accuracy"], m["dim2_accuracy"]], d / "cell_confusion.png")
-    write_json(d / "two_digit.json", {k: result[k] for k in ("metrics", "targets", "model", "config", "restarts",
-                                                              "guided_reference") if k in result})
+    write_json(d / "two_digit.json", {k: result[k] for k in ("metrics", "targets", "gridvae_model", "gridvae_selection",
+                                                              "config", "restarts", "guided_reference") if k in result})
     (d / "two_digit.md").write_text(two_digit_markdown(result, cfg))
 
 
@@ -36,7 +36,9 @@ def two_digit_markdown(result: dict, cfg) -> str:
     rows = [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in m.items()]
     target_rows = [[k, c["target"], f"{c['measured']:.4f}", "yes" if c["met"] else "NO"] for k, c in checks.items()]
     return ("# GridVAE on two digits (Sec. 4.1.2)\n\n"
-            f"Model: `{result['model']}`; latent 2-D, grid {cfg.model.grid_bounds()}, sigma0 {cfg.model.sigma0:.4g}"
+            f"Model (gridvae_model): `{result['gridvae_model']}`"
+            + (f" ({result['gridvae_selection']})" if result.get("gridvae_selection") else "")
+            + f"; latent 2-D, grid {cfg.model.grid_bounds()}, sigma0 {cfg.model.sigma0:.4g}"
             + (f" (annealed from {cfg.model.sigma0_start:.4g} over {cfg.model.sigma0_anneal} steps)"
                if cfg.model.sigma0_anneal else "")
             + f", prior `{cfg.model.prior}`, guidance `{cfg.model.guidance}`, {cfg.train.steps} steps, "
@@ -73,7 +75,7 @@ def guided_reference_markdown(ref, kept: dict) -> str:
     kept_train = ref.get("kept_train_loss_nats", kept["train_loss_nats"])
     body = [["kept", kept_train, kept["test_loss_nats"], kept["cluster_accuracy"],
              kept["dim1_accuracy"], kept["dim2_accuracy"]],
-            [f"guided reference `{ref['model']}`", r["train_loss_nats"], r["test_loss_nats"], r["cluster_accuracy"],
+            [f"guided reference `{ref['guided_reference_model']}`", r["train_loss_nats"], r["test_loss_nats"], r["cluster_accuracy"],
              r["dim1_accuracy"], r["dim2_accuracy"]]]
     gap = ref["gap_nats"]
     acc = r["cluster_accuracy"]
@@ -113,7 +115,8 @@ def write_shapes(folder, variants, models: dict, cfgs: dict, infos: dict, result
                                       f"(prior {cfg.model.prior}, guidance {cfg.model.guidance})", labels)
     figures.mi_heatmaps(heat, factor_names, d / "mutual_information.png")
     write_json(d / "shapes.json", {
-        "variants": {v: {"metrics": results[v]["metrics"], "model": infos[v]["source"],
+        "info": {f"{v}_model": infos[v][f"{v}_model"] for v in variants},
+        "variants": {v: {"metrics": results[v]["metrics"],
                          "config": to_dict(cfgs[v]),
                          "normalised_mi": (results[v]["arrays"]["mi"]
                                            / np.where(results[v]["arrays"]["entropy"] > 0,
@@ -160,7 +163,7 @@ def shapes_markdown(variants, results, cfgs, infos, factor_names) -> str:
                  "the best unguided dimension for each factor.\n\n"
                  + markdown_table(["variant", "factor", "role", "best guided dim NMI", "best free dim NMI"],
                                   free_rows) + "\n\n")
-    text += "Models: " + ", ".join(f"{v}: `{infos[v]['source']}`" for v in variants) + "\n\n"
+    text += "Models: " + ", ".join(f"{v}_model: `{infos[v][f'{v}_model']}`" for v in variants) + "\n\n"
     text += "![mutual information](mutual_information.png)\n\n"
     text += "\n".join(f"![{v}](traversals_{v}.png)" for v in variants) + "\n"
     return text

@@ -200,7 +200,7 @@ def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict
                 else:
                     log(f"[routes] training {k}: {cfg.name} ({cfg.train.steps} steps)")
                     model, cfg, info = train(cfg)
-                    entry = {"model": info["source"], "train_wall_s": info["train_wall_s"], "config": routes[route],
+                    entry = {"model": info["routes_model"], "train_wall_s": info["train_wall_s"], "config": routes[route],
                              "name": cfg.name, "signature": sig}
                     ledger[k] = entry
                     save_ledger(ledger_path, ledger, routes)

@@ -80,7 +80,7 @@ def train_restarts(cfg, restarts: int, *, train, load, tune=None) -> tuple:
             c = replace(cfg, [("train.seed", seed), ("name", f"{cfg.name}_seed{seed}")])
             model, c, info = train(c)
             m = evaluate_model(model, c)["metrics"]
-            rows.append({"seed": seed, "model": info["source"], "train_wall_s": info["train_wall_s"],
+            rows.append({"seed": seed, "model": info["gridvae_model"], "train_wall_s": info["train_wall_s"],
                          **{k: m.get(k, math.nan) for k in RESTART_KEYS}})
             kept[seed] = (model, c)
             print(f"  restart seed {seed}: " + summary_line(m, RESTART_KEYS), flush=True)
@@ -92,7 +92,7 @@ def train_restarts(cfg, restarts: int, *, train, load, tune=None) -> tuple:
             print(f"  restart seed {r['seed']}: " + summary_line(r, RESTART_KEYS), flush=True)
         best = next(r for r in rows if r["selected"])
         model, cfg = load(best["checkpoint"])
-    info = {"source": f"{best['model']}, selected from {len(seeds)} restarts by train ELBO",
+    info = {"gridvae_model": best["model"], "gridvae_selection": f"selected from {len(seeds)} restarts by train ELBO",
             "train_wall_s": time.perf_counter() - t0}
     return model, cfg, info, rows
 
@@ -107,7 +107,8 @@ def check_two_digit(cfg):
 def two_digit(model, cfg, info: dict, restarts: list) -> dict:
     """Hungarian-matched cluster and per-dimension accuracies (:func:`evaluate_model`) against the targets.
 
-    Returns ``{"metrics", "targets", "model", "config", "restarts", "arrays"}`` (``arrays``: the test means
+    ``info``: ``{"gridvae_model": loadable URI, "train_wall_s"[, "gridvae_selection"]}``. Returns ``{"metrics",
+    "targets", "gridvae_model"[, "gridvae_selection"], "config", "restarts", "arrays"}`` (``arrays``: the test means
     and labels the figures need; not written to JSON).
     """
     from raymanifold.config import to_dict
@@ -122,7 +123,9 @@ def two_digit(model, cfg, info: dict, restarts: list) -> dict:
         m["train_wall_s"] = info["train_wall_s"]
     targets = {k: {"target": v, "measured": m[k], "met": bool(m[k] >= v)}
                for k, v in TWO_DIGIT_TARGETS[cfg.data.name].items()}
-    return {"metrics": m, "targets": targets, "model": info["source"], "config": to_dict(cfg),
+    return {"metrics": m, "targets": targets, "gridvae_model": info["gridvae_model"],
+            **({"gridvae_selection": info["gridvae_selection"]} if info.get("gridvae_selection") else {}),
+            "config": to_dict(cfg),
             "restarts": restarts, "arrays": res["arrays"]}
 
 
@@ -173,7 +176,8 @@ def guided_reference(ref_model, ref_cfg, info: dict, kept_metrics: dict, kept=No
     prefer the digits to what the restarts found, and more restarts selected by it will not find them.
 
     ``kept``: the kept ``(model, cfg)``; needed only when that model is itself guided (its ``kept_metrics`` then
-    hold the guided objective, and its unsupervised ELBO is computed here). Returns ``{"model",
+    hold the guided objective, and its unsupervised ELBO is computed here). ``info``: ``{"guided_reference_model":
+    loadable URI[, "train_wall_s"]}``. Returns ``{"guided_reference_model",
     "train_wall_s", "guidance_steps", "metrics": {...}, "gap_nats", "elbo_prefers_digits"}``; ``gap_nats`` =
     kept - reference train negative ELBO (> 0: the guided start has the better ELBO)."""
     from raymanifold.vae.evaluation import evaluate_model
@@ -185,7 +189,8 @@ def guided_reference(ref_model, ref_cfg, info: dict, kept_metrics: dict, kept=No
             "dim1_accuracy", "dim2_accuracy", "per_dim_accuracy_min")
     gap = kept_metrics["train_loss_nats"] - m["train_loss_nats"]
     guided_steps = ref_cfg.model.guidance_steps
-    return {"model": info["source"], "train_wall_s": info.get("train_wall_s"), "guidance_steps": guided_steps,
+    return {"guided_reference_model": info["guided_reference_model"], "train_wall_s": info.get("train_wall_s"),
+            "guidance_steps": guided_steps,
             "unguided_steps": ref_cfg.train.steps - guided_steps if guided_steps else 0,
             "metrics": {k: m[k] for k in keys}, "kept_train_loss_nats": kept_metrics["train_loss_nats"],
             "gap_nats": gap, "elbo_prefers_digits": bool(gap > 0)}
