@@ -444,3 +444,22 @@ def test_a_guided_twin_shared_by_routes_that_differ_only_in_the_aggregate_kl():
     la = R.loss(model, batch, ga, 1, torch.Generator().manual_seed(0))[0]
     lb = R.loss(model, batch, gb, 1, torch.Generator().manual_seed(0))[0]
     assert torch.equal(la, lb)
+
+
+def test_the_routes_plan_lists_what_run_all_will_train_before_any_training():
+    """`gridvae-routes` prints its plan (and `--dry-run` stops there): every route x seed x side missing from the
+    ledger, a shared guided twin once, continuations starting from the ledger's run or a pending placeholder."""
+    from raymanifold.vae import gridvae_routes as G
+
+    a, b = _tiny(), _tiny({"kl_estimate": "batch", "kl_queue": 16})
+    routes, configs = {"a": "a.yaml", "b": "b.yaml"}, {"a": a, "b": b}
+    plan = G.planned_runs(routes, configs, [0], list(G.SIDES), {})
+    assert [k for k, _ in plan] == ["a/unsupervised/0", "a/continued/0", "a/guided/0", "a/reference/0",
+                                    "b/unsupervised/0", "b/continued/0", "b/reference/0"]  # b's guided = a's
+    cfgs = dict(plan)
+    assert cfgs["a/continued/0"].model.init_from == "pending:a/unsupervised/0"
+    assert cfgs["b/reference/0"].model.init_from == "pending:a/guided/0"  # continues the shared twin
+    done = {"a/unsupervised/0": {"model": "runs:/u", "signature": G.training_signature(G.side_config(a, "unsupervised", 0))}}
+    plan = dict(G.planned_runs(routes, configs, [0], ["unsupervised", "continued"], done))
+    assert list(plan) == ["a/continued/0", "b/unsupervised/0", "b/continued/0"]
+    assert plan["a/continued/0"].model.init_from == "runs:/u"

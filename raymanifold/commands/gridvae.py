@@ -224,7 +224,7 @@ def cmd_routes(args) -> int:
                              f"{missing[0]}; train them first (without --report-only)")
     n = len(routes) * len(seeds) * len(sides)
     st = Study("gridvae-routes", "gridvae", "gridvae", opts, stages=2)
-    st.plan([])  # the runs missing from the ledger are listed as they train ("[routes] training ...")
+    st.plan([] if args.report_only else R.planned_runs(routes, configs, seeds, sides, ledger))
     st.stage(f"{'evaluating' if args.report_only else 'training / evaluating'} {n} models: routes "
                 f"{list(routes)}, seeds {seeds}, sides {sides} (ledger {ledgers[0]})")
     t0 = time.perf_counter()

@@ -172,6 +172,29 @@ def _signature(entry: dict) -> str:
     return entry["signature"]
 
 
+def planned_runs(routes: dict, configs: dict, seeds, sides, ledger: dict) -> list:
+    """``[(key, cfg), ...]``: the runs :func:`run_all` will train, in its order: every route x seed x side that the
+    ledger lacks, less those whose :func:`training_signature` equals an earlier one (shared, not trained again).
+    A continued side not yet trained starts from a placeholder ``pending:<key of its start>``."""
+    plan, seen = [], {_signature(e): e["model"] for e in ledger.values() if e.get("model")}  # signature -> URI
+    for seed in seeds:
+        for route in routes:
+            uris = {}
+            for side in sides:
+                k = key(route, side, seed)
+                entry = ledger.get(k, {})
+                cfg = side_config(configs[route], side, seed, uris.get(CONTINUES.get(side)))
+                sig = training_signature(cfg)
+                if entry.get("model"):
+                    uris[side] = entry["model"]
+                elif sig in seen:  # shared with an earlier run: a continuation starts from that run
+                    uris[side] = seen[sig]
+                else:
+                    uris[side] = seen[sig] = f"pending:{k}"
+                    plan.append((k, cfg))
+    return plan
+
+
 def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict, *, train, load,
             evaluate: bool = True, log=print) -> dict:
     """Train (or reuse from ``ledger``) every route x seed x side, evaluate each once, record it in ``ledger``
