@@ -261,3 +261,25 @@ def test_sweep_set_dotted_model_key_goes_to_the_base_config():
                                  "scheduler.grace_period=5", "train.steps=3"])
     assert own == ["model=runs:/abc", "space.model.sigma0={grid: [1]}", "scheduler.grace_period=5"]
     assert base == ["model.ddpm=/tmp/x.pt", "train.steps=3"]
+
+
+def test_sweep_dry_run_prints_the_plan_with_minutes_and_does_no_work(tmp_path, monkeypatch, capsys):
+    """`sweep --dry-run`: the trials, each trial's steps and minutes from a measured rate (naming its source),
+    then exit 0 before Ray, MLflow or any training starts."""
+    from raymanifold.cli import main
+    from raymanifold.commands import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAYMANIFOLD_HOME", str(tmp_path))
+    rc = main(["sweep", "--config", str(REPO_ROOT / "jobs/configs/sweep/sweep_gridvae_sigma0.yaml"), "--dry-run",
+               "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "[plan] sweep sweep_gridvae_sigma0: 4 training trial(s) of gridvae_shapes_unsupervised" in out
+    assert "up to 600 steps" in out and " min (" in out and "asha scheduler may stop trials early" in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+    rc = main(["sweep", "--config", str(REPO_ROOT / "jobs/configs/sweep/sweep_diffusion_dt.yaml"), "--dry-run",
+               "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "6 evaluation trial(s) of diffusion_dt" in out and "first trains the model to evaluate" in out
+    assert not (tmp_path / "mlflow.db").exists()

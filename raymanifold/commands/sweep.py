@@ -29,6 +29,9 @@ def register(sub, study_sub):
     p.add_argument("--num-cpus", type=int, default=0, help="CPUs of an embedded Ray (0 = all)")
     p.add_argument("--out", default=None, help="report folder (default reports/<sweep name>)")
     p.add_argument("--verbose", action="store_true", help="show Ray Tune's progress table")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what the sweep will train and evaluate (trials, steps, minutes from a measured rate) "
+                        "and exit before any work")
     # fault injection for tests: end the experiment after N trials reported (like an interrupted driver)
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sweep)
@@ -71,6 +74,9 @@ def cmd_sweep(args) -> int:
     from raymanifold.distributed.tune import check_start
 
     check_start(spec, resume=args.resume, fresh=args.fresh)
+    print("\n".join(plan_lines(spec, base, model_path, args.tracking_uri)), flush=True)
+    if args.dry_run:
+        return 0
     uri = tracking.resolve_uri(args.tracking_uri)
     n = 4 if model_path is None and spec.kind == "eval" else 3
     i = 1
@@ -110,6 +116,36 @@ def cmd_sweep(args) -> int:
             raise KeyboardInterrupt("sweep interrupted")
     print(f"\nMLflow: {uri} (experiment {spec.experiment!r}, parent run {parent.info.run_id})")
     return 0
+
+
+def plan_lines(spec, base, model_path, tracking_uri=None) -> list:
+    """What the sweep will run, before it runs anything: the trials, each config's steps and an estimate in minutes
+    from a measured rate, saying where the rate comes from (:func:`raymanifold.commands.study.rate_of`)."""
+    from raymanifold.commands.study import minutes_text, rate_of
+    from raymanifold.config import config_from_dict
+
+    at_once = (f"{spec.max_concurrent} at a time" if spec.max_concurrent
+               else "as many at a time as the cluster's free CPUs allow")
+    if spec.kind == "train":
+        cfg = config_from_dict(base)
+        rate, where = rate_of(cfg, tracking_uri)
+        stop = f", the {spec.scheduler.type} scheduler may stop trials early" if spec.scheduler.type != "none" else ""
+        return [f"[plan] sweep {spec.name}: {spec.n_trials} training trial(s) of {cfg.name} ({cfg.family}) over "
+                f"{list(spec.space)}, {at_once}",
+                f"  each trial: up to {cfg.train.steps:,} steps of batch {cfg.train.batch_size}, "
+                f"{minutes_text(cfg.train.steps, rate)} ({where}){stop}; all trials one after another: "
+                + (minutes_text(cfg.train.steps * spec.n_trials, rate) if rate else "? min")]
+    lines = [f"[plan] sweep {spec.name}: {spec.n_trials} evaluation trial(s) of {spec.evaluator} over "
+             f"{list(spec.space)}, {at_once}"]
+    if model_path is None:
+        cfg = config_from_dict(base)
+        rate, where = rate_of(cfg, tracking_uri)
+        lines.append(f"  first trains the model to evaluate: {cfg.name} ({cfg.family}), {cfg.train.steps:,} steps of "
+                     f"batch {cfg.train.batch_size}, {minutes_text(cfg.train.steps, rate)} ({where}; a finished run "
+                     f"in {cfg.ray.storage_path}/{cfg.name} is reused)")
+    else:
+        lines.append(f"  evaluates {model_path} (trained; nothing to train)")
+    return lines
 
 
 def _spec_params(spec, args) -> dict:
