@@ -529,3 +529,16 @@ def test_the_report_writes_a_serve_config_whose_cards_take_the_calibration(tiny,
     assert card["reference"]["threshold"] == -123.5 and card["reference"]["calibration"]["detector"] == "flow.log_pz_2"
     with pytest.raises(ValueError, match="no model has a servable detector"):
         report.serve_config({"models": {"runs:/g": grid}}, "c.json")
+
+
+def test_the_plan_lists_both_phases_of_the_flow():
+    from raymanifold.commands import REPO_ROOT
+    from raymanifold.config import load_config
+    from raymanifold.ood import study
+
+    flow = load_config(REPO_ROOT / "jobs/configs/train/ood_flow_mnist5k.yaml")
+    glow = load_config(REPO_ROOT / "jobs/configs/train/ood_glow_mnist5k.yaml")
+    plan = study.planned_trainings("flow", flow)
+    assert [label for label, _ in plan] == ["flow phase 1", "flow phase 2"]
+    assert plan[1][1].name == "ood_flow_mnist5k_phase2" and plan[1][1].model.phase == "flow"
+    assert study.planned_trainings("glow", glow) == [("glow", glow)]

@@ -96,7 +96,8 @@ def cmd_ood(args) -> int:
         raise UsageError(str(exc)) from None
     uri_store = tracking.resolve_uri(opts.tracking_uri)
     st = Study("ood", "", study.EXPERIMENT, opts)
-    st.plan([(r, p.configs[r]) for r in p.roles if r not in p.given], given=p.given)
+    st.plan([item for r in p.roles if r not in p.given for item in study.planned_trainings(r, p.configs[r])],
+            given=p.given)
     print(f"ood study: roles {p.roles} ({', '.join(f'{r} given' for r in p.given) or 'all trained here'}), "
           f"{len(p.detectors)} detectors, sets {list(budget.sets)}", flush=True)
 

@@ -192,6 +192,17 @@ def reusable_scores(folder, p: Plan) -> dict:
     return out
 
 
+def planned_trainings(role: str, cfg) -> list:
+    """``[(label, cfg), ...]``: the trainings :func:`train_role` runs for ``role`` (the flow: phase 1, then phase 2
+    from a pending phase-1 checkpoint), for the study's plan."""
+    from raymanifold.config import replace
+
+    if role != "flow":
+        return [(role, cfg)]
+    return [("flow phase 1", cfg), ("flow phase 2", replace(cfg, [f"name={cfg.name}_phase2", "model.phase=flow",
+                                                                 "model.ae_checkpoint=pending"]))]
+
+
 # ----------------------------------------------------------------------------- the run
 def train_role(role: str, cfg, *, train: Callable, say: Callable) -> dict:
     """Train the model of ``role`` with ``train(cfg) -> RunHandle`` (the flow in its two phases: phase 2 is ``cfg``
