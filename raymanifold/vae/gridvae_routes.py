@@ -172,26 +172,32 @@ def _signature(entry: dict) -> str:
     return entry["signature"]
 
 
+def _sides(routes: dict, configs: dict, seeds, sides):
+    """Every run of the study in training order: yields ``(route, side, key, cfg, uris)`` per route x seed x side, where
+    ``uris`` maps the sides of this route and seed done so far to their model URIs; the caller records
+    ``uris[side]`` before the next step (a continued side's config starts from its start side's URI)."""
+    for seed in seeds:
+        for route in routes:
+            uris = {}
+            for side in sides:
+                cfg = side_config(configs[route], side, seed, uris.get(CONTINUES.get(side)))
+                yield route, side, key(route, side, seed), cfg, uris
+
+
 def planned_runs(routes: dict, configs: dict, seeds, sides, ledger: dict) -> list:
     """``[(key, cfg), ...]``: the runs :func:`run_all` will train, in its order: every route x seed x side that the
     ledger lacks, less those whose :func:`training_signature` equals an earlier one (shared, not trained again).
     A continued side not yet trained starts from a placeholder ``pending:<key of its start>``."""
     plan, seen = [], {_signature(e): e["model"] for e in ledger.values() if e.get("model")}  # signature -> URI
-    for seed in seeds:
-        for route in routes:
-            uris = {}
-            for side in sides:
-                k = key(route, side, seed)
-                entry = ledger.get(k, {})
-                cfg = side_config(configs[route], side, seed, uris.get(CONTINUES.get(side)))
-                sig = training_signature(cfg)
-                if entry.get("model"):
-                    uris[side] = entry["model"]
-                elif sig in seen:  # shared with an earlier run: a continuation starts from that run
-                    uris[side] = seen[sig]
-                else:
-                    uris[side] = seen[sig] = f"pending:{k}"
-                    plan.append((k, cfg))
+    for _, side, k, cfg, uris in _sides(routes, configs, seeds, sides):
+        sig, entry = training_signature(cfg), ledger.get(k, {})
+        if entry.get("model"):
+            uris[side] = entry["model"]
+        elif sig in seen:  # shared with an earlier run: a continuation starts from that run
+            uris[side] = seen[sig]
+        else:
+            uris[side] = seen[sig] = f"pending:{k}"
+            plan.append((k, cfg))
     return plan
 
 
@@ -204,42 +210,37 @@ def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict
     from raymanifold.vae import gridvae_study as S
     from raymanifold.vae.evaluation import evaluate_model
 
-    for seed in seeds:
-        for route in routes:
-            uris = {}
-            for side in sides:
-                k = key(route, side, seed)
-                entry = ledger.get(k, {})
-                cfg = side_config(configs[route], side, seed, uris.get(CONTINUES.get(side)))
-                sig = training_signature(cfg)
-                same = next((k2 for k2, e in ledger.items() if e.get("model") and _signature(e) == sig), None)
-                if not entry.get("model") and same:
-                    entry = {**ledger[same], "shared_with": same}
-                    ledger[k] = entry
-                    save_ledger(ledger_path, ledger, routes)
-                    log(f"[routes] {k}: the same training as {same} ({entry['model']}), shared")
-                if entry.get("model"):
-                    model = None
-                else:
-                    log(f"[routes] training {k}: {cfg.name} ({cfg.train.steps} steps)")
-                    model, cfg, info = train(cfg)
-                    entry = {"model": info["routes_model"], "train_wall_s": info["train_wall_s"], "config": routes[route],
-                             "name": cfg.name, "signature": sig}
-                    ledger[k] = entry
-                    save_ledger(ledger_path, ledger, routes)
-                uris[side] = entry["model"]
-                if evaluate and "metrics" not in entry:
-                    if model is None:
-                        model, cfg = load(entry["model"])
-                    t0 = time.perf_counter()
-                    m = evaluate_model(model, cfg, objectives=True)["metrics"]
-                    entry["metrics"] = {q: m.get(q, math.nan) for q in KEYS}
-                    entry["eval_wall_s"] = time.perf_counter() - t0
-                    ledger[k] = entry
-                    save_ledger(ledger_path, ledger, routes)
-                    log(f"[routes] {k}: " + S.summary_line(entry["metrics"], ("train_objective_nats", "train_elbo_nats",
-                                                                             "cluster_accuracy",
-                                                                             "per_dim_accuracy_min")))
+    for route, side, k, cfg, uris in _sides(routes, configs, seeds, sides):
+        entry = ledger.get(k, {})
+        sig = training_signature(cfg)
+        same = next((k2 for k2, e in ledger.items() if e.get("model") and _signature(e) == sig), None)
+        if not entry.get("model") and same:
+            entry = {**ledger[same], "shared_with": same}
+            ledger[k] = entry
+            save_ledger(ledger_path, ledger, routes)
+            log(f"[routes] {k}: the same training as {same} ({entry['model']}), shared")
+        if entry.get("model"):
+            model = None
+        else:
+            log(f"[routes] training {k}: {cfg.name} ({cfg.train.steps} steps)")
+            model, cfg, info = train(cfg)
+            entry = {"model": info["routes_model"], "train_wall_s": info["train_wall_s"], "config": routes[route],
+                     "name": cfg.name, "signature": sig}
+            ledger[k] = entry
+            save_ledger(ledger_path, ledger, routes)
+        uris[side] = entry["model"]
+        if evaluate and "metrics" not in entry:
+            if model is None:
+                model, cfg = load(entry["model"])
+            t0 = time.perf_counter()
+            m = evaluate_model(model, cfg, objectives=True)["metrics"]
+            entry["metrics"] = {q: m.get(q, math.nan) for q in KEYS}
+            entry["eval_wall_s"] = time.perf_counter() - t0
+            ledger[k] = entry
+            save_ledger(ledger_path, ledger, routes)
+            log(f"[routes] {k}: " + S.summary_line(entry["metrics"], ("train_objective_nats", "train_elbo_nats",
+                                                                     "cluster_accuracy",
+                                                                     "per_dim_accuracy_min")))
     return ledger
 
 
