@@ -224,3 +224,19 @@ def test_every_study_uses_the_shared_options_with_one_meaning():
                 assert acts[flag].help == HELP[flag.lstrip("-").replace("-", "_")], (name, flag)
         if name != "gridvae-routes":
             assert "--model" in acts, name
+
+
+@pytest.mark.parametrize("study", ["ood", "flow-superres", "defences", "gridvae-routes", "table1", "gridvae-two-digit"])
+def test_dry_run_plans_and_creates_no_tracking_store(study, tmp_path, monkeypatch, capsys):
+    """`study X --dry-run` prints its plan (each config with its steps and minutes) and exits 0 before any work:
+    no tracking store, no report folder, no Ray results."""
+    from raymanifold.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAYMANIFOLD_HOME", str(tmp_path))
+    rc = main(["study", study, "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+               "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"[plan] {study} trains " in out and " steps of batch " in out and " min" in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "ray_results").exists()

@@ -94,10 +94,10 @@ def cmd_ood(args) -> int:
             reuse = {**study.reusable_scores(folder, p), **reuse}
     except study.StudyError as exc:
         raise UsageError(str(exc)) from None
-    uri_store = tracking.resolve_uri(opts.tracking_uri)
     st = Study("ood", "", study.EXPERIMENT, opts)
     st.plan([item for r in p.roles if r not in p.given for item in study.planned_trainings(r, p.configs[r])],
-            given=p.given)
+            given=p.given)  # --dry-run stops here, before the tracking store is created
+    uri_store = tracking.resolve_uri(opts.tracking_uri)
     print(f"ood study: roles {p.roles} ({', '.join(f'{r} given' for r in p.given) or 'all trained here'}), "
           f"{len(p.detectors)} detectors, sets {list(budget.sets)}", flush=True)
 
