@@ -261,6 +261,7 @@ def test_derived_detectors_refuse_what_they_cannot_use():
     assert "log_pz_2" in cols and "log_px_1" not in cols and "log_prob" not in cols and "sec_flow_volume" not in cols
     for bad, fragment in [("complexity:vae_classifier.max_softmax", "class probability"),
                           ("typicality:flow.log_pz_1", "latent density"),
+                          ("complexity:flow.log_px_2", "density of a coarser image"),
                           ("ratio:ddpm.eq15_dt1", "background model"),
                           ("foo.bar", "names no model role"),
                           ("glow.log_pz", "not a detector of the glow model"),

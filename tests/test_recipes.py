@@ -116,17 +116,19 @@ def test_protocol_conformance(case):
         with torch.no_grad():
             assert tuple(recipe.decode(model, z, cfg).shape) == (2, *shape)
     assert set(recipe.operations()) <= set(OPERATIONS)
-    # declared option bounds/choices (Serve's schema) name keyword options of the family's operations, and a
-    # default is one of its choices (bounds may exclude a default: diffusion's K = 10 is used with estimator "mc"
-    # only, and lies outside [1, T - 1] at T = 10)
+    # declared option bounds/choices (Serve's schema) name keyword options of the family's operations, a default
+    # is one of its choices (None: "the config's") and within its bounds (one known exception: diffusion's K = 10
+    # is used with estimator "mc" only, and lies outside [1, T - 1] when T <= 10)
     defaults = {p.name: p.default for op in recipe.operations()
                 for p in inspect.signature(getattr(recipe, op)).parameters.values()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY}
     for name, spec in recipe.options_of(cfg).items():
         assert name in defaults, f"{cfg.family}: options() declares {name!r}, which no operation takes"
         d = defaults[name]
-        assert "choices" not in spec or d in spec["choices"], (name, d, spec)
+        assert "choices" not in spec or d is None or d in spec["choices"], (name, d, spec)
         assert set(spec) <= {"min", "max", "choices"}, (name, spec)
+        if isinstance(d, (int, float)) and not isinstance(d, bool) and (cfg.family, name) != ("diffusion", "K"):
+            assert spec.get("min", d) <= d <= spec.get("max", d), (cfg.family, name, d, spec)
 
 
 def test_diffusion_cost_counts_network_evaluations():

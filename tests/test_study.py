@@ -135,7 +135,7 @@ def test_plan_estimates_minutes_from_a_measured_rate_and_says_where_it_came_from
     time in the config's header line over that file's steps; else "rate unknown". A missing local store is not
     created by a plan."""
     from raymanifold import tracking
-    from raymanifold.commands.study import header_seconds, rate_of
+    from raymanifold.commands.study import header_seconds, name_candidates, rate_of
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     missing = f"sqlite:///{tmp_path / 'none.db'}"
@@ -161,6 +161,15 @@ def test_plan_estimates_minutes_from_a_measured_rate_and_says_where_it_came_from
     assert "b: daed_mnist5k (daed), 3,000 steps of batch 8, in-process, ~8.2 min (6.07 steps/s from the header" in out
     assert "c: clf (vae_classifier), 10 steps of batch 4, in-process, ? min (rate unknown)" in out
     assert "[plan] demo trains 3 models; training about 18 min + 1 of 3 models at unknown rate" in out
+    seeded = SimpleNamespace(family="diffusion", name="fast_cfg_continued_seed3",  # a study's run of fast_cfg
+                             train=SimpleNamespace(steps=3000, batch_size=8))
+    rate, where = rate_of(seeded, uri)
+    assert rate == pytest.approx(5.0) and "of fast_cfg of" in where
+    phase = SimpleNamespace(family="daed", name="daed_mnist5k_phase2", train=SimpleNamespace(steps=30, batch_size=8))
+    assert rate_of(phase, uri)[0] == pytest.approx(1500 / 247)  # the header of daed_mnist5k.yaml
+    assert name_candidates("a_route_bin_continued_seed0") == ["a_route_bin_continued_seed0", "a_route_bin_continued",
+                                                              "a_route_bin"]
+    assert name_candidates("seed0") == ["seed0"] and name_candidates("x_phase2_y") == ["x_phase2_y"]
     assert header_seconds("# x: y; about 1.5 min of training here (87-101 s, docs).") == 101
     assert header_seconds("# x: y; 6-8 min of training here.") == 480
     assert header_seconds("# x: y, 200 steps; time here: not measured yet.") is None

@@ -282,10 +282,14 @@ def evaluate(model, cfg) -> dict:
 def options(cfg) -> dict:
     """Bounds and choices of :func:`purify`'s options (Serve's schema): ``method`` one of :data:`METHODS`,
     the Eq. 22 budget (``iterations`` in 1..4096, ``restarts`` in 1..64, ``step`` and ``eps`` in [0, 1],
-    pixel units) and DiffPure's ``sampler`` one of :data:`SAMPLERS`."""
+    pixel units), HMC's ``hmc_steps`` in 1..5000, ``leapfrog`` in 1..100, ``hmc_step_size`` > 0 (latent
+    units) and ``target_accept`` in (0, 1], and DiffPure's ``sampler`` one of :data:`SAMPLERS`, ``t_star`` >= 0
+    and ``dt`` >= 1 (their upper bound T is the named DDPM's, checked when it is loaded)."""
     return {"method": {"choices": list(METHODS)}, "iterations": {"min": 1, "max": 4096},
             "restarts": {"min": 1, "max": 64}, "step": {"min": 0.0, "max": 1.0}, "eps": {"min": 0.0, "max": 1.0},
-            "sampler": {"choices": list(SAMPLERS)}}
+            "hmc_steps": {"min": 1, "max": 5000}, "leapfrog": {"min": 1, "max": 100},
+            "hmc_step_size": {"min": 0.0}, "target_accept": {"min": 0.0, "max": 1.0},
+            "sampler": {"choices": list(SAMPLERS)}, "t_star": {"min": 0}, "dt": {"min": 1}}
 
 
 #: how `raymanifold compare` ranks this family's runs

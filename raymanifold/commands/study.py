@@ -60,18 +60,36 @@ def _config_file(name: str) -> Optional[Path]:
     return hits[0] if hits else None
 
 
+#: name suffixes a study adds to a config's name for one of its runs (seeds, restarts, phases, routes' sides)
+_RUN_SUFFIX = re.compile(r"_(seed\d+|restart\d+|phase\d+|continued|guided|reference)$")
+
+
+def name_candidates(name: str) -> list:
+    """``name`` and the names it derives from, most specific first: ``x_route_bin_continued_seed0`` ->
+    ``[x_route_bin_continued_seed0, x_route_bin_continued, x_route_bin]`` (a study's run of a config trains the
+    config's model at the config's batch, so the config's own rate is the next best guess)."""
+    out = [name]
+    while (m := _RUN_SUFFIX.search(out[-1])) and m.start() > 0:
+        out.append(out[-1][:m.start()])
+    return out
+
+
 def rate_of(cfg, tracking_uri: Optional[str] = None) -> tuple[Optional[float], str]:
     """(training steps per second, where that rate comes from) of ``cfg``: the newest finished run of the same name
     in the MLflow store (:func:`raymanifold.tracking.latest_rate`: this machine, any backend); else the time in
     the header line of ``jobs/configs/*/<name>.yaml`` over that file's ``train.steps``; else (None, "rate
-    unknown"). Minutes = ``cfg.train.steps`` / rate / 60: a rough guide (load, backend and workers change it)."""
+    unknown"). Each lookup falls back to the names the run's name derives from (:func:`name_candidates`: a
+    ``_seed1`` or ``_phase2`` run of a config is timed by that config). Minutes = ``cfg.train.steps`` / rate / 60:
+    a rough guide (load, backend and workers change it)."""
     from raymanifold import tracking
 
-    r = tracking.latest_rate(cfg.name, tracking_uri)
-    if r:
-        return r["steps_per_s"], (f"{r['steps_per_s']:.3g} steps/s measured by MLflow run {r['run_id'][:8]} "
-                                  f"of {r['start']}: {r['steps']:,} steps in {r['wall_s']:.0f} s")
-    path = _config_file(cfg.name)
+    for name in name_candidates(cfg.name):
+        r = tracking.latest_rate(name, tracking_uri)
+        if r:
+            of = "" if name == cfg.name else f" of {name}"
+            return r["steps_per_s"], (f"{r['steps_per_s']:.3g} steps/s measured by MLflow run {r['run_id'][:8]}{of} "
+                                      f"of {r['start']}: {r['steps']:,} steps in {r['wall_s']:.0f} s")
+    path = next((p for p in map(_config_file, name_candidates(cfg.name)) if p is not None), None)
     if path is not None:
         from raymanifold.config import read_yaml
 

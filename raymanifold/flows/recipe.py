@@ -168,8 +168,7 @@ def log_prob(model, x, cfg, *, level: int = 1, quantity: str = "log_px", volume:
     out = model.log_prob_levels(x, volume=volume or m.volume, exact_max_dim=m.exact_max_dim,
                                 probes=m.slq_probes, steps=m.slq_steps, generator=generator)
     if quantity not in out or not isinstance(out[quantity], torch.Tensor):
-        raise ValueError(f"quantity: unknown {quantity!r}; choose one of log_pz, logdet_flow, log_py, "
-                         "log_vol_enc, log_px_level, log_px")
+        raise ValueError(f"quantity: unknown {quantity!r}; choose one of {', '.join(LOG_PROB_QUANTITIES)}")
     return out[quantity][level - 1]
 
 
@@ -227,9 +226,16 @@ def evaluate(model, cfg) -> dict:
     return metrics
 
 
+#: the per-level quantities :func:`log_prob` returns (``quantity``)
+LOG_PROB_QUANTITIES = ("log_pz", "logdet_flow", "log_py", "log_vol_enc", "log_px_level", "log_px")
+
+
 def options(cfg) -> dict:
-    """Bounds of the operations' options (Serve's schema): sampling ``temperature`` >= 0."""
-    return {"temperature": {"min": 0.0}}
+    """Bounds and choices of the operations' options (Serve's schema): sampling ``temperature`` >= 0;
+    :func:`log_prob`'s ``level`` in 1..L, ``quantity`` one of :data:`LOG_PROB_QUANTITIES`, ``volume`` one of
+    the encoder volume methods."""
+    return {"temperature": {"min": 0.0}, "level": {"min": 1, "max": cfg.model.levels},
+            "quantity": {"choices": list(LOG_PROB_QUANTITIES)}, "volume": {"choices": list(VOLUME_METHODS)}}
 
 
 #: how `raymanifold compare` ranks this family's runs

@@ -160,7 +160,7 @@ def score_columns(model, x: torch.Tensor, cfg, *, generator: Optional[torch.Gene
 class Detector:
     """One row of the benchmark. ``name``: ``<role>.<column>`` for a per-example column, ``<kind>:<base>`` for a
     derived score. ``kind``: density (log p(x) or an ELBO: a density of the image), latent (a density of a latent),
-    classifier, ratio, complexity, typicality. ``passes``: (role, timing column) pairs whose seconds add up to its
+    coarse (a density of a coarser image x_l, l > 1, of a hierarchy), classifier, ratio, complexity, typicality. ``passes``: (role, timing column) pairs whose seconds add up to its
     cost; ``nfe``: network evaluations per example (forward passes of the model's networks; ``vjp``: extra
     backward passes); ``options``: the ``recipe.log_prob`` options that give this score exactly (None when the
     served model cannot compute it through ``log_prob``)."""
@@ -216,7 +216,7 @@ def column_detectors(role: str, cfg, dts: tuple = DEFAULT_DTS) -> list[Detector]
         for i in range(m.levels):
             lv = i + 1
             size = cfg.data.image_size // 2 ** i
-            out.append(Detector(f"{role}.log_px_{lv}", role, "density" if lv == 1 else "latent",
+            out.append(Detector(f"{role}.log_px_{lv}", role, "density" if lv == 1 else "coarse",
                                 f"flow log p(x_{lv}) (Eq. 8)", "nats", ((role, "sec_flow_volume"),), 1,
                                 vjp=sum(volume_passes(m, d) for d in dims[i:]), column=f"log_px_{lv}",
                                 options={"level": lv, "quantity": "log_px"},
@@ -256,7 +256,8 @@ def derived_detector(kind: str, base: Detector, *, background: Optional[Detector
     if kind not in DERIVED:
         raise DetectorError(f"detectors: unknown kind {kind!r} in {name!r}; allowed: {list(DERIVED)}")
     if base.kind != "density":
-        what = {"latent": "a latent density (or a coarser image's), not a density of the image x",
+        what = {"latent": "a latent density, not a density of the image x",
+                "coarse": "a density of a coarser image, not of the image x",
                 "classifier": "a class probability, not a density"}.get(base.kind, base.kind)
         raise DetectorError(f"detectors: {name!r} needs a density of the image x (log p(x) or an ELBO, nats); "
                             f"{base.name} is {what}")

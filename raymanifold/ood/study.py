@@ -255,7 +255,7 @@ def detector_scores(det, scores: dict, entropy_of: Callable, set_names: list, se
     ``scores`` ({role: {set: {column: array}}}); typicality gives batch scores."""
     out = {}
     for s in set_names:
-        if det.kind in ("density", "latent", "classifier"):
+        if det.kind in ("density", "latent", "coarse", "classifier"):
             out[s] = scores[det.role][s][det.column]
             continue
         role, col = det.base.split(".", 1)
@@ -316,7 +316,7 @@ def calibrate(dets: list, table: dict, all_scores: dict, configs: dict, uris: di
             continue
         mean = {d.name: float(np.mean([v["auroc"] for v in table[d.name].values()])) for d in mine}
         best_any = max(mine, key=lambda d: mean[d.name])
-        servable = [d for d in mine if d.options is not None and d.kind in ("density", "latent")]
+        servable = [d for d in mine if d.options is not None and d.kind in ("density", "latent", "coarse")]
         entry = {"role": role, "family": cfg.family, "uri": uris[role],
                  "best_detector": best_any.name, "best_detector_mean_auroc": mean[best_any.name]}
         if servable:

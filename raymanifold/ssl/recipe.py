@@ -349,8 +349,12 @@ def evaluate(model, cfg) -> dict:
 
 
 def options(cfg) -> dict:
-    """Bounds of the operations' options (Serve's schema): the sampler's DDIM ``eta`` >= 0."""
-    return {"eta": {"min": 0.0}}
+    """Bounds of the operations' options (Serve's schema): DDIM's ``eta`` >= 0, Alg. 2's ``scale`` in [0, 1] and,
+    when the model names its frozen DDPM, the DDIM step ``dt`` in 1..T of that DDPM."""
+    out = {"eta": {"min": 0.0}, "scale": {"min": 0.0, "max": 1.0}}
+    if cfg.model.ddpm:
+        out["dt"] = {"min": 1, "max": int(diffusion(cfg).T)}
+    return out
 
 
 #: how `raymanifold compare` ranks this family's runs
