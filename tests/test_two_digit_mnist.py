@@ -422,6 +422,26 @@ def test_routes_study_end_to_end_in_process(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "routes.runs.json").read_text()) == ledger
 
 
+def test_a_ledger_shared_by_invocations_of_one_route_each_keeps_every_route(tmp_path):
+    """Route ``a`` then route ``b`` recorded in one ledger file: the second invocation's writes keep ``a``'s
+    entries as the file holds them, and write only ``b``'s from memory (entries loaded from other ledgers are not
+    copied in)."""
+    import json
+
+    from raymanifold.vae import gridvae_routes as G
+
+    path = tmp_path / "ledger.json"
+    G.save_ledger(path, {"a/unsupervised/0": {"model": "runs:/a0"}}, routes={"a": "a.yaml"})
+    loaded = G.load_ledgers([path, tmp_path / "other.json"])
+    loaded.update({"b/unsupervised/0": {"model": "runs:/b0"}, "c/guided/0": {"model": "runs:/c0"},
+                   "a/unsupervised/0": {"model": "runs:/changed"}})
+    G.save_ledger(path, loaded, routes={"b": "b.yaml"})
+    assert json.loads(path.read_text()) == {"a/unsupervised/0": {"model": "runs:/a0"},
+                                            "b/unsupervised/0": {"model": "runs:/b0"}}
+    G.save_ledger(path, {"x/guided/1": {"model": "runs:/x"}})  # without routes: exactly what it is given
+    assert json.loads(path.read_text()) == {"x/guided/1": {"model": "runs:/x"}}
+
+
 def test_a_guided_twin_shared_by_routes_that_differ_only_in_the_aggregate_kl():
     """Fully guided, the KL is Eq. 27 at the labels whatever kl_estimate says: the guided twins of a 'sample' and
     a 'batch + queue' route have one training signature (so the study trains one); their references do not."""

@@ -132,10 +132,15 @@ def load_ledgers(paths) -> dict:
 
 
 def save_ledger(path, entries: dict, routes=None):
-    """Write ``entries`` (only those of ``routes`` when given) to ``path`` atomically."""
-    if routes is not None:
-        entries = {k: e for k, e in entries.items() if k.split("/", 1)[0] in routes}
+    """Write ``entries`` to ``path`` atomically. With ``routes``, only the entries of those routes are written from
+    ``entries``, and what the file already holds for every other route is kept: one ledger can serve several
+    invocations of the study, one route each (an earlier version rewrote the file with this invocation's routes
+    only, dropping the others' entries)."""
     p = Path(path)
+    if routes is not None:
+        kept = json.loads(p.read_text()) if p.is_file() else {}
+        entries = {**{k: e for k, e in kept.items() if k.split("/", 1)[0] not in routes},
+                   **{k: e for k, e in entries.items() if k.split("/", 1)[0] in routes}}
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(json.dumps(entries, indent=1, sort_keys=True, default=float))
