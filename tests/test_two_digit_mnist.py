@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from raymanifold import checkpoint
 from raymanifold import data as rdata
@@ -345,6 +346,10 @@ def test_route_sides_continue_alike_and_the_gap_statistics_are_paired():
     for side, start in ((c, "runs:/u"), (r, "runs:/g")):  # both continuations: same budget and schedule
         assert (side.model.init_from, side.model.guidance, side.train.steps) == (start, "none", 2)
         assert (side.model.beta_start, side.model.kl_warmup, side.model.sigma0_anneal) == (8.0, 0, 0)
+        assert side.train.lr == pytest.approx(cfg.train.lr * G.CONTINUE_LR_FACTOR)  # not a restart at the peak
+    assert (u.train.lr, g.train.lr) == (cfg.train.lr, cfg.train.lr)
+    full = G.side_config(cfg, "continued", 3, "runs:/u", continue_lr_factor=1.0)
+    assert full.train.lr == cfg.train.lr and G.training_signature(full) != G.training_signature(c)
     with pytest.raises(G.RoutesError, match="needs the guided model"):
         G.side_config(cfg, "reference", 3)
     with pytest.raises(G.RoutesError, match="'reference' continues the 'guided'"):
@@ -420,6 +425,11 @@ def test_routes_study_end_to_end_in_process(tmp_path, monkeypatch):
     assert "guided-reference gap" in (out / "routes.md").read_text() and (out / "routes.png").is_file()
     assert main(args + sets + ["--report-only"]) == 0  # everything reused: no new run in the ledger
     assert json.loads((tmp_path / "routes.runs.json").read_text()) == ledger
+    lrs = {k: e["train_lr"] for k, e in ledger.items()}  # the continuations' peak rate is recorded
+    cfg_lr = float(yaml.safe_load(route.read_text())["train"]["lr"])
+    assert lrs["q/unsupervised/0"] == cfg_lr and lrs["q/reference/1"] == pytest.approx(cfg_lr * 0.1)
+    assert "continuations 0.0002" in (out / "routes.md").read_text()
+    assert main(args + sets + ["--continue-lr-factor", "1.5", "--dry-run"]) == 2  # refused before any work
 
 
 def test_a_ledger_shared_by_invocations_of_one_route_each_keeps_every_route(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from raymanifold.commands import UsageError, find_config
 from raymanifold.commands.options import Role, add_options, parse_options
+from raymanifold.vae.gridvae_routes import CONTINUE_LR_FACTOR
 from raymanifold.vae.gridvae_routes import SIDES as ROUTE_SIDES
 from raymanifold.vae.gridvae_study import DEFAULT_RESTARTS, SHAPES_VARIANTS
 
@@ -59,6 +60,10 @@ def register(sub, study_sub):
     p.add_argument("--ledger", action="append", default=[], metavar="JSON",
                    help="run ledger(s): route/side/seed -> trained run and its metrics; trained runs found in any "
                         "are reused, new ones are recorded in the first (default: <out>.runs.json)")
+    p.add_argument("--continue-lr-factor", type=float, default=CONTINUE_LR_FACTOR, metavar="F",
+                   help="peak learning rate of the continued and reference sides as a fraction of the route's "
+                        "train.lr, in (0, 1] (1 = the first design, whose fresh-AdamW restart at the peak rate often "
+                        "made the decoder ignore z; docs/gridvae.md)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--train-only", action="store_true", help="train and evaluate into the ledger, no report")
     mode.add_argument("--report-only", action="store_true",
@@ -205,6 +210,8 @@ def cmd_routes(args) -> int:
         routes = R.parse_routes(args.route or [f"{r}=jobs/configs/train/gridvae_two_digit_mnist_route_{r}.yaml"
                                                for r in DEFAULT_ROUTES])
         seeds, sides = R.parse_seeds(args.seeds), R.parse_sides(args.sides)
+        if not 0.0 < args.continue_lr_factor <= 1.0:
+            raise R.RoutesError(f"--continue-lr-factor: must be in (0, 1], got {args.continue_lr_factor}")
     except R.RoutesError as exc:
         raise UsageError(str(exc)) from None
     configs = {name: _config(path, opts) for name, path in routes.items()}  # every config checked before any work
@@ -224,16 +231,20 @@ def cmd_routes(args) -> int:
                              f"{missing[0]}; train them first (without --report-only)")
     n = len(routes) * len(seeds) * len(sides)
     st = Study("gridvae-routes", "gridvae", "gridvae", opts, stages=2)
-    st.plan([] if args.report_only else R.planned_runs(routes, configs, seeds, sides, ledger))
+    lr_factor = args.continue_lr_factor
+    st.plan([] if args.report_only else R.planned_runs(routes, configs, seeds, sides, ledger, lr_factor))
     st.stage(f"{'evaluating' if args.report_only else 'training / evaluating'} {n} models: routes "
                 f"{list(routes)}, seeds {seeds}, sides {sides} (ledger {ledgers[0]})")
     t0 = time.perf_counter()
     train, load = _io(st, "routes")
     with _usage():
-        ledger = R.run_all(routes, configs, seeds, sides, ledgers[0], ledger, train=train, load=load)
+        ledger = R.run_all(routes, configs, seeds, sides, ledgers[0], ledger, train=train, load=load,
+                           continue_lr_factor=lr_factor)
     if args.train_only:
         return 0
     st.stage(f"writing {args.out}")
+    with _usage():
+        R.fill_train_lr(ledger)
     summary = R.summarise(ledger, routes, seeds, sides)
     summary["routes_configs"] = routes
     summary["wall_s"] = time.perf_counter() - t0

@@ -203,6 +203,12 @@ def routes_markdown(s: dict) -> str:
            "3,600 scored pairs) and on the **plain negative ELBO** (Eq. 23 at beta 1, clean input, single-sample "
            "Eq. 25 KL). Accuracies on the test split (3,600 pairs from 600 source digits). Intervals over seeds "
            "are 95 % Student t intervals (n = number of seeds; with 3 seeds t = 4.30, so they are wide).\n"]
+    lrs = {side: sorted({row["train_lr"] for r in s["routes"].values() for row in r["sides"].get(side, {}).get("rows", [])
+                         if row.get("train_lr")}) for side in ("unsupervised", "continued")}
+    if lrs["continued"]:
+        out.append(f"Peak learning rates: first part {', '.join(f'{x:g}' for x in lrs['unsupervised']) or '-'}, "
+                   f"continuations {', '.join(f'{x:g}' for x in lrs['continued'])} (`--continue-lr-factor`; at 1 a "
+                   "continuation restarts AdamW at the peak rate, which can make the decoder ignore z).\n")
     head = ["route", "side", "n", "cluster acc", "per-dim min", "per-dim mean", "train objective (nats)",
             "= recon", "+ beta x KL", "beta", "train -ELBO (nats)", "= recon", "+ KL"]
     rows = []
@@ -261,13 +267,15 @@ def routes_markdown(s: dict) -> str:
                 "Not adjusted for multiplicity: read as estimates with their spread; an interval excluding 0 at "
                 f"this many comparisons ({len(rows)}) is a lead, not a finding, unless its p survives Holm.\n",
                 markdown_table(["route", "side", "metric", f"route - {base}", "p"], rows), ""]
-    head = ["route", "side", "seed", "model", "train objective", "recon", "KL", "train -ELBO", "ELBO recon", "ELBO KL",
-            "test objective", "cluster acc", "dim1", "dim2", "train s"]
+    head = ["route", "side", "seed", "model", "peak lr", "train objective", "recon", "KL", "train -ELBO", "ELBO recon",
+            "ELBO KL", "test objective", "cluster acc", "dim1", "dim2", "train s"]
     rows = []
     for route, r in s["routes"].items():
         for side, sd in r["sides"].items():
             for row in sd["rows"]:
-                rows.append([route, side, row["seed"], f"`{row['model']}`", row["train_objective_nats"],
+                lr = row.get("train_lr")
+                rows.append([route, side, row["seed"], f"`{row['model']}`", f"{lr:g}" if lr else "-",
+                             row["train_objective_nats"],
                              row["train_objective_recon_nats"], row["train_objective_kl_nats"], row["train_elbo_nats"],
                              row["train_elbo_recon_nats"], row["train_elbo_kl_nats"], row["test_objective_nats"],
                              row["cluster_accuracy"], row["dim1_accuracy"], row["dim2_accuracy"],

@@ -43,6 +43,11 @@ KEYS = ("train_objective_nats", "train_objective_recon_nats", "train_objective_k
         "cluster_accuracy", "dim1_accuracy", "dim2_accuracy", "per_dim_accuracy_min", "per_dim_accuracy_mean")
 #: scored on the test split: 3,600 pairs (Wilson intervals of one model's accuracies use this n)
 N_TEST = 3600
+#: the continuations' peak learning rate as a fraction of the route's ``train.lr``. At 1 (the study's first
+#: design) a continuation restarts AdamW with fresh moments at the peak rate, and within its first 100 steps the
+#: decoder often stops reading z (reconstruction at the z-free level, accuracies at chance: docs/gridvae.md);
+#: at 0.1 the same start kept its partition (one seed measured).
+CONTINUE_LR_FACTOR = 0.1
 
 
 class RoutesError(ValueError):
@@ -97,8 +102,9 @@ def check_route_config(name: str, cfg):
 
 
 # ----------------------------------------------------------------------------- the three sides
-def side_config(cfg, side: str, seed: int, start_uri=None):
-    """The config of one side for one seed (see the module doc)."""
+def side_config(cfg, side: str, seed: int, start_uri=None, *, continue_lr_factor: float = CONTINUE_LR_FACTOR):
+    """The config of one side for one seed (see the module doc); a continuation's peak learning rate is
+    ``continue_lr_factor`` x the route's ``train.lr``."""
     from raymanifold.config import replace
 
     base = replace(cfg, [("train.seed", seed), ("name", f"{cfg.name}_seed{seed}")])
@@ -113,6 +119,7 @@ def side_config(cfg, side: str, seed: int, start_uri=None):
         m = cfg.model
         return replace(base, [("name", f"{cfg.name}_{side}_seed{seed}"), ("model.init_from", start_uri),
                               ("train.steps", max(1, cfg.train.steps // 2)), ("model.beta_start", m.beta),
+                              ("train.lr", cfg.train.lr * continue_lr_factor),
                               ("model.kl_warmup", 0), ("model.sigma0_start", 0.0), ("model.sigma0_anneal", 0)])
     raise RoutesError(f"--sides: unknown side {side!r}")
 
@@ -177,7 +184,18 @@ def _signature(entry: dict) -> str:
     return entry["signature"]
 
 
-def _sides(routes: dict, configs: dict, seeds, sides):
+def fill_train_lr(ledger: dict) -> dict:
+    """Record each trained run's peak learning rate (``train_lr``) in entries made before the ledger kept it, read
+    from the run's checkpoint config; returns the ledger."""
+    from raymanifold import checkpoint as ckpt
+
+    for e in ledger.values():
+        if e.get("model") and e.get("train_lr") is None:
+            e["train_lr"] = float(ckpt.load(ckpt.resolve(e["model"]))["config"]["train"]["lr"])
+    return ledger
+
+
+def _sides(routes: dict, configs: dict, seeds, sides, continue_lr_factor: float = CONTINUE_LR_FACTOR):
     """Every run of the study in training order: yields ``(route, side, key, cfg, uris)`` per route x seed x side, where
     ``uris`` maps the sides of this route and seed done so far to their model URIs; the caller records
     ``uris[side]`` before the next step (a continued side's config starts from its start side's URI)."""
@@ -185,16 +203,18 @@ def _sides(routes: dict, configs: dict, seeds, sides):
         for route in routes:
             uris = {}
             for side in sides:
-                cfg = side_config(configs[route], side, seed, uris.get(CONTINUES.get(side)))
+                cfg = side_config(configs[route], side, seed, uris.get(CONTINUES.get(side)),
+                                  continue_lr_factor=continue_lr_factor)
                 yield route, side, key(route, side, seed), cfg, uris
 
 
-def planned_runs(routes: dict, configs: dict, seeds, sides, ledger: dict) -> list:
+def planned_runs(routes: dict, configs: dict, seeds, sides, ledger: dict,
+                 continue_lr_factor: float = CONTINUE_LR_FACTOR) -> list:
     """``[(key, cfg), ...]``: the runs :func:`run_all` will train, in its order: every route x seed x side that the
     ledger lacks, less those whose :func:`training_signature` equals an earlier one (shared, not trained again).
     A continued side not yet trained starts from a placeholder ``pending:<key of its start>``."""
     plan, seen = [], {_signature(e): e["model"] for e in ledger.values() if e.get("model")}  # signature -> URI
-    for _, side, k, cfg, uris in _sides(routes, configs, seeds, sides):
+    for _, side, k, cfg, uris in _sides(routes, configs, seeds, sides, continue_lr_factor):
         sig, entry = training_signature(cfg), ledger.get(k, {})
         if entry.get("model"):
             uris[side] = entry["model"]
@@ -207,7 +227,7 @@ def planned_runs(routes: dict, configs: dict, seeds, sides, ledger: dict) -> lis
 
 
 def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict, *, train, load,
-            evaluate: bool = True, log=print) -> dict:
+            evaluate: bool = True, log=print, continue_lr_factor: float = CONTINUE_LR_FACTOR) -> dict:
     """Train (or reuse from ``ledger``) every route x seed x side, evaluate each once, record it in ``ledger``
     (saved to ``ledger_path`` after every step). Returns the ledger. A run whose :func:`training_signature` equals
     that of a run already in the ledger (e.g. another route's guided twin when the routes differ only in the
@@ -215,7 +235,7 @@ def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict
     from raymanifold.vae import gridvae_study as S
     from raymanifold.vae.evaluation import evaluate_model
 
-    for route, side, k, cfg, uris in _sides(routes, configs, seeds, sides):
+    for route, side, k, cfg, uris in _sides(routes, configs, seeds, sides, continue_lr_factor):
         entry = ledger.get(k, {})
         sig = training_signature(cfg)
         same = next((k2 for k2, e in ledger.items() if e.get("model") and _signature(e) == sig), None)
@@ -230,7 +250,7 @@ def run_all(routes: dict, configs: dict, seeds, sides, ledger_path, ledger: dict
             log(f"[routes] training {k}: {cfg.name} ({cfg.train.steps} steps)")
             model, cfg, info = train(cfg)
             entry = {"model": info["routes_model"], "train_wall_s": info["train_wall_s"], "config": routes[route],
-                     "name": cfg.name, "signature": sig}
+                     "name": cfg.name, "signature": sig, "train_lr": cfg.train.lr}
             ledger[k] = entry
             save_ledger(ledger_path, ledger, routes)
         uris[side] = entry["model"]
@@ -319,7 +339,8 @@ def summarise(ledger: dict, routes, seeds, sides) -> dict:
                 if not e or "metrics" not in e:
                     r["missing"].append(key(route, side, seed))
                     continue
-                rows.append({"seed": seed, "model": e["model"], "train_wall_s": e.get("train_wall_s"), **e["metrics"]})
+                rows.append({"seed": seed, "model": e["model"], "train_wall_s": e.get("train_wall_s"),
+                             "train_lr": e.get("train_lr"), **e["metrics"]})
             stats_ = {q: t_interval([row[q] for row in rows]) for q in KEYS}
             r["sides"][side] = {"rows": rows, "mean_ci": stats_}
         if "continued" in r["sides"] and "reference" in r["sides"]:
