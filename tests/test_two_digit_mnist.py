@@ -373,7 +373,10 @@ def test_route_sides_continue_alike_and_the_gap_statistics_are_paired():
             ledger[G.key("r", side, seed)] = {"model": f"runs:/{side}{seed}", "metrics": {
                 **{q: 1.0 for q in G.KEYS}, "train_objective_nats": obj, "train_elbo_nats": obj,
                 "cluster_accuracy": acc, "per_dim_accuracy_min": acc}}
+    ledger[G.key("r", "reference", 2)]["metrics"]["per_dim_accuracy_mean"] = 1 / 6  # at chance: reads no digit
     s = G.summarise(ledger, ["r"], [0, 1, 2], list(G.SIDES))
+    assert s["routes"]["r"]["sides"]["reference"]["collapsed"] == 1 and s["routes"]["r"]["sides"]["guided"]["collapsed"] == 0
+    assert [row["collapsed"] for row in s["routes"]["r"]["sides"]["reference"]["rows"]] == [False, False, True]
     gap = s["routes"]["r"]["gap"]["train_objective_nats"]
     assert gap["per_seed"] == [5.0, 5.5, 6.0] and gap["lo"] > 0
     assert s["routes"]["r"]["selected"]["seed"] == 0 and s["routes"]["r"]["selected_from_pool"]["side"] == "reference"

@@ -209,7 +209,7 @@ def routes_markdown(s: dict) -> str:
         out.append(f"Peak learning rates: first part {', '.join(f'{x:g}' for x in lrs['unsupervised']) or '-'}, "
                    f"continuations {', '.join(f'{x:g}' for x in lrs['continued'])} (`--continue-lr-factor`; at 1 a "
                    "continuation restarts AdamW at the peak rate, which can make the decoder ignore z).\n")
-    head = ["route", "side", "n", "cluster acc", "per-dim min", "per-dim mean", "train objective (nats)",
+    head = ["route", "side", "n", "collapsed", "cluster acc", "per-dim min", "per-dim mean", "train objective (nats)",
             "= recon", "+ beta x KL", "beta", "train -ELBO (nats)", "= recon", "+ KL"]
     rows = []
     for route, r in s["routes"].items():
@@ -217,12 +217,16 @@ def routes_markdown(s: dict) -> str:
             c = sd["mean_ci"]
             beta = c["objective_beta"][0]
             kl_w = tuple(beta * v for v in c["train_objective_kl_nats"])
-            rows.append([route, side, len(sd["rows"]), _ci(c["cluster_accuracy"]), _ci(c["per_dim_accuracy_min"]),
+            rows.append([route, side, len(sd["rows"]), sd.get("collapsed", 0), _ci(c["cluster_accuracy"]),
+                         _ci(c["per_dim_accuracy_min"]),
                          _ci(c["per_dim_accuracy_mean"]), _ci(c["train_objective_nats"], "{:.2f}"),
                          _ci(c["train_objective_recon_nats"], "{:.2f}"), _ci(kl_w, "{:.2f}"),
                          f"{beta:.3g}" if np.isfinite(beta) else "-", _ci(c["train_elbo_nats"], "{:.2f}"),
                          _ci(c["train_elbo_recon_nats"], "{:.2f}"), _ci(c["train_elbo_kl_nats"], "{:.2f}")])
-    out += ["## Per route and side (mean [95 % t-interval] over seeds)\n", markdown_table(head, rows), ""]
+    out += ["## Per route and side (mean [95 % t-interval] over seeds)\n",
+            "`collapsed`: models that read no digit from z (mean per-dimension accuracy below chance 1/6 + 0.05; "
+            "their decoder ignores z). A gap with a collapsed side measures the collapse, not the objective's "
+            "preference between partitions.\n", markdown_table(head, rows), ""]
     head = ["route", "quantity", "gap: continued - reference (nats) [95 % paired t]", "per seed", "p", "p (Holm)",
             "verdict"]
     rows = []
@@ -274,7 +278,8 @@ def routes_markdown(s: dict) -> str:
         for side, sd in r["sides"].items():
             for row in sd["rows"]:
                 lr = row.get("train_lr")
-                rows.append([route, side, row["seed"], f"`{row['model']}`", f"{lr:g}" if lr else "-",
+                rows.append([route, side, row["seed"], f"`{row['model']}`" + (" (collapsed)" if row.get("collapsed") else ""),
+                             f"{lr:g}" if lr else "-",
                              row["train_objective_nats"],
                              row["train_objective_recon_nats"], row["train_objective_kl_nats"], row["train_elbo_nats"],
                              row["train_elbo_recon_nats"], row["train_elbo_kl_nats"], row["test_objective_nats"],

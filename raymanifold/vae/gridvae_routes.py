@@ -43,6 +43,9 @@ KEYS = ("train_objective_nats", "train_objective_recon_nats", "train_objective_k
         "cluster_accuracy", "dim1_accuracy", "dim2_accuracy", "per_dim_accuracy_min", "per_dim_accuracy_mean")
 #: scored on the test split: 3,600 pairs (Wilson intervals of one model's accuracies use this n)
 N_TEST = 3600
+#: a model whose mean per-dimension accuracy is below chance (1/6: six digits per dimension) + this margin reads
+#: no digit from z: its decoder ignores z (reconstruction at the z-free level); the report counts such models
+COLLAPSE_MARGIN = 0.05
 #: the continuations' peak learning rate as a fraction of the route's ``train.lr``. At 1 (the study's first
 #: design) a continuation restarts AdamW with fresh moments at the peak rate, and within its first 100 steps the
 #: decoder often stops reading z (reconstruction at the z-free level, accuracies at chance: docs/gridvae.md);
@@ -316,6 +319,11 @@ def holm(pvalues: dict) -> dict:
     return out
 
 
+def collapsed(metrics: dict) -> bool:
+    """True when the model reads no digit from z: mean per-dimension accuracy < 1/6 + :data:`COLLAPSE_MARGIN`."""
+    return metrics.get("per_dim_accuracy_mean", math.nan) < 1.0 / 6.0 + COLLAPSE_MARGIN
+
+
 def wilson(acc: float, n: int = N_TEST) -> tuple:
     from scipy.stats import binomtest
 
@@ -342,7 +350,9 @@ def summarise(ledger: dict, routes, seeds, sides) -> dict:
                 rows.append({"seed": seed, "model": e["model"], "train_wall_s": e.get("train_wall_s"),
                              "train_lr": e.get("train_lr"), **e["metrics"]})
             stats_ = {q: t_interval([row[q] for row in rows]) for q in KEYS}
-            r["sides"][side] = {"rows": rows, "mean_ci": stats_}
+            for row in rows:
+                row["collapsed"] = bool(collapsed(row))
+            r["sides"][side] = {"rows": rows, "mean_ci": stats_, "collapsed": sum(row["collapsed"] for row in rows)}
         if "continued" in r["sides"] and "reference" in r["sides"]:
             u = {row["seed"]: row for row in r["sides"]["continued"]["rows"]}
             g = {row["seed"]: row for row in r["sides"]["reference"]["rows"]}
